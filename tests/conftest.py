@@ -1,0 +1,36 @@
+"""Shared test fixtures: paths to ../shared/data (skip with a reason when absent) and optional deps."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+WEIGHTS = SHARED_DATA / "weights"
+GOLDEN = SHARED_DATA / "golden"
+IMAGES = SHARED_DATA / "images"
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data; skips the calling test when it is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"test data not available: {path} (../shared/data sits beside the repo in CI)")
+    return path
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+requires_torch = pytest.mark.skipif(not has_module("torch"), reason="torch not installed (extra: export)")
+requires_tensorrt = pytest.mark.skipif(
+    not (has_module("tensorrt") or has_module("tensorrt_rtx") or has_module("tensorrt_rtx_bindings")),
+    reason="no TensorRT flavour installed (extra: rtx)",
+)
