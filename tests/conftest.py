@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+# ../shared/data beside the repo; TRTNET_SHARED_DATA points elsewhere (e.g. on the GPU machine).
+SHARED_DATA = Path(os.environ.get("TRTNET_SHARED_DATA") or (REPO / ".." / "shared" / "data")).resolve()
 WEIGHTS = SHARED_DATA / "weights"
 GOLDEN = SHARED_DATA / "golden"
 IMAGES = SHARED_DATA / "images"

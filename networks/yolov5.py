@@ -1,0 +1,215 @@
+"""YOLOv5, rebuilt from the checkpoint's own yaml — reads beside Ultralytics models/yolo.py + common.py.
+
+`define` walks the yaml's `[from, number, module, args]` rows like `parse_model`, with the same depth
+and width arithmetic, and calls one block function per module name. Every tensor keeps its PyTorch
+name (`model.4.m.1.cv2.conv.weight`), and each row's output tensor is named `model.<i>`. Outputs are
+the raw Detect maps `raw_<level>`, `[B, na*(nc+5), h, w]`, as the Detect convs produce them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+from trtnet.errors import TrtnetError
+from trtnet.graph import Graph
+
+INPUT = "images"
+
+
+def conv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1):
+    """common.Conv: Conv2d(bias=False) + BatchNorm2d (folded) + the model's activation."""
+    y = g.conv(x, f"{p}.conv", c2, k, s, pad, groups, bn=f"{p}.bn")
+    return g.act(y, g.activation, p)
+
+
+def bottleneck(g: Graph, x, p: str, c2: int, shortcut: bool = True, groups: int = 1, e: float = 0.5):
+    y = conv(g, conv(g, x, f"{p}.cv1", int(c2 * e), 1), f"{p}.cv2", c2, 3, groups=groups)
+    return g.add(x, y, p) if shortcut and x.shape[1] == c2 else y
+
+
+def c3(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = True, groups: int = 1, e: float = 0.5):
+    c_ = int(c2 * e)
+    a = conv(g, x, f"{p}.cv1", c_, 1)
+    for j in range(n):
+        a = bottleneck(g, a, f"{p}.m.{j}", c_, shortcut, groups, e=1.0)
+    b = conv(g, x, f"{p}.cv2", c_, 1)
+    return conv(g, g.concat([a, b], f"{p}.cat"), f"{p}.cv3", c2, 1)
+
+
+def sppf(g: Graph, x, p: str, c2: int, k: int = 5):
+    y = [conv(g, x, f"{p}.cv1", x.shape[1] // 2, 1)]
+    for i in range(3):
+        y.append(g.maxpool(y[-1], k, 1, k // 2, f"{p}.m.{i}"))
+    return conv(g, g.concat(y, f"{p}.cat"), f"{p}.cv2", c2, 1)
+
+
+def spp(g: Graph, x, p: str, c2: int, k=(5, 9, 13)):
+    a = conv(g, x, f"{p}.cv1", x.shape[1] // 2, 1)
+    pooled = [g.maxpool(a, kk, 1, kk // 2, f"{p}.m.{i}") for i, kk in enumerate(k)]
+    return conv(g, g.concat([a, *pooled], f"{p}.cat"), f"{p}.cv2", c2, 1)
+
+
+def focus(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1):
+    """Focus: x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2] stacked on C.
+
+    As one space-to-depth shuffle, so the batch dimension may stay dynamic."""
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    cells = g.shuffle(x, (0, c, h // 2, 2, w // 2, 2), f"{p}.space_to_depth", transpose=(0, 5, 3, 1, 2, 4))
+    stacked = g.shuffle(cells, (0, 4 * c, h // 2, w // 2), f"{p}.stack")
+    return conv(g, stacked, f"{p}.conv", c2, k, s, pad, groups)
+
+
+def upsample(g: Graph, x, p: str, size=None, scale: int = 2, mode: str = "nearest"):
+    if size is not None or mode != "nearest":
+        raise TrtnetError(f"{p}: only nn.Upsample(None, scale, 'nearest') is supported, got size={size} mode={mode}")
+    return g.upsample(x, int(scale), p)
+
+
+def concat(g: Graph, xs, p: str, dimension: int = 1):
+    return g.concat(xs, p, axis=dimension)
+
+
+def detect(g: Graph, xs, p: str, nc: int, anchors, *_):
+    na = len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
+    return [g.conv(x, f"{p}.m.{i}", na * (nc + 5), 1, name=f"raw_{i}") for i, x in enumerate(xs)]
+
+
+# name in the yaml → (block, takes output channels as its first argument, repeats `n` inside itself)
+BLOCKS: dict[str, tuple[Callable, bool, bool]] = {
+    "Conv": (conv, True, False),
+    "Bottleneck": (bottleneck, True, False),
+    "C3": (c3, True, True),
+    "SPPF": (sppf, True, False),
+    "SPP": (spp, True, False),
+    "Focus": (focus, True, False),
+    "Upsample": (upsample, False, False),
+    "Concat": (concat, False, False),
+    "Detect": (detect, False, False),
+}
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    return math.ceil(x / divisor) * divisor
+
+
+def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int]) -> list:
+    """Add the whole model to `g`; returns the Detect outputs (already marked as network outputs)."""
+    cfg = meta["yaml"]
+    nc, anchors = cfg["nc"], cfg["anchors"]
+    gd, gw = cfg["depth_multiple"], cfg["width_multiple"]
+    na = len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
+    no = na * (nc + 5)
+    g.activation = activation_of(cfg.get("activation"))
+    _check_input_size(imgsz, cfg)
+    _check_classes(meta, nc)
+
+    outputs: list[Any] = []
+    x = g.input(INPUT, (batch, 3, *imgsz))
+    for i, (f, n, module, args) in enumerate(cfg["backbone"] + cfg["head"]):
+        name = module.split(".")[-1]
+        if name not in BLOCKS:
+            raise TrtnetError(f"model.{i}: module {module!r} is not supported (supported: {', '.join(BLOCKS)})")
+        block, has_c2, repeats_inside = BLOCKS[name]
+        args = [_resolve(a, nc, anchors) for a in args]
+        n = max(round(n * gd), 1) if n > 1 else n  # depth gain, with Python's rounding as upstream
+        if has_c2:
+            c2 = args[0] if args[0] == no else make_divisible(args[0] * gw, 8)
+            args = [c2, *args[1:]]
+            if repeats_inside:
+                args.insert(1, n)
+                n = 1
+        inputs = x if i == 0 else _gather(outputs, f)
+        x = _apply(g, block, inputs, f"model.{i}", n, args)
+        outputs.append(x)
+    heads = x
+    for head in heads:
+        g.output(head, head.name)
+    return heads
+
+
+def _apply(g: Graph, block: Callable, x, p: str, n: int, args: list):
+    if n == 1:
+        y = block(g, x, p, *args)
+    else:  # nn.Sequential of n copies: model.<i>.<j>
+        y = x
+        for j in range(n):
+            y = block(g, y, f"{p}.{j}", *args)
+    if not isinstance(y, list):
+        y.name = p
+    return y
+
+
+def _gather(outputs: list, f):
+    if isinstance(f, int):
+        return outputs[f]
+    return [outputs[j] for j in f]
+
+
+def _resolve(arg, nc: int, anchors):
+    """The names a yaml argument may use, as `parse_model`'s eval sees them."""
+    if isinstance(arg, str):
+        return {"nc": nc, "anchors": anchors, "None": None, "True": True, "False": False}.get(arg, arg)
+    return arg
+
+
+def activation_of(spec: str | None) -> str:
+    """The yaml's `activation` (e.g. 'nn.LeakyReLU(0.1)'); default SiLU as common.Conv."""
+    if not spec:
+        return "silu"
+    m = re.fullmatch(r"(?:torch\.)?(?:nn\.)?(\w+)\(([^)]*)\)", spec.replace(" ", ""))
+    kind = m.group(1) if m else ""
+    if kind == "SiLU":
+        return "silu"
+    if kind == "ReLU":
+        return "relu"
+    if kind == "LeakyReLU":
+        return f"leaky_relu:{m.group(2) or 0.01}"
+    raise TrtnetError(f"unsupported activation {spec!r} in the model yaml (SiLU, ReLU, LeakyReLU)")
+
+
+def _check_input_size(imgsz: tuple[int, int], cfg: dict) -> None:
+    stride = 64 if len(cfg["anchors"]) > 3 else 32
+    if any(s % stride for s in imgsz):
+        raise TrtnetError(f"input size {imgsz[0]}x{imgsz[1]} must be a multiple of the model's stride {stride}")
+
+
+def _check_classes(meta: dict, nc: int) -> None:
+    names = meta.get("names")
+    if meta.get("nc", nc) != nc or (names is not None and len(names) != nc):
+        raise TrtnetError(
+            f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} with "
+            f"{len(names or [])} names — the .json does not belong to these weights"
+        )
+
+
+def output_names(meta: dict) -> list[str]:
+    return [f"raw_{i}" for i in range(len(meta["yaml"]["anchors"]))]
+
+
+# ultralytics/yolov5 v7.0 models/yolov5{n,s,m,l,x}.yaml: the layout shared by the P5 models, for .wts
+# files that come without trtnet's .json (e.g. written by tensorrtx) and for tests at every size.
+MULTIPLES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)}
+P5_ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
+P5_BACKBONE = [
+    [-1, 1, "Conv", [64, 6, 2, 2]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
+    [-1, 1, "Conv", [256, 3, 2]], [-1, 6, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]],
+    [-1, 9, "C3", [512]], [-1, 1, "Conv", [1024, 3, 2]], [-1, 3, "C3", [1024]], [-1, 1, "SPPF", [1024, 5]],
+]
+P5_HEAD = [
+    [-1, 1, "Conv", [512, 1, 1]], [-1, 1, "nn.Upsample", [None, 2, "nearest"]], [[-1, 6], 1, "Concat", [1]],
+    [-1, 3, "C3", [512, False]], [-1, 1, "Conv", [256, 1, 1]], [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+    [[-1, 4], 1, "Concat", [1]], [-1, 3, "C3", [256, False]], [-1, 1, "Conv", [256, 3, 2]],
+    [[-1, 14], 1, "Concat", [1]], [-1, 3, "C3", [512, False]], [-1, 1, "Conv", [512, 3, 2]],
+    [[-1, 10], 1, "Concat", [1]], [-1, 3, "C3", [1024, False]], [[17, 20, 23], 1, "Detect", ["nc", "anchors"]],
+]
+
+
+def v7_yaml(size: str, nc: int = 80) -> dict:
+    """The official v7.0 yaml of yolov5<size> (n/s/m/l/x) with `nc` classes."""
+    if size not in MULTIPLES:
+        raise TrtnetError(f"unknown YOLOv5 size {size!r}: one of {', '.join(MULTIPLES)}")
+    gd, gw = MULTIPLES[size]
+    return {"nc": nc, "depth_multiple": gd, "width_multiple": gw, "anchors": P5_ANCHORS,
+            "backbone": P5_BACKBONE, "head": P5_HEAD}

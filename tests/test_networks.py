@@ -1,0 +1,102 @@
+"""Every network builds with TensorRT-RTX (on the CPU, ahead of time) in fp32/fp16, static/dynamic batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import requires_tensorrt, shared
+from trtnet.graph import ShapeRecorder
+from trtnet.network import BatchProfile, define_network, meta_for_arch
+
+pytestmark = requires_tensorrt
+
+CHECKPOINTS = {
+    "yolov5n": ("yolov5n.pt",),
+    "yolov5s_syn": ("synthetic", "yolov5s_syn.pt"),
+    "yolov5n6_syn": ("synthetic", "yolov5n6_syn.pt"),
+    "yolov5s_v50_syn": ("synthetic", "yolov5s_v50_syn.pt"),
+    "resnet18_syn": ("synthetic", "resnet18_syn.pth"),
+    "resnet50_syn": ("synthetic", "resnet50_syn.pth"),
+}
+PRECISIONS = ["fp32", "fp16"]
+BATCHES = {"static": BatchProfile(2, 2, 2), "dynamic": BatchProfile(1, 4, 8)}
+
+
+def build_plan(defined, precision, batch):
+    from trtnet import compat
+
+    builder = defined.builder
+    config = compat.builder_config(builder, compat.BuildOptions(precision=precision, profiles=defined.profiles(batch)))
+    return compat.build_serialized(builder, defined.network, config)
+
+
+def define(tensors, meta, precision, batch, imgsz):
+    from trtnet import compat
+
+    builder = compat.trt().Builder(compat.Logger())
+    defined = define_network(builder, tensors, meta, precision=precision, batch=batch, imgsz=imgsz)
+    defined.builder = builder  # TensorRT needs the builder alive while the network is
+    return defined
+
+
+def imgsz_for(meta):
+    return 224 if meta["family"] == "resnet" else (384 if len(meta["yaml"]["anchors"]) > 3 else 320)
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    from trtnet.checkpoint import read_checkpoint
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = read_checkpoint(shared("weights", *CHECKPOINTS[name]))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_checkpoint_networks_build(checkpoints, name, precision, batch):
+    ckpt = checkpoints(name)
+    defined = define(ckpt.state_dict, ckpt.meta, precision, BATCHES[batch], imgsz_for(ckpt.meta))
+    assert build_plan(defined, precision, BATCHES[batch]), f"TensorRT-RTX did not build {name} {precision} {batch}"
+    shapes = [tuple(defined.network.get_output(i).shape) for i in range(defined.network.num_outputs)]
+    b = -1 if batch == "dynamic" else 2
+    if ckpt.meta["family"] == "yolov5":
+        h = imgsz_for(ckpt.meta)
+        strides = [8, 16, 32, 64][: len(shapes)]
+        assert shapes == [(b, 255, h // s, h // s) for s in strides]
+    else:
+        assert shapes == [(b, 1000)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("arch", ["yolov5m", "yolov5l", "yolov5x", "resnet34", "resnet101", "resnet152"])
+def test_random_weight_networks_build(arch, precision, batch):
+    """Sizes without a checkpoint here: the official v7.0 yaml multiples / torchvision tables, random weights."""
+    meta = meta_for_arch(arch)
+    store = ShapeRecorder()
+    defined = define(store, meta, precision, BATCHES[batch], imgsz_for(meta))
+    assert build_plan(defined, precision, BATCHES[batch]), f"TensorRT-RTX did not build {arch} {precision} {batch}"
+
+
+@pytest.mark.parametrize(
+    "arch, c3_repeats, stem_channels",
+    [("yolov5n", [1, 2, 3, 1], 16), ("yolov5s", [1, 2, 3, 1], 32), ("yolov5m", [2, 4, 6, 2], 48),
+     ("yolov5l", [3, 6, 9, 3], 64), ("yolov5x", [4, 8, 12, 4], 80)],
+)
+def test_depth_and_width_multiples_follow_parse_model(arch, c3_repeats, stem_channels):
+    """Expected values: the official models' printed summaries (yolov5x: model.2 has 4 bottlenecks, the stem 80
+    channels, ...), i.e. round(n * depth_multiple) and ceil(c * width_multiple / 8) * 8."""
+    store = ShapeRecorder()
+    define(store, meta_for_arch(arch), "fp32", BatchProfile(), 320)
+    assert store.shapes["model.0.conv.weight"][0] == stem_channels
+    for layer, n in zip((2, 4, 6, 8), c3_repeats):
+        bottlenecks = {k.split(".")[3] for k in store.shapes if k.startswith(f"model.{layer}.m.")}
+        assert len(bottlenecks) == n, f"model.{layer}"

@@ -1,0 +1,299 @@
+"""trtnet's Python API: `Detector` for YOLOv5 engines, `Classifier` for ResNet engines.
+
+    import trtnet
+    with trtnet.Detector("yolov5n") as det:                 # weights/yolov5n.fp16.engine (or .fp32)
+        for r in det.detect(["bus.jpg", image_bgr]):
+            print(r.boxes, r.scores, r.classes, r.names)
+            cv2.imwrite("out.jpg", r.draw())
+
+Images are file paths or numpy arrays in OpenCV's BGR order (HxW grayscale, HxWx1, HxWx3 and HxWx4
+are accepted; uint16 is scaled to uint8). Both classes are thread-safe (each thread gets its own
+execution context) and context managers (leaving the block releases the GPU memory).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+
+from trtnet.datasets import read_image
+from trtnet.errors import TrtnetError
+
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def to_bgr(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """A contiguous HxWx3 uint8 BGR copy-or-view of `image` (grayscale, 1- and 4-channel converted)."""
+    image = np.asarray(image)
+    if image.size == 0:
+        raise TrtnetError(f"{what} is empty (shape {list(image.shape)})")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype == np.bool_:
+        image = image.astype(np.uint8) * 255
+    elif image.dtype != np.uint8:
+        raise TrtnetError(f"{what} has dtype {image.dtype}: pass uint8 pixels (0..255), as cv2.imread returns")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return np.ascontiguousarray(image)
+    raise TrtnetError(f"{what} has shape {list(image.shape)}: expected HxW, HxWx1, HxWx3 (BGR) or HxWx4 (BGRA)")
+
+
+def load_image(source: ImageLike) -> tuple[np.ndarray, str | None]:
+    """(BGR image, path or None) from a path or an array; TrtnetError naming a file that cannot be read."""
+    if isinstance(source, np.ndarray):
+        return to_bgr(source), None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TrtnetError(f"cannot use {type(source).__name__} as an image: pass a path or a numpy BGR array")
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise TrtnetError(f"{path}: no such image file")
+    image = read_image(path)
+    if image is None:
+        raise TrtnetError(f"{path}: not an image OpenCV can read (empty, corrupt or another format)")
+    return to_bgr(image, path), path
+
+
+def as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    if isinstance(images, (str, os.PathLike, np.ndarray)):
+        return [images]
+    return list(images)
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def class_colour(cls: int) -> tuple[int, int, int]:
+    """A stable, well-separated BGR colour per class (golden-ratio hue steps)."""
+    r, g, b = colorsys.hsv_to_rgb((cls * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(b * 255), int(g * 255), int(r * 255)
+
+
+@dataclass
+class Detections:
+    """One image's detections: boxes are x1, y1, x2, y2 in ORIGINAL image pixels (clipped to it)."""
+
+    boxes: np.ndarray  # float32 [n, 4]
+    scores: np.ndarray  # float32 [n]
+    classes: np.ndarray  # int64 [n]
+    class_names: Sequence[str]
+    shape: tuple[int, int]  # original (height, width)
+    path: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        """The class name of each detection."""
+        return [self.name_of(c) for c in self.classes]
+
+    def name_of(self, cls: int) -> str:
+        return str(self.class_names[cls]) if 0 <= cls < len(self.class_names) else str(cls)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def draw(self, image: np.ndarray | None = None, line_width: int | None = None) -> np.ndarray:
+        """An annotated copy of the image: a box and a `name score` label per detection."""
+        canvas = to_bgr(self.image if image is None else image).copy()
+        if canvas.shape[:2] != tuple(self.shape):
+            raise TrtnetError(f"draw(): image is {canvas.shape[1]}x{canvas.shape[0]}, detections were made on "
+                              f"{self.shape[1]}x{self.shape[0]}")
+        lw = line_width or max(round(sum(canvas.shape[:2]) / 2 * 0.003), 2)
+        for box, score, cls in zip(self.boxes, self.scores, self.classes):
+            _draw_box(canvas, box, f"{self.name_of(int(cls))} {score:.2f}", class_colour(int(cls)), lw)
+        return canvas
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "shape": [int(self.shape[0]), int(self.shape[1])],
+            "detections": [
+                {"xyxy": [round(float(v), 2) for v in box], "conf": round(float(score), 5), "cls": int(cls),
+                 "name": self.name_of(int(cls))}
+                for box, score, cls in zip(self.boxes, self.scores, self.classes)
+            ],
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+def _draw_box(canvas: np.ndarray, box: np.ndarray, label: str, colour: tuple, lw: int) -> None:
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, lw, cv2.LINE_AA)
+    scale = lw / 3
+    thickness = max(lw - 1, 1)
+    (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    above = y1 - th - 3 >= 0
+    top = y1 - th - 3 if above else y1
+    cv2.rectangle(canvas, (x1, top), (x1 + tw, top + th + 3), colour, -1, cv2.LINE_AA)
+    text_colour = (0, 0, 0) if sum(colour) > 450 else (255, 255, 255)
+    cv2.putText(canvas, label, (x1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, text_colour, thickness,
+                cv2.LINE_AA)
+
+
+def detections_from_rows(rows: np.ndarray, input_hw: tuple[int, int], image: np.ndarray,
+                         class_names: Sequence[str], path: str | None = None) -> Detections:
+    """Decode + NMS rows [k, 6] (x1, y1, x2, y2, score, class in network-input pixels) → Detections,
+    boxes mapped to `image` exactly as the official `scale_boxes` maps them (and clipped)."""
+    from trtnet.plugins.reference import scale_boxes
+
+    rows = np.asarray(rows, dtype=np.float32).reshape(-1, 6)
+    shape = tuple(int(s) for s in image.shape[:2])
+    boxes = scale_boxes(input_hw, rows[:, :4], shape) if len(rows) else np.zeros((0, 4), np.float32)
+    return Detections(boxes, rows[:, 4].copy(), rows[:, 5].astype(np.int64), class_names, shape, path, image)
+
+
+@dataclass
+class Classification:
+    """One image's top classes, best first; `scores` are softmax probabilities."""
+
+    classes: np.ndarray  # int64 [k]
+    scores: np.ndarray  # float32 [k]
+    class_names: Sequence[str]
+    path: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [str(self.class_names[c]) if 0 <= c < len(self.class_names) else str(c) for c in self.classes]
+
+    def to_dict(self) -> dict:
+        top = zip(self.classes, self.names, self.scores)
+        return {"path": self.path,
+                "top": [{"cls": int(c), "name": n, "score": round(float(s), 6)} for c, n, s in top]}
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (x / x.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = max(1, min(int(k), probabilities.shape[-1]))
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return order.astype(np.int64), probabilities[order]
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+class _Model:
+    """What Detector and Classifier share: the engine, its names, closing."""
+
+    family = ""
+
+    def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
+        from trtnet.runtime import Engine
+
+        self.engine = Engine(engine, weights_dir=weights_dir, cuda_graphs=cuda_graphs)
+        if self.engine.family != self.family:
+            other = "Classifier" if self.engine.family == "resnet" else "Detector"
+            raise TrtnetError(f"{self.engine.path} is a {self.engine.family} engine: use trtnet.{other}")
+        meta = self.engine.meta
+        count = int(meta.get("nc") or meta.get("num_classes") or 0)
+        self.names: list[str] = [str(n) for n in meta.get("names") or range(count)]
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.max_batch
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.engine.path)!r})"
+
+
+class Detector(_Model):
+    """YOLOv5 engine + GPU letterbox + decode/NMS: images in, boxes in original-image pixels out.
+
+    `conf`, `iou`, `max_det`, `multi_label`, `agnostic` are the NMS settings (official defaults). An engine
+    built with `--postprocess plugin` has them baked in; a different `conf` above the built one is applied
+    afterwards, anything else draws a warning.
+    """
+
+    family = "yolov5"
+
+    def __init__(self, engine: str | Path, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
+                 multi_label: bool = False, agnostic: bool = False, cuda_graphs: bool = False,
+                 weights_dir: str | Path = "weights"):
+        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
+        from trtnet.runtime import DetectPipeline, NmsSettings
+
+        self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)
+        self.pipeline = DetectPipeline(self.engine, self.settings)
+
+    @property
+    def imgsz(self) -> tuple[int, int]:
+        return self.engine.imgsz
+
+    def detect(self, images: ImageLike | Sequence[ImageLike]) -> list[Detections]:
+        """One `Detections` per image, in order (a single image gives a list of one)."""
+        loaded = [load_image(x) for x in as_list(images)]
+        return self.detect_loaded([image for image, _ in loaded], [path for _, path in loaded])
+
+    def detect_loaded(self, images: Sequence[np.ndarray],
+                      paths: Sequence[str | None] | None = None) -> list[Detections]:
+        """Like `detect` for images already converted with `to_bgr` (no copies, no checks)."""
+        paths = list(paths) if paths is not None else [None] * len(images)
+        rows = self.pipeline.run(list(images))
+        return [detections_from_rows(r, self.imgsz, image, self.names, path)
+                for r, image, path in zip(rows, images, paths)]
+
+    __call__ = detect
+
+
+class Classifier(_Model):
+    """ResNet engine + GPU ImageNet preprocessing (resize 256, centre crop 224, mean/std)."""
+
+    family = "resnet"
+
+    def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
+        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
+        from trtnet.runtime import ClassifyPipeline
+
+        self.pipeline = ClassifyPipeline(self.engine)
+
+    def probabilities(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """Softmax probabilities [N, classes]."""
+        loaded = [load_image(x)[0] for x in as_list(images)]
+        scores = self.pipeline.run(loaded)
+        return scores if self.engine.meta.get("softmax") else softmax(scores)
+
+    def classify(self, images: ImageLike | Sequence[ImageLike], topk: int = 5) -> list[Classification]:
+        """The `topk` classes of each image, best first."""
+        items = as_list(images)
+        paths = [os.fspath(x) if not isinstance(x, np.ndarray) else None for x in items]
+        results = []
+        for probs, path in zip(self.probabilities(items), paths):
+            classes, scores = top_k(probs, topk)
+            results.append(Classification(classes, scores, self.names, path))
+        return results
+
+    __call__ = classify

@@ -1,0 +1,318 @@
+"""`python -m trtnet.build`: weights → TensorRT engine + metadata sidecar.
+
+    python -m trtnet.build yolov5s --fp16
+    python -m trtnet.build weights/resnet50.wts --min-batch 1 --opt-batch 8 --max-batch 32
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trtnet import __version__, compat
+from trtnet.cli import parser, run
+from trtnet.errors import TrtnetError
+from trtnet.fileio import atomic_write
+from trtnet.network import BatchProfile, DefinedNetwork, define_network, family_of, meta_for_arch
+
+POSTPROCESS_MODES = ("none", "kernels", "plugin")
+
+
+@dataclass
+class PostprocessSettings:
+    """What runs after the raw YOLO heads; recorded in the engine metadata (see plugins/)."""
+
+    mode: str = "none"
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 1000
+    multi_label: bool = False
+    agnostic: bool = False
+
+
+@dataclass
+class BuildRequest:
+    weights: str
+    precision: str = "fp32"
+    imgsz: int | None = None
+    batch: BatchProfile = field(default_factory=BatchProfile)
+    workspace_gib: float | None = None
+    tf32: bool = False
+    target_cc: Sequence[str] = ()
+    postprocess: PostprocessSettings = field(default_factory=PostprocessSettings)
+    softmax: bool = False
+    output: str | None = None
+    timing_cache: str | None = None
+    arch: str | None = None
+    nc: int | None = None
+    weights_dir: str = "weights"
+
+
+@dataclass
+class BuildResult:
+    engine: Path
+    metadata: Path
+    layers: int
+    engine_bytes: int
+    seconds: float
+
+
+def engine_paths(req: BuildRequest, weights_path: Path) -> tuple[Path, Path]:
+    engine = Path(req.output) if req.output else Path(req.weights_dir) / f"{weights_path.stem}.{req.precision}.engine"
+    if engine.suffix != ".engine":
+        engine = engine / f"{weights_path.stem}.{req.precision}.engine" if engine.is_dir() else engine
+    return engine, engine.with_suffix(".json")
+
+
+def ensure_writable(directory: Path) -> None:
+    """Fail before a long build, not after it, when the output cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise TrtnetError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
+
+
+def load_for_build(req: BuildRequest):
+    from trtnet.weights import load_weights, resolve_weights
+
+    path = resolve_weights(req.weights, req.weights_dir)
+    weights = load_weights(path)
+    meta = dict(weights.meta)
+    if req.arch:
+        arch_meta = meta_for_arch(req.arch, req.nc)
+        if meta and meta.get("family") != arch_meta["family"]:
+            raise TrtnetError(f"--arch {req.arch} does not match the weights' family {meta.get('family')!r}")
+        meta = {**arch_meta, **meta} if meta else arch_meta
+    if not meta:
+        raise TrtnetError(
+            f"{path} has no metadata (.json beside it): trtnet's gen_wts writes one; for .wts files from "
+            "tensorrtx pass --arch (e.g. --arch yolov5s --nc 80, or --arch resnet50)"
+        )
+    family_of(meta)
+    return path, weights.tensors, meta
+
+
+def build(req: BuildRequest, log=print) -> BuildResult:
+    if req.postprocess.mode not in POSTPROCESS_MODES:
+        raise TrtnetError(f"--postprocess {req.postprocess.mode}: one of {', '.join(POSTPROCESS_MODES)}")
+    weights_path, tensors, meta = load_for_build(req)
+    engine_path, meta_path = engine_paths(req, weights_path)
+    ensure_writable(engine_path.parent)
+    cache_path = Path(req.timing_cache) if req.timing_cache else engine_path.parent / "timing.cache"
+
+    t = compat.trt()
+    logger = compat.Logger()
+    logger.errors.clear()
+    builder = t.Builder(logger)
+    defined = define_network(builder, tensors, meta, precision=req.precision, batch=req.batch,
+                             imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path))
+    if req.postprocess.mode != "none" and defined.family != "yolov5":
+        raise TrtnetError("--postprocess applies to YOLOv5 detectors only")
+    _check_postprocess_mode(req.postprocess.mode)
+    options = compat.BuildOptions(
+        precision=req.precision, tf32=req.tf32, workspace_gib=req.workspace_gib, target_cc=tuple(req.target_cc),
+        timing_cache=cache_path.read_bytes() if cache_path.exists() else b"", profiles=defined.profiles(req.batch),
+    )
+    log(f"building {weights_path.name}: {defined.family} {req.precision} input {list(defined.input_shape)} "
+        f"batch {req.batch} with {compat.flavour()} ({defined.network.num_layers} layers)")
+    with BuildProgress() as progress:
+        config = compat.builder_config(builder, options, progress.monitor())
+        plan = compat.build_serialized(builder, defined.network, config)
+    if plan is None:
+        why = "; ".join(logger.errors[-3:]) or "no reason given (run with --verbose)"
+        raise TrtnetError(f"TensorRT could not build the engine: {why}")
+    with atomic_write(engine_path) as f:
+        f.write(plan)
+    cache = compat.serialized_timing_cache(config)
+    if cache:
+        with atomic_write(cache_path) as f:
+            f.write(cache)
+    metadata = engine_metadata(req, defined, meta, weights_path, progress.seconds, len(plan))
+    with atomic_write(meta_path, "w") as f:
+        json.dump(metadata, f, indent=1)
+    return BuildResult(engine_path, meta_path, defined.network.num_layers, len(plan), progress.seconds)
+
+
+def _check_postprocess_mode(mode: str) -> None:
+    if mode == "plugin" and not compat.flavour().python_plugins:
+        raise TrtnetError(
+            f"--postprocess plugin needs Python plugins (TensorRT >= 10); {compat.flavour()} cannot host them. "
+            "Use --postprocess kernels: the same decode + NMS kernels run right after the engine."
+        )
+
+
+def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weights_path: Path,
+                    seconds: float, size: int) -> dict:
+    h, w = defined.input_shape[2:]
+    out = {
+        "trtnet_version": __version__,
+        "family": defined.family,
+        "weights": weights_path.name,
+        "precision": req.precision,
+        "tf32": req.tf32,
+        "imgsz": [h, w],
+        "batch": asdict(req.batch),
+        "input": {"name": defined.input_name, "dtype": "float32"},
+        "outputs": defined.output_names,
+        "tensorrt": {"flavour": compat.flavour().name, "version": compat.flavour().version},
+        "target_cc": list(req.target_cc),
+        "device": current_device(),
+        "layers": defined.network.num_layers,
+        "engine_bytes": size,
+        "build_seconds": round(seconds, 2),
+    }
+    if defined.family == "yolov5":
+        out["postprocess"] = asdict(req.postprocess)
+        out["nc"] = meta["yaml"]["nc"]
+        out["names"] = list(meta.get("names") or range(out["nc"]))
+        out["strides"] = [h // int(defined.network.get_output(i).shape[2]) for i in range(len(defined.output_names))]
+        out["anchors"] = meta.get("anchors") or meta["yaml"]["anchors"]
+    else:
+        out["num_classes"] = int(meta.get("num_classes", 1000))
+        out["softmax"] = req.softmax
+        if meta.get("names"):
+            out["names"] = list(meta["names"])
+    return out
+
+
+def current_device() -> dict | None:
+    """The GPU TensorRT builds for (name, compute capability), when there is one."""
+    try:
+        from cuda.bindings import runtime as cudart
+
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if int(err) != 0:
+            return None
+        name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+        return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
+    except Exception:  # no driver, no GPU, or no cuda-python: the build is ahead-of-time
+        return None
+
+
+class BuildProgress:
+    """TensorRT's progress monitor where it has one (>= 10), else a spinner with the elapsed time."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        self.phase = "building"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def monitor(self):
+        base = compat.progress_monitor_class()
+        if base is None:
+            return None
+        progress = self
+
+        class _Monitor(base):
+            def __init__(self):
+                base.__init__(self)
+
+            def phase_start(self, parent_phase, phase_name, num_steps):
+                progress.phase = phase_name
+
+            def step_complete(self, phase_name, step):
+                return True
+
+            def phase_finish(self, phase_name):
+                pass
+
+        return _Monitor()
+
+    def __enter__(self):
+        if self.stream.isatty():
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+        return self
+
+    def _spin(self):
+        frames = "|/-\\"
+        i = 0
+        while not self._stop.wait(0.2):
+            elapsed = time.perf_counter() - self.start
+            self.stream.write(f"\r{frames[i % 4]} {self.phase[:50]:<50} {elapsed:6.1f}s")
+            self.stream.flush()
+            i += 1
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+            self.stream.write("\r" + " " * 62 + "\r")
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+def parse_batch(args) -> BatchProfile:
+    if args.batch is not None and any(v is not None for v in (args.min_batch, args.opt_batch, args.max_batch)):
+        raise TrtnetError("use either --batch N or --min-batch/--opt-batch/--max-batch")
+    if args.batch is not None:
+        return BatchProfile(args.batch, args.batch, args.batch).check()
+    hi = args.max_batch or args.opt_batch or args.min_batch or 1
+    lo = args.min_batch or 1
+    return BatchProfile(lo, args.opt_batch or lo, hi).check()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("build", "Build a TensorRT engine from trtnet weights (.wts + .json, or .safetensors).")
+    p.add_argument("weights", help="a name in --weights-dir (yolov5s → weights/yolov5s.wts) or a path")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="half precision")
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                      help="strict fp32 (TF32 off; the default)")
+    p.set_defaults(precision="fp32")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 math in fp32 layers (faster, ~1e-2 error)")
+    p.add_argument("--imgsz", type=int, help="square input size (default: the model's, e.g. 640 / 224)")
+    p.add_argument("--batch", type=int, help="static batch size")
+    p.add_argument("--min-batch", type=int, help="dynamic batch: smallest")
+    p.add_argument("--opt-batch", type=int, help="dynamic batch: the size TensorRT tunes for")
+    p.add_argument("--max-batch", type=int, help="dynamic batch: largest")
+    p.add_argument("--workspace", type=float, metavar="GiB", help="builder workspace limit")
+    p.add_argument("--postprocess", choices=POSTPROCESS_MODES, default="none",
+                   help="YOLOv5: none = raw head maps; kernels = decode+NMS kernels after the engine; "
+                        "plugin = decode+NMS inside the engine (TensorRT >= 10)")
+    p.add_argument("--conf", type=float, default=0.25, help="postprocess: score threshold")
+    p.add_argument("--iou", type=float, default=0.45, help="postprocess: NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=1000, help="postprocess: detections kept per image")
+    p.add_argument("--multi-label", action="store_true", help="postprocess: every class above --conf (val)")
+    p.add_argument("--agnostic", action="store_true", help="postprocess: class-agnostic NMS")
+    p.add_argument("--softmax", action="store_true", help="ResNet: also output softmax probabilities")
+    p.add_argument("--target-cc", default="", help="TensorRT-RTX: compute capabilities to build for, e.g. 8.6,8.9")
+    p.add_argument("--arch", help="architecture for weights without metadata, e.g. yolov5s or resnet50")
+    p.add_argument("--nc", type=int, help="class count with --arch")
+    p.add_argument("--timing-cache", help="timing cache file (default: timing.cache beside the engine)")
+    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
+    p.add_argument("-o", "--output", help="engine path (default: <weights-dir>/<name>.<precision>.engine)")
+    args = p.parse_args(argv)
+    req = BuildRequest(
+        weights=args.weights, precision=args.precision, imgsz=args.imgsz, batch=parse_batch(args),
+        workspace_gib=args.workspace, tf32=args.tf32,
+        target_cc=tuple(c for c in args.target_cc.split(",") if c),
+        postprocess=PostprocessSettings(args.postprocess, args.conf, args.iou, args.max_det, args.multi_label,
+                                        args.agnostic),
+        softmax=args.softmax, output=args.output, timing_cache=args.timing_cache, arch=args.arch, nc=args.nc,
+        weights_dir=args.weights_dir,
+    )
+    result = build(req)
+    print(f"wrote {result.engine} ({result.engine_bytes / 1e6:.1f} MB, {result.layers} layers, "
+          f"{result.seconds:.1f} s) and {result.metadata}")
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

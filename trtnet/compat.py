@@ -1,0 +1,252 @@
+"""The one place that knows TensorRT versions.
+
+trtnet runs on TensorRT 8.5, 10.x, 11.x and TensorRT-RTX from one codebase. Everything that differs
+between them — how a network is created, what fp16 means, how to cast, enum names, tactic sources,
+progress monitors, compute-capability targets — is answered here, so network code never asks.
+
+fp16 has two meanings:
+- TensorRT 8.x/10.x with weak typing: an fp32 graph plus `BuilderFlag.FP16` (TensorRT picks kernels).
+- TensorRT 10.x/11.x/RTX strongly typed: the graph itself is half — input cast to half, half weights
+  and constants, outputs cast back to float32. (TRT 11 and RTX dropped the FP16 flag.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from trtnet.errors import TrtnetError
+
+_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
+
+
+@cache
+def trt() -> Any:
+    """The TensorRT module in use: NVIDIA's `tensorrt`, else TensorRT-RTX."""
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "Builder"):  # PyPI's `tensorrt` stub without libraries has none
+            return module
+    raise TrtnetError(
+        "no TensorRT found: install NVIDIA TensorRT (pip install 'trtnet[trt]', or the system package on "
+        "Jetson) or TensorRT-RTX (pip install 'trtnet[rtx]', builds engines on any machine)"
+    )
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str  # "tensorrt" | "tensorrt-rtx"
+    version: str
+    major: int
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.name == "tensorrt-rtx"
+
+    @property
+    def strongly_typed(self) -> bool:
+        """Whether trtnet builds strongly typed graphs (fp16 = a half graph, not a builder flag)."""
+        return self.is_rtx or self.major >= 10
+
+    @property
+    def python_plugins(self) -> bool:
+        """Python IPluginV3 plugins can be added to networks (TensorRT >= 10, not RTX)."""
+        return not self.is_rtx and self.major >= 10
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+@cache
+def flavour() -> Flavour:
+    module = trt()
+    name = "tensorrt-rtx" if "rtx" in module.__name__ else "tensorrt"
+    version = str(getattr(module, "__version__", "0"))
+    major = int(re.match(r"\d+", version).group()) if re.match(r"\d+", version) else 0
+    return Flavour(name, version, major)
+
+
+@cache
+def Logger(verbose: bool = False):  # noqa: N802 - reads like the TensorRT class it stands for
+    """The process's TensorRT logger (TensorRT keeps the first one it is given); keeps errors."""
+    t = trt()
+
+    class _Logger(t.ILogger):
+        def __init__(self):
+            t.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.verbose = verbose
+
+        def log(self, severity, msg):
+            if not _worth_showing(msg):
+                return
+            level = int(severity)
+            if level <= int(t.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+            elif self.verbose or level <= int(t.ILogger.Severity.WARNING):
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+
+    return _Logger()
+
+
+def _worth_showing(msg: str) -> bool:
+    noisy = (
+        "CUDA lazy loading", "TensorRT was linked against", "Using an engine plan file across",
+        "differs from one already registered",
+        "cudaError 35",  # TensorRT-RTX probing for a GPU while it builds ahead-of-time on a CPU-only machine
+    )
+    return not any(n in msg for n in noisy)
+
+
+def create_network(builder) -> Any:
+    t, f = trt(), flavour()
+    flags = 0
+    if f.is_rtx:
+        flags = 0  # always strongly typed
+    elif f.major >= 10:
+        flags = 1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    else:
+        flags = 1 << int(t.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    return builder.create_network(flags)
+
+
+def compute_dtype(precision: str) -> np.dtype:
+    """The dtype weights and activations have inside the graph for `precision` ('fp32'|'fp16')."""
+    if precision not in ("fp32", "fp16"):
+        raise TrtnetError(f"unknown precision {precision!r}: use fp32 or fp16")
+    half = precision == "fp16" and flavour().strongly_typed
+    return np.dtype(np.float16 if half else np.float32)
+
+
+def trt_dtype(dtype: np.dtype) -> Any:
+    t = trt()
+    return {np.dtype(np.float32): t.float32, np.dtype(np.float16): t.float16, np.dtype(np.int32): t.int32}[
+        np.dtype(dtype)
+    ]
+
+
+def cast(network, tensor, dtype: np.dtype):
+    """Cast `tensor` to `dtype`: `add_cast` where it exists, identity + output type on TensorRT 8.5."""
+    target = trt_dtype(dtype)
+    if hasattr(network, "add_cast"):
+        return network.add_cast(tensor, target)
+    layer = network.add_identity(tensor)
+    layer.set_output_type(0, target)
+    return layer
+
+
+def set_nearest_resize(layer) -> None:
+    t = trt()
+    mode = getattr(t, "InterpolationMode", None) or t.ResizeMode  # renamed in TensorRT 8.6
+    layer.resize_mode = mode.NEAREST
+    layer.coordinate_transformation = t.ResizeCoordinateTransformation.ASYMMETRIC
+    layer.nearest_rounding = t.ResizeRoundMode.FLOOR
+
+
+def matrix_multiply(network, a, b, transpose_b: bool = False):
+    t = trt()
+    op_b = t.MatrixOperation.TRANSPOSE if transpose_b else t.MatrixOperation.NONE
+    return network.add_matrix_multiply(a, t.MatrixOperation.NONE, b, op_b)
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "fp32"
+    tf32: bool = False
+    workspace_gib: float | None = None
+    target_cc: Sequence[str] = ()  # TensorRT-RTX ahead-of-time targets, e.g. ("8.6", "8.9")
+    timing_cache: bytes | None = None
+    profiles: Sequence[tuple[str, tuple, tuple, tuple]] = ()  # (input, min, opt, max) for dynamic dims
+
+
+def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any:
+    t, f = trt(), flavour()
+    config = builder.create_builder_config()
+    if options.precision == "fp16" and not f.strongly_typed:
+        config.set_flag(t.BuilderFlag.FP16)
+    # TensorRT enables TF32 by default on Ampere and newer; strict fp32 needs it off.
+    if hasattr(t.BuilderFlag, "TF32"):
+        if options.tf32:
+            config.set_flag(t.BuilderFlag.TF32)
+        else:
+            config.clear_flag(t.BuilderFlag.TF32)
+    if options.workspace_gib:
+        config.set_memory_pool_limit(t.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+    if not f.is_rtx and f.major < 10:
+        # No cuBLAS/cuDNN tactics: engines then need neither library at build or run time.
+        sources = (1 << int(t.TacticSource.EDGE_MASK_CONVOLUTIONS)) | (1 << int(t.TacticSource.JIT_CONVOLUTIONS))
+        config.set_tactic_sources(sources)
+    if f.is_rtx:
+        _set_rtx_targets(config, options.target_cc)
+    elif options.target_cc:
+        raise TrtnetError(f"--target-cc is a TensorRT-RTX option; {f} builds for the GPU it runs on")
+    if options.profiles:
+        profile = builder.create_optimization_profile()
+        for name, lo, opt, hi in options.profiles:
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    if options.timing_cache is not None and hasattr(config, "create_timing_cache"):
+        cache = config.create_timing_cache(options.timing_cache)
+        config.set_timing_cache(cache, ignore_mismatch=True)
+    if progress_monitor is not None and hasattr(config, "progress_monitor"):
+        config.progress_monitor = progress_monitor
+    return config
+
+
+def rtx_targets() -> list[str]:
+    """Compute capabilities TensorRT-RTX can target ahead of time, as 'X.Y' strings."""
+    names = [n for n in dir(trt().ComputeCapability) if re.fullmatch(r"SM\d+", n)]
+    return [f"{n[2:-1]}.{n[-1]}" for n in sorted(names, key=lambda n: int(n[2:]))]
+
+
+def _set_rtx_targets(config, target_cc: Sequence[str]) -> None:
+    t = trt()
+    if not target_cc:
+        return  # RTX's default: the GPU present, or every supported one when building CPU-only
+    targets = []
+    for cc in target_cc:
+        name = "SM" + cc.replace(".", "")
+        if not hasattr(t.ComputeCapability, name):
+            raise TrtnetError(f"--target-cc {cc}: {flavour()} targets only {', '.join(rtx_targets())}")
+        targets.append(getattr(t.ComputeCapability, name))
+    config.num_compute_capabilities = len(targets)
+    for i, target in enumerate(targets):
+        config.set_compute_capability(target, i)
+
+
+def progress_monitor_class():
+    """A base class for build progress callbacks, or None where TensorRT has no IProgressMonitor (8.x)."""
+    return getattr(trt(), "IProgressMonitor", None)
+
+
+def serialized_timing_cache(config) -> bytes | None:
+    if not hasattr(config, "get_timing_cache"):
+        return None
+    cache = config.get_timing_cache()
+    return bytes(cache.serialize()) if cache is not None else None
+
+
+def build_serialized(builder, network, config) -> bytes | None:
+    plan = builder.build_serialized_network(network, config)
+    return None if plan is None else bytes(plan)
+
+
+def deserialize(plan: bytes, logger=None):
+    """A runtime engine from a plan (only where this TensorRT can run it on this GPU)."""
+    t = trt()
+    runtime = t.Runtime(logger or Logger())
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise TrtnetError("TensorRT could not deserialize the engine: rebuild it with this TensorRT and GPU")
+    return runtime, engine

@@ -1,0 +1,248 @@
+"""Small cuda-python helpers shared by the runtime and the benchmark.
+
+Device and pinned host buffers, streams, events and CUDA graphs over the CUDA runtime API
+(`cuda.bindings.runtime`), written against what cuda-bindings 12.9 and 13.x have in common. Every call
+goes through `check`, so a failure is a `CudaError` naming the CUDA error instead of a tuple to unpack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from trtnet.errors import TrtnetError
+
+
+class CudaError(TrtnetError):
+    """A CUDA runtime call failed; the message names the call's error."""
+
+
+def cudart() -> Any:
+    try:
+        from cuda.bindings import runtime
+    except ImportError as exc:
+        raise TrtnetError("cuda-python is not installed: pip install cuda-python") from exc
+    return runtime
+
+
+def check(result: Any, what: str = "CUDA call") -> Any:
+    """Unpack a cuda-python `(error, *values)` result: the value(s), or CudaError naming the error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise CudaError(f"{what} failed: {getattr(err, 'name', err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why no CUDA GPU can be used here (no cuda-python, no driver, no device), or None if one can."""
+    try:
+        err, count = cudart().cudaGetDeviceCount()
+    except TrtnetError as exc:
+        return str(exc)
+    except Exception as exc:  # cuda-python raises when the driver library itself is missing
+        return f"no NVIDIA driver ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if int(err) != 0:
+        return f"no usable NVIDIA GPU ({getattr(err, 'name', err)})"
+    if count == 0:
+        return "no NVIDIA GPU found"
+    return None
+
+
+def device_properties(device: int | None = None) -> dict:
+    """Name, compute capability and memory of `device` (default: the current one)."""
+    rt = cudart()
+    if device is None:
+        device = check(rt.cudaGetDevice(), "cudaGetDevice")
+    props = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    free, total = check(rt.cudaMemGetInfo(), "cudaMemGetInfo")
+    return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}",
+            "free_bytes": int(free), "total_bytes": int(total)}
+
+
+def _finalizer(owner: Any, release: Callable, handle: Any) -> weakref.finalize:
+    """Release `handle` when `owner` is collected or closed; quietly, as the process may be exiting."""
+
+    def _release(h):
+        with contextlib.suppress(Exception):
+            release(h)
+
+    return weakref.finalize(owner, _release, handle)
+
+
+class DeviceBuffer:
+    """Device memory that grows on demand; `ptr` is the address TensorRT and kernels take."""
+
+    def __init__(self, nbytes: int = 0):
+        self.ptr = 0
+        self.nbytes = 0
+        self._free: weakref.finalize | None = None
+        self.ensure(nbytes)
+
+    def ensure(self, nbytes: int) -> bool:
+        """Make room for `nbytes`; True when the buffer moved (addresses taken before are stale)."""
+        if nbytes <= self.nbytes:
+            return False
+        self.close()
+        rt = cudart()
+        self.ptr = int(check(rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
+        self.nbytes = nbytes
+        self._free = _finalizer(self, rt.cudaFree, self.ptr)
+        return True
+
+    def close(self) -> None:
+        if self._free is not None:
+            self._free()
+        self._free, self.ptr, self.nbytes = None, 0, 0
+
+
+class PinnedBuffer:
+    """Page-locked host memory (fast async copies) that grows on demand, viewed as numpy arrays."""
+
+    def __init__(self, nbytes: int = 0):
+        self.ptr = 0
+        self.nbytes = 0
+        self._free: weakref.finalize | None = None
+        self.ensure(nbytes)
+
+    def ensure(self, nbytes: int) -> bool:
+        if nbytes <= self.nbytes:
+            return False
+        self.close()
+        rt = cudart()
+        self.ptr = int(check(rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes} bytes)"))
+        self.nbytes = nbytes
+        self._free = _finalizer(self, rt.cudaFreeHost, self.ptr)
+        return True
+
+    def view(self, shape: tuple[int, ...], dtype: Any, offset: int = 0) -> np.ndarray:
+        """A numpy array over the buffer (valid until the buffer grows or closes)."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset + count * dtype.itemsize > self.nbytes:
+            raise ValueError(f"view of {count * dtype.itemsize} bytes at {offset} exceeds {self.nbytes}")
+        raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr + offset)
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+    def close(self) -> None:
+        if self._free is not None:
+            self._free()
+        self._free, self.ptr, self.nbytes = None, 0, 0
+
+
+class Stream:
+    """A non-blocking CUDA stream; `handle` is the integer TensorRT and kernel launches take."""
+
+    def __init__(self):
+        rt = cudart()
+        self.raw = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self.handle = int(self.raw)
+        self._destroy = _finalizer(self, rt.cudaStreamDestroy, self.raw)
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.raw), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        self._destroy()
+
+
+class Event:
+    """A CUDA event, for timing (`elapsed_ms`) and ordering work between streams."""
+
+    def __init__(self):
+        rt = cudart()
+        self.raw = check(rt.cudaEventCreate(), "cudaEventCreate")
+        self._destroy = _finalizer(self, rt.cudaEventDestroy, self.raw)
+
+    def record(self, stream: Stream) -> None:
+        check(cudart().cudaEventRecord(self.raw, stream.raw), "cudaEventRecord")
+
+    def synchronize(self) -> None:
+        check(cudart().cudaEventSynchronize(self.raw), "cudaEventSynchronize")
+
+    def elapsed_ms(self, start: Event) -> float:
+        """Milliseconds from `start` to this event (both recorded, this one completed)."""
+        return float(check(cudart().cudaEventElapsedTime(start.raw, self.raw), "cudaEventElapsedTime"))
+
+    def close(self) -> None:
+        self._destroy()
+
+
+def copy_to_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.raw),
+          "cudaMemcpyAsync host→device")
+
+
+def copy_to_host(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.raw),
+          "cudaMemcpyAsync device→host")
+
+
+def copy_on_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.raw),
+          "cudaMemcpyAsync device→device")
+
+
+def upload(array: np.ndarray, dst_ptr: int, stream: Stream, staging: PinnedBuffer) -> None:
+    """Copy `array` into device memory through pinned `staging` (which must outlive the copy)."""
+    array = np.ascontiguousarray(array)
+    staging.ensure(array.nbytes)
+    staging.view(array.shape, array.dtype)[...] = array
+    copy_to_device(dst_ptr, staging.ptr, array.nbytes, stream)
+
+
+class CudaGraph:
+    """Work on a stream captured once and replayed with one launch (fixed shapes and addresses only)."""
+
+    _capture_lock = threading.Lock()
+
+    def __init__(self, graph_exec: Any):
+        rt = cudart()
+        self.raw = graph_exec
+        self._destroy = _finalizer(self, rt.cudaGraphExecDestroy, graph_exec)
+
+    @classmethod
+    def capture(cls, stream: Stream, work: Callable[[], Any]) -> CudaGraph | None:
+        """Capture `work()` on `stream`; None when it cannot be captured (the caller runs it eagerly)."""
+        rt = cudart()
+        # One capture at a time: TensorRT may touch shared state while enqueueing, and a global-mode
+        # capture elsewhere would otherwise invalidate ours.
+        with cls._capture_lock:
+            try:
+                check(rt.cudaStreamBeginCapture(stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+                      "cudaStreamBeginCapture")
+            except CudaError:
+                return None
+            ok = True
+            try:
+                work()
+            except Exception:
+                ok = False
+            err, graph = rt.cudaStreamEndCapture(stream.raw)
+            rt.cudaGetLastError()  # a failed capture leaves its error as the last error; clear it
+            if not ok or int(err) != 0 or graph is None:
+                return None
+            try:
+                exe = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            except CudaError:
+                return None
+            finally:
+                rt.cudaGraphDestroy(graph)
+        return cls(exe)
+
+    def launch(self, stream: Stream) -> None:
+        check(cudart().cudaGraphLaunch(self.raw, stream.raw), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        self._destroy()

@@ -1,0 +1,206 @@
+"""`python -m trtnet.demo`: the quick start — yolov5n.pt → .wts → fp16 engine → boxes on a sample image.
+
+1. `weights/yolov5n.pt`: downloaded from the official YOLOv5 v7.0 release when missing (written
+   atomically, sha256 checked); offline, the message says which file to place where.
+2. `python -m trtnet.gen_wts` → weights/yolov5n.wts + .json (skipped when up to date).
+3. `python -m trtnet.build yolov5n --fp16 --postprocess kernels` (skipped when an engine for this
+   TensorRT is up to date).
+4. Detection on `--source` (default: bus.jpg from ../shared/data/images when present); the annotated
+   image goes to --out. Without an NVIDIA GPU the demo stops after step 3 and says so: the build itself
+   runs anywhere with TensorRT-RTX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from trtnet.cli import parser, run
+from trtnet.errors import TrtnetError
+from trtnet.fileio import atomic_write, sha256_of
+from trtnet.progress import bar
+
+MODEL = "yolov5n"
+DEFAULT_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0/yolov5n.pt"
+# sha256 of that release asset (4,062,133 bytes). The v7.0 release ships the v6.1-generation yolov5n
+# (trained 2022-02-08): the same bytes as ../shared/data/weights/yolov5n.pt (md5 8834111959b40f79…) and
+# the digest several independent projects pin for this URL.
+DEFAULT_SHA256 = "4f180cf23ba0717ada0badd6c685026d73d48f184d00fc159c2641284b2ac0a3"
+URL_ENV = "TRTNET_DEMO_URL"
+SHA256_ENV = "TRTNET_DEMO_SHA256"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGES = (REPO.parent / "shared" / "data" / "images" / "bus.jpg", Path("../shared/data/images/bus.jpg"))
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ download
+
+
+def download(url: str, path: Path, sha256: str | None, timeout: float = 30.0) -> Path:
+    """Fetch `url` to `path` atomically with a progress bar; nothing is left behind unless the
+    sha256 matches (when given)."""
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - the URL is the user's choice
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TrtnetError(offline_message(url, path, sha256, getattr(exc, "reason", exc))) from exc
+    digest = hashlib.sha256()
+    with response, atomic_write(path) as f:
+        total = int(response.headers.get("Content-Length") or 0)
+        with bar(total, path.name, "B") as progress:
+            try:
+                for block in iter(lambda: response.read(1 << 16), b""):
+                    f.write(block)
+                    digest.update(block)
+                    progress.update(len(block))
+            except OSError as exc:
+                raise TrtnetError(offline_message(url, path, sha256, exc)) from exc
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise TrtnetError(
+                f"{url} gave a file with sha256 {digest.hexdigest()}, expected {sha256}: not the official "
+                f"{path.name} (or a broken download); nothing was written. Try again, or place the official "
+                f"file at {path}"
+            )
+    return path
+
+
+def offline_message(url: str, path: Path, sha256: str | None, reason: object) -> str:
+    check = f" (sha256 {sha256})" if sha256 else ""
+    return (f"could not download {url}: {reason}. Offline? Place the official {path.name}{check} at {path} "
+            f"and run the demo again, or point {URL_ENV} / --url at a copy you can reach")
+
+
+def ensure_checkpoint(path: Path, url: str, sha256: str | None) -> Path:
+    """`path` if present and genuine, else downloaded from `url`."""
+    if path.is_file():
+        if sha256 and sha256_of(path) != sha256.lower():
+            raise TrtnetError(f"{path} exists but is not the official file (sha256 differs from {sha256}): "
+                              "delete it to download it again, or pass --sha256 '' to use it anyway")
+        say(f"using {path}")
+        return path
+    say(f"downloading {url} → {path}")
+    return download(url, path, sha256)
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def newer(target: Path, *sources: Path) -> bool:
+    return target.is_file() and all(target.stat().st_mtime >= s.stat().st_mtime for s in sources if s.exists())
+
+
+def ensure_wts(checkpoint: Path, weights_dir: Path) -> Path:
+    from trtnet import gen_wts
+
+    wts = weights_dir / f"{MODEL}.wts"
+    if newer(wts, checkpoint) and newer(wts.with_suffix(".json"), checkpoint):
+        say(f"using {wts}")
+        return wts
+    say(f"converting {checkpoint} → {wts}")
+    if gen_wts.main([str(checkpoint), "-o", str(weights_dir)]) not in (0, None):
+        raise TrtnetError("gen_wts failed (see above)")
+    return wts
+
+
+def engine_is_current(engine: Path, wts: Path) -> bool:
+    """An engine built from the current weights by this TensorRT (another TensorRT's engine is rebuilt)."""
+    from trtnet import compat
+    from trtnet.runtime import check_compatible, load_metadata
+
+    if not newer(engine, wts):
+        return False
+    try:
+        check_compatible(load_metadata(engine), compat.flavour(), None)
+    except TrtnetError:
+        return False
+    return True
+
+
+def ensure_engine(wts: Path, weights_dir: Path) -> Path:
+    from trtnet.build import BuildRequest, PostprocessSettings, build
+
+    engine = weights_dir / f"{MODEL}.fp16.engine"
+    if engine_is_current(engine, wts):
+        say(f"using {engine}")
+        return engine
+    say(f"building {engine} (fp16; a few minutes on a small GPU or CPU)")
+    result = build(BuildRequest(weights=str(wts), precision="fp16", weights_dir=str(weights_dir),
+                                postprocess=PostprocessSettings(mode="kernels")), log=say)
+    say(f"wrote {result.engine} ({result.engine_bytes / 1e6:.1f} MB) in {result.seconds:.0f} s")
+    return result.engine
+
+
+def sample_image(source: str | None) -> Path | None:
+    if source:
+        if not Path(source).is_file():
+            raise TrtnetError(f"--source {source}: no such image")
+        return Path(source)
+    return next((p for p in SAMPLE_IMAGES if p.is_file()), None)
+
+
+def detect_on(engine: Path, image: Path, out: Path) -> Path:
+    import cv2
+
+    from trtnet.api import Detector
+
+    with Detector(engine) as detector:
+        result = detector.detect(image)[0]
+    for name, score, box in zip(result.names, result.scores, result.boxes):
+        say(f"  {name:<12} {score:.2f}  [{', '.join(f'{v:.0f}' for v in box)}]")
+    target = out / image.name
+    out.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(target), result.draw()):
+        raise TrtnetError(f"could not write {target}")
+    return target
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("demo", "Download yolov5n, convert it, build an fp16 engine and detect on a sample image.")
+    p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
+                   help=f"where to fetch yolov5n.pt (${URL_ENV})")
+    p.add_argument("--sha256", default=os.environ.get(SHA256_ENV, DEFAULT_SHA256),
+                   help="expected sha256 of yolov5n.pt ('' to skip the check)")
+    p.add_argument("--source", help="image to detect on (default: ../shared/data/images/bus.jpg if present)")
+    p.add_argument("--out", default="runs/demo", help="folder for the annotated image")
+    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
+    args = p.parse_args(argv)
+    weights_dir = Path(args.weights_dir)
+    image = sample_image(args.source)
+
+    checkpoint = ensure_checkpoint(weights_dir / f"{MODEL}.pt", args.url, args.sha256 or None)
+    wts = ensure_wts(checkpoint, weights_dir)
+    engine = ensure_engine(wts, weights_dir)
+
+    from trtnet.cuda_rt import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason:
+        say(f"engine ready: {engine}. No detection here: {reason}.")
+        say(f"on a machine with an NVIDIA GPU (same TensorRT): python -m trtnet.detect {engine} IMAGE")
+        return 0
+    if image is None:
+        say(f"engine ready: {engine}. No sample image found: pass --source IMAGE, or run "
+            f"python -m trtnet.detect {engine} IMAGE")
+        return 0
+    say(f"detecting on {image}")
+    target = detect_on(engine, image, Path(args.out))
+    say(f"annotated image: {target}")
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,315 @@
+"""`python -m trtnet.detect`: run a YOLOv5 engine on images, folders, globs, videos or a camera.
+
+    python -m trtnet.detect yolov5n bus.jpg zidane.jpg
+    python -m trtnet.detect weights/yolov5s.fp16.engine photos/ clip.mp4 --out runs/detect --conf 0.4
+    python -m trtnet.detect yolov5n 0 --show            # camera 0
+
+Writes annotated images (same file names) and videos (`<stem>.mp4`) plus `detections.json` to --out, and
+prints how many objects of each class were found. Files that cannot be read are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from trtnet.cli import parser, run
+from trtnet.datasets import IMAGE_SUFFIXES
+from trtnet.errors import TrtnetError
+from trtnet.fileio import atomic_write
+from trtnet.progress import bar, track
+
+# The official loader's video suffixes.
+VIDEO_SUFFIXES = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv", "webm")
+GLOB_CHARS = set("*?[")
+
+
+def warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "image" | "video" | "camera"
+    location: str  # a path, or the camera index
+
+    @property
+    def name(self) -> str:
+        return f"camera{self.location}" if self.kind == "camera" else Path(self.location).name
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    return Path(path).suffix.lower().lstrip(".")
+
+
+def kind_of_file(path: str | os.PathLike) -> str | None:
+    suffix = suffix_of(path)
+    return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
+
+
+def expand_sources(arguments: Sequence[str]) -> list[Source]:
+    """Images, videos and cameras named by the arguments, in order; warns about what it leaves out.
+
+    A folder gives its images and videos (sorted, not recursive); a glob pattern the files it matches;
+    a number that is not a file is a camera index. A file with an unknown suffix is tried as an image.
+    """
+    sources: list[Source] = []
+    for argument in arguments:
+        path = Path(argument)
+        if argument.isdigit() and not path.exists():
+            sources.append(Source("camera", argument))
+        elif path.is_dir():
+            sources += _folder(path)
+        elif GLOB_CHARS & set(argument) and not path.exists():
+            matches = sorted(p for p in glob.glob(argument, recursive=True) if os.path.isfile(p))
+            if not matches:
+                warn(f"{argument}: the pattern matches no files")
+            sources += [Source(kind_of_file(p) or "image", p) for p in matches]
+        elif path.is_file():
+            sources.append(Source(kind_of_file(path) or "image", argument))
+        else:
+            warn(f"{argument}: no such file, folder or camera; skipped")
+    return sources
+
+
+def _folder(folder: Path) -> list[Source]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    media = [Source(kind, str(p)) for p in files if (kind := kind_of_file(p))]
+    others = len(files) - len(media)
+    if others:
+        warn(f"{folder}: skipping {others} file(s) that are neither images nor videos")
+    if not media:
+        warn(f"{folder}: no images or videos in it")
+    return media
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_image_or_warn(path: str) -> np.ndarray | None:
+    """The image as BGR uint8, or None with a warning (empty, unreadable, not an image)."""
+    from trtnet.api import load_image
+
+    try:
+        return load_image(path)[0]
+    except TrtnetError as exc:
+        warn(f"skipping {exc}")
+        return None
+
+
+def frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
+    while True:
+        ok, frame = capture.read()
+        if not ok or frame is None:
+            return
+        yield frame
+
+
+def batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+class Outputs:
+    """Where results go: annotated files in `out`, the JSON records, the per-class tally, the window."""
+
+    def __init__(self, out: Path, save: bool, show: bool):
+        self.out = out
+        self.save = save
+        self.show = show
+        self.records: list[dict] = []
+        self.tally: Counter = Counter()
+        self.images = 0
+        self.frames = 0
+        self.skipped = 0
+        self._used_names: set[str] = set()
+        if save:
+            out.mkdir(parents=True, exist_ok=True)
+
+    def unique_path(self, name: str) -> Path:
+        stem, suffix = os.path.splitext(name)
+        candidate, i = name, 1
+        while candidate in self._used_names:
+            candidate, i = f"{stem}_{i}{suffix}", i + 1
+        self._used_names.add(candidate)
+        return self.out / candidate
+
+    def add(self, result, **where) -> None:
+        self.records.append({**result.to_dict(), **where})
+        self.tally.update(result.names)
+
+    def display(self, title: str, image: np.ndarray) -> bool:
+        """Show `image`; False when the user pressed q (or no window can be opened)."""
+        if not self.show:
+            return True
+        try:
+            cv2.imshow(title, image)
+            return cv2.waitKey(1) & 0xFF != ord("q")
+        except cv2.error:
+            warn("--show: this OpenCV has no GUI (opencv-python-headless); showing nothing")
+            self.show = False
+            return True
+
+    def write_json(self) -> Path:
+        import json
+
+        path = self.out / "detections.json"
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(self.records, f, indent=1)
+        return path
+
+    def summary(self, seconds: float) -> str:
+        done = f"{self.images} image(s)" + (f", {self.frames} video frame(s)" if self.frames else "")
+        lines = [f"{done} in {seconds:.1f} s" + (f"; {self.skipped} skipped" if self.skipped else "")]
+        if self.tally:
+            width = max(map(len, self.tally))
+            lines += [f"  {name:<{width}}  {count}" for name, count in self.tally.most_common()]
+        else:
+            lines.append("  no objects found")
+        return "\n".join(lines)
+
+
+def run_images(detector, sources: list[Source], outputs: Outputs, batch: int) -> None:
+    for group in batched(iter(track(sources, "images", unit="img")), batch):
+        loaded = [(s, read_image_or_warn(s.location)) for s in group]
+        outputs.skipped += sum(image is None for _, image in loaded)
+        loaded = [(s, image) for s, image in loaded if image is not None]
+        if not loaded:
+            continue
+        results = detector.detect_loaded([image for _, image in loaded], [s.location for s, _ in loaded])
+        for (source, _), result in zip(loaded, results):
+            outputs.images += 1
+            outputs.add(result)
+            annotated = result.draw()
+            if outputs.save and not cv2.imwrite(str(outputs.unique_path(source.name)), annotated):
+                warn(f"could not write the annotated {source.name} to {outputs.out}")
+            outputs.display("trtnet", annotated)
+
+
+def run_stream(detector, source: Source, outputs: Outputs, batch: int) -> None:
+    """A video file or a camera: frames in batches (1 for a camera), annotated video out."""
+    is_camera = source.kind == "camera"
+    capture = cv2.VideoCapture(int(source.location) if is_camera else source.location)
+    if not capture.isOpened():
+        warn(f"skipping {source.location}: cannot open it as a {'camera' if is_camera else 'video'}")
+        outputs.skipped += 1
+        return
+    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if not is_camera else 0
+    writer = None
+    index = 0
+    try:
+        with bar(total, source.name, "frame", unit_scale=False) as progress:
+            for group in batched(frames(capture), 1 if is_camera else batch):
+                images = [detector_input(frame) for frame in group]
+                for result in detector.detect_loaded(images):
+                    outputs.frames += 1
+                    outputs.add(result, path=source.location, frame=index)
+                    index += 1
+                    annotated = result.draw()
+                    if outputs.save:
+                        writer = writer or _video_writer(outputs.unique_path(Path(source.name).stem + ".mp4"),
+                                                         fps, annotated.shape)
+                        writer.write(annotated)
+                    if not outputs.display(source.name, annotated):
+                        return
+                progress.update(len(group))
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+    if index == 0:
+        warn(f"{source.location}: no frames could be read")
+        outputs.skipped += 1
+
+
+def detector_input(frame: np.ndarray) -> np.ndarray:
+    from trtnet.api import to_bgr
+
+    return to_bgr(frame)
+
+
+def _video_writer(path: Path, fps: float, shape: tuple) -> cv2.VideoWriter:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (shape[1], shape[0]))
+    if not writer.isOpened():
+        raise TrtnetError(f"cannot write video {path}: OpenCV has no mp4v encoder here")
+    return writer
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("detect", "Detect objects with a YOLOv5 engine in images, folders, videos or a camera.")
+    p.add_argument("engine", help="an engine path, or a name in --weights-dir (yolov5n → weights/yolov5n.fp16.engine)")
+    p.add_argument("source", nargs="+", help="image or video files, folders, glob patterns, camera index (0)")
+    p.add_argument("--out", default="runs/detect", help="folder for annotated images/videos and detections.json")
+    p.add_argument("--conf", type=float, default=0.25, help="score threshold")
+    p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=1000, help="detections kept per image")
+    p.add_argument("--agnostic", action="store_true", help="class-agnostic NMS")
+    p.add_argument("--batch", type=int, help="images per engine run (default: the engine's largest batch)")
+    p.add_argument("--show", action="store_true", help="show results in a window (q quits)")
+    p.add_argument("--nosave", action="store_true", help="write only detections.json, no annotated files")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay engine + NMS as CUDA graphs")
+    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
+    args = p.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        p.error("--batch must be at least 1")
+
+    sources = expand_sources(args.source)
+    if not sources:
+        raise TrtnetError("nothing to detect on: none of the sources is a readable file, folder or camera")
+    from trtnet.api import Detector
+
+    start = time.perf_counter()
+    with Detector(args.engine, args.conf, args.iou, args.max_det, agnostic=args.agnostic,
+                  cuda_graphs=args.cuda_graphs, weights_dir=args.weights_dir) as detector:
+        batch = args.batch or detector.max_batch
+        if batch > detector.max_batch:
+            print(f"note: the engine takes at most {detector.max_batch} images per run; --batch {batch} is "
+                  "split into runs of that size", file=sys.stderr)
+        outputs = Outputs(Path(args.out), save=not args.nosave, show=args.show)
+        images = [s for s in sources if s.kind == "image"]
+        if images:
+            run_images(detector, images, outputs, batch)
+        for source in (s for s in sources if s.kind != "image"):
+            run_stream(detector, source, outputs, batch)
+    json_path = outputs.write_json()
+    print(outputs.summary(time.perf_counter() - start))
+    print(f"results: {json_path}" + ("" if args.nosave else f" and annotated files in {outputs.out}/"))
+    if outputs.images + outputs.frames == 0:
+        raise TrtnetError("no image or frame could be read from the sources given")
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,218 @@
+"""`Graph`: a thin builder over an INetworkDefinition that speaks PyTorch.
+
+Weights are looked up by their PyTorch state-dict names and checked against the shapes the
+architecture implies, before TensorRT sees them; tensors are named after the PyTorch modules that
+produce them (`model.4`, `layer2`), so errors, goldens and `trtnet.inspect` all use one vocabulary.
+Precision and TensorRT-version details come from `trtnet.compat`; network modules never ask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from trtnet import compat
+from trtnet.errors import TrtnetError
+
+
+class WeightStore:
+    """Tensors by PyTorch name; every tensor must be used exactly once, with the shape expected."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], source: str = "weights"):
+        self.tensors = tensors
+        self.source = source
+        self.used: set[str] = set()
+
+    def take(self, name: str, shape: Sequence[int]) -> np.ndarray:
+        shape = tuple(int(d) for d in shape)
+        if name not in self.tensors:
+            raise TrtnetError(f"{self.source}: missing tensor {name} (expected shape {list(shape)})")
+        array = np.asarray(self.tensors[name], dtype=np.float32)
+        if array.shape != shape:
+            if array.ndim == 1 and array.size == int(np.prod(shape)):
+                array = array.reshape(shape)  # .wts files carry no shapes
+            else:
+                raise TrtnetError(
+                    f"{self.source}: tensor {name} has shape {list(array.shape)}, the network expects "
+                    f"{list(shape)} — are these weights for this architecture and class count?"
+                )
+        self.used.add(name)
+        return array
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def ensure_all_used(self, ignore: Sequence[str] = ()) -> None:
+        extra = [n for n in self.tensors if n not in self.used and not any(n.endswith(s) for s in ignore)]
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise TrtnetError(f"{self.source}: {len(extra)} tensor(s) not used by the network: {shown}")
+
+
+class ShapeRecorder(WeightStore):
+    """A store that hands out random weights of whatever shape the network asks for, and records
+    the shapes: the expected state-dict layout of an architecture, without a checkpoint."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__({}, "shape recorder")
+        self.shapes: dict[str, tuple] = {}
+        self.rng = np.random.default_rng(seed)
+
+    def take(self, name: str, shape: Sequence[int]) -> np.ndarray:
+        shape = tuple(int(d) for d in shape)
+        self.shapes[name] = shape
+        self.used.add(name)
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        values = self.rng.standard_normal(shape).astype(np.float32) / np.sqrt(fan_in)
+        return np.abs(values) + 0.5 if name.endswith("running_var") else values
+
+    def has(self, name: str) -> bool:
+        return True
+
+
+def fold_batchnorm(w: np.ndarray, bn: Mapping[str, np.ndarray], eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weight and bias with the BatchNorm that follows it folded in (in float64, then float32)."""
+    scale = bn["weight"].astype(np.float64) / np.sqrt(bn["running_var"].astype(np.float64) + eps)
+    weight = w.astype(np.float64) * scale.reshape(-1, 1, 1, 1)
+    bias = bn["bias"].astype(np.float64) - bn["running_mean"].astype(np.float64) * scale
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+class Graph:
+    """Adds layers to `network`; `dtype` is the in-graph compute type (compat.compute_dtype)."""
+
+    def __init__(self, network, weights: WeightStore, dtype: np.dtype, bn_eps: float = 1e-5):
+        self.network = network
+        self.weights = weights
+        self.dtype = np.dtype(dtype)
+        self.bn_eps = bn_eps
+        self.activation = "silu"  # the default activation of conv blocks; a network may change it
+        self.trt = compat.trt()
+        self._keep: list[np.ndarray] = []  # TensorRT may read weight buffers until the build ends
+
+    # -- I/O ---------------------------------------------------------------------------------------
+    def input(self, name: str, shape: Sequence[int]):
+        x = self.network.add_input(name, self.trt.float32, tuple(shape))
+        return self._to_compute(x, f"{name}.cast")
+
+    def output(self, x, name: str) -> None:
+        """Mark `x` as the float32 network output `name` (cast back from the compute type if needed)."""
+        if x.dtype == self.trt.float32:
+            x.name = name
+        else:
+            x.name = f"{name}.{self.dtype.name}"
+            x = self._named(compat.cast(self.network, x, np.float32), f"{name}.cast", tensor=name)
+        self.network.mark_output(x)
+
+    def _to_compute(self, x, name: str):
+        if self.dtype == np.float32:
+            return x
+        return self._named(compat.cast(self.network, x, self.dtype), name)
+
+    # -- weights -----------------------------------------------------------------------------------
+    def const_weights(self, array: np.ndarray):
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        self._keep.append(array)
+        return self.trt.Weights(array)
+
+    def conv_weights(self, prefix: str, c1: int, c2: int, k: int, g: int, bn: str | None):
+        w = self.weights.take(f"{prefix}.weight", (c2, c1 // g, k, k))
+        if bn:
+            stats = {s: self.weights.take(f"{bn}.{s}", (c2,)) for s in _BN_STATS}
+            self._skip_counter(f"{bn}.num_batches_tracked")
+            return fold_batchnorm(w, stats, self.bn_eps)
+        bias_name = f"{prefix}.bias"
+        b = self.weights.take(bias_name, (c2,)) if self.weights.has(bias_name) else np.zeros(c2, np.float32)
+        return w, b
+
+    def _skip_counter(self, name: str) -> None:
+        if self.weights.has(name):
+            self.weights.used.add(name)
+
+    # -- layers ------------------------------------------------------------------------------------
+    def conv(self, x, prefix: str, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1,
+             bn: str | None = None, name: str | None = None):
+        """Conv2d `prefix.weight` (+ its bias, or + the BatchNorm named `bn` folded in)."""
+        c1 = x.shape[1]
+        w, b = self.conv_weights(prefix, c1, c2, k, g, bn)
+        layer = self.network.add_convolution_nd(x, c2, (k, k), self.const_weights(w), self.const_weights(b))
+        layer.stride_nd = (s, s)
+        layer.padding_nd = (k // 2, k // 2) if p is None else (p, p)
+        layer.num_groups = g
+        return self._named(layer, name or prefix)
+
+    def act(self, x, kind: str, name: str):
+        t = self.trt
+        if kind == "silu":
+            sig = self._named(self.network.add_activation(x, t.ActivationType.SIGMOID), f"{name}.sigmoid")
+            return self._named(self.network.add_elementwise(x, sig, t.ElementWiseOperation.PROD), name)
+        if kind == "relu":
+            return self._named(self.network.add_activation(x, t.ActivationType.RELU), name)
+        if kind.startswith("leaky_relu"):
+            layer = self.network.add_activation(x, t.ActivationType.LEAKY_RELU)
+            layer.alpha = float(kind.partition(":")[2] or 0.01)
+            return self._named(layer, name)
+        if kind == "identity":
+            return x
+        raise TrtnetError(f"{name}: unsupported activation {kind!r} (silu, relu, leaky_relu:<slope>)")
+
+    def add(self, a, b, name: str):
+        return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.SUM), name)
+
+    def concat(self, xs: Sequence[Any], name: str, axis: int = 1):
+        layer = self.network.add_concatenation(list(xs))
+        layer.axis = axis
+        return self._named(layer, name)
+
+    def maxpool(self, x, k: int, s: int, p: int, name: str):
+        layer = self.network.add_pooling_nd(x, self.trt.PoolingType.MAX, (k, k))
+        layer.stride_nd = (s, s)
+        layer.padding_nd = (p, p)
+        return self._named(layer, name)
+
+    def upsample(self, x, scale: int, name: str):
+        layer = self.network.add_resize(x)
+        layer.scales = [1.0, 1.0, float(scale), float(scale)]
+        compat.set_nearest_resize(layer)
+        return self._named(layer, name)
+
+    def global_avgpool(self, x, name: str):
+        layer = self.network.add_reduce(x, self.trt.ReduceOperation.AVG, (1 << 2) | (1 << 3), True)
+        return self._named(layer, name)
+
+    def shuffle(self, x, reshape: Sequence[int], name: str, transpose: Sequence[int] | None = None):
+        layer = self.network.add_shuffle(x)
+        layer.reshape_dims = tuple(reshape)
+        if transpose is not None:
+            layer.second_transpose = tuple(transpose)
+        return self._named(layer, name)
+
+    def linear(self, x, prefix: str, c2: int, name: str | None = None):
+        """nn.Linear on [B, C] (or [B, C, 1, 1], flattened first) as a matrix multiply + bias."""
+        c1 = x.shape[1]
+        if len(x.shape) != 2:
+            x = self.shuffle(x, (0, c1), f"{prefix}.flatten")
+        w = self.weights.take(f"{prefix}.weight", (c2, c1))
+        b = self.weights.take(f"{prefix}.bias", (c2,))
+        wt = self._named(self.network.add_constant((c2, c1), self.const_weights(w)), f"{prefix}.weight")
+        bt = self._named(self.network.add_constant((1, c2), self.const_weights(b)), f"{prefix}.bias")
+        y = self._named(compat.matrix_multiply(self.network, x, wt, transpose_b=True), f"{prefix}.matmul")
+        return self._named(self.network.add_elementwise(y, bt, self.trt.ElementWiseOperation.SUM), name or prefix)
+
+    def softmax(self, x, axis: int, name: str):
+        layer = self.network.add_softmax(x)
+        layer.axes = 1 << axis
+        return self._named(layer, name)
+
+    # -- naming ------------------------------------------------------------------------------------
+    @staticmethod
+    def _named(layer, name: str, tensor: str | None = None):
+        layer.name = name
+        out = layer.get_output(0)
+        out.name = tensor or name
+        return out
+
+
+_BN_STATS = ("weight", "bias", "running_mean", "running_var")

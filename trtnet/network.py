@@ -1,0 +1,103 @@
+"""From weights + metadata to a TensorRT network definition (no building here)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trtnet import compat
+from trtnet.errors import TrtnetError
+from trtnet.graph import Graph, WeightStore
+from trtnet.networks import resnet, yolov5
+
+FAMILIES = {"yolov5": yolov5, "resnet": resnet}
+
+# State-dict entries that are not weights of any layer: Detect's anchor buffers (the anchors travel
+# in the metadata) and BatchNorm's step counters.
+NOT_WEIGHTS = (".anchors", ".anchor_grid", ".num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    min: int = 1
+    opt: int = 1
+    max: int = 1
+
+    @property
+    def dynamic(self) -> bool:
+        return self.min != self.max
+
+    @property
+    def dim(self) -> int:
+        return -1 if self.dynamic else self.max
+
+    def check(self) -> BatchProfile:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise TrtnetError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self}")
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.min}..{self.opt}..{self.max}" if self.dynamic else str(self.max)
+
+
+@dataclass
+class DefinedNetwork:
+    network: Any
+    graph: Graph
+    family: str
+    input_name: str
+    input_shape: tuple  # with -1 for a dynamic batch
+    output_names: list
+    meta: dict = field(default_factory=dict)
+
+    def profiles(self, batch: BatchProfile) -> list:
+        if not batch.dynamic:
+            return []
+        c, h, w = self.input_shape[1:]
+        return [(self.input_name, (batch.min, c, h, w), (batch.opt, c, h, w), (batch.max, c, h, w))]
+
+
+def family_of(meta: Mapping) -> str:
+    family = meta.get("family")
+    if family not in FAMILIES:
+        raise TrtnetError(
+            f"unknown model family {family!r} in the weights' metadata: trtnet builds {', '.join(FAMILIES)}"
+        )
+    return family
+
+
+def default_imgsz(meta: Mapping) -> int:
+    return int(meta.get("imgsz") or (224 if meta.get("family") == "resnet" else 640))
+
+
+def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, meta: Mapping, *, precision: str = "fp32",
+                   batch: BatchProfile = BatchProfile(), imgsz: int | tuple[int, int] | None = None,
+                   softmax: bool = False, source: str = "weights") -> DefinedNetwork:
+    """Define the network that `meta` describes with `tensors` in a new INetworkDefinition."""
+    family = family_of(meta)
+    size = imgsz or default_imgsz(meta)
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    network = compat.create_network(builder)
+    store = tensors if isinstance(tensors, WeightStore) else WeightStore(tensors, source)
+    g = Graph(network, store, compat.compute_dtype(precision), bn_eps=float(meta.get("bn_eps", 1e-5)))
+    module = FAMILIES[family]
+    kwargs = {"softmax": softmax} if family == "resnet" else {}
+    module.define(g, dict(meta), batch.check().dim, hw, **kwargs)
+    store.ensure_all_used(ignore=NOT_WEIGHTS)
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    return DefinedNetwork(network, g, family, module.INPUT, (batch.dim, 3, *hw), outputs, dict(meta))
+
+
+def meta_for_arch(arch: str, nc: int | None = None) -> dict:
+    """Metadata for weights that came without trtnet's .json (e.g. written by tensorrtx's gen_wts.py)."""
+    if arch in resnet.ARCHS:
+        return {"family": "resnet", "arch": arch, "num_classes": nc or 1000, "bn_eps": 1e-5, "imgsz": 224}
+    if arch.startswith("yolov5") and len(arch) == 7:
+        cfg = yolov5.v7_yaml(arch[-1], nc or 80)
+        return {"family": "yolov5", "yaml": cfg, "nc": cfg["nc"], "bn_eps": 1e-3, "imgsz": 640,
+                "strides": [8, 16, 32], "anchors": cfg["anchors"], "names": [str(i) for i in range(cfg["nc"])]}
+    known = ", ".join([*(f"yolov5{s}" for s in yolov5.MULTIPLES), *resnet.ARCHS])
+    raise TrtnetError(f"unknown architecture {arch!r}: one of {known}")

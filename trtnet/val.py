@@ -1,0 +1,134 @@
+"""`python -m trtnet.val`: COCO mAP of a detection engine, top-1/top-5 of a classifier, on a dataset.
+
+The loops here know nothing about engines: they take a `predict` callable, so anything that maps images
+to detections (an engine, the PyTorch model, a file of saved results) can be evaluated the same way.
+
+To reproduce the official `val.py` numbers (golden_yolov5n_coco128_val.json: batch 16, 640, conf 0.001,
+NMS IoU 0.6, max_det 300, multi-label NMS) the predictor must letterbox each batch the way the official
+loader does: images resized so the long side is `imgsz` (cv2.INTER_AREA when shrinking, INTER_LINEAR when
+enlarging, sizes truncated with int()), then padded with 114 — not resized again — to the batch's
+`shape` (see `trtnet.datasets.batch_shapes`), pad split evenly as in `letterbox(auto=False)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from trtnet.cli import parser, run
+from trtnet.datasets import (
+    ClassificationDataset,
+    DetectionDataset,
+    batch_shapes,
+    load_classification_dataset,
+    load_detection_dataset,
+)
+from trtnet.errors import TrtnetError
+from trtnet.fileio import atomic_write
+from trtnet.metrics import (
+    ClassificationMetrics,
+    DetectionMetrics,
+    Detections,
+    classification_metrics,
+    detection_metrics,
+)
+
+# (BGR images of one batch, letterbox shape (height, width)) -> per image (boxes xyxy in original-image
+# pixels, scores, classes), after NMS with val.py's settings.
+DetectionPredictor = Callable[[list, tuple], Sequence[Detections]]
+# BGR images of one batch -> class scores [batch, classes].
+ClassificationPredictor = Callable[[list], np.ndarray]
+
+
+def evaluate_detection(
+    dataset: DetectionDataset,
+    predict: DetectionPredictor,
+    imgsz: int = 640,
+    batch: int = 16,
+    stride: int = 32,
+    pad: float = 0.5,
+    rect: bool = True,
+    max_det: int = 300,
+    verbose: bool = False,
+) -> DetectionMetrics:
+    """Run `predict` over the dataset in val.py's batches and score the detections.
+
+    With `rect` (val.py's choice for PyTorch models) batches are grouped by aspect ratio and each has its
+    own letterbox shape; without it every batch is `imgsz` x `imgsz` in file order (val.py's choice for
+    exported engines). A static-shape engine ignores the shape it is given, which costs a little mAP.
+    """
+    if rect:
+        order, shapes = batch_shapes([(s.width, s.height) for s in dataset], imgsz, stride, pad, batch)
+    else:
+        order, shapes = np.arange(len(dataset)), np.full(((len(dataset) + batch - 1) // batch, 2), imgsz)
+    detections: list = [None] * len(dataset)
+    for b, (height, width) in enumerate(tqdm(shapes, desc="val", unit="batch", disable=not verbose)):
+        indices = order[b * batch:(b + 1) * batch]
+        outputs = predict([dataset.read(i) for i in indices], (int(height), int(width)))
+        if len(outputs) != len(indices):
+            raise ValueError(f"predict returned {len(outputs)} results for a batch of {len(indices)} images")
+        for i, output in zip(indices, outputs):
+            detections[i] = output
+    return detection_metrics(dataset.samples, detections, max_det=max_det, verbose=verbose)
+
+
+def evaluate_classification(
+    dataset: ClassificationDataset, predict: ClassificationPredictor, batch: int = 32, verbose: bool = False
+) -> ClassificationMetrics:
+    scores = []
+    for start in tqdm(range(0, len(dataset), batch), desc="val", unit="batch", disable=not verbose):
+        scores.append(np.asarray(predict([dataset.read(i) for i in range(start, min(start + batch, len(dataset)))])))
+    return classification_metrics(np.concatenate(scores), dataset.labels)
+
+
+def engine_predictor(engine: str, task: str, args) -> Callable:
+    """Where the engine runtime plugs in: a predictor for `evaluate_detection` / `evaluate_classification`."""
+    raise TrtnetError(f"cannot run {engine} yet: the engine runtime behind trtnet.val is not written "
+                      "(issue #6, engine half)")
+
+
+def main(argv: Sequence[str] | None = None) -> int | None:
+    p = parser("val", "COCO mAP of a YOLOv5 engine, or top-1/top-5 of a ResNet engine, on a dataset.")
+    p.add_argument("--engine", required=True, help="the TensorRT engine to evaluate")
+    p.add_argument("--data", required=True,
+                   help="detect: YOLO dataset root (images/, labels/) or images folder; "
+                        "classify: folder of images in class sub-folders or named <wnid>_…")
+    p.add_argument("--task", choices=("detect", "classify"), default="detect")
+    p.add_argument("--imgsz", type=int, default=640, help="inference size (long side), detect")
+    p.add_argument("--batch", type=int, default=16, help="images per batch")
+    p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold (val.py's)")
+    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold (val.py's)")
+    p.add_argument("--max-det", type=int, default=300, help="detections kept per image")
+    p.add_argument("--square", action="store_true", help="letterbox every batch to imgsz x imgsz "
+                   "instead of val.py's per-batch rectangles")
+    p.add_argument("--class-index", help="classify: JSON {wnid: index} or imagenet_class_index.json")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--verbose", action="store_true", help="per-class rows, progress, pycocotools output")
+    args = p.parse_args(argv)
+
+    predict = engine_predictor(args.engine, args.task, args)
+    if args.task == "detect":
+        dataset = load_detection_dataset(args.data)
+        metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=not args.square,
+                                     max_det=args.max_det, verbose=args.verbose)
+        print(metrics.to_table(per_class=args.verbose))
+    else:
+        dataset = load_classification_dataset(args.data, args.class_index)
+        metrics = evaluate_classification(dataset, predict, args.batch, verbose=args.verbose)
+        print(metrics.to_table())
+    if args.json:
+        with atomic_write(args.json, "w") as f:
+            f.write(metrics.to_json() + "\n")
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,249 @@
+"""Weights files: tensorrtx's text `.wts` (with trtnet's `.json` beside it) and `.safetensors`.
+
+A `.wts` file is the number of tensors on line 1, then one line per tensor: `name count v1 v2 …`, each
+value a float32's big-endian bytes as 8 lowercase hex digits — what tensorrtx's C++ loaders read
+(`>>` on whitespace, so its own writers' two-space and one-space variants read alike). The sidecar
+`.json` adds what `.wts` cannot hold: tensor shapes and the model metadata the network builders need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trtnet import __version__
+from trtnet.errors import TrtnetError
+from trtnet.fileio import atomic_write, sha256_of
+from trtnet.progress import bar
+
+FORMATS = ("wts", "safetensors")
+SUFFIXES = {"wts": ".wts", "safetensors": ".safetensors"}
+PROGRESS_MIN_VALUES = 2_000_000  # below this a .wts writes in well under a second
+_HEX_VALUE = re.compile(rb"[0-9a-fA-F]{8}")
+
+
+@dataclass
+class Weights:
+    tensors: OrderedDict[str, np.ndarray]  # float32; real shapes when the metadata has them, else 1-D
+    meta: dict  # empty for a .wts without its .json (e.g. one tensorrtx's gen_wts.py wrote)
+    path: Path
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def write_wts(path: str | Path, tensors: Mapping[str, np.ndarray], progress: bool = True) -> Path:
+    """Write tensors (any float dtype; stored as float32) in tensorrtx's .wts format, atomically."""
+    path = Path(path)
+    total = sum(np.size(v) for v in tensors.values())
+    with atomic_write(path, "wb") as f, bar(total, f"writing {path.name}", "float",
+                                             min_total=PROGRESS_MIN_VALUES if progress else math.inf) as shown:
+        f.write(b"%d\n" % len(tensors))
+        for name, value in tensors.items():
+            f.write(wts_line(name, value))
+            shown.update(np.size(value))
+    return path
+
+
+def wts_line(name: str, value: np.ndarray) -> bytes:
+    """`name count hex hex …\\n` with each float32 as 8 hex digits of its big-endian bytes."""
+    if not name or any(c.isspace() for c in name):
+        raise TrtnetError(f"tensor name {name!r} cannot be written to a .wts file (empty or contains whitespace)")
+    flat = np.asarray(value, dtype=">f4").reshape(-1)
+    values = flat.tobytes().hex(" ", 4)  # a space between every 4 bytes: one float per token
+    return f"{name} {flat.size}{' ' if flat.size else ''}{values}\n".encode("ascii")
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], meta: Mapping) -> Path:
+    """Write float32 tensors with `meta` as JSON under the header's `trtnet` key, atomically."""
+    from safetensors.numpy import save
+
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    data = save(arrays, metadata={"trtnet": json.dumps(dict(meta))})
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def weights_meta(meta: Mapping, tensors: Mapping[str, np.ndarray], source: str | Path, fmt: str) -> dict:
+    """The metadata stored beside the tensors: the checkpoint's meta plus shapes and provenance."""
+    source = Path(source)
+    return {
+        **meta,
+        "shapes": {name: list(np.shape(v)) for name, v in tensors.items()},
+        "source": source.name,
+        "source_sha256": sha256_of(source),
+        "trtnet_version": __version__,
+        "format": fmt,
+    }
+
+
+def sidecar_path(wts_path: str | Path) -> Path:
+    return Path(wts_path).with_suffix(".json")
+
+
+def write_sidecar(wts_path: str | Path, meta: Mapping) -> Path:
+    path = sidecar_path(wts_path)
+    with atomic_write(path, "w") as f:
+        json.dump(dict(meta), f, indent=1)
+        f.write("\n")
+    return path
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def load_weights(path: str | Path) -> Weights:
+    """Read a .wts (with its .json when present) or a .safetensors file, validating as it goes."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrtnetError(f"weights file not found: {path}")
+    if path.suffix in (".pt", ".pth"):
+        raise TrtnetError(f"{path} is a PyTorch checkpoint: convert it first with `python -m trtnet.gen_wts {path}`")
+    if path.suffix == ".safetensors":
+        tensors, meta = _read_safetensors(path)
+    else:
+        tensors, meta = read_wts(path), _read_sidecar(path)
+    return Weights(_apply_shapes(tensors, meta.get("shapes"), path), meta, path)
+
+
+def read_wts(path: str | Path) -> OrderedDict[str, np.ndarray]:
+    """The tensors of a .wts file as flat float32 arrays, in file order."""
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise TrtnetError(f"{path} is empty: a .wts file starts with its number of tensors (rewrite it with gen_wts)")
+    expected = _header_count(path, lines[0])
+    body = lines[1:]
+    tensors: OrderedDict[str, np.ndarray] = OrderedDict()
+    for lineno, line in enumerate(body, start=2):
+        name, values = _parse_line(path, lineno, line, is_last=lineno == len(body) + 1)
+        if name in tensors:
+            raise TrtnetError(f"{path}:{lineno}: tensor {name} appears twice")
+        tensors[name] = values
+    if len(tensors) != expected:
+        hint = " — the file is truncated" if len(tensors) < expected else ""
+        raise TrtnetError(f"{path}: line 1 says {expected} tensors but the file has {len(tensors)}{hint}")
+    return tensors
+
+
+def _header_count(path: Path, line: bytes) -> int:
+    try:
+        count = int(line)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise TrtnetError(f"{path}:1: expected the number of tensors, found {line[:40].decode('latin-1')!r}; "
+                          "is this a .wts file?")
+    return count
+
+
+def _parse_line(path: Path, lineno: int, line: bytes, is_last: bool) -> tuple[str, np.ndarray]:
+    parts = line.split(None, 2)
+    where = f"{path}:{lineno}"
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise TrtnetError(f"{where}: expected `name count value…`, found {line[:60].decode('latin-1')!r}")
+    name, count = parts[0].decode("latin-1"), int(parts[1])
+    hexes = parts[2] if len(parts) == 3 else b""
+    try:
+        raw = bytes.fromhex(hexes.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raw = None
+    if raw is None or len(raw) % 4:
+        index, token = _bad_token(hexes)
+        raise TrtnetError(f"{where}: tensor {name} value {index} is {token!r}, not 8 hex digits (a big-endian float32)")
+    values = np.frombuffer(raw, ">f4")
+    if values.size != count:
+        hint = " — the file is truncated" if is_last and values.size < count else ""
+        raise TrtnetError(f"{where}: tensor {name} declares {count} values but has {values.size}{hint}")
+    return name, values.astype(np.float32)
+
+
+def _bad_token(hexes: bytes) -> tuple[int, str]:
+    for index, token in enumerate(hexes.split()):
+        if not _HEX_VALUE.fullmatch(token):
+            return index, token[:20].decode("latin-1")
+    return -1, "?"
+
+
+def _read_sidecar(wts_path: Path) -> dict:
+    path = sidecar_path(wts_path)
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrtnetError(f"{path}: not valid JSON ({exc}); delete it or rewrite both files with gen_wts") from exc
+    if not isinstance(meta, dict):
+        raise TrtnetError(f"{path}: expected a JSON object of weights metadata")
+    return meta
+
+
+def _read_safetensors(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            header = f.metadata() or {}
+            tensors = OrderedDict((k, np.asarray(f.get_tensor(k), dtype=np.float32)) for k in f.keys())  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise TrtnetError(f"cannot read {path}: {exc}") from exc
+    try:
+        meta = json.loads(header["trtnet"]) if "trtnet" in header else {}
+    except ValueError as exc:
+        raise TrtnetError(f"{path}: its trtnet metadata is not valid JSON ({exc})") from exc
+    order = meta.get("shapes") or {}
+    if set(order) == set(tensors):  # safetensors stores tensors sorted; restore state-dict order
+        tensors = OrderedDict((k, tensors[k]) for k in order)
+    return tensors, meta
+
+
+def _apply_shapes(tensors: OrderedDict[str, np.ndarray], shapes: Mapping | None, path: Path) -> OrderedDict:
+    if not shapes:
+        return tensors
+    missing, extra = [k for k in shapes if k not in tensors], [k for k in tensors if k not in shapes]
+    if missing or extra:
+        raise TrtnetError(
+            f"{path} and its metadata disagree: metadata lists {len(shapes)} tensors, the file has {len(tensors)}"
+            f" (missing from the file: {', '.join(missing[:5]) or 'none'}; not in the metadata: "
+            f"{', '.join(extra[:5]) or 'none'}). Rewrite both with gen_wts."
+        )
+    out = OrderedDict()
+    for name, values in tensors.items():
+        shape = tuple(int(d) for d in shapes[name])
+        if math.prod(shape) != values.size:
+            raise TrtnetError(f"{path}: tensor {name} has {values.size} values but its metadata shape is "
+                              f"{list(shape)}; rewrite both files with gen_wts")
+        out[name] = values.reshape(shape)
+    return out
+
+
+# -- finding ---------------------------------------------------------------------------------------
+
+
+def resolve_weights(name_or_path: str | Path, weights_dir: str | Path = "weights") -> Path:
+    """An existing path as is; a bare name (e.g. `yolov5s`) as weights/yolov5s.wts or .safetensors."""
+    given = Path(name_or_path)
+    if given.is_file():
+        return given
+    candidates = [Path(weights_dir) / f"{given.name}{suffix}" for suffix in SUFFIXES.values()]
+    if given.suffix:
+        candidates.insert(0, Path(weights_dir) / given.name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(p) for p in [given, *candidates])
+    raise TrtnetError(
+        f"no weights found for {name_or_path!s} (looked for {looked}); convert a checkpoint first, e.g. "
+        f"`python -m trtnet.gen_wts {given.stem}.pt`"
+    )
