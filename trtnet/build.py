@@ -118,6 +118,8 @@ def build(req: BuildRequest, log=print) -> BuildResult:
     if req.postprocess.mode != "none" and defined.family != "yolov5":
         raise TrtnetError("--postprocess applies to YOLOv5 detectors only")
     _check_postprocess_mode(req.postprocess.mode)
+    if req.postprocess.mode == "plugin":
+        append_plugin_postprocess(defined, meta, req.postprocess)
     options = compat.BuildOptions(
         precision=req.precision, tf32=req.tf32, workspace_gib=req.workspace_gib, target_cc=tuple(req.target_cc),
         timing_cache=cache_path.read_bytes() if cache_path.exists() else b"", profiles=defined.profiles(req.batch),
@@ -150,6 +152,23 @@ def _check_postprocess_mode(mode: str) -> None:
         )
 
 
+def append_plugin_postprocess(defined: DefinedNetwork, meta: dict, settings: PostprocessSettings) -> None:
+    """Decode + NMS inside the engine: the raw heads stop being outputs; `dets` and `counts` are."""
+    from trtnet.plugins.trt_plugins import YoloNMSSettings, add_yolo_nms
+
+    network = defined.network
+    heads = [network.get_output(i) for i in range(network.num_outputs)]
+    nms = YoloNMSSettings(strides=defined.strides, anchors=meta.get("anchors") or meta["yaml"]["anchors"],
+                          nc=meta["yaml"]["nc"], conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
+                          multi_label=settings.multi_label, agnostic=settings.agnostic)
+    dets, counts = add_yolo_nms(network, heads, nms)
+    for head in heads:
+        network.unmark_output(head)
+    network.mark_output(dets)
+    network.mark_output(counts)
+    defined.output_names = ["dets", "counts"]
+
+
 def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weights_path: Path,
                     seconds: float, size: int) -> dict:
     h, w = defined.input_shape[2:]
@@ -174,7 +193,7 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
         out["postprocess"] = asdict(req.postprocess)
         out["nc"] = meta["yaml"]["nc"]
         out["names"] = list(meta.get("names") or range(out["nc"]))
-        out["strides"] = [h // int(defined.network.get_output(i).shape[2]) for i in range(len(defined.output_names))]
+        out["strides"] = defined.strides
         out["anchors"] = meta.get("anchors") or meta["yaml"]["anchors"]
     else:
         out["num_classes"] = int(meta.get("num_classes", 1000))

@@ -196,7 +196,7 @@ def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any
         for name, lo, opt, hi in options.profiles:
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
-    if options.timing_cache is not None and hasattr(config, "create_timing_cache"):
+    if options.timing_cache is not None and not f.is_rtx:  # RTX: timing caches are no-ops
         cache = config.create_timing_cache(options.timing_cache)
         config.set_timing_cache(cache, ignore_mismatch=True)
     if progress_monitor is not None and hasattr(config, "progress_monitor"):
@@ -231,7 +231,7 @@ def progress_monitor_class():
 
 
 def serialized_timing_cache(config) -> bytes | None:
-    if not hasattr(config, "get_timing_cache"):
+    if flavour().is_rtx:
         return None
     cache = config.get_timing_cache()
     return bytes(cache.serialize()) if cache is not None else None

@@ -112,12 +112,12 @@ def ensure_wts(checkpoint: Path, weights_dir: Path) -> Path:
 def engine_is_current(engine: Path, wts: Path) -> bool:
     """An engine built from the current weights by this TensorRT (another TensorRT's engine is rebuilt)."""
     from trtnet import compat
-    from trtnet.runtime import check_compatible, load_metadata
+    from trtnet.runtime import check_tensorrt, load_metadata
 
     if not newer(engine, wts):
         return False
     try:
-        check_compatible(load_metadata(engine), compat.flavour(), None)
+        check_tensorrt(load_metadata(engine), compat.flavour())
     except TrtnetError:
         return False
     return True

@@ -52,6 +52,7 @@ class DefinedNetwork:
     input_shape: tuple  # with -1 for a dynamic batch
     output_names: list
     meta: dict = field(default_factory=dict)
+    strides: list = field(default_factory=list)  # YOLO heads: input size / head size, per level
 
     def profiles(self, batch: BatchProfile) -> list:
         if not batch.dynamic:
@@ -87,8 +88,10 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     kwargs = {"softmax": softmax} if family == "resnet" else {}
     module.define(g, dict(meta), batch.check().dim, hw, **kwargs)
     store.ensure_all_used(ignore=NOT_WEIGHTS)
-    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    return DefinedNetwork(network, g, family, module.INPUT, (batch.dim, 3, *hw), outputs, dict(meta))
+    heads = [network.get_output(i) for i in range(network.num_outputs)]
+    strides = [hw[0] // int(t.shape[2]) for t in heads] if family == "yolov5" else []
+    return DefinedNetwork(network, g, family, module.INPUT, (batch.dim, 3, *hw), [t.name for t in heads],
+                          dict(meta), strides)
 
 
 def meta_for_arch(arch: str, nc: int | None = None) -> dict:

@@ -237,7 +237,7 @@ class _Runner:
         return result if isinstance(result, (list, tuple)) else [result]
 
     def _release(self, layer, uses: dict[str, int], kept: set[str]) -> None:
-        """Drop tensors no later layer reads (a whole network's activations do not fit in memory)."""
+        """Drop tensors no later layer reads: memory holds a few activations, not the whole network."""
         for t in _layer_inputs(layer):
             if t is not None:
                 uses[t.name] -= 1

@@ -85,17 +85,18 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", str(version))[:3])
 
 
-def check_compatible(meta: Mapping, flavour: compat.Flavour, device: Mapping | None) -> None:
-    """Raise a TrtnetError saying how to rebuild when the engine cannot run with `flavour` on `device`."""
+def check_tensorrt(meta: Mapping, flavour: compat.Flavour) -> None:
+    """Raise a TrtnetError saying how to rebuild when the engine was built by another TensorRT."""
     built = meta["tensorrt"]
-    built_with = f"{built.get('flavour')} {built.get('version')}"
     if built.get("flavour") != flavour.name or _release(built.get("version", "")) != _release(flavour.version):
         raise TrtnetError(
-            f"the engine was built with {built_with}; this is {flavour}: engines run only on the TensorRT "
-            f"they were built with. Rebuild it here: {rebuild_hint(meta)}"
+            f"the engine was built with {built.get('flavour')} {built.get('version')}; this is {flavour}: "
+            f"engines run only on the TensorRT they were built with. Rebuild it here: {rebuild_hint(meta)}"
         )
-    if device is None:
-        return
+
+
+def check_device(meta: Mapping, flavour: compat.Flavour, device: Mapping) -> None:
+    """Raise a TrtnetError saying what to do when the engine does not fit this GPU."""
     cc = device.get("compute_capability")
     if flavour.is_rtx:
         targets = list(meta.get("target_cc") or [])
@@ -104,13 +105,14 @@ def check_compatible(meta: Mapping, flavour: compat.Flavour, device: Mapping | N
                 f"the engine was built for compute capabilities {', '.join(targets)}; this GPU "
                 f"({device.get('name')}) is {cc}. Rebuild with --target-cc {cc} (or without --target-cc)"
             )
-        return
-    built_on = meta.get("device") or {}
-    if built_on.get("compute_capability") and built_on["compute_capability"] != cc:
-        raise TrtnetError(
-            f"the engine was built on {built_on.get('name')} (compute capability {built_on['compute_capability']}); "
-            f"this GPU is {device.get('name')} ({cc}). Rebuild it on this GPU: {rebuild_hint(meta)}"
-        )
+    else:
+        built_on = meta.get("device") or {}
+        if built_on.get("compute_capability") and built_on["compute_capability"] != cc:
+            raise TrtnetError(
+                f"the engine was built on {built_on.get('name')} (compute capability "
+                f"{built_on['compute_capability']}); this GPU is {device.get('name')} ({cc}). "
+                f"Rebuild it on this GPU: {rebuild_hint(meta)}"
+            )
     needed = int(meta.get("engine_bytes") or 0)
     free = device.get("free_bytes")
     if free is not None and needed > free:
@@ -179,9 +181,10 @@ class Engine:
     def __init__(self, engine: str | Path, *, weights_dir: str | Path = "weights", cuda_graphs: bool = False):
         self.path = resolve_engine(engine, weights_dir)
         self.meta = load_metadata(self.path)
+        check_tensorrt(self.meta, compat.flavour())
         require_gpu(self.path.name)
         self.device = cuda_rt.device_properties()
-        check_compatible(self.meta, compat.flavour(), self.device)
+        check_device(self.meta, compat.flavour(), self.device)
         if (self.meta.get("postprocess") or {}).get("mode") == "plugin":
             _register_yolo_plugin()
         self._runtime, self.trt_engine = compat.deserialize(self.path.read_bytes())

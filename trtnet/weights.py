@@ -160,7 +160,9 @@ def _parse_line(path: Path, lineno: int, line: bytes, is_last: bool) -> tuple[st
     except (ValueError, UnicodeDecodeError):
         raw = None
     if raw is None or len(raw) % 4:
-        index, token = _bad_token(hexes)
+        index, token, cut_off = _bad_token(hexes)
+        if is_last and cut_off:
+            raise TrtnetError(f"{where}: tensor {name} ends inside value {index} of {count} — the file is truncated")
         raise TrtnetError(f"{where}: tensor {name} value {index} is {token!r}, not 8 hex digits (a big-endian float32)")
     values = np.frombuffer(raw, ">f4")
     if values.size != count:
@@ -169,11 +171,14 @@ def _parse_line(path: Path, lineno: int, line: bytes, is_last: bool) -> tuple[st
     return name, values.astype(np.float32)
 
 
-def _bad_token(hexes: bytes) -> tuple[int, str]:
-    for index, token in enumerate(hexes.split()):
+def _bad_token(hexes: bytes) -> tuple[int, str, bool]:
+    """The first token that is not 8 hex digits, and whether it is a last value cut short."""
+    tokens = hexes.split()
+    for index, token in enumerate(tokens):
         if not _HEX_VALUE.fullmatch(token):
-            return index, token[:20].decode("latin-1")
-    return -1, "?"
+            cut_off = index == len(tokens) - 1 and len(token) < 8 and _HEX_VALUE.fullmatch(token.ljust(8, b"0"))
+            return index, token[:20].decode("latin-1"), bool(cut_off)
+    return -1, "?", False
 
 
 def _read_sidecar(wts_path: Path) -> dict:

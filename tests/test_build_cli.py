@@ -1,0 +1,143 @@
+"""`python -m trtnet.build` end to end with TensorRT-RTX, and its bad inputs: clear error, exit != 0, no engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import requires_tensorrt, shared
+from trtnet import build as build_cmd
+from trtnet import gen_wts
+
+pytestmark = requires_tensorrt
+
+
+@pytest.fixture(scope="module")
+def yolov5n_weights(tmp_path_factory):
+    out = tmp_path_factory.mktemp("weights")
+    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture()
+def weights_dir(tmp_path, yolov5n_weights):
+    for f in yolov5n_weights.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+def engines(directory):
+    return sorted(p.name for p in directory.rglob("*.engine"))
+
+
+def run_build(capsys, *args):
+    code = build_cmd.cli(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_build_writes_engine_and_metadata(weights_dir, capsys):
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320",
+                          "--fp16", "--min-batch", "1", "--opt-batch", "2", "--max-batch", "4")
+    assert code == 0, err
+    engine = weights_dir / "yolov5n.fp16.engine"
+    meta = json.loads((weights_dir / "yolov5n.fp16.json").read_text())
+    assert engine.stat().st_size == meta["engine_bytes"] > 1_000_000
+    assert meta["family"] == "yolov5" and meta["precision"] == "fp16" and meta["imgsz"] == [320, 320]
+    assert meta["batch"] == {"min": 1, "opt": 2, "max": 4}
+    assert meta["strides"] == [8, 16, 32] and meta["nc"] == 80 and meta["names"][0] == "person"
+    assert meta["outputs"] == ["raw_0", "raw_1", "raw_2"]
+    assert meta["postprocess"]["mode"] == "none"
+    assert meta["tensorrt"]["flavour"] in ("tensorrt", "tensorrt-rtx")
+
+
+def test_wrong_json_for_wts(weights_dir, capsys):
+    """The .json of another model (here: ResNet-18's) beside yolov5n.wts."""
+    meta = {"family": "resnet", "arch": "resnet18", "num_classes": 1000}
+    (weights_dir / "yolov5n.json").write_text(json.dumps(meta))
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320")
+    assert code != 0
+    assert "error:" in err and ("missing tensor conv1.weight" in err or "does not" in err), err
+    assert engines(weights_dir) == []
+
+
+def test_missing_tensor(weights_dir, capsys):
+    meta = json.loads((weights_dir / "yolov5n.json").read_text())
+    lines = (weights_dir / "yolov5n.wts").read_text().splitlines()
+    kept = [ln for ln in lines[1:] if not ln.startswith("model.4.cv1.conv.weight ")]
+    (weights_dir / "yolov5n.wts").write_text(f"{len(kept)}\n" + "\n".join(kept) + "\n")
+    meta.get("shapes", {}).pop("model.4.cv1.conv.weight", None)
+    (weights_dir / "yolov5n.json").write_text(json.dumps(meta))
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320")
+    assert code != 0 and "model.4.cv1.conv.weight" in err and "missing" in err, err
+    assert engines(weights_dir) == []
+
+
+def test_class_count_mismatch(weights_dir, capsys):
+    meta = json.loads((weights_dir / "yolov5n.json").read_text())
+    meta["yaml"]["nc"] = 3
+    meta["nc"] = 3
+    meta["names"] = ["a", "b", "c"]
+    (weights_dir / "yolov5n.json").write_text(json.dumps(meta))
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320")
+    # Detect's convs then expect 3 anchors * (3 + 5) = 24 output channels; the weights have 255.
+    assert code != 0 and "model.24.m.0.weight" in err and "[24, 64, 1, 1]" in err and "[255, 64, 1, 1]" in err, err
+    assert engines(weights_dir) == []
+
+
+def test_names_disagree_with_nc(weights_dir, capsys):
+    meta = json.loads((weights_dir / "yolov5n.json").read_text())
+    meta["names"] = meta["names"][:10]
+    (weights_dir / "yolov5n.json").write_text(json.dumps(meta))
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320")
+    assert code != 0 and "class count mismatch" in err, err
+
+
+def test_unknown_architecture(weights_dir, capsys):
+    code, err = run_build(capsys, str(weights_dir / "yolov5n.wts"), "--arch", "yolov9q")
+    assert code != 0 and "unknown architecture 'yolov9q'" in err, err
+    assert engines(weights_dir) == []
+
+
+def test_unknown_weights_name(tmp_path, capsys):
+    code, err = run_build(capsys, "yolov5q", "--weights-dir", str(tmp_path))
+    assert code != 0 and "yolov5q" in err and "gen_wts" in err, err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only folders")
+def test_unwritable_output_dir_as_user(weights_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "-o", str(locked / "x.engine"))
+    assert code != 0 and "cannot write" in err, err
+
+
+def test_unwritable_output_dir(weights_dir, tmp_path, capsys):
+    """An output 'folder' that is a file cannot be created, whoever runs the test."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320",
+                          "-o", str(blocker / "yolov5n.engine"))
+    assert code != 0 and "cannot write" in err, err
+    assert engines(tmp_path) == []
+
+
+def test_postprocess_plugin_refused_where_unsupported(weights_dir, capsys):
+    from trtnet import compat
+
+    if compat.flavour().python_plugins:
+        pytest.skip(f"{compat.flavour()} hosts Python plugins")
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320",
+                          "--postprocess", "plugin")
+    assert code != 0 and "--postprocess kernels" in err, err
+    assert engines(weights_dir) == []
+
+
+def test_resnet_rejects_postprocess(tmp_path, capsys):
+    assert gen_wts.cli([str(shared("weights", "synthetic", "resnet18_syn.pth")), "-o", str(tmp_path)]) == 0
+    code, err = run_build(capsys, "resnet18_syn", "--weights-dir", str(tmp_path), "--postprocess", "kernels")
+    assert code != 0 and "YOLOv5 detectors only" in err, err
+    assert engines(tmp_path) == []

@@ -1,0 +1,361 @@
+"""Runtime, API and detect CLI without a GPU: everything around the engine, with fake engine outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import shared
+from trtnet import compat, detect
+from trtnet.api import Classification, Detections, Detector, detections_from_rows, load_image, softmax, to_bgr, top_k
+from trtnet.errors import TrtnetError
+from trtnet.runtime import (
+    check_device,
+    check_tensorrt,
+    load_metadata,
+    resolve_engine,
+    split_batch,
+)
+
+RTX = compat.Flavour("tensorrt-rtx", "1.7.1.116", 1)
+TRT85 = compat.Flavour("tensorrt", "8.5.3.1", 8)
+H200 = {"name": "NVIDIA H200", "compute_capability": "9.0", "free_bytes": 100 << 30}
+
+
+def sidecar(**changes) -> dict:
+    meta = {
+        "family": "yolov5", "weights": "yolov5n.wts", "precision": "fp16", "imgsz": [640, 640],
+        "batch": {"min": 1, "opt": 1, "max": 4}, "input": {"name": "images", "dtype": "float32"},
+        "outputs": ["raw_0", "raw_1", "raw_2"], "tensorrt": {"flavour": "tensorrt", "version": "8.5.3.1"},
+        "device": {"name": "NVIDIA H200", "compute_capability": "9.0"}, "engine_bytes": 5_000_000,
+        "target_cc": [], "names": ["person", "bicycle", "car"], "nc": 3,
+    }
+    meta.update(changes)
+    return meta
+
+
+def fake_engine(folder: Path, name: str = "yolov5n.fp16", **changes) -> Path:
+    engine = folder / f"{name}.engine"
+    engine.write_bytes(b"not a real plan")
+    engine.with_suffix(".json").write_text(json.dumps(sidecar(**changes)))
+    return engine
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+@pytest.mark.parametrize(("count", "smallest", "largest", "expected"), [
+    (10, 1, 4, [(0, 4, 4), (4, 4, 4), (8, 2, 2)]),  # above the profile: split
+    (3, 1, 8, [(0, 3, 3)]),
+    (1, 2, 8, [(0, 1, 2)]),  # below the minimum: padded
+    (9, 4, 4, [(0, 4, 4), (4, 4, 4), (8, 1, 4)]),  # static batch 4
+    (0, 1, 8, []),
+])
+def test_split_batch(count, smallest, largest, expected):
+    assert split_batch(count, smallest, largest) == expected
+
+
+# ------------------------------------------------------------------------------------------ engines and metadata
+
+
+def test_engine_name_prefers_fp16_then_fp32(tmp_path):
+    (tmp_path / "yolov5n.fp32.engine").write_bytes(b"x")
+    assert resolve_engine("yolov5n", tmp_path) == tmp_path / "yolov5n.fp32.engine"
+    (tmp_path / "yolov5n.fp16.engine").write_bytes(b"x")
+    assert resolve_engine("yolov5n", tmp_path) == tmp_path / "yolov5n.fp16.engine"
+
+
+def test_missing_engine_says_how_to_build(tmp_path):
+    with pytest.raises(TrtnetError, match=r"python -m trtnet.build yolov5s --fp16"):
+        resolve_engine("yolov5s", tmp_path)
+    with pytest.raises(TrtnetError, match="no such engine"):
+        resolve_engine(tmp_path / "nope.engine")
+
+
+def test_metadata_missing_or_broken(tmp_path):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"x")
+    with pytest.raises(TrtnetError, match="m.json is missing"):
+        load_metadata(engine)
+    engine.with_suffix(".json").write_text("{not json")
+    with pytest.raises(TrtnetError, match="cannot read"):
+        load_metadata(engine)
+    engine.with_suffix(".json").write_text(json.dumps({"family": "yolov5"}))
+    with pytest.raises(TrtnetError, match="lacks imgsz"):
+        load_metadata(engine)
+
+
+def test_other_tensorrt_version_or_flavour_is_refused():
+    check_tensorrt(sidecar(), TRT85)
+    with pytest.raises(TrtnetError, match=r"built with tensorrt 8\.5\.3\.1; this is tensorrt-rtx 1\.7.*Rebuild it here: "
+                                          r"python -m trtnet\.build yolov5n --fp16"):
+        check_tensorrt(sidecar(), RTX)
+    with pytest.raises(TrtnetError, match="built with tensorrt 8.6.1"):
+        check_tensorrt(sidecar(tensorrt={"flavour": "tensorrt", "version": "8.6.1"}), TRT85)
+
+
+def test_engine_for_another_gpu_is_refused():
+    check_device(sidecar(), TRT85, H200)
+    h100 = {**H200, "name": "NVIDIA H100", "compute_capability": "9.0"}
+    check_device(sidecar(), TRT85, h100)  # same compute capability: TensorRT runs it
+    a100 = {**H200, "name": "NVIDIA A100", "compute_capability": "8.0"}
+    with pytest.raises(TrtnetError, match=r"built on NVIDIA H200 \(compute capability 9\.0\).*A100 \(8\.0\)"):
+        check_device(sidecar(), TRT85, a100)
+    with pytest.raises(TrtnetError, match="--target-cc 8.0"):
+        check_device(sidecar(target_cc=["8.6", "8.9"]), RTX, a100)
+    with pytest.raises(TrtnetError, match="MB free"):
+        check_device(sidecar(), TRT85, {**H200, "free_bytes": 1_000_000})
+
+
+def test_engine_from_another_tensorrt_fails_before_touching_the_gpu(tmp_path):
+    from trtnet.runtime import Engine
+
+    other = "8.5.3.1" if compat.flavour().name != "tensorrt" else "7.2.3"
+    engine = fake_engine(tmp_path, tensorrt={"flavour": "tensorrt", "version": other})
+    with pytest.raises(TrtnetError, match=f"built with tensorrt {other}.*Rebuild"):
+        Engine(engine)
+
+
+def test_detect_cli_reports_a_foreign_engine_and_exits_2(tmp_path, capsys):
+    engine = fake_engine(tmp_path, tensorrt={"flavour": "tensorrt", "version": "7.2.3"})
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    assert detect.cli([str(engine), str(image), "--out", str(tmp_path / "out")]) == 2
+    assert "error: the engine was built with tensorrt 7.2.3" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def test_to_bgr_converts_gray_bgra_and_16_bit():
+    gray = np.array([[0, 128], [255, 7]], np.uint8)
+    assert to_bgr(gray).shape == (2, 2, 3) and (to_bgr(gray)[..., 1] == gray).all()
+    assert to_bgr(gray[..., None]).shape == (2, 2, 3)
+    bgra = np.zeros((3, 4, 4), np.uint8)
+    bgra[..., 0], bgra[..., 2], bgra[..., 3] = 10, 200, 99
+    out = to_bgr(bgra)
+    assert out.shape == (3, 4, 3) and (out[..., 0] == 10).all() and (out[..., 2] == 200).all()
+    assert to_bgr(np.full((2, 2, 3), 65535, np.uint16)).max() == 255
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (np.zeros((0, 5, 3), np.uint8), "empty"),
+    (np.zeros((4, 4, 3), np.float32), "dtype float32"),
+    (np.zeros((4, 4, 5), np.uint8), "HxWx4"),
+])
+def test_to_bgr_refuses_what_it_cannot_convert(image, message):
+    with pytest.raises(TrtnetError, match=message):
+        to_bgr(image)
+
+
+def test_load_image_png_variants(tmp_path):
+    gray, rgba, tiny = tmp_path / "gray.png", tmp_path / "rgba.png", tmp_path / "tiny.png"
+    cv2.imwrite(str(gray), np.full((5, 7), 90, np.uint8))
+    bgra = np.zeros((5, 7, 4), np.uint8)
+    bgra[..., 1], bgra[..., 3] = 250, 128
+    cv2.imwrite(str(rgba), bgra)
+    cv2.imwrite(str(tiny), np.full((1, 1, 3), 3, np.uint8))
+    assert load_image(gray)[0].shape == (5, 7, 3) and (load_image(gray)[0] == 90).all()
+    image, path = load_image(rgba)
+    assert image.shape == (5, 7, 3) and (image[..., 1] == 250).all() and (image[..., 0] == 0).all()
+    assert path == str(rgba)
+    assert load_image(tiny)[0].shape == (1, 1, 3)
+
+
+def test_load_image_names_unreadable_files(tmp_path):
+    empty, text = tmp_path / "empty.jpg", tmp_path / "notes.jpg"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    for path in (empty, text):
+        with pytest.raises(TrtnetError, match=f"{path.name}: not an image"):
+            load_image(path)
+    with pytest.raises(TrtnetError, match="no such image"):
+        load_image(tmp_path / "missing.jpg")
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def test_expand_sources(tmp_path, capsys):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for name in ("b.jpg", "a.PNG", "clip.mp4", "readme.txt"):
+        (folder / name).write_bytes(b"x")
+    odd = tmp_path / "photo.unknown"
+    odd.write_bytes(b"x")
+    sources = detect.expand_sources([str(folder), str(tmp_path / "media" / "*.jpg"), "0", str(odd),
+                                     str(tmp_path / "missing.jpg")])
+    kinds = [(s.kind, Path(s.location).name) for s in sources]
+    assert kinds == [("image", "a.PNG"), ("image", "b.jpg"), ("video", "clip.mp4"), ("image", "b.jpg"),
+                     ("camera", "0"), ("image", "photo.unknown")]
+    err = capsys.readouterr().err
+    assert "skipping 1 file(s) that are neither images nor videos" in err
+    assert "missing.jpg: no such file" in err
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def official_scale_boxes(boxes, input_hw, image_hw):
+    """ultralytics/yolov5 v7.0 utils.general.scale_boxes + clip_boxes, written out for the test."""
+    gain = min(input_hw[0] / image_hw[0], input_hw[1] / image_hw[1])
+    pad_x, pad_y = (input_hw[1] - image_hw[1] * gain) / 2, (input_hw[0] - image_hw[0] * gain) / 2
+    out = np.array(boxes, dtype=np.float64)
+    out[:, [0, 2]] = ((out[:, [0, 2]] - pad_x) / gain).clip(0, image_hw[1])
+    out[:, [1, 3]] = ((out[:, [1, 3]] - pad_y) / gain).clip(0, image_hw[0])
+    return out
+
+
+def test_boxes_map_back_to_the_original_image():
+    image = np.zeros((1080, 810, 3), np.uint8)  # bus.jpg's size; at 320 the letterbox pads 40 px left/right
+    rows = np.array([[40, 0, 280, 320, 0.9, 5], [100, 50, 200, 150, 0.5, 0], [10, -5, 300, 330, 0.3, 2]],
+                    np.float32)
+    result = detections_from_rows(rows, (320, 320), image, ["person", "bicycle", "car"])
+    np.testing.assert_allclose(result.boxes[0], [0, 0, 810, 1080], atol=1e-3)
+    np.testing.assert_allclose(result.boxes[1], [202.5, 168.75, 540, 506.25], atol=1e-3)
+    np.testing.assert_allclose(result.boxes[2], [0, 0, 810, 1080], atol=1e-3)  # clipped to the image
+    assert result.names == ["5", "person", "car"] and result.classes.tolist() == [5, 0, 2]
+    np.testing.assert_allclose(result.scores, [0.9, 0.5, 0.3])
+
+
+def test_official_nms_rows_on_bus_map_like_scale_boxes():
+    golden = np.load(shared("golden", "golden_yolov5n_bus320.npz"))
+    image = cv2.imread(str(shared("images", "bus.jpg")))
+    rows = golden["det"]
+    result = detections_from_rows(rows, (320, 320), image, [str(i) for i in range(80)])
+    np.testing.assert_allclose(result.boxes, official_scale_boxes(rows[:, :4], (320, 320), image.shape[:2]),
+                               rtol=1e-5, atol=1e-3)
+    assert len(result) == len(rows)
+
+
+def test_draw_and_json(tmp_path):
+    image = np.full((60, 80, 3), 50, np.uint8)
+    result = detections_from_rows(np.array([[10, 10, 40, 30, 0.87, 1]], np.float32), (60, 80), image,
+                                  ["person", "bicycle"], path="x.jpg")
+    drawn = result.draw()
+    assert drawn.shape == image.shape and (image == 50).all()  # a copy: the original is untouched
+    assert (drawn != 50).any(axis=2)[10, 10:40].all()  # the top edge of the box is drawn
+    record = json.loads(result.to_json())
+    assert record == {"path": "x.jpg", "shape": [60, 80], "detections": [
+        {"xyxy": [10.0, 10.0, 40.0, 30.0], "conf": 0.87, "cls": 1, "name": "bicycle"}]}
+    empty = detections_from_rows(np.zeros((0, 6), np.float32), (60, 80), image, ["person"])
+    assert len(empty) == 0 and (empty.draw() == image).all()
+
+
+def test_classification_top_k():
+    probs = softmax(np.array([1.0, 3.0, 2.0, -1.0]))
+    assert probs.sum() == pytest.approx(1.0)
+    classes, scores = top_k(probs, 2)
+    assert classes.tolist() == [1, 2] and scores[0] > scores[1]
+    result = Classification(classes, scores, ["tench", "goldfish", "shark"])
+    assert result.names == ["goldfish", "shark"]
+    assert json.loads(result.to_json())["top"][0]["name"] == "goldfish"
+
+
+# ------------------------------------------------------------------------------------------ detector with a fake engine
+
+
+class FakeEngine:
+    imgsz = (320, 320)
+    max_batch = 2
+
+    def close(self):
+        pass
+
+
+class FakePipeline:
+    """Stands in for the GPU: one detection covering each image's letterboxed area, class = call order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, images):
+        self.calls.append(len(images))
+        rows = []
+        for image in images:
+            h, w = image.shape[:2]
+            r = min(320 / h, 320 / w)
+            pw, ph = (320 - w * r) / 2, (320 - h * r) / 2
+            rows.append(np.array([[pw, ph, 320 - pw, 320 - ph, 0.75, len(rows)]], np.float32))
+        return rows
+
+
+def fake_detector() -> Detector:
+    detector = Detector.__new__(Detector)
+    detector.engine, detector.pipeline, detector.names = FakeEngine(), FakePipeline(), ["person", "bicycle", "car"]
+    return detector
+
+
+def test_detector_accepts_paths_arrays_and_lists(tmp_path):
+    path = tmp_path / "wide.png"
+    cv2.imwrite(str(path), np.zeros((100, 300), np.uint8))  # grayscale file
+    detector = fake_detector()
+    results = detector.detect([path, np.zeros((50, 40, 4), np.uint8)])
+    assert [r.shape for r in results] == [(100, 300), (50, 40)]
+    np.testing.assert_allclose(results[0].boxes[0], [0, 0, 300, 100], atol=0.05)
+    np.testing.assert_allclose(results[1].boxes[0], [0, 0, 40, 50], atol=0.05)
+    assert results[0].path == str(path) and results[1].path is None
+    assert len(detector.detect(np.zeros((8, 8, 3), np.uint8))) == 1
+
+
+def test_detect_cli_images_skip_unreadable_and_write_outputs(tmp_path, capsys):
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    cv2.imwrite(str(good), np.full((40, 60, 3), 200, np.uint8))
+    bad.write_text("garbage")
+    outputs = detect.Outputs(tmp_path / "out", save=True, show=False)
+    sources = detect.expand_sources([str(good), str(bad), str(good)])
+    detect.run_images(fake_detector(), sources, outputs, batch=2)
+    json_path = outputs.write_json()
+    records = json.loads(json_path.read_text())
+    assert [Path(r["path"]).name for r in records] == ["good.jpg", "good.jpg"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == ["good.jpg", "good_1.jpg"]
+    assert "skipping" in capsys.readouterr().err and outputs.skipped == 1
+    assert "person  2" in outputs.summary(1.0) and "car" not in outputs.summary(1.0)
+
+
+def test_detect_cli_video(tmp_path):
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write mp4v video")
+    for i in range(5):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    outputs = detect.Outputs(tmp_path / "out", save=True, show=False)
+    detect.run_stream(fake_detector(), detect.Source("video", str(video)), outputs, batch=2)
+    assert [r["frame"] for r in outputs.records] == [0, 1, 2, 3, 4]
+    assert outputs.frames == 5
+    capture = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+
+
+def test_detect_cli_unopenable_video_is_skipped(tmp_path, capsys):
+    video = tmp_path / "broken.mp4"
+    video.write_bytes(b"\x00" * 100)
+    outputs = detect.Outputs(tmp_path / "out", save=True, show=False)
+    detect.run_stream(fake_detector(), detect.Source("video", str(video)), outputs, batch=2)
+    assert outputs.skipped == 1 and not outputs.records
+    assert "broken.mp4" in capsys.readouterr().err
+
+
+def test_detect_cli_nothing_to_do(tmp_path, capsys):
+    assert detect.cli(["yolov5n", str(tmp_path / "nothing.jpg")]) == 2
+    assert "error: nothing to detect on" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ --help
+
+
+@pytest.mark.parametrize("command", ["detect", "demo", "bench"])
+def test_every_command_has_help(command, capsys):
+    import importlib
+
+    module = importlib.import_module(f"trtnet.{command}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert f"python -m trtnet.{command}" in capsys.readouterr().out
