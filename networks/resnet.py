@@ -76,7 +76,3 @@ def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int], softmax: bo
         g.output(probs, "probs")
         outputs.append(probs)
     return outputs
-
-
-def output_names(meta: dict, softmax: bool = False) -> list[str]:
-    return ["logits", "probs"] if softmax else ["logits"]

@@ -102,7 +102,7 @@ def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int]) -> list:
     na = len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
     no = na * (nc + 5)
     g.activation = activation_of(cfg.get("activation"))
-    _check_input_size(imgsz, cfg)
+    _check_input_size(imgsz, max(meta.get("strides") or [32]))
     _check_classes(meta, nc)
 
     outputs: list[Any] = []
@@ -169,8 +169,7 @@ def activation_of(spec: str | None) -> str:
     raise TrtnetError(f"unsupported activation {spec!r} in the model yaml (SiLU, ReLU, LeakyReLU)")
 
 
-def _check_input_size(imgsz: tuple[int, int], cfg: dict) -> None:
-    stride = 64 if len(cfg["anchors"]) > 3 else 32
+def _check_input_size(imgsz: tuple[int, int], stride: int) -> None:
     if any(s % stride for s in imgsz):
         raise TrtnetError(f"input size {imgsz[0]}x{imgsz[1]} must be a multiple of the model's stride {stride}")
 
@@ -182,10 +181,6 @@ def _check_classes(meta: dict, nc: int) -> None:
             f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} with "
             f"{len(names or [])} names — the .json does not belong to these weights"
         )
-
-
-def output_names(meta: dict) -> list[str]:
-    return [f"raw_{i}" for i in range(len(meta["yaml"]["anchors"]))]
 
 
 # ultralytics/yolov5 v7.0 models/yolov5{n,s,m,l,x}.yaml: the layout shared by the P5 models, for .wts

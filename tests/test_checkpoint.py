@@ -6,8 +6,10 @@ never from trtnet itself; tensor-by-tensor equality with torch is checked in tes
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
+import pathlib
 import pickle
 import sys
 import types
@@ -46,7 +48,10 @@ def test_yolov5_meta(parts):
     assert meta["imgsz"] == imgsz
     assert meta["yaml"]["nc"] == 80 and meta["yaml"]["anchors"] == anchors
     assert all(v.dtype == np.float32 for v in ckpt.state_dict.values())
-    assert ckpt.state_dict["model.0.conv.weight"].shape[1:] == ((12, 3, 3) if generation == "v5.0-focus" else (3, 6, 6))
+    if generation == "v5.0-focus":  # Focus: space-to-depth (3 → 12 channels), then its Conv `conv`
+        assert ckpt.state_dict["model.0.conv.conv.weight"].shape[1:] == (12, 3, 3)
+    else:  # v6+: a plain 6x6 stride-2 Conv stem
+        assert ckpt.state_dict["model.0.conv.weight"].shape[1:] == (3, 6, 6)
 
 
 @pytest.mark.parametrize("name, arch, layers", [("resnet18_syn.pth", "resnet18", 122),
@@ -103,7 +108,10 @@ def test_refuses_legacy_format_pickles(tmp_path):
 
 def test_refuses_dotted_names_that_reach_past_the_allow_list(tmp_path):
     # STACK_GLOBAL with a dotted name resolves attribute chains in a plain Unpickler.
-    data = (b"\x80\x04\x8c\x0btorch._utils\x94\x8c\x1d_rebuild_tensor_v2.__globals__\x94\x93\x94.")
+    def short_unicode(text: bytes) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text
+
+    data = b"\x80\x04" + short_unicode(b"torch._utils") + short_unicode(b"_rebuild_tensor_v2.__globals__") + b"\x93."
     path = tmp_path / "chain.pt"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", data)
@@ -135,6 +143,8 @@ def test_legacy_format_reads_like_the_zip_format(tmp_path):
 
     state = {"a": torch.tensor([1.0, -2.5]), "b": torch.arange(12, dtype=torch.float16).reshape(3, 4)[:, 1:3],
              "n": torch.tensor(7), "bf": torch.tensor([1.5, -3.0], dtype=torch.bfloat16)}
+    # enough tensors that the object pickle outgrows the reader's buffer while storages are read
+    state.update({f"layer.{i}.weight": torch.full((i + 1,), float(i)) for i in range(300)})
     for zip_format in (True, False):
         path = tmp_path / f"sd_{zip_format}.pth"
         torch.save(state, path, _use_new_zipfile_serialization=zip_format)
@@ -156,6 +166,7 @@ def test_unknown_families_are_named(tmp_path):
 
 
 @requires_torch
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, its files still exist
 def test_torchscript_is_named(tmp_path):
     import torch
 
@@ -237,7 +248,9 @@ def test_custom_yolov5_takes_ema_anchors_from_the_model_and_names_from_a_dict(tm
 
     ema = yolov5_modules(2, {0: "cat", 1: "dog"}, CUSTOM_ANCHORS, [8, 16, 32]).half()
     stale = yolov5_modules(5, ["a", "b", "c", "d", "e"], CUSTOM_ANCHORS, [8, 16, 32]).half()
-    torch.save({"epoch": 3, "model": stale, "ema": ema, "optimizer": None}, tmp_path / "custom.pt")
+    extras = {"best_fitness": np.array([0.42]), "fi": np.float64(0.3), "opt": argparse.Namespace(weights="a.pt"),
+              "save_dir": pathlib.Path("runs/train/exp")}  # what train.py's last.pt / best.pt also hold
+    torch.save({"epoch": 3, "model": stale, "ema": ema, "optimizer": None, **extras}, tmp_path / "custom.pt")
     ckpt = read_checkpoint(tmp_path / "custom.pt")
     assert ckpt.meta["nc"] == 2 and ckpt.meta["names"] == ["cat", "dog"]
     assert ckpt.meta["anchors"] == CUSTOM_ANCHORS

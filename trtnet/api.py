@@ -282,9 +282,7 @@ class Classifier(_Model):
 
     def probabilities(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Softmax probabilities [N, classes]."""
-        loaded = [load_image(x)[0] for x in as_list(images)]
-        scores = self.pipeline.run(loaded)
-        return scores if self.engine.meta.get("softmax") else softmax(scores)
+        return softmax(self.pipeline.run([load_image(x)[0] for x in as_list(images)]))
 
     def classify(self, images: ImageLike | Sequence[ImageLike], topk: int = 5) -> list[Classification]:
         """The `topk` classes of each image, best first."""

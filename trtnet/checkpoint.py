@@ -32,7 +32,7 @@ class InertRecord:
 
     qualname = "?"
     args: tuple = ()
-    state: dict = {}  # noqa: RUF012 - replaced (never mutated) by __setstate__
+    state: dict = {}  # shared default, never mutated: __setstate__ replaces it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
@@ -68,6 +68,7 @@ class ModuleRecord(InertRecord):
 class _ArrayRecord(InertRecord):
     """numpy's ndarray pickle (`_reconstruct` then `__setstate__`), rebuilt from raw bytes only."""
 
+    qualname = "numpy.ndarray"
     array: np.ndarray | None = None
 
     def __setstate__(self, state: Any) -> None:
@@ -159,6 +160,13 @@ def _np_reconstruct(_subtype, _shape, _dtype) -> _ArrayRecord:
     return _ArrayRecord()
 
 
+def _latin1_bytes(text, encoding="latin1") -> bytes:
+    """_codecs.encode as pickle protocol 2 uses it for `bytes` (e.g. a numpy array's data): latin-1 only."""
+    if not isinstance(text, str) or encoding.replace("-", "") != "latin1":
+        raise pickle.UnpicklingError("_codecs.encode other than str → latin-1 bytes")
+    return text.encode("latin-1")
+
+
 def _torch_device(*args) -> str:
     return ":".join(str(a) for a in args)
 
@@ -175,6 +183,7 @@ _CALLABLES: dict[str, Any] = {
     "builtins.set": set,
     "builtins.frozenset": frozenset,
     "copyreg._reconstructor": _reconstructor,
+    "_codecs.encode": _latin1_bytes,
     "numpy.dtype": _np_dtype,
     "numpy.ndarray": np.ndarray,  # only ever an argument of _reconstruct, which ignores it
     "numpy.core.multiarray.scalar": _np_scalar,
@@ -185,8 +194,8 @@ _CALLABLES: dict[str, Any] = {
 # Classes whose objects become inert records: model code (YOLOv5's models.*/utils.*, torch.nn and
 # torchvision modules, ultralytics' so that the error can name them) and harmless training extras.
 _MODULE_PREFIXES = ("models.", "utils.", "torch.nn.modules.", "torchvision.models.", "ultralytics.")
-_INERT = {"argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
-          "pathlib.PurePosixPath", "pathlib.PureWindowsPath"}
+_INERT = {"argparse.Namespace"} | {f"{module}.{cls}" for module in ("pathlib", "pathlib._local")
+                                   for cls in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
@@ -287,6 +296,7 @@ def _load_legacy(path: Path) -> Any:
             return _PENDING
 
         _unpickle(f, path, note_dtype)
+        object_end = f.tell()
         located = {}
         for key in map(str, _unpickle(f, path, no_storage)):
             if key not in dtypes:
@@ -313,7 +323,8 @@ def _load_legacy(path: Path) -> Any:
             return storages[key]
 
         f.seek(object_start)
-        return _unpickle(f, path, load_storage)
+        object_pickle = io.BytesIO(f.read(object_end - object_start))  # load_storage moves f meanwhile
+        return _unpickle(object_pickle, path, load_storage)
 
 
 def load_pickle(path: str | Path) -> Any:
@@ -434,7 +445,7 @@ def _strip_prefix(tensors: dict, prefix: str) -> dict:
 
 
 def _to_float32(tensors: dict) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, np.ascontiguousarray(v, dtype=np.float32)) for k, v in tensors.items())
+    return OrderedDict((k, np.asarray(v, dtype=np.float32, order="C")) for k, v in tensors.items())
 
 
 def _bn_eps(path: Path, model: ModuleRecord) -> float | None:

@@ -194,6 +194,12 @@ def copy_on_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> N
           "cudaMemcpyAsync device→device")
 
 
+def fill(dst_ptr: int, value: int, nbytes: int, stream: Stream) -> None:
+    """Set `nbytes` bytes at `dst_ptr` to the byte `value`, asynchronously."""
+    if nbytes:
+        check(cudart().cudaMemsetAsync(dst_ptr, value, nbytes, stream.raw), "cudaMemsetAsync")
+
+
 def upload(array: np.ndarray, dst_ptr: int, stream: Stream, staging: PinnedBuffer) -> None:
     """Copy `array` into device memory through pinned `staging` (which must outlive the copy)."""
     array = np.ascontiguousarray(array)

@@ -220,6 +220,31 @@ def batch_shapes(
     return order, shapes
 
 
+def letterbox_for_val(image: np.ndarray, imgsz: int, shape: tuple[int, int]) -> tuple[np.ndarray, tuple]:
+    """The official val input of one image: BGR HWC uint8 letterboxed into `shape` (height, width).
+
+    Two steps, as `LoadImagesAndLabels` does them with augment=False: resize so the long side is `imgsz`
+    (INTER_AREA to shrink, INTER_LINEAR to enlarge, sizes truncated by int()), then pad with 114 to
+    `shape` without resizing again (`letterbox(auto=False, scaleup=False)`). Returns the image and
+    val.py's `ratio_pad` = ((h/h0, w/w0), (dw, dh)) for `scale_boxes` back to the original image.
+    A single resize straight to the batch shape costs about 1 point of mAP@0.5:0.95 on coco128.
+    """
+    h0, w0 = image.shape[:2]
+    r = imgsz / max(h0, w0)
+    if r != 1:
+        interpolation = cv2.INTER_LINEAR if r > 1 else cv2.INTER_AREA
+        image = cv2.resize(image, (int(w0 * r), int(h0 * r)), interpolation=interpolation)
+    h, w = image.shape[:2]
+    scale = min(shape[0] / h, shape[1] / w, 1.0)
+    new_w, new_h = int(round(w * scale)), int(round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (shape[1] - new_w) / 2, (shape[0] - new_h) / 2
+    top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
+    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    return image, ((h / h0 * scale, w / w0 * scale), (dw, dh))
+
+
 # ---------------------------------------------------------------------------------------- classification
 
 

@@ -10,11 +10,15 @@ Detection numbers and how they relate to the official YOLOv5 `val.py`:
 - YOLOv5's own AP differs slightly (val.py says so itself): it matches detections to labels by best IoU
   rather than COCO's greedy highest-score-first, integrates the precision envelope with the trapezoid
   rule over 101 points (pycocotools samples it at 101 recall thresholds), and closes each curve with a
-  (recall 1, precision 0) point. Expect a few 0.1 % between the two; trtnet reports the pycocotools one.
+  (recall 1, precision 0) point. trtnet reports the pycocotools numbers.
 - P and R follow YOLOv5's `ap_per_class`: per class, precision and recall as functions of the confidence
   (1000 points, linear interpolation), then the confidence that maximises the box-smoothed mean F1 over
   classes; P and R are the class means at that confidence. The true/false-positive flags at IoU 0.5 are
   COCOeval's own matches (its `evalImgs`), so only this last step is computed here.
+- Measured on yolov5n's coco128 detections (the official val run reproduced on the CPU): trtnet gives
+  mAP@0.5:0.95 0.3671, mAP@0.5 0.5722, P 0.5844, R 0.5177 where YOLOv5 reports 0.3657, 0.5684, 0.5826,
+  0.5080. The P/R difference is entirely the matching rule; on small or weak sets (recall far from 1)
+  the AP gap grows — several points on synthetic sets — because of YOLOv5's closing point.
 - pycocotools caps detections per image *and class*; the per-image cap of val.py (`max_det`, keep the
   highest scores) is applied here before evaluation.
 """

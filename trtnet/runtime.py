@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import threading
@@ -216,10 +217,10 @@ class Engine:
             raise TrtnetError(f"{self.path.name}: the engine was closed")
         worker = getattr(self._local, "worker", None)
         if worker is None:
-            worker = Worker(self)
-            self._local.worker = worker
-            with self._lock:
+            with self._lock:  # contexts are made one at a time
+                worker = Worker(self)
                 self._workers.append(worker)
+            self._local.worker = worker
         return worker
 
     def batches(self, count: int) -> list[tuple[int, int, int]]:
@@ -403,3 +404,212 @@ def iter_chunks(items: Sequence, engine: Engine) -> Iterator[tuple[Sequence, int
         yield items[start:start + n], run_as
 
 
+# ----------------------------------------------------------------------------------------- pipelines
+
+
+def stage_images(worker: Worker, images: Sequence[np.ndarray]) -> list[int]:
+    """Copy HxWx3 uint8 images to the GPU in one transfer (through pinned memory); their device addresses.
+
+    The staging buffers belong to the thread's worker and are reused: every pipeline run ends with a
+    stream synchronize, so the previous transfer has finished when they are overwritten.
+    """
+    offsets, total = [], 0
+    for image in images:
+        offsets.append(total)
+        total += -(-image.nbytes // 256) * 256  # 256-byte aligned starts
+    host = worker.scratch.setdefault("images_host", cuda_rt.PinnedBuffer())
+    device = worker.scratch.setdefault("images_device", cuda_rt.DeviceBuffer())
+    host.ensure(total)
+    device.ensure(total)
+    for image, offset in zip(images, offsets):
+        host.view(image.shape, np.uint8, offset)[...] = image
+    cuda_rt.copy_to_device(device.ptr, host.ptr, total, worker.stream)
+    return [device.ptr + offset for offset in offsets]
+
+
+def imagenet_geometry(h: int, w: int, resize: int = 256, crop: int = 224) -> tuple[int, int, int, int]:
+    """torchvision Resize(resize) + CenterCrop(crop): (resized h, resized w, crop top, crop left)."""
+    if w <= h:
+        new_w, new_h = resize, int(resize * h / w)
+    else:
+        new_h, new_w = resize, int(resize * w / h)
+    return new_h, new_w, int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_KERNEL_IMAGES = 64  # images per preprocessing launch (MAX_IMAGES in the .cu files)
+
+
+class _ClsImage(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_uint64), ("h", ctypes.c_int), ("w", ctypes.c_int), ("pitch", ctypes.c_int),
+                ("left", ctypes.c_int), ("top", ctypes.c_int), ("scale_x", ctypes.c_float),
+                ("scale_y", ctypes.c_float)]
+
+
+class _ClsBatch(ctypes.Structure):
+    _fields_ = [("image", _ClsImage * MAX_KERNEL_IMAGES), ("out", ctypes.c_uint64), ("first", ctypes.c_int),
+                ("out_h", ctypes.c_int), ("out_w", ctypes.c_int), ("half", ctypes.c_int),
+                ("mean", ctypes.c_float * 3), ("std", ctypes.c_float * 3)]
+
+
+def imagenet_preprocess(images: Sequence[np.ndarray], pointers: Sequence[int], out_ptr: int, out_hw: tuple[int, int],
+                        half: bool, stream: cuda_rt.Stream, resize: int = 256) -> None:
+    """Queue plugins/classify_preprocess.cu: staged BGR images → normalised NCHW at `out_ptr`."""
+    from trtnet.plugins import cuda
+
+    out_h, out_w = out_hw
+    for first in range(0, len(images), MAX_KERNEL_IMAGES):
+        chunk = list(zip(images, pointers))[first:first + MAX_KERNEL_IMAGES]
+        params = _ClsBatch(out=out_ptr, first=first, out_h=out_h, out_w=out_w, half=int(half),
+                           mean=(ctypes.c_float * 3)(*IMAGENET_MEAN), std=(ctypes.c_float * 3)(*IMAGENET_STD))
+        for i, (image, ptr) in enumerate(chunk):
+            h, w = image.shape[:2]
+            new_h, new_w, top, left = imagenet_geometry(h, w, resize, min(out_h, out_w))
+            params.image[i] = _ClsImage(ptr, h, w, w * 3, left, top, w / new_w, h / new_h)
+        grid = (-(-out_w // 32), -(-out_h // 8), len(chunk))
+        cuda.launch("classify_preprocess.imagenet", grid, (32, 8), [params], stream=stream.handle)
+
+
+class ClassifyPipeline:
+    """GPU ImageNet preprocessing → ResNet engine → logits on the host."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        spec = engine.inputs[engine.input_name]
+        self.half_input = spec.dtype == np.float16
+        self.output = "logits" if "logits" in engine.outputs else next(iter(engine.outputs))
+
+    def run(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Logits [N, classes] for BGR uint8 images (any sizes, any count)."""
+        parts = [self._run_chunk(chunk, run_as) for chunk, run_as in iter_chunks(images, self.engine)]
+        if not parts:
+            return np.zeros((0, int(self.engine.meta.get("num_classes", 1000))), np.float32)
+        return np.concatenate(parts)
+
+    def _run_chunk(self, images: Sequence[np.ndarray], batch: int) -> np.ndarray:
+        worker = self.engine.worker()
+        shapes = worker.prepare(batch)
+        pointers = stage_images(worker, images)
+        imagenet_preprocess(images, pointers, worker.ptr(self.engine.input_name), self.engine.imgsz,
+                            self.half_input, worker.stream)
+        worker.enqueue(batch)
+        spec = self.engine.outputs[self.output]
+        host = worker.host[self.output]
+        nbytes = spec.nbytes(shapes[self.output])
+        host.ensure(nbytes)
+        cuda_rt.copy_to_host(host.ptr, worker.ptr(self.output), nbytes, worker.stream)
+        worker.stream.synchronize()
+        return host.view(shapes[self.output], spec.dtype)[: len(images)].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class NmsSettings:
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 1000
+    multi_label: bool = False
+    agnostic: bool = False
+
+
+class DetectPipeline:
+    """GPU letterbox → YOLOv5 engine → decode + NMS → per image rows (x1, y1, x2, y2, score, class) in
+    network-input pixels. Decode + NMS run as the kernels after the engine on the same stream, unless the
+    engine holds them as a plugin (`--postprocess plugin`) and outputs `dets`/`counts` itself."""
+
+    def __init__(self, engine: Engine, settings: NmsSettings = NmsSettings()):
+        from trtnet.plugins.preprocess import Letterbox
+
+        meta = engine.meta
+        self.engine = engine
+        self.settings = settings
+        h, w = engine.imgsz
+        self.letterbox = Letterbox(h, w, engine.inputs[engine.input_name].dtype.name)
+        self.in_engine = (meta.get("postprocess") or {}).get("mode") == "plugin"
+        if self.in_engine:
+            self._check_plugin_settings(meta["postprocess"])
+            self.post = None
+            self.heads: list[str] = []
+        else:
+            from trtnet.plugins.postprocess import YoloPostprocess
+
+            self.post = YoloPostprocess(strides=meta["strides"], anchors=meta["anchors"], nc=meta["nc"],
+                                        conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
+                                        multi_label=settings.multi_label, agnostic=settings.agnostic)
+            self.heads = list(meta["outputs"])
+
+    def _check_plugin_settings(self, built: Mapping) -> None:
+        missing = {"dets", "counts"} - set(self.engine.outputs)
+        if missing:
+            raise TrtnetError(f"{self.engine.path.name} says --postprocess plugin but has no {sorted(missing)} "
+                              "output: rebuild it")
+        s = self.settings
+        if s.conf < built["conf"] or s.iou != built["iou"] or s.max_det > built["max_det"] or \
+                s.multi_label != built["multi_label"] or s.agnostic != built["agnostic"]:
+            warnings.warn(
+                f"{self.engine.path.name} runs NMS inside the engine with conf {built['conf']}, iou {built['iou']}, "
+                f"max_det {built['max_det']}, multi_label {built['multi_label']}, agnostic {built['agnostic']}; "
+                f"only a higher conf or lower max_det can be applied afterwards. Rebuild with other --conf/--iou "
+                "settings, or with --postprocess kernels to choose them at run time",
+                FallbackWarning, stacklevel=3)
+
+    def run(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per image float32 [k, 6] rows, for HxWx3 uint8 BGR images (any sizes, any count)."""
+        rows: list[np.ndarray] = []
+        for chunk, run_as in iter_chunks(images, self.engine):
+            rows += self._run_chunk(chunk, run_as)
+        return rows
+
+    def _run_chunk(self, images: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+        engine, worker = self.engine, self.engine.worker()
+        shapes = worker.prepare(batch)
+        input_ptr = worker.ptr(engine.input_name)
+        pointers = stage_images(worker, images)
+        self.letterbox.enqueue(worker.stream.handle, pointers, [im.shape[0] for im in images],
+                               [im.shape[1] for im in images], input_ptr)
+        if batch > len(images):  # padding rows: zeros, their results are dropped
+            done = self.letterbox.output_bytes(len(images))
+            cuda_rt.fill(input_ptr + done, 0, self.letterbox.output_bytes(batch) - done, worker.stream)
+        if self.in_engine:
+            worker.enqueue(batch)
+            dets_ptr, counts_ptr = worker.ptr("dets"), worker.ptr("counts")
+            max_det = shapes["dets"][1]
+        else:
+            dets_ptr, counts_ptr, then = self._postprocess(worker, batch, shapes)
+            worker.enqueue(batch, then=then, key="nms")
+            max_det = self.settings.max_det
+        return self._download(worker, len(images), max_det, dets_ptr, counts_ptr)
+
+    def _postprocess(self, worker: Worker, batch: int, shapes: Mapping[str, tuple]):
+        """Buffers for decode + NMS at `batch` and the work to queue after the engine."""
+        level_shapes = [tuple(shapes[name][2:]) for name in self.heads]
+        workspace = worker.scratch.setdefault("nms_workspace", cuda_rt.DeviceBuffer())
+        dets = worker.scratch.setdefault("nms_dets", cuda_rt.DeviceBuffer())
+        counts = worker.scratch.setdefault("nms_counts", cuda_rt.DeviceBuffer())
+        moved = workspace.ensure(self.post.workspace_bytes(batch, level_shapes))
+        moved |= dets.ensure(batch * self.settings.max_det * 6 * 4)
+        moved |= counts.ensure(batch * 4)
+        if moved:
+            worker.drop_graphs()  # captured graphs point at the old buffers
+        head_ptrs = [worker.ptr(name) for name in self.heads]
+        head_dtype = self.engine.outputs[self.heads[0]].dtype.name
+        stream = worker.stream.handle
+
+        def then() -> None:
+            self.post.enqueue(stream, head_ptrs, head_dtype, batch, level_shapes, workspace.ptr, dets.ptr, counts.ptr)
+
+        return dets.ptr, counts.ptr, then
+
+    def _download(self, worker: Worker, count: int, max_det: int, dets_ptr: int, counts_ptr: int) -> list[np.ndarray]:
+        host = worker.scratch.setdefault("nms_host", cuda_rt.PinnedBuffer())
+        dets_bytes = count * max_det * 6 * 4
+        host.ensure(dets_bytes + count * 4)
+        cuda_rt.copy_to_host(host.ptr, dets_ptr, dets_bytes, worker.stream)
+        cuda_rt.copy_to_host(host.ptr + dets_bytes, counts_ptr, count * 4, worker.stream)
+        worker.stream.synchronize()
+        dets = host.view((count, max_det, 6), np.float32)
+        counts = host.view((count,), np.int32, dets_bytes)
+        rows = [dets[i, : min(int(counts[i]), max_det)].copy() for i in range(count)]
+        if self.in_engine:
+            rows = [r[r[:, 4] >= self.settings.conf][: self.settings.max_det] for r in rows]
+        return rows

@@ -65,7 +65,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], meta:
     """Write float32 tensors with `meta` as JSON under the header's `trtnet` key, atomically."""
     from safetensors.numpy import save
 
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, dtype=np.float32, order="C") for k, v in tensors.items()}
     data = save(arrays, metadata={"trtnet": json.dumps(dict(meta))})
     path = Path(path)
     with atomic_write(path, "wb") as f:

@@ -1,0 +1,243 @@
+"""YOLOv5 postprocess on the GPU: decode the raw head maps and run exact NMS, on device pointers.
+
+    post = YoloPostprocess(strides=[8, 16, 32], anchors=P5_ANCHORS, nc=80)
+    ws = post.workspace_bytes(batch, [(80, 80), (40, 40), (20, 20)])
+    post.enqueue(stream, head_ptrs, "float16", batch, level_shapes, ws_ptr, dets_ptr, counts_ptr)
+
+`dets` is float32 [batch, max_det, 6] (x1, y1, x2, y2, score, class in network-input pixels, by score
+descending; rows past the count are zero) and `counts` int32 [batch]. Everything is queued on `stream`
+without synchronising or copying data to the host; kernels compile on first use for the current device.
+The result equals the official `non_max_suppression` (see reference.py) on the same head maps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from trtnet.errors import TrtnetError
+from trtnet.plugins import cuda
+
+MAX_LEVELS = 5  # decode.cu
+MAX_ANCHORS = 4  # decode.cu, per level
+HIST_BINS = 65536  # decode.cu
+SORT_CHUNK = 4096  # nms.cu
+TILE = 2048  # nms.cu
+MAX_WH = 7680  # official class offset
+HEAD_DTYPES = {"float32": 0, "float16": 1}
+ALIGN = 256
+
+P5_ANCHORS = ([10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326])
+P6_ANCHORS = ([19, 27, 44, 40, 38, 94], [96, 68, 86, 152, 180, 137], [140, 301, 303, 264, 238, 542],
+              [436, 615, 739, 380, 925, 792])
+
+u64, i32, f32 = ctypes.c_uint64, ctypes.c_int, ctypes.c_float
+
+
+class Heads(ctypes.Structure):  # decode.cu
+    _fields_ = [
+        ("ptr", u64 * MAX_LEVELS), ("h", i32 * MAX_LEVELS), ("w", i32 * MAX_LEVELS),
+        ("first", i32 * (MAX_LEVELS + 1)), ("stride", f32 * MAX_LEVELS),
+        ("anchor", f32 * (MAX_LEVELS * MAX_ANCHORS * 2)),
+        ("levels", i32), ("na", i32), ("nc", i32), ("half", i32), ("multi_label", i32), ("conf", f32),
+    ]
+
+
+class Candidates(ctypes.Structure):  # common.cuh
+    _fields_ = [("state", u64), ("hist", u64), ("key", u64), ("box", u64), ("cls", u64), ("capacity", i32)]
+
+
+class Sorted(ctypes.Structure):  # nms.cu
+    _fields_ = [
+        ("key", u64 * 2), ("slot", u64 * 2), ("obox", u64), ("mask", u64), ("kept", u64), ("kept_box", u64),
+        ("dets", u64), ("counts", u64), ("max_det", i32), ("iou", f32), ("class_offset", f32),
+    ]
+
+
+STATE_BYTES = 32  # sizeof(ImageState): u32 count (true candidate count), emitted, done, rank; u64 x2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets of the workspace parts (all ALIGN-aligned); `state` holds per image the true
+    candidate count as its first uint32 (stride STATE_BYTES)."""
+
+    state: int
+    hist: int
+    key: int
+    box: int
+    cls: int
+    sort_key: tuple[int, int]
+    sort_slot: tuple[int, int]
+    obox: int
+    mask: int
+    kept: int
+    kept_box: int
+    total: int
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def layout(batch: int, capacity: int, max_det: int) -> Layout:
+    sizes = {
+        "state": batch * STATE_BYTES, "hist": batch * HIST_BINS * 4,
+        "key": batch * capacity * 8, "box": batch * capacity * 16, "cls": batch * capacity * 4,
+        "key_a": batch * capacity * 8, "key_b": batch * capacity * 8,
+        "slot_a": batch * capacity * 4, "slot_b": batch * capacity * 4,
+        "obox": batch * capacity * 16, "mask": batch * TILE * (TILE // 64) * 8,
+        "kept": batch * max_det * 4, "kept_box": batch * max_det * 16,
+    }
+    at, offsets = 0, {}
+    for name, size in sizes.items():
+        offsets[name] = at
+        at += _aligned(size)
+    return Layout(
+        state=offsets["state"], hist=offsets["hist"], key=offsets["key"], box=offsets["box"],
+        cls=offsets["cls"], sort_key=(offsets["key_a"], offsets["key_b"]),
+        sort_slot=(offsets["slot_a"], offsets["slot_b"]), obox=offsets["obox"], mask=offsets["mask"],
+        kept=offsets["kept"], kept_box=offsets["kept_box"], total=at,
+    )
+
+
+def merge_rounds(capacity: int) -> int:
+    """Merge rounds after the chunk sort: sorted runs double from SORT_CHUNK until they cover capacity."""
+    return (math.ceil(capacity / SORT_CHUNK) - 1).bit_length()
+
+
+class YoloPostprocess:
+    """Decode + exact NMS of YOLOv5 head maps on the GPU (the official postprocess, batched)."""
+
+    def __init__(self, *, strides, anchors, nc, conf=0.25, iou=0.45, max_det=1000, multi_label=False,
+                 agnostic=False, capacity=30000):
+        self.strides = [int(s) for s in strides]
+        self.anchors = [[float(a) for a in level] for level in anchors]
+        self.nc, self.conf, self.iou = int(nc), float(conf), float(iou)
+        self.max_det, self.capacity = int(max_det), int(capacity)
+        self.multi_label, self.agnostic = bool(multi_label), bool(agnostic)
+        self._check()
+
+    def _check(self) -> None:
+        levels = len(self.strides)
+        if not 1 <= levels <= MAX_LEVELS or len(self.anchors) != levels:
+            raise TrtnetError(
+                f"YoloPostprocess needs 1..{MAX_LEVELS} levels with one anchor list each "
+                f"(got {levels} strides, {len(self.anchors)} anchor lists)"
+            )
+        na = len(self.anchors[0]) // 2
+        if not 1 <= na <= MAX_ANCHORS or any(len(a) != 2 * na for a in self.anchors):
+            raise TrtnetError(
+                f"anchors must be, per level, the same number (1..{MAX_ANCHORS}) of w,h pixel pairs; "
+                f"got {self.anchors}"
+            )
+        if self.nc < 1 or self.max_det < 1 or self.capacity < 1:
+            raise TrtnetError(f"nc, max_det and capacity must be positive (got {self.nc}, "
+                              f"{self.max_det}, {self.capacity})")
+        self.na = na
+
+    # ------------------------------------------------------------ sizes
+
+    def layout(self, batch: int) -> Layout:
+        return layout(batch, self.capacity, self.max_det)
+
+    def workspace_bytes(self, batch: int, level_shapes: Sequence[tuple[int, int]]) -> int:
+        self._heads(list(range(len(self.strides))), "float32", level_shapes)  # validates the shapes
+        return self.layout(batch).total + ALIGN  # room to align an unaligned workspace pointer
+
+    # ------------------------------------------------------------ enqueue
+
+    def enqueue(self, stream: int, head_ptrs: Sequence[int], head_dtype: str, batch: int,
+                level_shapes: Sequence[tuple[int, int]], workspace_ptr: int, dets_ptr: int,
+                counts_ptr: int) -> None:
+        """Decode + NMS, asynchronously on `stream`: dets [batch, max_det, 6] float32, counts [batch] int32."""
+        if batch < 1:
+            return
+        self.decode(stream, head_ptrs, head_dtype, batch, level_shapes, workspace_ptr)
+        self.nms(stream, batch, workspace_ptr, dets_ptr, counts_ptr)
+
+    def decode(self, stream: int, head_ptrs: Sequence[int], head_dtype: str, batch: int,
+               level_shapes: Sequence[tuple[int, int]], workspace_ptr: int) -> None:
+        """Head maps → per-image candidates in the workspace (the `capacity` best; true count kept)."""
+        heads = self._heads(head_ptrs, head_dtype, level_shapes)
+        base = _aligned(int(workspace_ptr))
+        lay = self.layout(batch)
+        cand = self._candidates(base, lay)
+        cuda.memset32(base + lay.state, 0, batch * STATE_BYTES // 4, stream)
+        grid = (math.ceil(heads.first[len(self.strides)] / 256), batch)
+        cuda.launch("decode.decode_candidates", grid, (256,), [heads, cand], stream)
+        for digit in range(4):  # no-ops unless an image has more candidates than capacity
+            cuda.launch("decode.select_digit", grid, (256,), [heads, cand, i32(digit)], stream)
+        cuda.launch("decode.emit_top", grid, (256,), [heads, cand], stream)
+
+    def nms(self, stream: int, batch: int, workspace_ptr: int, dets_ptr: int, counts_ptr: int) -> None:
+        """NMS of the candidates that `decode` (or `nms_candidates`) left in the workspace."""
+        base = _aligned(int(workspace_ptr))
+        lay = self.layout(batch)
+        cand, srt = self._candidates(base, lay), self._sorted(base, lay, dets_ptr, counts_ptr)
+        rounds = merge_rounds(self.capacity)
+        chunks = math.ceil(self.capacity / SORT_CHUNK)
+        cuda.launch("nms.nms_sort_chunks", (chunks, batch), (1024,), [cand, srt, i32(rounds == 0)], stream)
+        per_element = (math.ceil(self.capacity / 256), batch)
+        for r in range(rounds):
+            args = [cand, srt, i32(SORT_CHUNK << r), i32(r % 2), i32(r == rounds - 1)]
+            cuda.launch("nms.nms_merge", per_element, (256,), args, stream)
+        row_blocks = math.ceil(min(self.capacity, TILE) / 64)
+        cuda.launch("nms.nms_mask", (row_blocks, batch), (256,), [cand, srt], stream)
+        cuda.launch("nms.nms_scan", (batch,), (256,), [cand, srt, i32(rounds % 2)], stream)
+
+    def nms_candidates(self, stream: int, boxes_ptr: int, scores_ptr: int, classes_ptr: int,
+                       candidate_counts_ptr: int, batch: int, workspace_ptr: int, dets_ptr: int,
+                       counts_ptr: int) -> None:
+        """NMS alone on given candidates: boxes float32 [batch, capacity, 4] (xyxy), scores float32
+        [batch, capacity], classes int32 [batch, capacity], counts int32 [batch] (valid rows per image).
+        Ties in score keep the lower row first."""
+        if batch < 1:
+            return
+        base = _aligned(int(workspace_ptr))
+        cand = self._candidates(base, self.layout(batch))
+        args = [cand, u64(boxes_ptr), u64(scores_ptr), u64(classes_ptr), u64(candidate_counts_ptr)]
+        cuda.launch("nms.nms_pack", (math.ceil(self.capacity / 256), batch), (256,), args, stream)
+        self.nms(stream, batch, workspace_ptr, dets_ptr, counts_ptr)
+
+    # ------------------------------------------------------------ kernel parameters
+
+    def _heads(self, head_ptrs, head_dtype: str, level_shapes) -> Heads:
+        levels = len(self.strides)
+        if len(head_ptrs) != levels or len(level_shapes) != levels:
+            raise TrtnetError(
+                f"YoloPostprocess has {levels} levels but got {len(head_ptrs)} head pointers and "
+                f"{len(level_shapes)} level shapes"
+            )
+        if head_dtype not in HEAD_DTYPES:
+            raise TrtnetError(f"head dtype must be one of {sorted(HEAD_DTYPES)}, got {head_dtype!r}")
+        heads = Heads(levels=levels, na=self.na, nc=self.nc, half=HEAD_DTYPES[head_dtype],
+                      multi_label=int(self.multi_label), conf=self.conf)
+        total = 0
+        for level, ((h, w), ptr, stride, anchors) in enumerate(
+            zip(level_shapes, head_ptrs, self.strides, self.anchors)
+        ):
+            heads.ptr[level], heads.h[level], heads.w[level] = int(ptr), int(h), int(w)
+            heads.first[level], heads.stride[level] = total, stride
+            for k, value in enumerate(anchors):
+                heads.anchor[level * MAX_ANCHORS * 2 + k] = value
+            total += self.na * int(h) * int(w)
+        heads.first[levels] = total
+        if total * self.nc >= 2**32:
+            raise TrtnetError(f"{total} anchors x {self.nc} classes is too many for 32-bit candidate indices")
+        return heads
+
+    def _candidates(self, base: int, lay: Layout) -> Candidates:
+        return Candidates(state=base + lay.state, hist=base + lay.hist, key=base + lay.key, box=base + lay.box,
+                          cls=base + lay.cls, capacity=self.capacity)
+
+    def _sorted(self, base: int, lay: Layout, dets_ptr: int, counts_ptr: int) -> Sorted:
+        srt = Sorted(obox=base + lay.obox, mask=base + lay.mask, kept=base + lay.kept,
+                     kept_box=base + lay.kept_box, dets=int(dets_ptr), counts=int(counts_ptr),
+                     max_det=self.max_det, iou=self.iou, class_offset=0.0 if self.agnostic else MAX_WH)
+        for i in range(2):
+            srt.key[i] = base + lay.sort_key[i]
+            srt.slot[i] = base + lay.sort_slot[i]
+        return srt

@@ -1,0 +1,81 @@
+"""Letterbox on the GPU: a batch of uint8 BGR HWC images of any sizes → the network input tensor.
+
+    lb = Letterbox(640, 640, "float16")
+    lb.enqueue(stream, [img0_ptr, img1_ptr], heights=[1080, 720], widths=[810, 1280], out_ptr=input_ptr)
+
+The output is NCHW RGB / 255 at the engine size, equal to the official `letterbox(im, (out_h, out_w),
+auto=False)` (cv2 INTER_LINEAR, border 114) + BGR→RGB + /255; see letterbox.cu for how close to cv2.
+Queued on `stream` without synchronising: the per-image parameters travel as kernel arguments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import Sequence
+
+from trtnet.errors import TrtnetError
+from trtnet.plugins import cuda
+from trtnet.plugins.reference import letterbox_geometry
+
+MAX_IMAGES = 64  # letterbox.cu: images per launch
+DTYPES = {"float32": 0, "float16": 1}
+
+
+class Image(ctypes.Structure):  # letterbox.cu
+    _fields_ = [
+        ("src", ctypes.c_uint64), ("h", ctypes.c_int), ("w", ctypes.c_int), ("pitch", ctypes.c_int),
+        ("new_w", ctypes.c_int), ("new_h", ctypes.c_int), ("left", ctypes.c_int), ("top", ctypes.c_int),
+        ("scale_x", ctypes.c_double), ("scale_y", ctypes.c_double),
+    ]
+
+
+class Batch(ctypes.Structure):  # letterbox.cu
+    _fields_ = [
+        ("image", Image * MAX_IMAGES), ("out", ctypes.c_uint64), ("first", ctypes.c_int),
+        ("out_h", ctypes.c_int), ("out_w", ctypes.c_int), ("half", ctypes.c_int), ("pad", ctypes.c_int),
+    ]
+
+
+class Letterbox:
+    """Official YOLOv5 letterbox (auto=False, scaleup=True) to a fixed (out_h, out_w), batched on the GPU."""
+
+    def __init__(self, out_h: int, out_w: int, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise TrtnetError(f"letterbox output dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.out_h, self.out_w, self.dtype = int(out_h), int(out_w), dtype
+
+    def geometry(self, h: int, w: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+        """(ratio, (pad_left, pad_top), (new_w, new_h)) of an h x w image: how to map boxes back."""
+        r, (new_w, new_h), (top, _, left, _) = letterbox_geometry(h, w, (self.out_h, self.out_w))
+        return r, (left, top), (new_w, new_h)
+
+    def output_bytes(self, batch: int) -> int:
+        return batch * 3 * self.out_h * self.out_w * (2 if self.dtype == "float16" else 4)
+
+    def enqueue(self, stream: int, images: Sequence[int], heights: Sequence[int], widths: Sequence[int],
+                out_ptr: int, pitches: Sequence[int] | None = None) -> None:
+        """Letterbox images[i] (device address of an h x w x 3 uint8 BGR image whose rows are pitches[i]
+        bytes apart, default 3*w) into batch item i of `out_ptr` [len(images), 3, out_h, out_w]."""
+        n = len(images)
+        pitches = [3 * int(w) for w in widths] if pitches is None else pitches
+        if not (len(heights) == len(widths) == len(pitches) == n):
+            raise TrtnetError(f"letterbox: {n} images but {len(heights)} heights, {len(widths)} widths, "
+                              f"{len(pitches)} pitches")
+        for first in range(0, n, MAX_IMAGES):
+            count = min(MAX_IMAGES, n - first)
+            batch = Batch(out=int(out_ptr), first=first, out_h=self.out_h, out_w=self.out_w,
+                          half=DTYPES[self.dtype])
+            for i in range(count):
+                j = first + i
+                batch.image[i] = self._image(images[j], int(heights[j]), int(widths[j]), int(pitches[j]))
+            grid = (math.ceil(self.out_w / 32), math.ceil(self.out_h / 8), count)
+            cuda.launch("letterbox.letterbox", grid, (32, 8), [batch], stream)
+
+    def _image(self, src: int, h: int, w: int, pitch: int) -> Image:
+        if h < 1 or w < 1 or pitch < 3 * w:
+            raise TrtnetError(f"letterbox: bad image {h}x{w} with row pitch {pitch} bytes (need >= {3 * w})")
+        _, (left, top), (new_w, new_h) = self.geometry(h, w)
+        # cv2.resize: scale = 1 / (dst / src), in double
+        return Image(src=int(src), h=h, w=w, pitch=pitch, new_w=new_w, new_h=new_h, left=left, top=top,
+                     scale_x=1.0 / (new_w / w), scale_y=1.0 / (new_h / h))

@@ -1,0 +1,316 @@
+"""The runtime on a real GPU: engines vs the official goldens, threads, CUDA graphs, bad inputs.
+
+Needs an NVIDIA GPU and a TensorRT that runs engines (not torch). Engines come from $TRTNET_GPU_ENGINES
+(a folder holding yolov5n.fp32.engine / yolov5n.fp16.engine / resnet18.fp32.engine / resnet50.fp32.engine
+with their .json, built at the default sizes with --min-batch 1 --opt-batch 4 --max-batch 8) or are
+built here, once per session, from ../shared/data (gen_wts + build: minutes).
+
+    python -m pytest -m gpu tests/gpu/test_runtime_gpu.py -ra
+    python tests/gpu/test_runtime_gpu.py          # the same, as a script
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if __package__ in (None, ""):  # run as a script: make `tests` and `trtnet` importable from the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.conftest import shared  # noqa: E402
+from trtnet.errors import TrtnetError  # noqa: E402
+
+
+def _why_no_gpu() -> str | None:
+    from trtnet import compat
+    from trtnet.cuda_rt import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason:
+        return reason
+    try:
+        compat.trt()
+    except TrtnetError as exc:
+        return str(exc)
+    return None
+
+
+WHY_NOT = _why_no_gpu()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(WHY_NOT is not None, reason=f"needs an NVIDIA GPU: {WHY_NOT}")]
+
+CHECKPOINTS = {
+    "yolov5n": ("weights", "yolov5n.pt"),
+    "resnet18": ("weights", "synthetic", "resnet18_syn.pth"),
+    "resnet50": ("weights", "synthetic", "resnet50_syn.pth"),
+}
+MAX_BATCH = 8
+
+
+# ------------------------------------------------------------------------------------------ engines
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory) -> Path:
+    given = os.environ.get("TRTNET_GPU_ENGINES")
+    return Path(given) if given else tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def engine(engine_dir):
+    """engine(name, precision) → path: given in $TRTNET_GPU_ENGINES or built here once."""
+    built: dict = {}
+
+    def get(name: str, precision: str) -> Path:
+        path = engine_dir / f"{name}.{precision}.engine"
+        if path.is_file() or (name, precision) in built:
+            return path
+        built[(name, precision)] = _build(engine_dir, name, precision)
+        return built[(name, precision)]
+
+    return get
+
+
+def _build(folder: Path, name: str, precision: str) -> Path:
+    from trtnet import gen_wts
+    from trtnet.build import BuildRequest, PostprocessSettings, build
+    from trtnet.network import BatchProfile
+
+    wts = folder / f"{name}.wts"
+    if not wts.is_file():
+        gen_wts.convert(shared(*CHECKPOINTS[name]), wts, progress=False)
+    mode = "kernels" if name.startswith("yolo") else "none"
+    result = build(BuildRequest(weights=str(wts), precision=precision, weights_dir=str(folder),
+                                batch=BatchProfile(1, 4, MAX_BATCH), postprocess=PostprocessSettings(mode=mode),
+                                output=str(folder / f"{name}.{precision}.engine")), log=lambda *_: None)
+    return result.engine
+
+
+def bus() -> np.ndarray:
+    import cv2
+
+    return cv2.imread(str(shared("images", "bus.jpg")))
+
+
+def zidane() -> np.ndarray:
+    import cv2
+
+    return cv2.imread(str(shared("images", "zidane.jpg")))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+# ------------------------------------------------------------------------------ YOLOv5 vs the official detect.py
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_detector_matches_official_detect_on_bus(engine, precision):
+    from trtnet.api import Detector
+
+    golden = json.loads(shared("golden", "golden_yolov5n_detect640.json").read_text())["images"]["bus.jpg"]
+    expected = golden["detections"]
+    with Detector(engine("yolov5n", precision)) as detector:
+        result = detector.detect(shared("images", "bus.jpg"))[0]
+    assert result.shape == tuple(golden["orig_shape_hwc"][:2])
+    assert sorted(result.names) == sorted(d["name"] for d in expected)
+    unmatched = list(range(len(result)))
+    for want in expected:
+        candidates = [i for i in unmatched if result.classes[i] == want["cls"]]
+        ious = [box_iou(result.boxes[i], np.array(want["xyxy_unrounded"])) for i in candidates]
+        best = candidates[int(np.argmax(ious))]
+        assert max(ious) >= 0.95, (want, result.boxes[best])
+        assert abs(float(result.scores[best]) - want["conf"]) <= 0.02, (want, result.scores[best])
+        unmatched.remove(best)
+
+
+def test_cuda_graphs_give_the_same_detections(engine):
+    from trtnet.api import Detector
+
+    images = [bus(), zidane(), bus()]
+    with Detector(engine("yolov5n", "fp16")) as eager, Detector(engine("yolov5n", "fp16"), cuda_graphs=True) as graphs:
+        want = eager.detect(images)
+        for _ in range(3):  # first call captures, later ones replay
+            got = graphs.detect(images)
+            for a, b in zip(want, got):
+                np.testing.assert_array_equal(a.classes, b.classes)
+                np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+
+
+def test_threads_share_one_detector(engine):
+    """8 threads x 200 requests of mixed batch sizes give what the same requests give on one thread."""
+    from trtnet.api import Detector
+
+    rng = np.random.default_rng(0)
+    pool = [bus(), zidane(), bus()[::2, ::2].copy(), zidane()[100:500, 200:900].copy()]
+    requests = [[int(i) for i in rng.integers(0, len(pool), rng.integers(1, MAX_BATCH + 4))]
+                for _ in range(8 * 200)]  # some above the profile's 8: split
+    with Detector(engine("yolov5n", "fp16")) as detector:
+        want = [detector.detect([pool[i] for i in request]) for request in requests]
+        got: list = [None] * len(requests)
+        errors: list = []
+
+        def work(thread: int) -> None:
+            try:
+                for k in range(thread, len(requests), 8):
+                    got[k] = detector.detect([pool[i] for i in requests[k]])
+            except Exception as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    for a_list, b_list in zip(want, got):
+        assert len(a_list) == len(b_list)
+        for a, b in zip(a_list, b_list):
+            np.testing.assert_array_equal(a.classes, b.classes)
+            np.testing.assert_array_equal(a.boxes, b.boxes)
+            np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_batches_above_the_profile_are_split(engine):
+    from trtnet.api import Detector
+
+    with Detector(engine("yolov5n", "fp16")) as detector:
+        singles = [detector.detect(image)[0] for image in (bus(), zidane())]
+        many = detector.detect([bus(), zidane()] * 10)  # 20 images, profile max 8
+    assert len(many) == 20
+    for i, result in enumerate(many):
+        np.testing.assert_array_equal(result.classes, singles[i % 2].classes)
+        np.testing.assert_allclose(result.boxes, singles[i % 2].boxes, atol=0.5)
+
+
+def test_odd_images(engine, tmp_path):
+    import cv2
+
+    from trtnet.api import Detector
+
+    gray, rgba = tmp_path / "gray.png", tmp_path / "rgba.png"
+    cv2.imwrite(str(gray), cv2.cvtColor(bus(), cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(rgba), cv2.cvtColor(bus(), cv2.COLOR_BGR2BGRA))
+    huge = cv2.resize(bus(), (8000, 8000))
+    with Detector(engine("yolov5n", "fp16")) as detector:
+        tiny, big, g, a = detector.detect([np.full((1, 1, 3), 128, np.uint8), huge, gray, rgba])
+        reference = detector.detect(bus())[0]
+    assert tiny.shape == (1, 1) and big.shape == (8000, 8000)
+    for result in (tiny, big, g, a):
+        assert (result.boxes[:, [0, 2]] <= result.shape[1]).all() and (result.boxes[:, [1, 3]] <= result.shape[0]).all()
+        assert (result.boxes >= 0).all()
+    assert "bus" in g.names and "person" in g.names
+    np.testing.assert_array_equal(a.classes, reference.classes)  # alpha dropped: the same image
+    assert "bus" in big.names
+
+
+def test_foreign_or_corrupt_engines_are_refused_clearly(engine, tmp_path):
+    from trtnet.api import Detector
+
+    source = engine("yolov5n", "fp16")
+    meta = json.loads(source.with_suffix(".json").read_text())
+    foreign = tmp_path / "foreign.engine"
+    shutil.copy(source, foreign)
+    other = {**meta, "tensorrt": {"flavour": "tensorrt", "version": "7.2.3"}}
+    foreign.with_suffix(".json").write_text(json.dumps(other))
+    with pytest.raises(TrtnetError, match="built with tensorrt 7.2.3"):
+        Detector(foreign)
+    corrupt = tmp_path / "corrupt.engine"
+    corrupt.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    corrupt.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(TrtnetError, match="rebuild"):
+        Detector(corrupt)
+
+
+def test_detect_cli_end_to_end(engine, tmp_path, capsys):
+    from trtnet import detect
+
+    out = tmp_path / "out"
+    assert detect.cli([str(engine("yolov5n", "fp16")), str(shared("images")), "--out", str(out)]) == 0
+    records = json.loads((out / "detections.json").read_text())
+    assert {Path(r["path"]).name for r in records} == {"bus.jpg", "zidane.jpg"}
+    assert (out / "bus.jpg").is_file() and (out / "zidane.jpg").is_file()
+    assert "person" in capsys.readouterr().out
+
+
+def test_bench_runs(engine, tmp_path):
+    from trtnet import bench
+
+    report = tmp_path / "bench.json"
+    argv = [str(engine("yolov5n", "fp16")), "--batch", "1,4,64", "--iters", "5", "--warmup", "1", "--json", str(report)]
+    assert bench.cli(argv) == 0
+    rows = json.loads(report.read_text())
+    assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("engine", "end-to-end") for b in (1, 4)}
+
+
+# ------------------------------------------------------------------------------ ResNet vs torchvision goldens
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_logits_match_torchvision(engine, name):
+    from trtnet.runtime import Engine
+
+    golden = np.load(shared("golden", f"golden_{name}_syn.npz"))
+    with Engine(engine(name, "fp32")) as e:
+        logits = e.infer(golden["x"])["logits"]
+    scale = float(np.abs(golden["logits"]).max())
+    np.testing.assert_allclose(logits, golden["logits"], rtol=0, atol=1e-3 * scale)
+    assert (logits.argmax(1) == golden["logits"].argmax(1)).all()
+
+
+def test_classifier_preprocessing_matches_opencv(engine):
+    """GPU resize-256 / crop-224 / normalise vs the same steps in OpenCV + numpy, through the engine."""
+    import cv2
+
+    from trtnet.api import Classifier
+
+    image = bus()
+    h, w = image.shape[:2]
+    scale = 256 / min(h, w)
+    size = (int(w * scale) if w > h else 256, int(h * scale) if h > w else 256)  # torchvision truncates
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    top, left = (int(round((n - 224) / 2)) for n in resized.shape[:2])  # torchvision's CenterCrop
+    crop = resized[top:top + 224, left:left + 224, ::-1].astype(np.float32) / 255
+    x = ((crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).transpose(2, 0, 1)[None].astype(np.float32)
+    with Classifier(engine("resnet18", "fp32")) as classifier:
+        probs = classifier.probabilities(image)[0]
+        want = classifier.engine.infer(x)["logits"][0]
+        top5 = classifier.classify(image, topk=5)[0]
+    from trtnet.api import softmax
+
+    np.testing.assert_allclose(probs, softmax(want), atol=2e-2)
+    assert top5.classes[0] == int(np.argmax(want))
+    assert list(top5.scores) == sorted(top5.scores, reverse=True)
+
+
+# ------------------------------------------------------------------------------------------ cuda_rt
+
+
+def test_pinned_round_trip_and_graph_capture():
+    from trtnet import cuda_rt
+
+    stream = cuda_rt.Stream()
+    data = np.arange(1 << 16, dtype=np.float32)
+    a, b = cuda_rt.DeviceBuffer(data.nbytes), cuda_rt.DeviceBuffer(data.nbytes)
+    host = cuda_rt.PinnedBuffer(data.nbytes)
+    cuda_rt.upload(data, a.ptr, stream, cuda_rt.PinnedBuffer())
+    graph = cuda_rt.CudaGraph.capture(stream, lambda: cuda_rt.copy_on_device(b.ptr, a.ptr, data.nbytes, stream))
+    assert graph is not None
+    graph.launch(stream)
+    cuda_rt.copy_to_host(host.ptr, b.ptr, data.nbytes, stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(host.view(data.shape, np.float32), data)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-ra", "-q", *sys.argv[1:]]))
