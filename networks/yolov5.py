@@ -56,6 +56,8 @@ def focus(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None 
 
     As one space-to-depth shuffle, so the batch dimension may stay dynamic."""
     c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    if h < 0 or w < 0:
+        raise TrtnetError(f"{p}: the Focus stem (YOLOv5 v5.0) needs a static input size; build without --min-imgsz")
     cells = g.shuffle(x, (0, c, h // 2, 2, w // 2, 2), f"{p}.space_to_depth", transpose=(0, 5, 3, 1, 2, 4))
     stacked = g.shuffle(cells, (0, 4 * c, h // 2, w // 2), f"{p}.stack")
     return conv(g, stacked, f"{p}.conv", c2, k, s, pad, groups)
@@ -170,7 +172,7 @@ def activation_of(spec: str | None) -> str:
 
 
 def _check_input_size(imgsz: tuple[int, int], stride: int) -> None:
-    if any(s % stride for s in imgsz):
+    if min(imgsz) > 0 and any(s % stride for s in imgsz):
         raise TrtnetError(f"input size {imgsz[0]}x{imgsz[1]} must be a multiple of the model's stride {stride}")
 
 

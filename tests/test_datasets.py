@@ -16,6 +16,7 @@ from trtnet.datasets import (
     DatasetWarning,
     batch_shapes,
     label_path,
+    letterbox_for_val,
     load_classification_dataset,
     load_detection_dataset,
 )
@@ -136,6 +137,18 @@ def test_batch_shapes_by_hand():
     # pad 0 and stride 64 at 320: 0.5625 * 320 / 64 = 2.8125 → 3 * 64 = 192; 320 / 64 = 5 → 320.
     _, shapes = batch_shapes([(640, 360)], 320, stride=64, pad=0.0)
     assert shapes.tolist() == [[192, 320]]
+
+
+def test_letterbox_for_val_resizes_once_then_pads():
+    # 1000x500 → long side 640: 640x320 (INTER_AREA), then padded (no second resize) into 351x675:
+    # dw = 17.5 → left round(17.4) = 17, right round(17.6) = 18; dh = 15.5 → top 15, bottom 16.
+    image = np.random.default_rng(0).integers(0, 256, (500, 1000, 3), dtype=np.uint8)
+    padded, (gain, pad) = letterbox_for_val(image, 640, (351, 675))
+    assert padded.shape == (351, 675, 3)
+    assert gain == (0.64, 0.64) and pad == (17.5, 15.5)
+    np.testing.assert_array_equal(padded[15:335, 17:657], cv2.resize(image, (640, 320), interpolation=cv2.INTER_AREA))
+    assert (padded[:15] == 114).all() and (padded[335:] == 114).all()
+    assert (padded[:, :17] == 114).all() and (padded[:, 657:] == 114).all()
 
 
 def test_classification_sub_folders_with_a_wnid_index(tmp_path):

@@ -100,3 +100,29 @@ def test_depth_and_width_multiples_follow_parse_model(arch, c3_repeats, stem_cha
     for layer, n in zip((2, 4, 6, 8), c3_repeats):
         bottlenecks = {k.split(".")[3] for k in store.shapes if k.startswith(f"model.{layer}.m.")}
         assert len(bottlenecks) == n, f"model.{layer}"
+
+
+def test_dynamic_input_size_builds_and_matches_static(checkpoints):
+    """--min-imgsz: H and W dynamic (rectangular val batches). At 320x320 it is the same function as the
+    static 320 network, and it also runs on a rectangular input."""
+    import numpy as np
+
+    from trtnet import compat
+    from trtnet.reference import run_network
+
+    pytest.importorskip("torch", reason="the CPU reference executor needs torch")
+    ckpt = checkpoints("yolov5n")
+    static = define(ckpt.state_dict, ckpt.meta, "fp32", BatchProfile(1, 1, 2), 320)
+    builder = compat.trt().Builder(compat.Logger())
+    dyn = define_network(builder, ckpt.state_dict, ckpt.meta, batch=BatchProfile(1, 1, 2), imgsz=320, min_imgsz=128)
+    assert tuple(dyn.network.get_input(0).shape) == (-1, 3, -1, -1)
+    assert dyn.strides == [8, 16, 32]
+    config = compat.builder_config(builder, compat.BuildOptions(profiles=dyn.profiles(BatchProfile(1, 1, 2))))
+    assert compat.build_serialized(builder, dyn.network, config)
+    x = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
+    static_out = run_network(static.network, {"images": x})
+    dynamic_out = run_network(dyn.network, {"images": x})
+    for k in ("raw_0", "raw_1", "raw_2"):
+        np.testing.assert_array_equal(dynamic_out[k], static_out[k])
+    rect = run_network(dyn.network, {"images": x[:, :, :256, :]})
+    assert [rect[k].shape[2:] for k in ("raw_0", "raw_1", "raw_2")] == [(32, 40), (16, 20), (8, 10)]

@@ -42,6 +42,7 @@ class BuildRequest:
     weights: str
     precision: str = "fp32"
     imgsz: int | None = None
+    min_imgsz: int | None = None
     batch: BatchProfile = field(default_factory=BatchProfile)
     workspace_gib: float | None = None
     tf32: bool = False
@@ -114,7 +115,8 @@ def build(req: BuildRequest, log=print) -> BuildResult:
     logger.errors.clear()
     builder = t.Builder(logger)
     defined = define_network(builder, tensors, meta, precision=req.precision, batch=req.batch,
-                             imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path))
+                             imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path),
+                             min_imgsz=req.min_imgsz)
     if req.postprocess.mode != "none" and defined.family != "yolov5":
         raise TrtnetError("--postprocess applies to YOLOv5 detectors only")
     _check_postprocess_mode(req.postprocess.mode)
@@ -171,7 +173,7 @@ def append_plugin_postprocess(defined: DefinedNetwork, meta: dict, settings: Pos
 
 def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weights_path: Path,
                     seconds: float, size: int) -> dict:
-    h, w = defined.input_shape[2:]
+    h, w = defined.imgsz
     out = {
         "trtnet_version": __version__,
         "family": defined.family,
@@ -179,6 +181,7 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
         "precision": req.precision,
         "tf32": req.tf32,
         "imgsz": [h, w],
+        "min_imgsz": defined.min_imgsz,
         "batch": asdict(req.batch),
         "input": {"name": defined.input_name, "dtype": "float32"},
         "outputs": defined.output_names,
@@ -293,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(precision="fp32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 math in fp32 layers (faster, ~1e-2 error)")
     p.add_argument("--imgsz", type=int, help="square input size (default: the model's, e.g. 640 / 224)")
+    p.add_argument("--min-imgsz", type=int, help="dynamic input size from this side up to --imgsz (e.g. for "
+                                                   "the rectangular batches of trtnet.val)")
     p.add_argument("--batch", type=int, help="static batch size")
     p.add_argument("--min-batch", type=int, help="dynamic batch: smallest")
     p.add_argument("--opt-batch", type=int, help="dynamic batch: the size TensorRT tunes for")
@@ -315,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="engine path (default: <weights-dir>/<name>.<precision>.engine)")
     args = p.parse_args(argv)
     req = BuildRequest(
-        weights=args.weights, precision=args.precision, imgsz=args.imgsz, batch=parse_batch(args),
+        weights=args.weights, precision=args.precision, imgsz=args.imgsz, min_imgsz=args.min_imgsz,
+        batch=parse_batch(args),
         workspace_gib=args.workspace, tf32=args.tf32,
         target_cc=tuple(c for c in args.target_cc.split(",") if c),
         postprocess=PostprocessSettings(args.postprocess, args.conf, args.iou, args.max_det, args.multi_label,

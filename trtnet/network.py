@@ -49,16 +49,19 @@ class DefinedNetwork:
     graph: Graph
     family: str
     input_name: str
-    input_shape: tuple  # with -1 for a dynamic batch
+    input_shape: tuple  # with -1 for a dynamic batch or size
     output_names: list
     meta: dict = field(default_factory=dict)
     strides: list = field(default_factory=list)  # YOLO heads: input size / head size, per level
+    imgsz: tuple = ()  # the largest (h, w): the static size, or the top of a dynamic size range
+    min_imgsz: int | None = None  # the smallest side when the input size is dynamic
 
     def profiles(self, batch: BatchProfile) -> list:
-        if not batch.dynamic:
+        if not batch.dynamic and self.min_imgsz is None:
             return []
-        c, h, w = self.input_shape[1:]
-        return [(self.input_name, (batch.min, c, h, w), (batch.opt, c, h, w), (batch.max, c, h, w))]
+        h, w = self.imgsz
+        lo = self.min_imgsz or h, self.min_imgsz or w
+        return [(self.input_name, (batch.min, 3, *lo), (batch.opt, 3, h, w), (batch.max, 3, h, w))]
 
 
 def family_of(meta: Mapping) -> str:
@@ -76,11 +79,17 @@ def default_imgsz(meta: Mapping) -> int:
 
 def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, meta: Mapping, *, precision: str = "fp32",
                    batch: BatchProfile = BatchProfile(), imgsz: int | tuple[int, int] | None = None,
-                   softmax: bool = False, source: str = "weights") -> DefinedNetwork:
-    """Define the network that `meta` describes with `tensors` in a new INetworkDefinition."""
+                   softmax: bool = False, source: str = "weights", min_imgsz: int | None = None) -> DefinedNetwork:
+    """Define the network that `meta` describes with `tensors` in a new INetworkDefinition.
+
+    With `min_imgsz`, height and width are dynamic from `min_imgsz` up to `imgsz` (e.g. for the
+    rectangular batches of validation); otherwise the input size is static."""
     family = family_of(meta)
     size = imgsz or default_imgsz(meta)
-    hw = (size, size) if isinstance(size, int) else tuple(size)
+    top = (size, size) if isinstance(size, int) else tuple(size)
+    if min_imgsz is not None and not 32 <= min_imgsz <= min(top):
+        raise TrtnetError(f"--min-imgsz {min_imgsz} must lie between 32 and the input size {min(top)}")
+    hw = (-1, -1) if min_imgsz is not None else top
     network = compat.create_network(builder)
     store = tensors if isinstance(tensors, WeightStore) else WeightStore(tensors, source)
     g = Graph(network, store, compat.compute_dtype(precision), bn_eps=float(meta.get("bn_eps", 1e-5)))
@@ -89,9 +98,15 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     module.define(g, dict(meta), batch.check().dim, hw, **kwargs)
     store.ensure_all_used(ignore=NOT_WEIGHTS)
     heads = [network.get_output(i) for i in range(network.num_outputs)]
-    strides = [hw[0] // int(t.shape[2]) for t in heads] if family == "yolov5" else []
+    strides = yolo_strides(heads, hw, meta) if family == "yolov5" else []
     return DefinedNetwork(network, g, family, module.INPUT, (batch.dim, 3, *hw), [t.name for t in heads],
-                          dict(meta), strides)
+                          dict(meta), strides, top, min_imgsz)
+
+
+def yolo_strides(heads: list, hw: tuple, meta: Mapping) -> list:
+    if hw[0] > 0:
+        return [hw[0] // int(t.shape[2]) for t in heads]
+    return [int(s) for s in meta["strides"]]  # dynamic size: as the checkpoint recorded them
 
 
 def meta_for_arch(arch: str, nc: int | None = None) -> dict:
