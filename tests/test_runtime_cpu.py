@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import shared
+from tests.conftest import requires_torch, shared
 from trtnet import compat, detect
 from trtnet.api import Classification, Detector, detections_from_rows, load_image, softmax, to_bgr, top_k
 from trtnet.errors import TrtnetError
@@ -41,6 +41,7 @@ def sidecar(**changes) -> dict:
 def fake_engine(folder: Path, name: str = "yolov5n.fp16", **changes) -> Path:
     engine = folder / f"{name}.engine"
     engine.write_bytes(b"not a real plan")
+    changes.setdefault("engine_bytes", engine.stat().st_size)
     engine.with_suffix(".json").write_text(json.dumps(sidecar(**changes)))
     return engine
 
@@ -117,6 +118,17 @@ def test_engine_from_another_tensorrt_fails_before_touching_the_gpu(tmp_path):
     other = "8.5.3.1" if compat.flavour().name != "tensorrt" else "7.2.3"
     engine = fake_engine(tmp_path, tensorrt={"flavour": "tensorrt", "version": other})
     with pytest.raises(TrtnetError, match=f"built with tensorrt {other}.*Rebuild"):
+        Engine(engine)
+
+
+def test_truncated_engine_is_refused_before_tensorrt_reads_it(tmp_path, monkeypatch):
+    import trtnet.cuda_rt
+    from trtnet.runtime import Engine
+
+    monkeypatch.setattr(trtnet.cuda_rt, "cudart", lambda: SIM.rt)
+    flavour = compat.flavour()
+    engine = fake_engine(tmp_path, engine_bytes=999, tensorrt={"flavour": flavour.name, "version": flavour.version})
+    with pytest.raises(TrtnetError, match=r"has 15 bytes, its metadata says 999: the file is truncated"):
         Engine(engine)
 
 
@@ -350,6 +362,16 @@ def test_detect_cli_nothing_to_do(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ --help
 
 
+@pytest.mark.parametrize("script", ["detect.py", "classify.py"])
+def test_demo_scripts_have_help(script):
+    import subprocess
+    import sys
+
+    demo = Path(__file__).resolve().parents[1] / "demos" / script
+    done = subprocess.run([sys.executable, str(demo), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage:" in done.stdout
+
+
 @pytest.mark.parametrize("command", ["detect", "demo", "bench"])
 def test_every_command_has_help(command, capsys):
     import importlib
@@ -376,6 +398,12 @@ def test_imagenet_geometry(hw, expected):
     from trtnet.runtime import imagenet_geometry
 
     assert imagenet_geometry(*hw) == expected
+
+
+def test_classify_kernel_is_one_of_the_shared_kernel_modules():
+    from trtnet.plugins import cuda
+
+    assert "imagenet(ClsBatch batch)" in cuda.module_source("classify_preprocess")
 
 
 def test_classify_kernel_compiles_and_its_parameters_match_the_python_layout():
@@ -766,3 +794,17 @@ def test_simulated_bench(sim_detector, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "batch 4 skipped: the engine's profile is 1..2" in captured.err
     assert "end-to-end" in captured.out and "img/s" in captured.out
+
+
+@requires_torch
+def test_bench_says_why_there_is_no_torch_comparison(tmp_path):
+    import torch
+
+    from trtnet.bench import torch_model
+
+    model, why = torch_model({"family": "yolov5", "weights": "yolov5n.wts"}, tmp_path / "x.engine", "weights", None)
+    assert model is None
+    if torch.cuda.is_available():
+        assert "--yolov5-src" in why
+    else:
+        assert "no CUDA" in why

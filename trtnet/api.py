@@ -110,7 +110,10 @@ class Detections:
 
     def draw(self, image: np.ndarray | None = None, line_width: int | None = None) -> np.ndarray:
         """An annotated copy of the image: a box and a `name score` label per detection."""
-        canvas = to_bgr(self.image if image is None else image).copy()
+        image = self.image if image is None else image
+        if image is None:
+            raise TrtnetError("draw(): these detections hold no image; pass the one they were made on")
+        canvas = to_bgr(image).copy()
         if canvas.shape[:2] != tuple(self.shape):
             raise TrtnetError(f"draw(): image is {canvas.shape[1]}x{canvas.shape[0]}, detections were made on "
                               f"{self.shape[1]}x{self.shape[0]}")

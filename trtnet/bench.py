@@ -94,7 +94,8 @@ def synthetic_images(count: int, hw: tuple[int, int] = E2E_IMAGE_HW) -> list[np.
 
 def end_to_end_step(model, batch: int) -> Callable[[], float]:
     images = synthetic_images(batch)
-    run_images = model.pipeline.run
+    # Detector: boxes mapped to the images; Classifier: logits (softmax and top-k are a few µs more)
+    run_images = getattr(model, "detect_loaded", model.pipeline.run)
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -127,18 +128,24 @@ def torch_model(meta: dict, engine_path: Path, weights_dir: str, yolov5_src: str
         return None, "torch has no CUDA here (a CPU-only build?)"
     stem = Path(meta["weights"]).stem
     if meta["family"] == "resnet":
-        return _torchvision_resnet(torch, meta, stem, weights_dir), ""
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            return None, "torchvision is not installed (pip install torchvision)"
+        return _torchvision_resnet(torch, meta, stem, (weights_dir, engine_path.parent)), ""
     if not yolov5_src:
         return None, "YOLOv5 needs the official source: pass --yolov5-src DIR (a clone of ultralytics/yolov5)"
     return _official_yolov5(torch, stem, engine_path, weights_dir, yolov5_src)
 
 
-def _torchvision_resnet(torch, meta: dict, stem: str, weights_dir: str):
+def _torchvision_resnet(torch, meta: dict, stem: str, folders: Sequence):
     import torchvision
 
     from trtnet.weights import load_weights, resolve_weights
 
-    weights = load_weights(resolve_weights(stem, weights_dir))
+    found = [p for p in (Path(f) / f"{stem}{suffix}" for f in folders for suffix in (".wts", ".safetensors"))
+             if p.is_file()]
+    weights = load_weights(found[0] if found else resolve_weights(stem, folders[0]))
     arch = meta.get("arch") or weights.meta.get("arch")
     model = getattr(torchvision.models, arch)(num_classes=int(meta.get("num_classes", 1000)))
     state = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in weights.tensors.items()}

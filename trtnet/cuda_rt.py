@@ -49,8 +49,11 @@ def gpu_unavailable_reason() -> str | None:
         return str(exc)
     except Exception as exc:  # cuda-python raises when the driver library itself is missing
         return f"no NVIDIA driver ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    name = getattr(err, "name", str(err))
+    if name == "cudaErrorInsufficientDriver":
+        return f"no NVIDIA driver, or one too old for this cuda-python ({name})"
     if int(err) != 0:
-        return f"no usable NVIDIA GPU ({getattr(err, 'name', err)})"
+        return f"no usable NVIDIA GPU ({name})"
     if count == 0:
         return "no NVIDIA GPU found"
     return None

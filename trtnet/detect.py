@@ -10,6 +10,7 @@ prints how many objects of each class were found. Files that cannot be read are 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -238,6 +239,10 @@ def run_stream(detector, source: Source, outputs: Outputs, batch: int) -> None:
                     if not outputs.display(source.name, annotated):
                         return
                 progress.update(len(group))
+    except KeyboardInterrupt:
+        if not is_camera:
+            raise
+        warn(f"{source.name}: stopped (Ctrl-C) after {index} frame(s)")  # how a camera run ends
     finally:
         capture.release()
         if writer is not None:
@@ -299,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_images(detector, images, outputs, batch)
         for source in (s for s in sources if s.kind != "image"):
             run_stream(detector, source, outputs, batch)
+    if outputs.show:
+        with contextlib.suppress(cv2.error):
+            cv2.destroyAllWindows()
     json_path = outputs.write_json()
     print(outputs.summary(time.perf_counter() - start))
     print(f"results: {json_path}" + ("" if args.nosave else f" and annotated files in {outputs.out}/"))

@@ -123,6 +123,16 @@ def check_device(meta: Mapping, flavour: compat.Flavour, device: Mapping) -> Non
         )
 
 
+def read_plan(path: Path, meta: Mapping) -> bytes:
+    """The serialized engine, refused before TensorRT reads it when its size is not the one built."""
+    plan = path.read_bytes()
+    built = int(meta.get("engine_bytes") or 0)
+    if built and len(plan) != built:
+        raise TrtnetError(f"{path} has {len(plan)} bytes, its metadata says {built}: the file is truncated or "
+                          f"was replaced; rebuild it: {rebuild_hint(meta)}")
+    return plan
+
+
 def require_gpu(what: str) -> None:
     reason = cuda_rt.gpu_unavailable_reason()
     if reason:
@@ -188,7 +198,7 @@ class Engine:
         check_device(self.meta, compat.flavour(), self.device)
         if (self.meta.get("postprocess") or {}).get("mode") == "plugin":
             _register_yolo_plugin()
-        self._runtime, self.trt_engine = compat.deserialize(self.path.read_bytes())
+        self._runtime, self.trt_engine = compat.deserialize(read_plan(self.path, self.meta))
         self.inputs, self.outputs = io_specs(self.trt_engine)
         batch = self.meta["batch"]
         self.min_batch, self.opt_batch, self.max_batch = int(batch["min"]), int(batch["opt"]), int(batch["max"])
@@ -245,7 +255,9 @@ class Engine:
             raise TrtnetError(f"{self.path.name} has no input {name!r}; its inputs: {', '.join(self.inputs)}")
         spec = self.inputs[name]
         value = np.asarray(value)
-        if value.shape[1:] != spec.shape[1:]:
+        dims = zip(spec.shape[1:], value.shape[1:])
+        fits = len(value.shape) == len(spec.shape) and all(d in (-1, v) for d, v in dims)
+        if not fits:
             takes = ", ".join(map(str, spec.shape[1:]))
             raise TrtnetError(f"input {name!r}: shape {list(value.shape)}, the engine takes [N, {takes}]")
         return np.ascontiguousarray(value, dtype=spec.dtype)
@@ -305,8 +317,10 @@ class Worker:
 
     # -- shapes and addresses
 
-    def prepare(self, batch: int) -> dict[str, tuple]:
-        """Set the input shapes for `batch`, size and bind every buffer; returns the I/O shapes."""
+    def prepare(self, batch: int, hw: tuple[int, int] | None = None) -> dict[str, tuple]:
+        """Set the input shapes for `batch`, size and bind every buffer; returns the I/O shapes.
+
+        `hw` is the input height and width for engines built with a dynamic size (default: the largest)."""
         engine = self.engine
         if not engine.min_batch <= batch <= engine.max_batch:
             raise TrtnetError(
@@ -316,6 +330,8 @@ class Worker:
         shapes = {}
         for name, spec in engine.inputs.items():
             shape = (batch, *spec.shape[1:])
+            if -1 in shape[2:]:
+                shape = (batch, shape[1], *(hw or engine.imgsz))
             if not self.context.set_input_shape(name, shape):
                 raise TrtnetError(f"TensorRT refused input shape {list(shape)} for {name!r}")
             shapes[name] = shape
@@ -375,7 +391,8 @@ class Worker:
 
     def infer(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         """Upload `feeds` (batch rows each), run, download every output (copies, safe to keep)."""
-        shapes = self.prepare(batch)
+        first = next(iter(feeds.values()))
+        shapes = self.prepare(batch, tuple(first.shape[2:4]) if first.ndim == 4 else None)
         for name, value in feeds.items():
             cuda_rt.upload(value, self.ptr(name), self.stream, self.host[name])
         self.enqueue(batch)
@@ -579,6 +596,27 @@ class DetectPipeline:
             worker.enqueue(batch, then=then, key="nms")
             max_det = self.settings.max_det
         return self._download(worker, len(images), max_det, dets_ptr, counts_ptr)
+
+    def run_letterboxed(self, x: np.ndarray) -> list[np.ndarray]:
+        """Rows per image for network inputs letterboxed elsewhere (float32 [n, 3, h, w], /255 RGB), e.g.
+        by trtnet.val's official rectangular-batch preprocessing; (h, w) may vary per call on engines
+        built with --min-imgsz."""
+        rows: list[np.ndarray] = []
+        engine = self.engine
+        x = engine._checked_input(engine.input_name, x)
+        for start, n, run_as in engine.batches(len(x)):
+            worker = engine.worker()
+            shapes = worker.prepare(run_as, tuple(x.shape[2:]))
+            chunk = _pad_batch(x[start:start + n], run_as)
+            cuda_rt.upload(chunk, worker.ptr(engine.input_name), worker.stream, worker.host[engine.input_name])
+            if self.in_engine:
+                worker.enqueue(run_as, key=("letterboxed", x.shape[2:]))
+                rows += self._download(worker, n, shapes["dets"][1], worker.ptr("dets"), worker.ptr("counts"))
+            else:
+                dets_ptr, counts_ptr, then = self._postprocess(worker, run_as, shapes)
+                worker.enqueue(run_as, then=then, key=("nms", x.shape[2:]))
+                rows += self._download(worker, n, self.settings.max_det, dets_ptr, counts_ptr)
+        return rows
 
     def _postprocess(self, worker: Worker, batch: int, shapes: Mapping[str, tuple]):
         """Buffers for decode + NMS at `batch` and the work to queue after the engine."""

@@ -15,6 +15,7 @@ the batch shape, lose about 1.2 points of mAP@0.5:0.95 and 2 of mAP@0.5.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from typing import Callable
@@ -27,10 +28,10 @@ from trtnet.datasets import (
     ClassificationDataset,
     DetectionDataset,
     batch_shapes,
+    letterbox_for_val,
     load_classification_dataset,
     load_detection_dataset,
 )
-from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.metrics import (
     ClassificationMetrics,
@@ -89,22 +90,43 @@ def evaluate_classification(
 
 
 def engine_predictor(engine: str, task: str, args) -> Callable:
-    """Where the engine runtime plugs in: a predictor for `evaluate_detection` / `evaluate_classification`."""
-    raise TrtnetError(f"cannot run {engine} yet: the engine runtime behind trtnet.val is not written "
-                      "(issue #6, engine half)")
+    """A predictor that runs a trtnet engine: the official val preprocessing on the CPU (it decides the
+    mAP: see the module docstring), the engine and decode + NMS kernels on the GPU."""
+    if task == "classify":
+        from trtnet.api import Classifier
+
+        return Classifier(engine).pipeline.run
+    from trtnet.api import Detector
+
+    detector = Detector(engine, conf=args.conf, iou=args.iou, max_det=args.max_det, multi_label=True)
+    return functools.partial(predict_letterboxed, detector.pipeline, args.imgsz)
+
+
+def predict_letterboxed(pipeline, imgsz: int, images: list, shape: tuple) -> list:
+    """One batch: official letterbox into `shape`, engine + decode/NMS, boxes back to image pixels."""
+    from trtnet.plugins.reference import scale_boxes
+
+    prepared = [letterbox_for_val(image, imgsz, shape) for image in images]
+    x = np.stack([p[:, :, ::-1].transpose(2, 0, 1) for p, _ in prepared]).astype(np.float32) / 255.0
+    rows = pipeline.run_letterboxed(np.ascontiguousarray(x))
+    out = []
+    for r, image, (_, ratio_pad) in zip(rows, images, prepared):
+        boxes = scale_boxes(shape, r[:, :4], image.shape[:2], ratio_pad)
+        out.append((boxes, r[:, 4].copy(), r[:, 5].astype(np.int64)))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     p = parser("val", "COCO mAP of a YOLOv5 engine, or top-1/top-5 of a ResNet engine, on a dataset.")
-    p.add_argument("--engine", required=True, help="the TensorRT engine to evaluate")
+    p.add_argument("engine", help="the TensorRT engine to evaluate (path or name in weights/)")
     p.add_argument("--data", required=True,
                    help="detect: YOLO dataset root (images/, labels/) or images folder; "
                         "classify: folder of images in class sub-folders or named <wnid>_…")
     p.add_argument("--task", choices=("detect", "classify"), default="detect")
     p.add_argument("--imgsz", type=int, default=640, help="inference size (long side), detect")
     p.add_argument("--batch", type=int, default=16, help="images per batch")
-    p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold (val.py's)")
-    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold (val.py's)")
+    p.add_argument("--conf", type=float, default=0.001, help="confidence threshold (val.py's)")
+    p.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold (val.py's)")
     p.add_argument("--max-det", type=int, default=300, help="detections kept per image")
     p.add_argument("--square", action="store_true", help="letterbox every batch to imgsz x imgsz "
                    "instead of val.py's per-batch rectangles")

@@ -43,10 +43,11 @@ PLAN = [
     ("resnet18_syn_fp16", "resnet18_syn", ["--fp16", "--batch", "2"]),
     ("resnet50_syn_fp32", "resnet50_syn", ["--fp32", "--batch", "2"]),
     ("resnet50_syn_fp16", "resnet50_syn", ["--fp16", "--batch", "2"]),
+    # detect, threads, val (rectangular batches: dynamic size) and bench use these two
     ("yolov5n_640_fp32", "yolov5n", ["--fp32", "--min-batch", "1", "--opt-batch", "16", "--max-batch", "32",
-                                     "--postprocess", "kernels"]),
+                                     "--min-imgsz", "128", "--postprocess", "kernels"]),
     ("yolov5n_640_fp16", "yolov5n", ["--fp16", "--min-batch", "1", "--opt-batch", "16", "--max-batch", "32",
-                                     "--postprocess", "kernels"]),
+                                     "--min-imgsz", "128", "--postprocess", "kernels"]),
     ("yolov5s_syn_640_fp16_b1", "yolov5s_syn", ["--fp16", "--batch", "1", "--postprocess", "kernels"]),
     ("yolov5s_syn_640_fp16_b32", "yolov5s_syn", ["--fp16", "--batch", "32", "--postprocess", "kernels"]),
     ("resnet50_syn_fp16_b32", "resnet50_syn", ["--fp16", "--batch", "32"]),

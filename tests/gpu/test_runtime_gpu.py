@@ -1,9 +1,9 @@
 """The runtime on a real GPU: engines vs the official goldens, threads, CUDA graphs, bad inputs.
 
 Needs an NVIDIA GPU and a TensorRT that runs engines (not torch). Engines come from $TRTNET_GPU_ENGINES
-(a folder holding yolov5n.fp32.engine / yolov5n.fp16.engine / resnet18.fp32.engine / resnet50.fp32.engine
-with their .json, built at the default sizes with --min-batch 1 --opt-batch 4 --max-batch 8) or are
-built here, once per session, from ../shared/data (gen_wts + build: minutes).
+(a folder with the engines + .json of tests/gpu/engines_gpu.py's plan — yolov5n_640_fp32/fp16 with
+--postprocess kernels, resnet18_syn_fp32, resnet50_syn_fp32 — or named yolov5n.fp16.engine etc.) or are
+built here, once per session, from ../shared/data (gen_wts + build, batch 1..8: minutes).
 
     python -m pytest -m gpu tests/gpu/test_runtime_gpu.py -ra
     python tests/gpu/test_runtime_gpu.py          # the same, as a script
@@ -50,7 +50,9 @@ CHECKPOINTS = {
     "resnet18": ("weights", "synthetic", "resnet18_syn.pth"),
     "resnet50": ("weights", "synthetic", "resnet50_syn.pth"),
 }
-MAX_BATCH = 8
+# Names an engine may have in $TRTNET_GPU_ENGINES: engines_gpu.py's plan, then trtnet.build's default.
+GIVEN_NAMES = {"yolov5n": ("yolov5n_640_{p}", "yolov5n.{p}"), "resnet18": ("resnet18_syn_{p}", "resnet18.{p}"),
+               "resnet50": ("resnet50_syn_{p}", "resnet50.{p}")}
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -68,10 +70,12 @@ def engine(engine_dir):
     built: dict = {}
 
     def get(name: str, precision: str) -> Path:
-        path = engine_dir / f"{name}.{precision}.engine"
-        if path.is_file() or (name, precision) in built:
-            return path
-        built[(name, precision)] = _build(engine_dir, name, precision)
+        for pattern in GIVEN_NAMES[name]:
+            path = engine_dir / f"{pattern.format(p=precision)}.engine"
+            if path.is_file():
+                return path
+        if (name, precision) not in built:
+            built[(name, precision)] = _build(engine_dir, name, precision)
         return built[(name, precision)]
 
     return get
@@ -87,7 +91,7 @@ def _build(folder: Path, name: str, precision: str) -> Path:
         gen_wts.convert(shared(*CHECKPOINTS[name]), wts, progress=False)
     mode = "kernels" if name.startswith("yolo") else "none"
     result = build(BuildRequest(weights=str(wts), precision=precision, weights_dir=str(folder),
-                                batch=BatchProfile(1, 4, MAX_BATCH), postprocess=PostprocessSettings(mode=mode),
+                                batch=BatchProfile(1, 4, 8), postprocess=PostprocessSettings(mode=mode),
                                 output=str(folder / f"{name}.{precision}.engine")), log=lambda *_: None)
     return result.engine
 
@@ -153,9 +157,10 @@ def test_threads_share_one_detector(engine):
 
     rng = np.random.default_rng(0)
     pool = [bus(), zidane(), bus()[::2, ::2].copy(), zidane()[100:500, 200:900].copy()]
-    requests = [[int(i) for i in rng.integers(0, len(pool), rng.integers(1, MAX_BATCH + 4))]
-                for _ in range(8 * 200)]  # some above the profile's 8: split
     with Detector(engine("yolov5n", "fp16")) as detector:
+        largest = min(detector.max_batch + 3, 11)  # above a profile of 8: split
+        requests = [[int(i) for i in rng.integers(0, len(pool), rng.integers(1, largest + 1))]
+                    for _ in range(8 * 200)]
         want = [detector.detect([pool[i] for i in request]) for request in requests]
         got: list = [None] * len(requests)
         errors: list = []
@@ -186,11 +191,13 @@ def test_batches_above_the_profile_are_split(engine):
 
     with Detector(engine("yolov5n", "fp16")) as detector:
         singles = [detector.detect(image)[0] for image in (bus(), zidane())]
-        many = detector.detect([bus(), zidane()] * 10)  # 20 images, profile max 8
-    assert len(many) == 20
-    for i, result in enumerate(many):
-        np.testing.assert_array_equal(result.classes, singles[i % 2].classes)
-        np.testing.assert_allclose(result.boxes, singles[i % 2].boxes, atol=0.5)
+        count = 2 * detector.max_batch + 3
+        many = detector.detect([(bus(), zidane())[i % 2] for i in range(count)])
+    assert len(many) == count
+    for i, result in enumerate(many):  # other batch sizes may run other kernels: compare confident boxes
+        got, want = result.scores > 0.3, singles[i % 2].scores > 0.3
+        np.testing.assert_array_equal(result.classes[got], singles[i % 2].classes[want])
+        np.testing.assert_allclose(result.boxes[got], singles[i % 2].boxes[want], atol=1.0)
 
 
 def test_odd_images(engine, tmp_path):
