@@ -1,6 +1,6 @@
 """The one Python side of every kernel in this folder: NVRTC compile → cubin cache → module → launch.
 
-Kernels are plain CUDA C files here (`letterbox.cu`, `decode.cu`, `nms.cu`, sharing `common.cuh`),
+Kernels are plain CUDA C files here (`letterbox.cu`, `decode.cu`, `nms.cu`, …, sharing `common.cuh`),
 compiled with NVRTC through cuda-python to a cubin for the device's exact compute capability (a cubin
 needs no driver JIT, which a driver older than NVRTC could not do for PTX). Cubins are cached on disk,
 keyed by source, arch, NVRTC version and options; modules are loaded once per process per CUDA context.
@@ -17,14 +17,14 @@ import ctypes
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("letterbox", "decode", "nms")
+MODULES = tuple(sorted(p.stem for p in HERE.glob("*.cu")))  # letterbox, decode, nms, …
 # --fmad=false: float expressions round exactly like the PyTorch/NumPy code the kernels reproduce.
 OPTIONS = ("--std=c++17", "--fmad=false")
 

@@ -6,9 +6,8 @@ operation order as the official PyTorch code and torchvision's NMS, so threshold
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-import cv2
 import numpy as np
 
 MAX_WH = 7680  # official class offset: boxes + cls * MAX_WH never overlap across classes
@@ -38,6 +37,8 @@ def letterbox(img_bgr: np.ndarray, new_shape, color: int = 114):
 
     Returns (img, (r, r), (dw, dh)) like the official function: the resized, padded uint8 HWC image.
     """
+    import cv2  # only the letterbox reference needs OpenCV
+
     h, w = img_bgr.shape[:2]
     r, (new_w, new_h), (top, bottom, left, right) = letterbox_geometry(h, w, new_shape)
     if (w, h) != (new_w, new_h):
@@ -150,7 +151,8 @@ def iou_one_to_many(box: np.ndarray, area: np.float32, boxes: np.ndarray, areas:
     w = np.maximum(np.float32(0), np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]))
     h = np.maximum(np.float32(0), np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]))
     inter = w * h
-    return inter / (area + areas - inter)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 (two empty boxes) → NaN → not above
+        return inter / (area + areas - inter)
 
 
 def greedy_nms(boxes: np.ndarray, iou: float, max_keep: int | None = None) -> np.ndarray:

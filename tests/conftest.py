@@ -36,3 +36,14 @@ requires_tensorrt = pytest.mark.skipif(
     not (has_module("tensorrt") or has_module("tensorrt_rtx") or has_module("tensorrt_rtx_bindings")),
     reason="no TensorRT flavour installed (extra: rtx)",
 )
+
+
+# The checkpoints in ../shared/data/weights, by the names the tests use.
+CHECKPOINTS = {
+    "yolov5n": ("yolov5n.pt",),
+    "yolov5s_syn": ("synthetic", "yolov5s_syn.pt"),
+    "yolov5n6_syn": ("synthetic", "yolov5n6_syn.pt"),
+    "yolov5s_v50_syn": ("synthetic", "yolov5s_v50_syn.pt"),
+    "resnet18_syn": ("synthetic", "resnet18_syn.pth"),
+    "resnet50_syn": ("synthetic", "resnet50_syn.pth"),
+}

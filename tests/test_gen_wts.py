@@ -18,19 +18,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, requires_torch, shared
+from tests.conftest import CHECKPOINTS, REPO, requires_torch, shared
 from trtnet import __version__
 from trtnet.gen_wts import cli, convert
 from trtnet.weights import load_weights
-
-CHECKPOINTS = {
-    "yolov5n": ("yolov5n.pt",),
-    "yolov5s_syn": ("synthetic", "yolov5s_syn.pt"),
-    "yolov5n6_syn": ("synthetic", "yolov5n6_syn.pt"),
-    "yolov5s_v50_syn": ("synthetic", "yolov5s_v50_syn.pt"),
-    "resnet18_syn": ("synthetic", "resnet18_syn.pth"),
-    "resnet50_syn": ("synthetic", "resnet50_syn.pth"),
-}
 
 
 def permissive_pickle_module() -> types.ModuleType:

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import requires_tensorrt, shared
+from tests.conftest import CHECKPOINTS, requires_tensorrt, shared
 from trtnet.graph import ShapeRecorder
 from trtnet.network import BatchProfile, define_network, meta_for_arch
 
 pytestmark = requires_tensorrt
 
-CHECKPOINTS = {
-    "yolov5n": ("yolov5n.pt",),
-    "yolov5s_syn": ("synthetic", "yolov5s_syn.pt"),
-    "yolov5n6_syn": ("synthetic", "yolov5n6_syn.pt"),
-    "yolov5s_v50_syn": ("synthetic", "yolov5s_v50_syn.pt"),
-    "resnet18_syn": ("synthetic", "resnet18_syn.pth"),
-    "resnet50_syn": ("synthetic", "resnet50_syn.pth"),
-}
 PRECISIONS = ["fp32", "fp16"]
 BATCHES = {"static": BatchProfile(2, 2, 2), "dynamic": BatchProfile(1, 4, 8)}
 

@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
+import os as _os  # noqa: E402
+
+# In a source checkout that is not installed (a Jetson, the GPU harness), `trtnet.networks` and
+# `trtnet.plugins` are the top-level networks/ and plugins/ folders, as the installed package maps them.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "networks", "yolov5.py")) and _checkout not in __path__:
+    __path__.append(_checkout)
+
 from trtnet.errors import TrtnetError  # noqa: E402
 
 __all__ = ["Classifier", "Detector", "TrtnetError", "__version__"]

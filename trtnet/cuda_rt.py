@@ -81,8 +81,10 @@ def _finalizer(owner: Any, release: Callable, handle: Any) -> weakref.finalize:
     return weakref.finalize(owner, _release, handle)
 
 
-class DeviceBuffer:
-    """Device memory that grows on demand; `ptr` is the address TensorRT and kernels take."""
+class _GrowingBuffer:
+    """Memory that grows on demand: `ensure(n)` reallocates when n is larger than what it holds."""
+
+    _alloc = _free_fn = ""  # cudart function names
 
     def __init__(self, nbytes: int = 0):
         self.ptr = 0
@@ -96,9 +98,9 @@ class DeviceBuffer:
             return False
         self.close()
         rt = cudart()
-        self.ptr = int(check(rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
+        self.ptr = int(check(getattr(rt, self._alloc)(nbytes), f"{self._alloc}({nbytes} bytes)"))
         self.nbytes = nbytes
-        self._free = _finalizer(self, rt.cudaFree, self.ptr)
+        self._free = _finalizer(self, getattr(rt, self._free_fn), self.ptr)
         return True
 
     def close(self) -> None:
@@ -107,24 +109,16 @@ class DeviceBuffer:
         self._free, self.ptr, self.nbytes = None, 0, 0
 
 
-class PinnedBuffer:
-    """Page-locked host memory (fast async copies) that grows on demand, viewed as numpy arrays."""
+class DeviceBuffer(_GrowingBuffer):
+    """Device memory; `ptr` is the address TensorRT and kernels take."""
 
-    def __init__(self, nbytes: int = 0):
-        self.ptr = 0
-        self.nbytes = 0
-        self._free: weakref.finalize | None = None
-        self.ensure(nbytes)
+    _alloc, _free_fn = "cudaMalloc", "cudaFree"
 
-    def ensure(self, nbytes: int) -> bool:
-        if nbytes <= self.nbytes:
-            return False
-        self.close()
-        rt = cudart()
-        self.ptr = int(check(rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes} bytes)"))
-        self.nbytes = nbytes
-        self._free = _finalizer(self, rt.cudaFreeHost, self.ptr)
-        return True
+
+class PinnedBuffer(_GrowingBuffer):
+    """Page-locked host memory (fast async copies), viewed as numpy arrays."""
+
+    _alloc, _free_fn = "cudaMallocHost", "cudaFreeHost"
 
     def view(self, shape: tuple[int, ...], dtype: Any, offset: int = 0) -> np.ndarray:
         """A numpy array over the buffer (valid until the buffer grows or closes)."""
@@ -134,11 +128,6 @@ class PinnedBuffer:
             raise ValueError(f"view of {count * dtype.itemsize} bytes at {offset} exceeds {self.nbytes}")
         raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr + offset)
         return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
-
-    def close(self) -> None:
-        if self._free is not None:
-            self._free()
-        self._free, self.ptr, self.nbytes = None, 0, 0
 
 
 class Stream:

@@ -65,7 +65,8 @@ def build_all(data: Path, out: Path, jobs: int, only: set) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name, ckpt in CHECKPOINTS.items():
         if not (out / f"{name}.wts").exists():
-            code, _ = run([sys.executable, "-m", "trtnet.gen_wts", str(data / ckpt), "-o", str(out)], out / f"{name}.gen.log")
+            cmd = [sys.executable, "-m", "trtnet.gen_wts", str(data / ckpt), "-o", str(out)]
+            code, _ = run(cmd, out / f"{name}.gen.log")
             assert code == 0, (out / f"{name}.gen.log").read_text()
     plan = [p for p in PLAN if not only or p[0] in only]
 
@@ -88,7 +89,7 @@ def check_all(data: Path, out: Path, report: Path) -> dict:
 
     results = {}
     saved = {}
-    for name, weights, args in PLAN[:8]:
+    for name, weights, _ in PLAN[:8]:
         path = out / f"{name}.engine"
         if not path.exists():
             results[name] = {"error": "not built"}
@@ -104,7 +105,8 @@ def check_all(data: Path, out: Path, report: Path) -> dict:
                 ref = golden[key].astype(np.float32)
                 err = np.abs(value.astype(np.float32) - ref)
                 span = float(ref.max() - ref.min())
-                row[key] = {"max_abs": float(err.max()), "mean_abs": float(err.mean()), "max_rel_range": float(err.max()) / span}
+                row[key] = {"max_abs": float(err.max()), "mean_abs": float(err.mean()),
+                            "max_rel_range": float(err.max()) / span}
         engine.close()
         results[name] = row
         print(name, json.dumps(row), flush=True)
