@@ -29,6 +29,7 @@ MODULES = tuple(sorted(p.stem for p in HERE.glob("*.cu")))  # letterbox, decode,
 OPTIONS = ("--std=c++17", "--fmad=false")
 
 _lock = threading.Lock()
+_initialized = False
 _modules: dict[tuple[int, str], object] = {}  # (context, module name) → CUmodule
 _functions: dict[tuple[int, str], object] = {}  # (context, "module.kernel") → CUfunction
 
@@ -165,8 +166,14 @@ def compile_all(arch) -> dict[str, bytes]:
 
 def current_context() -> int:
     """The calling thread's CUDA context (the primary context of device 0 when it has none)."""
+    global _initialized
     driver, _ = _bindings()
-    _check_cuda(driver.cuInit(0), "init (is there an NVIDIA GPU and driver?)")
+    if not _initialized:
+        try:
+            _check_cuda(driver.cuInit(0), "init")
+        except RuntimeError as exc:  # cuda-python cannot find libcuda
+            raise TrtnetError(f"no NVIDIA driver found ({exc}): trtnet's CUDA kernels need an NVIDIA GPU") from exc
+        _initialized = True
     ctx = _check_cuda(driver.cuCtxGetCurrent(), "get current context")
     if int(ctx) == 0:
         device = _check_cuda(driver.cuDeviceGet(0), "get device 0")
@@ -222,8 +229,8 @@ def launch(qualified: str, grid: Sequence[int], block: Sequence[int], args: Sequ
     pointers = (ctypes.c_void_p * max(1, len(args)))(*[ctypes.addressof(a) for a in args])
     driver, _ = _bindings()
     _check_cuda(
-        driver.cuLaunchKernel(function(qualified), *_dims(grid), *_dims(block), int(shared), int(stream),
-                              ctypes.addressof(pointers), 0),
+        driver.cuLaunchKernel(function(qualified), *_dims(grid), *_dims(block), int(shared),
+                              driver.CUstream(int(stream)), ctypes.addressof(pointers), 0),
         f"launch {qualified}",
     )
 
@@ -232,4 +239,5 @@ def memset32(ptr: int, value: int, count: int, stream: int = 0) -> None:
     """Fill `count` 32-bit words at device address `ptr`, asynchronously on `stream`."""
     driver, _ = _bindings()
     if count:
-        _check_cuda(driver.cuMemsetD32Async(int(ptr), int(value), int(count), int(stream)), "memset")
+        _check_cuda(driver.cuMemsetD32Async(driver.CUdeviceptr(int(ptr)), int(value), int(count),
+                                            driver.CUstream(int(stream))), "memset")

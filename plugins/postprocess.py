@@ -17,9 +17,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trtnet.plugins import cuda
-
 from trtnet.errors import TrtnetError
+from trtnet.plugins import cuda
 
 MAX_LEVELS = 5  # decode.cu
 MAX_ANCHORS = 4  # decode.cu, per level

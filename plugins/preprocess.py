@@ -14,10 +14,9 @@ import ctypes
 import math
 from collections.abc import Sequence
 
+from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
 from trtnet.plugins.reference import letterbox_geometry
-
-from trtnet.errors import TrtnetError
 
 MAX_IMAGES = 64  # letterbox.cu: images per launch
 DTYPES = {"float32": 0, "float16": 1}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import ctypes
 
 import pytest
-from trtnet.plugins import cuda, postprocess, preprocess
 
 from trtnet.errors import TrtnetError
+from trtnet.plugins import cuda, postprocess, preprocess
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 

@@ -190,11 +190,10 @@ def test_cpu_reference_val_of_yolov5n_reproduces_the_official_run():
 
 def reference_predictor(weights: Path, settings: dict):
     """val.py's model step on the CPU: letterbox_for_val, our network, official decode, NMS, scale_boxes."""
-    from trtnet.plugins import reference as official
-
     from trtnet import compat
     from trtnet.checkpoint import read_checkpoint
     from trtnet.network import BatchProfile, define_network
+    from trtnet.plugins import reference as official
     from trtnet.reference import run_network
 
     checkpoint = read_checkpoint(weights)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from trtnet.plugins import reference as ref
 
 from tests.conftest import has_module, shared
+from trtnet.plugins import reference as ref
 
 # Official defaults (models/yolov5s.yaml, models/hub/yolov5n6.yaml), independent of our code.
 P5 = dict(strides=[8, 16, 32], anchors=[[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119],

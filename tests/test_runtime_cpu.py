@@ -410,7 +410,6 @@ def test_classify_kernel_compiles_and_its_parameters_match_the_python_layout():
     import ctypes
 
     from trtnet.plugins import cuda
-
     from trtnet.runtime import _ClsBatch, _ClsImage
 
     source = (Path(cuda.__file__).parent / "classify_preprocess.cu").read_text()
@@ -643,10 +642,9 @@ SIM = SimGpu()
 
 @pytest.fixture
 def sim_detector(tmp_path, monkeypatch):
+    import trtnet.cuda_rt
     import trtnet.plugins.postprocess
     import trtnet.plugins.preprocess
-
-    import trtnet.cuda_rt
 
     golden = np.load(shared("golden", "golden_yolov5n_bus320.npz"))
     monkeypatch.setattr(trtnet.cuda_rt, "cudart", lambda: SIM.rt)
@@ -749,9 +747,8 @@ def channel_means(batch, address):
 
 
 def test_simulated_classifier_preprocesses_like_torchvision(tmp_path, monkeypatch):
-    import trtnet.plugins.cuda
-
     import trtnet.cuda_rt
+    import trtnet.plugins.cuda
     from trtnet.api import Classifier
 
     sim = SimEngine(SIM, {"input": (-1, 3, 224, 224), "logits": (-1, 3)}, channel_means)
