@@ -15,8 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trtnet.cli import parser, run
-from trtnet.errors import TrtnetError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from trtnet.cli import parser, run  # noqa: E402
+from trtnet.errors import TrtnetError  # noqa: E402
 
 
 def read_names(path: str) -> list[str]:

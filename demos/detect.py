@@ -16,8 +16,11 @@ The Python API underneath, for your own programs:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from trtnet.detect import cli
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from trtnet.detect import cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(cli())

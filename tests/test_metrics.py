@@ -17,8 +17,9 @@ import pytest
 
 from tests.conftest import requires_tensorrt, requires_torch, shared
 from trtnet.datasets import DatasetWarning, DetectionSample, letterbox_for_val, load_detection_dataset
+from trtnet.errors import TrtnetError
 from trtnet.metrics import classification_metrics, detection_metrics, topk_accuracy
-from trtnet.val import evaluate_detection
+from trtnet.val import check_engine_takes, evaluate_detection, val_batches
 
 pytest.importorskip("pycocotools")
 
@@ -146,6 +147,21 @@ def test_oracle_on_coco128_scores_one_in_val_batches():
     assert (m.images, m.instances) == (128, 929)
     assert [n for n, _ in calls] == [16] * 8
     assert all(h % 32 == 0 and w % 32 == 0 and max(h, w) == 672 for _, (h, w) in calls)
+
+
+def test_engines_that_cannot_take_the_val_batches_are_refused_before_the_first_batch():
+    from trtnet.runtime import Engine
+
+    with pytest.warns(DatasetWarning):
+        dataset = load_detection_dataset(shared("coco128"))
+    shapes = val_batches(dataset, 640, 16)[1]
+    engine = Engine.__new__(Engine)  # only the metadata matters here: no TensorRT, no GPU
+    engine.path, engine.meta = Path("yolov5n.engine"), {"imgsz": [640, 640], "min_imgsz": 128}
+    with pytest.raises(TrtnetError, match=r"outside yolov5n.engine's range 128..640: rebuild"):
+        check_engine_takes(engine, shapes)
+    engine.meta["max_imgsz"] = 672
+    check_engine_takes(engine, shapes)
+    check_engine_takes(engine, val_batches(dataset, 640, 16, rect=False)[1])
 
 
 def digest(im: np.ndarray) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import CHECKPOINTS, requires_tensorrt, shared
+from trtnet.errors import TrtnetError
 from trtnet.graph import ShapeRecorder
 from trtnet.network import BatchProfile, define_network, meta_for_arch
 
@@ -95,8 +96,8 @@ def test_depth_and_width_multiples_follow_parse_model(arch, c3_repeats, stem_cha
 
 
 def test_dynamic_input_size_builds_and_matches_static(checkpoints):
-    """--min-imgsz: H and W dynamic (rectangular val batches). At 320x320 it is the same function as the
-    static 320 network, and it also runs on a rectangular input."""
+    """--min-imgsz/--max-imgsz: H and W dynamic (rectangular val batches). At 320x320 it is the same
+    function as the static 320 network, and it also runs on rectangular inputs on either side of 320."""
     import numpy as np
 
     from trtnet import compat
@@ -106,8 +107,10 @@ def test_dynamic_input_size_builds_and_matches_static(checkpoints):
     ckpt = checkpoints("yolov5n")
     static = define(ckpt.state_dict, ckpt.meta, "fp32", BatchProfile(1, 1, 2), 320)
     builder = compat.trt().Builder(compat.Logger())
-    dyn = define_network(builder, ckpt.state_dict, ckpt.meta, batch=BatchProfile(1, 1, 2), imgsz=320, min_imgsz=128)
+    dyn = define_network(builder, ckpt.state_dict, ckpt.meta, batch=BatchProfile(1, 1, 2), imgsz=320, min_imgsz=128,
+                         max_imgsz=352)
     assert tuple(dyn.network.get_input(0).shape) == (-1, 3, -1, -1)
+    assert dyn.profiles(BatchProfile(1, 1, 2)) == [("images", (1, 3, 128, 128), (1, 3, 320, 320), (2, 3, 352, 352))]
     assert dyn.strides == [8, 16, 32]
     config = compat.builder_config(builder, compat.BuildOptions(profiles=dyn.profiles(BatchProfile(1, 1, 2))))
     assert compat.build_serialized(builder, dyn.network, config)
@@ -118,3 +121,17 @@ def test_dynamic_input_size_builds_and_matches_static(checkpoints):
         np.testing.assert_array_equal(dynamic_out[k], static_out[k])
     rect = run_network(dyn.network, {"images": x[:, :, :256, :]})
     assert [rect[k].shape[2:] for k in ("raw_0", "raw_1", "raw_2")] == [(32, 40), (16, 20), (8, 10)]
+    wide = run_network(dyn.network, {"images": np.pad(x, ((0, 0), (0, 0), (0, 0), (0, 32)))})
+    assert [wide[k].shape[2:] for k in ("raw_0", "raw_1", "raw_2")] == [(40, 44), (20, 22), (10, 11)]
+
+
+@pytest.mark.parametrize("lo, hi, message", [(16, None, "--min-imgsz 16 must lie between 32 and the input size 320"),
+                                             (400, None, "--min-imgsz 400 must lie between"),
+                                             (None, 288, "--max-imgsz 288 must be at least the input size 320")])
+def test_dynamic_size_range_is_checked(checkpoints, lo, hi, message):
+    ckpt = checkpoints("yolov5n")
+    from trtnet import compat
+
+    with pytest.raises(TrtnetError, match=message):
+        define_network(compat.trt().Builder(compat.Logger()), ckpt.state_dict, ckpt.meta, imgsz=320,
+                       min_imgsz=lo, max_imgsz=hi)

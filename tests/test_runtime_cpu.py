@@ -805,3 +805,40 @@ def test_bench_says_why_there_is_no_torch_comparison(tmp_path):
         assert "--yolov5-src" in why
     else:
         assert "no CUDA" in why
+
+
+@requires_torch
+def test_bench_torch_only_says_why_it_cannot_time_torch(sim_detector, capsys):
+    import torch
+
+    from trtnet import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the message of a machine without CUDA torch")
+    assert bench.cli([str(sim_detector.path), "--torch-only", "--batch", "1"]) != 0
+    assert "--torch-only: torch has no CUDA here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("meta, hw, message", [
+    ({"imgsz": [640, 640]}, (480, 640), "takes 640x640 inputs only, not 480x640"),
+    ({"imgsz": [640, 640], "min_imgsz": 128}, (672, 512), r"672x512 lies outside e.engine's range 128..640"),
+    ({"imgsz": [640, 640], "min_imgsz": 128, "max_imgsz": 672}, (64, 640), r"range 128..672: rebuild"),
+])
+def test_input_sizes_outside_the_engine_are_refused_with_the_flags_to_rebuild(meta, hw, message):
+    from trtnet.runtime import Engine
+
+    engine = Engine.__new__(Engine)  # only the metadata matters here: no TensorRT, no GPU
+    engine.path, engine.meta = Path("e.engine"), meta
+    with pytest.raises(TrtnetError, match=message):
+        engine.check_size(hw)
+    engine.check_size(engine.imgsz)
+
+
+def test_dynamic_size_range_accepts_sizes_within_it():
+    from trtnet.runtime import Engine
+
+    engine = Engine.__new__(Engine)
+    engine.path, engine.meta = Path("e.engine"), {"imgsz": [640, 640], "min_imgsz": 128, "max_imgsz": 672}
+    assert engine.size_range == (128, 672)
+    for hw in [(128, 128), (448, 672), (672, 672), (640, 480)]:
+        engine.check_size(hw)

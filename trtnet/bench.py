@@ -250,12 +250,29 @@ def bench_engine(args) -> list[Timing]:
                                      measure(end_to_end_step(model, batch), args.iters, args.warmup),
                                      f"{E2E_IMAGE_HW[1]}x{E2E_IMAGE_HW[0]} uint8 → results"))
             if torch_model_ is not None:
-                import torch
-
-                shape = (batch, 3, *engine.imgsz)
-                for mode, step in torch_steps(torch, torch_model_, shape).items():
-                    timings.append(Timing.of(mode, batch, measure(step, args.iters, args.warmup), "fp16"))
+                timings += torch_timings(torch_model_, (batch, 3, *engine.imgsz), args)
     return timings
+
+
+def torch_timings(model, shape: tuple, args) -> list[Timing]:
+    import torch
+
+    return [Timing.of(mode, shape[0], measure(step, args.iters, args.warmup), "fp16")
+            for mode, step in torch_steps(torch, model, shape).items()]
+
+
+def bench_torch_only(args) -> list[Timing]:
+    """The PyTorch side alone, from the engine's metadata and weights: for machines where TensorRT's
+    Python and torch live in different interpreters (run both on the same GPU, one after the other)."""
+    from trtnet.runtime import load_metadata, resolve_engine
+
+    path = resolve_engine(args.engine, args.weights_dir)
+    meta = load_metadata(path)
+    model, why_not = torch_model(meta, path, args.weights_dir, args.yolov5_src)
+    if model is None:
+        raise TrtnetError(f"--torch-only: {why_not}")
+    h, w = meta["imgsz"]
+    return [t for batch in parse_batches(args.batch) for t in torch_timings(model, (batch, 3, h, w), args)]
 
 
 def kernels_main(argv: Sequence[str]) -> int | None:
@@ -282,13 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     p.add_argument("--warmup", type=int, default=20, help="untimed runs first")
     p.add_argument("--cuda-graphs", action="store_true", help="run the engine (and NMS) as CUDA graphs")
     p.add_argument("--compare-torch", action="store_true", help="also time the model in PyTorch fp16")
+    p.add_argument("--torch-only", action="store_true", help="time only the PyTorch side (where torch and "
+                   "TensorRT live in different Pythons; no engine is loaded)")
     p.add_argument("--yolov5-src", help="folder of the official ultralytics/yolov5 code (for --compare-torch)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (- = stdout)")
     p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be at least 1 and --warmup at least 0")
-    timings = bench_engine(args)
+    timings = bench_torch_only(args) if args.torch_only else bench_engine(args)
     if args.json == "-":
         print(json.dumps([asdict(t) for t in timings], indent=1))
         return 0

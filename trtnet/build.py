@@ -43,6 +43,7 @@ class BuildRequest:
     precision: str = "fp32"
     imgsz: int | None = None
     min_imgsz: int | None = None
+    max_imgsz: int | None = None
     batch: BatchProfile = field(default_factory=BatchProfile)
     workspace_gib: float | None = None
     tf32: bool = False
@@ -116,7 +117,7 @@ def build(req: BuildRequest, log=print) -> BuildResult:
     builder = t.Builder(logger)
     defined = define_network(builder, tensors, meta, precision=req.precision, batch=req.batch,
                              imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path),
-                             min_imgsz=req.min_imgsz)
+                             min_imgsz=req.min_imgsz, max_imgsz=req.max_imgsz)
     if req.postprocess.mode != "none" and defined.family != "yolov5":
         raise TrtnetError("--postprocess applies to YOLOv5 detectors only")
     _check_postprocess_mode(req.postprocess.mode)
@@ -182,6 +183,7 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
         "tf32": req.tf32,
         "imgsz": [h, w],
         "min_imgsz": defined.min_imgsz,
+        "max_imgsz": defined.max_imgsz,
         "batch": asdict(req.batch),
         "input": {"name": defined.input_name, "dtype": "float32"},
         "outputs": defined.output_names,
@@ -296,8 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(precision="fp32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 math in fp32 layers (faster, ~1e-2 error)")
     p.add_argument("--imgsz", type=int, help="square input size (default: the model's, e.g. 640 / 224)")
-    p.add_argument("--min-imgsz", type=int, help="dynamic input size from this side up to --imgsz (e.g. for "
-                                                   "the rectangular batches of trtnet.val)")
+    p.add_argument("--min-imgsz", type=int, help="dynamic input size: smallest side (default --imgsz)")
+    p.add_argument("--max-imgsz", type=int, help="dynamic input size: largest side (default --imgsz); trtnet.val's "
+                                                   "rectangular batches need --imgsz + 32, e.g. 672 at 640")
     p.add_argument("--batch", type=int, help="static batch size")
     p.add_argument("--min-batch", type=int, help="dynamic batch: smallest")
     p.add_argument("--opt-batch", type=int, help="dynamic batch: the size TensorRT tunes for")
@@ -321,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     req = BuildRequest(
         weights=args.weights, precision=args.precision, imgsz=args.imgsz, min_imgsz=args.min_imgsz,
+        max_imgsz=args.max_imgsz,
         batch=parse_batch(args),
         workspace_gib=args.workspace, tf32=args.tf32,
         target_cc=tuple(c for c in args.target_cc.split(",") if c),

@@ -53,15 +53,17 @@ class DefinedNetwork:
     output_names: list
     meta: dict = field(default_factory=dict)
     strides: list = field(default_factory=list)  # YOLO heads: input size / head size, per level
-    imgsz: tuple = ()  # the largest (h, w): the static size, or the top of a dynamic size range
-    min_imgsz: int | None = None  # the smallest side when the input size is dynamic
+    imgsz: tuple = ()  # (h, w): the static size, or the size a dynamic size range is tuned for
+    min_imgsz: int | None = None  # dynamic size: the smallest side
+    max_imgsz: int | None = None  # dynamic size: the largest side
 
     def profiles(self, batch: BatchProfile) -> list:
         if not batch.dynamic and self.min_imgsz is None:
             return []
         h, w = self.imgsz
-        lo = self.min_imgsz or h, self.min_imgsz or w
-        return [(self.input_name, (batch.min, 3, *lo), (batch.opt, 3, h, w), (batch.max, 3, h, w))]
+        lo = (self.min_imgsz, self.min_imgsz) if self.min_imgsz else (h, w)
+        hi = (self.max_imgsz, self.max_imgsz) if self.max_imgsz else (h, w)
+        return [(self.input_name, (batch.min, 3, *lo), (batch.opt, 3, h, w), (batch.max, 3, *hi))]
 
 
 def family_of(meta: Mapping) -> str:
@@ -79,16 +81,17 @@ def default_imgsz(meta: Mapping) -> int:
 
 def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, meta: Mapping, *, precision: str = "fp32",
                    batch: BatchProfile = BatchProfile(), imgsz: int | tuple[int, int] | None = None,
-                   softmax: bool = False, source: str = "weights", min_imgsz: int | None = None) -> DefinedNetwork:
+                   softmax: bool = False, source: str = "weights", min_imgsz: int | None = None,
+                   max_imgsz: int | None = None) -> DefinedNetwork:
     """Define the network that `meta` describes with `tensors` in a new INetworkDefinition.
 
-    With `min_imgsz`, height and width are dynamic from `min_imgsz` up to `imgsz` (e.g. for the
-    rectangular batches of validation); otherwise the input size is static."""
+    With `min_imgsz` and/or `max_imgsz`, height and width are dynamic from `min_imgsz` to `max_imgsz`
+    (each defaults to `imgsz`, the size TensorRT tunes for), e.g. for the rectangular batches of
+    validation; otherwise the input size is static."""
     family = family_of(meta)
     size = imgsz or default_imgsz(meta)
     top = (size, size) if isinstance(size, int) else tuple(size)
-    if min_imgsz is not None and not 32 <= min_imgsz <= min(top):
-        raise TrtnetError(f"--min-imgsz {min_imgsz} must lie between 32 and the input size {min(top)}")
+    min_imgsz, max_imgsz = size_range(top, min_imgsz, max_imgsz)
     hw = (-1, -1) if min_imgsz is not None else top
     network = compat.create_network(builder)
     store = tensors if isinstance(tensors, WeightStore) else WeightStore(tensors, source)
@@ -100,7 +103,20 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     heads = [network.get_output(i) for i in range(network.num_outputs)]
     strides = yolo_strides(heads, hw, meta) if family == "yolov5" else []
     return DefinedNetwork(network, g, family, module.INPUT, (batch.dim, 3, *hw), [t.name for t in heads],
-                          dict(meta), strides, top, min_imgsz)
+                          dict(meta), strides, top, min_imgsz, max_imgsz)
+
+
+def size_range(imgsz: tuple, min_imgsz: int | None, max_imgsz: int | None) -> tuple:
+    """(smallest, largest) side of a dynamic input size, or (None, None) for a static one."""
+    if min_imgsz is None and max_imgsz is None:
+        return None, None
+    lo = min(imgsz) if min_imgsz is None else min_imgsz
+    hi = max(imgsz) if max_imgsz is None else max_imgsz
+    if not 32 <= lo <= min(imgsz):
+        raise TrtnetError(f"--min-imgsz {lo} must lie between 32 and the input size {min(imgsz)}")
+    if hi < max(imgsz):
+        raise TrtnetError(f"--max-imgsz {hi} must be at least the input size {max(imgsz)}")
+    return lo, hi
 
 
 def yolo_strides(heads: list, hw: tuple, meta: Mapping) -> list:

@@ -221,6 +221,22 @@ class Engine:
         h, w = self.meta["imgsz"]
         return int(h), int(w)
 
+    @property
+    def size_range(self) -> tuple[int, int] | None:
+        """(smallest, largest) input side of an engine built with a dynamic size, else None."""
+        lo = self.meta.get("min_imgsz")
+        return None if lo is None else (int(lo), int(self.meta.get("max_imgsz") or max(self.imgsz)))
+
+    def check_size(self, hw: tuple[int, int]) -> None:
+        span = self.size_range
+        if span is None and tuple(hw) != self.imgsz:
+            raise TrtnetError(f"{self.path.name} takes {self.imgsz[0]}x{self.imgsz[1]} inputs only, not "
+                              f"{hw[0]}x{hw[1]}: rebuild with --min-imgsz/--max-imgsz for other sizes")
+        if span is not None and not all(span[0] <= side <= span[1] for side in hw):
+            raise TrtnetError(f"input size {hw[0]}x{hw[1]} lies outside {self.path.name}'s range {span[0]}.."
+                              f"{span[1]}: rebuild with --min-imgsz/--max-imgsz covering it (trtnet.val's "
+                              "rectangular batches reach --imgsz + 32)")
+
     def worker(self) -> Worker:
         """This thread's execution context, stream and buffers (made on first use)."""
         if self.closed:
@@ -320,13 +336,15 @@ class Worker:
     def prepare(self, batch: int, hw: tuple[int, int] | None = None) -> dict[str, tuple]:
         """Set the input shapes for `batch`, size and bind every buffer; returns the I/O shapes.
 
-        `hw` is the input height and width for engines built with a dynamic size (default: the largest)."""
+        `hw` is the input height and width for engines built with a dynamic size (default: `imgsz`)."""
         engine = self.engine
         if not engine.min_batch <= batch <= engine.max_batch:
             raise TrtnetError(
                 f"batch {batch} is outside the engine's profile {engine.min_batch}..{engine.max_batch} "
                 "(Engine.infer and the pipelines split larger batches)"
             )
+        if hw is not None:
+            engine.check_size(hw)
         shapes = {}
         for name, spec in engine.inputs.items():
             shape = (batch, *spec.shape[1:])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -59,16 +59,8 @@ def evaluate_detection(
     max_det: int = 300,
     verbose: bool = False,
 ) -> DetectionMetrics:
-    """Run `predict` over the dataset in val.py's batches and score the detections.
-
-    With `rect` (val.py's choice for PyTorch models) batches are grouped by aspect ratio and each has its
-    own letterbox shape; without it every batch is `imgsz` x `imgsz` in file order (val.py's choice for
-    exported engines). A static-shape engine ignores the shape it is given, which costs a little mAP.
-    """
-    if rect:
-        order, shapes = batch_shapes([(s.width, s.height) for s in dataset], imgsz, stride, pad, batch)
-    else:
-        order, shapes = np.arange(len(dataset)), np.full(((len(dataset) + batch - 1) // batch, 2), imgsz)
+    """Run `predict` over the dataset in val.py's batches and score the detections."""
+    order, shapes = val_batches(dataset, imgsz, batch, stride, pad, rect)
     detections: list = [None] * len(dataset)
     for b, (height, width) in enumerate(tqdm(shapes, desc="val", unit="batch", disable=not verbose)):
         indices = order[b * batch:(b + 1) * batch]
@@ -80,6 +72,22 @@ def evaluate_detection(
     return detection_metrics(dataset.samples, detections, max_det=max_det, verbose=verbose)
 
 
+def val_batches(dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, stride: int = 32, pad: float = 0.5,
+                rect: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Image order and per-batch letterbox (height, width). With `rect` (val.py's choice for PyTorch
+    models) batches are grouped by aspect ratio and each has its own shape, up to imgsz + stride;
+    without it every batch is `imgsz` x `imgsz` in file order (val.py's choice for exported engines)."""
+    if rect:
+        return batch_shapes([(s.width, s.height) for s in dataset], imgsz, stride, pad, batch)
+    return np.arange(len(dataset)), np.full(((len(dataset) + batch - 1) // batch, 2), imgsz)
+
+
+def check_engine_takes(engine, shapes: np.ndarray) -> None:
+    """Refuse before the first batch when the engine cannot take every batch shape."""
+    for height, width in {(int(h), int(w)) for h, w in shapes}:
+        engine.check_size((height, width))
+
+
 def evaluate_classification(
     dataset: ClassificationDataset, predict: ClassificationPredictor, batch: int = 32, verbose: bool = False
 ) -> ClassificationMetrics:
@@ -89,17 +97,18 @@ def evaluate_classification(
     return classification_metrics(np.concatenate(scores), dataset.labels)
 
 
-def engine_predictor(engine: str, task: str, args) -> Callable:
-    """A predictor that runs a trtnet engine: the official val preprocessing on the CPU (it decides the
-    mAP: see the module docstring), the engine and decode + NMS kernels on the GPU."""
+def engine_predictor(engine: str, task: str, args) -> tuple[Callable, Any]:
+    """A predictor that runs a trtnet engine, and the engine: the official val preprocessing on the CPU
+    (it decides the mAP: see the module docstring), the engine and decode + NMS kernels on the GPU."""
     if task == "classify":
         from trtnet.api import Classifier
 
-        return Classifier(engine).pipeline.run
+        classifier = Classifier(engine)
+        return classifier.pipeline.run, classifier.engine
     from trtnet.api import Detector
 
     detector = Detector(engine, conf=args.conf, iou=args.iou, max_det=args.max_det, multi_label=True)
-    return functools.partial(predict_letterboxed, detector.pipeline, args.imgsz)
+    return functools.partial(predict_letterboxed, detector.pipeline, args.imgsz), detector.engine
 
 
 def predict_letterboxed(pipeline, imgsz: int, images: list, shape: tuple) -> list:
@@ -135,10 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     p.add_argument("--verbose", action="store_true", help="per-class rows, progress, pycocotools output")
     args = p.parse_args(argv)
 
-    predict = engine_predictor(args.engine, args.task, args)
+    predict, engine = engine_predictor(args.engine, args.task, args)
     if args.task == "detect":
         dataset = load_detection_dataset(args.data)
-        metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=not args.square,
+        rect = not args.square and engine.size_range is not None
+        if not args.square and not rect:
+            print(f"{engine.path.name} has a static input size: every batch is letterboxed to "
+                  f"{args.imgsz}x{args.imgsz} (build with --min-imgsz 128 --max-imgsz {args.imgsz + 32} for "
+                  "val.py's rectangular batches)", file=sys.stderr)
+        check_engine_takes(engine, val_batches(dataset, args.imgsz, args.batch, rect=rect)[1])
+        metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=rect,
                                      max_det=args.max_det, verbose=args.verbose)
         print(metrics.to_table(per_class=args.verbose))
     else:

@@ -1,7 +1,8 @@
 """GPU verification of whole engines on a real TensorRT (run on the GPU machine, not in CI).
 
-    python tests/gpu/engines_gpu.py build  --data DIR --out ENGINES [--jobs 4] [--only NAME,…]
-    python tests/gpu/engines_gpu.py check  --data DIR --out ENGINES --report OUT.json
+    python tests/gpu/engines_gpu.py refs   --data DIR --refs REFS            # on the CPU, with torch
+    python tests/gpu/engines_gpu.py build  --data DIR --out ENGINES [--jobs 4] [--only session|NAME,…]
+    python tests/gpu/engines_gpu.py check  --data DIR --out ENGINES --refs REFS --report OUT.json
 
 `build` converts the checkpoints with gen_wts and builds every engine of PLAN in parallel processes
 (TensorRT 8.5 builds take minutes each on an H200); `check` runs the numerics engines on the goldens'
@@ -33,24 +34,44 @@ GOLDENS = {
     "resnet18_syn": "golden/golden_resnet18_syn.npz",
     "resnet50_syn": "golden/golden_resnet50_syn.npz",
 }
-# (engine name, weights, build arguments); numerics at 320 (YOLO) / 224 batch 2 (ResNet), benches at 640.
+# (engine name, weights, build arguments). SESSION is what one GPU session builds (see RESULTS.md):
+# one dynamic yolov5n engine per precision serves detect, threads, val (rectangular batches up to
+# 640 + 32) and the 320 numerics; static yolov5s/ResNet-50 engines for the benchmarks.
 PLAN = [
+    ("yolov5n_640_fp32", "yolov5n", ["--fp32", "--min-batch", "1", "--opt-batch", "16", "--max-batch", "32",
+                                     "--min-imgsz", "128", "--max-imgsz", "672", "--postprocess", "kernels"]),
+    ("yolov5n_640_fp16", "yolov5n", ["--fp16", "--min-batch", "1", "--opt-batch", "16", "--max-batch", "32",
+                                     "--min-imgsz", "128", "--max-imgsz", "672", "--postprocess", "kernels"]),
+    ("yolov5s_syn_640_fp16_b1", "yolov5s_syn", ["--fp16", "--batch", "1", "--postprocess", "kernels"]),
+    ("yolov5s_syn_640_fp16_b32", "yolov5s_syn", ["--fp16", "--batch", "32", "--postprocess", "kernels"]),
+    ("resnet50_syn_fp16_b32", "resnet50_syn", ["--fp16", "--batch", "32"]),
+    ("resnet18_syn_fp32", "resnet18_syn", ["--fp32", "--batch", "2"]),
+    ("resnet50_syn_fp32", "resnet50_syn", ["--fp32", "--batch", "2"]),
+    # numerics at 320 with static engines (the first GPU session's)
     ("yolov5n_320_fp32", "yolov5n", ["--fp32", "--imgsz", "320", "--batch", "1"]),
     ("yolov5n_320_fp16", "yolov5n", ["--fp16", "--imgsz", "320", "--batch", "1"]),
     ("yolov5s_syn_320_fp32", "yolov5s_syn", ["--fp32", "--imgsz", "320", "--batch", "1"]),
     ("yolov5s_syn_320_fp16", "yolov5s_syn", ["--fp16", "--imgsz", "320", "--batch", "1"]),
-    ("resnet18_syn_fp32", "resnet18_syn", ["--fp32", "--batch", "2"]),
     ("resnet18_syn_fp16", "resnet18_syn", ["--fp16", "--batch", "2"]),
-    ("resnet50_syn_fp32", "resnet50_syn", ["--fp32", "--batch", "2"]),
     ("resnet50_syn_fp16", "resnet50_syn", ["--fp16", "--batch", "2"]),
-    # detect, threads, val (rectangular batches: dynamic size) and bench use these two
-    ("yolov5n_640_fp32", "yolov5n", ["--fp32", "--min-batch", "1", "--opt-batch", "16", "--max-batch", "32",
-                                     "--min-imgsz", "128", "--postprocess", "kernels"]),
-    ("yolov5n_640_fp16", "yolov5n", ["--fp16", "--min-batch", "1", "--opt-batch", "16", "--max-batch", "32",
-                                     "--min-imgsz", "128", "--postprocess", "kernels"]),
-    ("yolov5s_syn_640_fp16_b1", "yolov5s_syn", ["--fp16", "--batch", "1", "--postprocess", "kernels"]),
-    ("yolov5s_syn_640_fp16_b32", "yolov5s_syn", ["--fp16", "--batch", "32", "--postprocess", "kernels"]),
-    ("resnet50_syn_fp16_b32", "resnet50_syn", ["--fp16", "--batch", "32"]),
+]
+SESSION = [name for name, _, _ in PLAN[:7]]
+# Reference executor outputs made on the CPU by the `refs` phase (no golden at 640 for the synthetic yolov5s).
+REFS = {"yolov5s_syn_bus640": ("yolov5s_syn", 640)}
+# (engine, file of expected outputs: a golden under --data or a `refs` file under --refs)
+NUMERICS = [
+    ("yolov5n_640_fp32", GOLDENS["yolov5n"]),
+    ("yolov5n_640_fp16", GOLDENS["yolov5n"]),
+    ("yolov5n_320_fp32", GOLDENS["yolov5n"]),
+    ("yolov5n_320_fp16", GOLDENS["yolov5n"]),
+    ("yolov5s_syn_320_fp32", GOLDENS["yolov5s_syn"]),
+    ("yolov5s_syn_320_fp16", GOLDENS["yolov5s_syn"]),
+    ("yolov5s_syn_640_fp16_b1", "refs:yolov5s_syn_bus640"),
+    ("resnet18_syn_fp32", GOLDENS["resnet18_syn"]),
+    ("resnet18_syn_fp16", GOLDENS["resnet18_syn"]),
+    ("resnet50_syn_fp32", GOLDENS["resnet50_syn"]),
+    ("resnet50_syn_fp16", GOLDENS["resnet50_syn"]),
+    ("resnet50_syn_fp16_b32", GOLDENS["resnet50_syn"]),
 ]
 
 
@@ -84,30 +105,31 @@ def build_all(data: Path, out: Path, jobs: int, only: set) -> dict:
     return results
 
 
-def check_all(data: Path, out: Path, report: Path) -> dict:
+def expected_outputs(spec: str, data: Path, refs: Path) -> tuple[np.ndarray, dict]:
+    """(network input, {output name: expected}) from a golden or a `refs` file."""
+    npz = np.load(refs / f"{spec[5:]}.npz" if spec.startswith("refs:") else data / spec)
+    x = npz["image"].astype(np.float32) / 255.0 if "image" in npz.files else npz["x"]
+    return x, {k: npz[k].astype(np.float32) for k in npz.files if k.startswith(("raw_", "logits"))}
+
+
+def check_all(data: Path, out: Path, refs: Path, report: Path) -> dict:
     from trtnet.runtime import Engine
 
-    results = {}
-    saved = {}
-    for name, weights, _ in PLAN[:8]:
+    results, saved = {}, {}
+    for name, spec in NUMERICS:
         path = out / f"{name}.engine"
         if not path.exists():
-            results[name] = {"error": "not built"}
             continue
-        golden = np.load(data / GOLDENS[weights])
-        x = golden["image"].astype(np.float32) / 255.0 if "image" in golden.files else golden["x"]
-        engine = Engine(path)
-        outputs = engine.infer(x)
-        row = {}
-        for key, value in outputs.items():
+        x, expected = expected_outputs(spec, data, refs)
+        with Engine(path) as engine:
+            outputs = engine.infer(x)
+        row = {"against": spec}
+        for key, ref in expected.items():
+            value = outputs[key].astype(np.float32)
             saved[f"{name}/{key}"] = value
-            if key in golden.files:
-                ref = golden[key].astype(np.float32)
-                err = np.abs(value.astype(np.float32) - ref)
-                span = float(ref.max() - ref.min())
-                row[key] = {"max_abs": float(err.max()), "mean_abs": float(err.mean()),
-                            "max_rel_range": float(err.max()) / span}
-        engine.close()
+            err = np.abs(value - ref)
+            row[key] = {"max_abs": float(err.max()), "mean_abs": float(err.mean()),
+                        "max_rel_range": float(err.max()) / float(ref.max() - ref.min())}
         results[name] = row
         print(name, json.dumps(row), flush=True)
     np.savez_compressed(report.with_suffix(".npz"), **{k.replace("/", "__"): v for k, v in saved.items()})
@@ -115,19 +137,44 @@ def check_all(data: Path, out: Path, report: Path) -> dict:
     return results
 
 
+def make_refs(data: Path, refs: Path) -> None:
+    """CPU reference executor outputs for inputs without a golden (needs torch; run before the session)."""
+    import cv2
+
+    from trtnet import compat
+    from trtnet.checkpoint import read_checkpoint
+    from trtnet.network import define_network
+    from trtnet.plugins.reference import letterbox
+    from trtnet.reference import run_network
+
+    refs.mkdir(parents=True, exist_ok=True)
+    for ref_name, (weights, size) in REFS.items():
+        image, _, _ = letterbox(cv2.imread(str(data / "images" / "bus.jpg")), (size, size))
+        x = (image[:, :, ::-1].transpose(2, 0, 1)[None] / 255.0).astype(np.float32)
+        ckpt = read_checkpoint(data / CHECKPOINTS[weights])
+        defined = define_network(compat.trt().Builder(compat.Logger()), ckpt.state_dict, ckpt.meta, imgsz=size)
+        outputs = run_network(defined.network, {defined.input_name: x})
+        np.savez_compressed(refs / f"{ref_name}.npz", x=x, **outputs)
+        print(f"{ref_name}: {', '.join(f'{k} {v.shape}' for k, v in outputs.items())}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("phase", choices=("build", "check"))
+    p.add_argument("phase", choices=("build", "check", "refs"))
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("engines"))
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--only", default="")
     p.add_argument("--report", type=Path)
+    p.add_argument("--refs", type=Path, default=Path("refs"), help="folder of the `refs` phase's outputs")
     args = p.parse_args()
     if args.phase == "build":
-        build_all(args.data, args.out, args.jobs, {s for s in args.only.split(",") if s})
+        only = set(SESSION) if args.only == "session" else {s for s in args.only.split(",") if s}
+        build_all(args.data, args.out, args.jobs, only)
+    elif args.phase == "refs":
+        make_refs(args.data, args.refs)
     else:
-        check_all(args.data, args.out, args.report or args.out / "check.json")
+        check_all(args.data, args.out, args.refs, args.report or args.out / "check.json")
     return 0
 
 

@@ -40,10 +40,9 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def data(*parts: str) -> Path:
-    for root in (REPO.parent / "shared" / "data", REPO / "shared" / "data"):
-        if root.joinpath(*parts).exists():
-            return root.joinpath(*parts)
-    pytest.skip(f"test data not available: shared/data/{'/'.join(parts)}")
+    from tests.conftest import shared
+
+    return shared(*parts)
 
 
 def stream() -> int:

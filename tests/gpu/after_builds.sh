@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On the GPU machine, once `engines_gpu.py build --only session` has finished: numerics against the
+# goldens, the runtime tests, COCO val, and the benchmarks; every log and JSON goes to $1.
+#
+#   TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng tests/gpu/after_builds.sh $OUT
+set -u
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+out=$1
+data=${TRTNET_SHARED_DATA:-/tmp/data}
+eng=${TRTNET_GPU_ENGINES:-/tmp/eng}
+py39="$repo/tests/gpu/py39.sh"
+mkdir -p "$out"
+cd /tmp  # not the checkout: its networks/ and plugins/ folders would shadow trtnet's mapping
+
+step() {  # step NAME SECONDS COMMAND…: run with a time limit, log to $out/NAME.log, report exit and time
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
+}
+
+step check 120 "$py39" "$repo/tests/gpu/engines_gpu.py" check --data "$data" --out "$eng" \
+    --refs "$repo/.gpuref/refs" --report "$out/check.json"
+for p in fp32 fp16; do
+    step "val_$p" 180 "$py39" -m trtnet.val "$eng/yolov5n_640_$p.engine" --data "$data/coco128" \
+        --json "$out/val_$p.json"
+done
+bench() {  # bench NAME ENGINE ARGS…
+    local name=$1 engine=$2
+    shift 2
+    step "bench_$name" 180 "$py39" -m trtnet.bench "$eng/$engine.engine" --json "$out/bench_$name.json" "$@"
+}
+bench yolov5n_fp16 yolov5n_640_fp16 --batch 1,32
+bench yolov5n_fp16_graphs yolov5n_640_fp16 --batch 1,32 --cuda-graphs
+bench yolov5n_fp32 yolov5n_640_fp32 --batch 1,32
+bench yolov5s_fp16_b1 yolov5s_syn_640_fp16_b1 --batch 1
+bench yolov5s_fp16_b1_graphs yolov5s_syn_640_fp16_b1 --batch 1 --cuda-graphs
+bench yolov5s_fp16_b32 yolov5s_syn_640_fp16_b32 --batch 32
+bench resnet50_fp16_b32 resnet50_syn_fp16_b32 --batch 32
+bench resnet50_fp16_b32_graphs resnet50_syn_fp16_b32 --batch 32 --cuda-graphs
+# torch lives in the machine's own Python, TensorRT in 3.9's: the PyTorch side runs right after, same GPU
+step torch_resnet50_b32 180 env PYTHONPATH="$repo" python3 -m trtnet.bench "$eng/resnet50_syn_fp16_b32.engine" \
+    --torch-only --batch 32 --weights-dir "$eng" --json "$out/torch_resnet50_b32.json"
+step runtime_tests 400 env TRTNET_SHARED_DATA="$data" TRTNET_GPU_ENGINES="$eng" \
+    "$py39" -m pytest -q -ra -p no:cacheprovider "$repo/tests/gpu/test_runtime_gpu.py"
+cp "$eng"/*.build.log "$eng"/builds.json "$out/" 2>/dev/null
+cp "$eng"/yolov5n_640_fp16.json "$out/engine_meta_yolov5n_640_fp16.json" 2>/dev/null
+echo "after_builds done" | tee -a "$out/steps.txt"
