@@ -55,6 +55,17 @@ def gpu_median_ms(torch, fn: Callable[[], object], iters: int, warmup: int) -> f
     return statistics.median(times)
 
 
+def graphed(torch, launch: Callable[[], object]) -> Callable[[], object]:
+    """`launch`'s kernels captured once in a CUDA graph and replayed with one launch: how the runtime
+    runs them with cuda_graphs=True (at batch 1 the launches, not the GPU work, dominate)."""
+    launch()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    return graph.replay
+
+
 def cpu_median_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -163,15 +174,14 @@ def bench_postprocess(torch, torchvision, batch: int, iters: int, warmup: int) -
     workspace = torch.empty(post.workspace_bytes(batch, LEVELS_640), dtype=torch.uint8, device="cuda")
     dets = torch.empty((batch, post.max_det, 6), device="cuda")
     counts = torch.empty((batch,), dtype=torch.int32, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
     official = OfficialPostprocess(torch, torchvision, LEVELS_640)
 
     def ours():
-        post.enqueue(stream, [h.data_ptr() for h in heads], "float32", batch, LEVELS_640, workspace.data_ptr(),
-                     dets.data_ptr(), counts.data_ptr())
+        post.enqueue(torch.cuda.current_stream().cuda_stream, [h.data_ptr() for h in heads], "float32", batch,
+                     LEVELS_640, workspace.data_ptr(), dets.data_ptr(), counts.data_ptr())
 
-    return row("decode + NMS yolov5s-640", batch, gpu_median_ms(torch, ours, iters, warmup),
-               "official PyTorch", gpu_median_ms(torch, lambda: official(heads), iters, warmup))
+    return ours_vs(torch, "decode + NMS yolov5s-640", batch, ours, iters, warmup,
+                   "official PyTorch", gpu_median_ms(torch, lambda: official(heads), iters, warmup))
 
 
 def bench_nms(torch, torchvision, batch: int, iters: int, warmup: int, per_image: int) -> dict:
@@ -190,18 +200,27 @@ def bench_nms(torch, torchvision, batch: int, iters: int, warmup: int, per_image
     workspace = torch.empty(post.workspace_bytes(batch, LEVELS_640), dtype=torch.uint8, device="cuda")
     dets = torch.empty((batch, post.max_det, 6), device="cuda")
     counts = torch.empty((batch,), dtype=torch.int32, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
 
     def ours():
-        post.nms_candidates(stream, boxes.data_ptr(), scores.data_ptr(), classes.data_ptr(), n.data_ptr(), batch,
-                            workspace.data_ptr(), dets.data_ptr(), counts.data_ptr())
+        post.nms_candidates(torch.cuda.current_stream().cuda_stream, boxes.data_ptr(), scores.data_ptr(),
+                            classes.data_ptr(), n.data_ptr(), batch, workspace.data_ptr(), dets.data_ptr(),
+                            counts.data_ptr())
 
     def official():
         for b in range(batch):
             torchvision.ops.batched_nms(boxes[b], scores[b], classes[b], 0.45)[: post.max_det]
 
-    return row(f"NMS alone, {per_image} boxes/image", batch, gpu_median_ms(torch, ours, iters, warmup),
-               "torchvision batched_nms", gpu_median_ms(torch, official, iters, warmup))
+    return ours_vs(torch, f"NMS alone, {per_image} boxes/image", batch, ours, iters, warmup,
+                   "torchvision batched_nms", gpu_median_ms(torch, official, iters, warmup))
+
+
+def ours_vs(torch, case: str, batch: int, ours: Callable[[], object], iters: int, warmup: int, baseline: str,
+            baseline_ms: float) -> list[dict]:
+    """Our kernels launched one by one and replayed as a CUDA graph, each against the same baseline (its
+    data-dependent shapes keep torchvision's NMS out of CUDA graphs)."""
+    return [row(case, batch, gpu_median_ms(torch, ours, iters, warmup), baseline, baseline_ms),
+            row(f"{case}, CUDA graph", batch, gpu_median_ms(torch, graphed(torch, ours), iters, warmup), baseline,
+                baseline_ms)]
 
 
 def row(case: str, batch: int, ours_ms: float, baseline: str, baseline_ms: float) -> dict:
@@ -215,9 +234,9 @@ def bench_kernels(batch_sizes: Sequence[int] = (1, 32), iters: int = 100, warmup
     rows = []
     for batch in batch_sizes:
         rows.append(bench_letterbox(torch, batch, iters, warmup))
-        rows.append(bench_postprocess(torch, torchvision, batch, iters, warmup))
+        rows += bench_postprocess(torch, torchvision, batch, iters, warmup)
         for per_image in (300, 5000):
-            rows.append(bench_nms(torch, torchvision, batch, iters, warmup, per_image))
+            rows += bench_nms(torch, torchvision, batch, iters, warmup, per_image)
     return rows
 
 

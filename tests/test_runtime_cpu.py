@@ -713,7 +713,8 @@ def test_simulated_detector_serves_threads(sim_detector):
             t.start()
         for t in threads:
             t.join()
-        assert len(detector.engine._workers) == 4  # one execution context per thread
+        # dynamic batch: TensorRT allows one context per optimization profile, so threads take turns on one
+        assert detector.engine.one_context and len(detector.engine._workers) == 1
     assert not failures
 
 

@@ -22,6 +22,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,8 @@ class Engine:
         self._local = threading.local()
         self._workers: list[Worker] = []
         self._lock = threading.Lock()
+        self._turn = threading.RLock()  # one thread at a time on a dynamic-shape engine's context
+        self._worker: Worker | None = None
         self.closed = False
 
     @property
@@ -237,17 +240,36 @@ class Engine:
                               f"{span[1]}: rebuild with --min-imgsz/--max-imgsz covering it (trtnet.val's "
                               "rectangular batches reach --imgsz + 32)")
 
+    @property
+    def one_context(self) -> bool:
+        """Dynamic shapes: TensorRT lets only one execution context at a time use an optimization profile
+        (NVIDIA/TensorRT#1590; a second context fails in enqueueV3 on 8.5), so threads take turns on one
+        context. Static-shape engines give every thread its own context and run them concurrently."""
+        return any(-1 in spec.shape for spec in self.inputs.values())
+
     def worker(self) -> Worker:
-        """This thread's execution context, stream and buffers (made on first use)."""
+        """This thread's execution context, stream and buffers (made on first use): the engine's one
+        context for dynamic shapes (see `one_context`; use `checkout()` from several threads)."""
         if self.closed:
             raise TrtnetError(f"{self.path.name}: the engine was closed")
-        worker = getattr(self._local, "worker", None)
+        holder = self if self.one_context else self._local
+        worker = getattr(holder, "_worker", None)
         if worker is None:
             with self._lock:  # contexts are made one at a time
-                worker = Worker(self)
-                self._workers.append(worker)
-            self._local.worker = worker
+                worker = getattr(holder, "_worker", None) or Worker(self)
+                if worker not in self._workers:
+                    self._workers.append(worker)
+            holder._worker = worker
         return worker
+
+    @contextmanager
+    def checkout(self) -> Iterator[Worker]:
+        """The worker for one call, held by this thread until the block ends (thread-safe)."""
+        if not self.one_context:
+            yield self.worker()
+            return
+        with self._turn:
+            yield self.worker()
 
     def batches(self, count: int) -> list[tuple[int, int, int]]:
         return split_batch(count, self.min_batch, self.max_batch)
@@ -258,12 +280,12 @@ class Engine:
             feeds = {self.input_name: feeds}
         feeds = {name: self._checked_input(name, value) for name, value in feeds.items()}
         count = len(next(iter(feeds.values())))
-        worker = self.worker()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
         for start, n, run_as in self.batches(count):
             chunk = {name: _pad_batch(v[start:start + n], run_as) for name, v in feeds.items()}
-            for name, value in worker.infer(chunk, run_as).items():
-                parts[name].append(value[:n])
+            with self.checkout() as worker:
+                for name, value in worker.infer(chunk, run_as).items():
+                    parts[name].append(value[:n])
         return {name: np.concatenate(values) for name, values in parts.items()}
 
     def _checked_input(self, name: str, value: np.ndarray) -> np.ndarray:
@@ -286,6 +308,7 @@ class Engine:
         for worker in workers:
             worker.close()
         self._local = threading.local()
+        self._worker = None
 
     def __enter__(self) -> Engine:
         return self
@@ -523,7 +546,10 @@ class ClassifyPipeline:
         return np.concatenate(parts)
 
     def _run_chunk(self, images: Sequence[np.ndarray], batch: int) -> np.ndarray:
-        worker = self.engine.worker()
+        with self.engine.checkout() as worker:
+            return self._run_chunk_on(worker, images, batch)
+
+    def _run_chunk_on(self, worker: Worker, images: Sequence[np.ndarray], batch: int) -> np.ndarray:
         shapes = worker.prepare(batch)
         pointers = stage_images(worker, images)
         imagenet_preprocess(images, pointers, worker.ptr(self.engine.input_name), self.engine.imgsz,
@@ -596,7 +622,11 @@ class DetectPipeline:
         return rows
 
     def _run_chunk(self, images: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
-        engine, worker = self.engine, self.engine.worker()
+        with self.engine.checkout() as worker:
+            return self._run_chunk_on(worker, images, batch)
+
+    def _run_chunk_on(self, worker: Worker, images: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+        engine = self.engine
         shapes = worker.prepare(batch)
         input_ptr = worker.ptr(engine.input_name)
         pointers = stage_images(worker, images)
@@ -623,18 +653,21 @@ class DetectPipeline:
         engine = self.engine
         x = engine._checked_input(engine.input_name, x)
         for start, n, run_as in engine.batches(len(x)):
-            worker = engine.worker()
-            shapes = worker.prepare(run_as, tuple(x.shape[2:]))
             chunk = _pad_batch(x[start:start + n], run_as)
-            cuda_rt.upload(chunk, worker.ptr(engine.input_name), worker.stream, worker.host[engine.input_name])
-            if self.in_engine:
-                worker.enqueue(run_as, key=("letterboxed", x.shape[2:]))
-                rows += self._download(worker, n, shapes["dets"][1], worker.ptr("dets"), worker.ptr("counts"))
-            else:
-                dets_ptr, counts_ptr, then = self._postprocess(worker, run_as, shapes)
-                worker.enqueue(run_as, then=then, key=("nms", x.shape[2:]))
-                rows += self._download(worker, n, self.settings.max_det, dets_ptr, counts_ptr)
+            with engine.checkout() as worker:
+                rows += self._run_letterboxed_on(worker, chunk, n)
         return rows
+
+    def _run_letterboxed_on(self, worker: Worker, chunk: np.ndarray, n: int) -> list[np.ndarray]:
+        engine, run_as, hw = self.engine, len(chunk), tuple(chunk.shape[2:])
+        shapes = worker.prepare(run_as, hw)
+        cuda_rt.upload(chunk, worker.ptr(engine.input_name), worker.stream, worker.host[engine.input_name])
+        if self.in_engine:
+            worker.enqueue(run_as, key=("letterboxed", hw))
+            return self._download(worker, n, shapes["dets"][1], worker.ptr("dets"), worker.ptr("counts"))
+        dets_ptr, counts_ptr, then = self._postprocess(worker, run_as, shapes)
+        worker.enqueue(run_as, then=then, key=("nms", hw))
+        return self._download(worker, n, self.settings.max_det, dets_ptr, counts_ptr)
 
     def _postprocess(self, worker: Worker, batch: int, shapes: Mapping[str, tuple]):
         """Buffers for decode + NMS at `batch` and the work to queue after the engine."""

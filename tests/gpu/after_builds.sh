@@ -2,7 +2,8 @@
 # On the GPU machine, once `engines_gpu.py build --only session` has finished: numerics against the
 # goldens, the runtime tests, COCO val, and the benchmarks; every log and JSON goes to $1.
 #
-#   TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng tests/gpu/after_builds.sh $OUT
+#   TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng TRTNET_GPU_REFS=/tmp/refs \
+#       tests/gpu/after_builds.sh $OUT      (refs: engines_gpu.py refs, made on the CPU beforehand)
 set -u
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=$1
@@ -20,7 +21,7 @@ step() {  # step NAME SECONDS COMMAND…: run with a time limit, log to $out/NAM
 }
 
 step check 120 "$py39" "$repo/tests/gpu/engines_gpu.py" check --data "$data" --out "$eng" \
-    --refs "$repo/.gpuref/refs" --report "$out/check.json"
+    --refs "${TRTNET_GPU_REFS:-/tmp/refs}" --report "$out/check.json"
 for p in fp32 fp16; do
     step "val_$p" 180 "$py39" -m trtnet.val "$eng/yolov5n_640_$p.engine" --data "$data/coco128" \
         --json "$out/val_$p.json"
