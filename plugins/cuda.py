@@ -90,13 +90,13 @@ def cache_dir() -> Path:
 
 
 def headers() -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted(HERE.glob("*.cuh"))}
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(HERE.glob("*.cuh"))}
 
 
 def module_source(name: str) -> str:
     if name not in MODULES:
         raise TrtnetError(f"no kernel module {name!r} (have: {', '.join(MODULES)})")
-    return (HERE / f"{name}.cu").read_text()
+    return (HERE / f"{name}.cu").read_text(encoding="utf-8")
 
 
 def compile_cubin(source: str, arch, name: str = "kernel", include: dict[str, str] | None = None,

@@ -43,7 +43,7 @@ def test_build_writes_engine_and_metadata(weights_dir, capsys):
                           "--fp16", "--min-batch", "1", "--opt-batch", "2", "--max-batch", "4")
     assert code == 0, err
     engine = weights_dir / "yolov5n.fp16.engine"
-    meta = json.loads((weights_dir / "yolov5n.fp16.json").read_text())
+    meta = json.loads((weights_dir / "yolov5n.fp16.json").read_text(encoding="utf-8"))
     assert engine.stat().st_size == meta["engine_bytes"] > 1_000_000
     assert meta["family"] == "yolov5" and meta["precision"] == "fp16" and meta["imgsz"] == [320, 320]
     assert meta["batch"] == {"min": 1, "opt": 2, "max": 4}
@@ -64,8 +64,8 @@ def test_wrong_json_for_wts(weights_dir, capsys):
 
 
 def test_missing_tensor(weights_dir, capsys):
-    meta = json.loads((weights_dir / "yolov5n.json").read_text())
-    lines = (weights_dir / "yolov5n.wts").read_text().splitlines()
+    meta = json.loads((weights_dir / "yolov5n.json").read_text(encoding="utf-8"))
+    lines = (weights_dir / "yolov5n.wts").read_text(encoding="utf-8").splitlines()
     kept = [ln for ln in lines[1:] if not ln.startswith("model.4.cv1.conv.weight ")]
     (weights_dir / "yolov5n.wts").write_text(f"{len(kept)}\n" + "\n".join(kept) + "\n")
     meta.get("shapes", {}).pop("model.4.cv1.conv.weight", None)
@@ -76,7 +76,7 @@ def test_missing_tensor(weights_dir, capsys):
 
 
 def test_class_count_mismatch(weights_dir, capsys):
-    meta = json.loads((weights_dir / "yolov5n.json").read_text())
+    meta = json.loads((weights_dir / "yolov5n.json").read_text(encoding="utf-8"))
     meta["yaml"]["nc"] = 3
     meta["nc"] = 3
     meta["names"] = ["a", "b", "c"]
@@ -88,7 +88,7 @@ def test_class_count_mismatch(weights_dir, capsys):
 
 
 def test_names_disagree_with_nc(weights_dir, capsys):
-    meta = json.loads((weights_dir / "yolov5n.json").read_text())
+    meta = json.loads((weights_dir / "yolov5n.json").read_text(encoding="utf-8"))
     meta["names"] = meta["names"][:10]
     (weights_dir / "yolov5n.json").write_text(json.dumps(meta))
     code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320")

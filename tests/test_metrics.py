@@ -189,7 +189,7 @@ def test_cpu_reference_val_of_yolov5n_reproduces_the_official_run():
     trtnet.metrics); preprocessing mistakes (square batches, a single resize) move mAP@0.5:0.95 by 0.011
     and mAP@0.5 by 0.02, so they fail here. About a minute on 2 cores.
     """
-    golden = json.loads(shared("golden", "golden_yolov5n_coco128_val.json").read_text())
+    golden = json.loads(shared("golden", "golden_yolov5n_coco128_val.json").read_text(encoding="utf-8"))
     settings = golden["settings"]
     with pytest.warns(DatasetWarning):
         dataset = load_detection_dataset(shared("coco128"))

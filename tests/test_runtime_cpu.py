@@ -322,7 +322,7 @@ def test_detect_cli_images_skip_unreadable_and_write_outputs(tmp_path, capsys):
     sources = detect.expand_sources([str(good), str(bad), str(good)])
     detect.run_images(fake_detector(), sources, outputs, batch=2)
     json_path = outputs.write_json()
-    records = json.loads(json_path.read_text())
+    records = json.loads(json_path.read_text(encoding="utf-8"))
     assert [Path(r["path"]).name for r in records] == ["good.jpg", "good.jpg"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == ["good.jpg", "good_1.jpg"]
     assert "skipping" in capsys.readouterr().err and outputs.skipped == 1
@@ -412,7 +412,7 @@ def test_classify_kernel_compiles_and_its_parameters_match_the_python_layout():
     from trtnet.plugins import cuda
     from trtnet.runtime import _ClsBatch, _ClsImage
 
-    source = (Path(cuda.__file__).parent / "classify_preprocess.cu").read_text()
+    source = (Path(cuda.__file__).parent / "classify_preprocess.cu").read_text(encoding="utf-8")
     checks = "".join(
         f"static_assert(__builtin_offsetof({struct}, {field}) == {getattr(cls, field).offset}, \"{field}\");\n"
         for struct, cls in (("ClsImage", _ClsImage), ("ClsBatch", _ClsBatch)) for field, _ in cls._fields_
@@ -786,7 +786,7 @@ def test_simulated_bench(sim_detector, tmp_path, capsys):
     report = tmp_path / "bench.json"
     argv = [str(sim_detector.path), "--batch", "1,2,4", "--iters", "3", "--warmup", "1", "--json", str(report)]
     assert bench.cli(argv) == 0
-    rows = json.loads(report.read_text())
+    rows = json.loads(report.read_text(encoding="utf-8"))
     assert [(r["mode"], r["batch"]) for r in rows] == [("engine", 1), ("end-to-end", 1), ("engine", 2),
                                                         ("end-to-end", 2)]
     captured = capsys.readouterr()

@@ -43,7 +43,7 @@ def test_known_tensor_is_written_exactly_as_tensorrtx_does(tmp_path):
 
 def test_every_value_is_the_big_endian_hex_of_its_float32(tmp_path):
     tensors = sample_tensors()
-    lines = write_wts(tmp_path / "s.wts", tensors).read_text().splitlines()
+    lines = write_wts(tmp_path / "s.wts", tensors).read_text(encoding="utf-8").splitlines()
     assert lines[0] == str(len(tensors))
     for line, (name, value) in zip(lines[1:], tensors.items()):
         flat = np.asarray(value, np.float32).reshape(-1)
@@ -197,7 +197,7 @@ def test_resolve_weights(tmp_path):
 
 def test_sidecar_is_json(tmp_path):
     path = write_sidecar(tmp_path / "m.wts", {"nc": 2})
-    assert path.name == "m.json" and json.loads(path.read_text()) == {"nc": 2}
+    assert path.name == "m.json" and json.loads(path.read_text(encoding="utf-8")) == {"nc": 2}
 
 
 def test_track_yields_everything_without_a_terminal():

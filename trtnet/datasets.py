@@ -175,7 +175,7 @@ def read_labels(path: Path) -> np.ndarray:
     """
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
-    rows = [line.split() for line in path.read_text().strip().splitlines() if line.strip()]
+    rows = [line.split() for line in path.read_text(encoding="utf-8").strip().splitlines() if line.strip()]
     if any(len(row) > 6 for row in rows):  # polygons: class x1 y1 x2 y2 …
         rows = [[row[0], *_polygon_to_xywh(row[1:])] for row in rows]
     try:
@@ -330,7 +330,7 @@ def _image_folder_index(tokens: list[str]) -> dict[str, int]:
 
 def _read_class_index(path: Path) -> dict[str, int]:
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise TrtnetError(f"cannot read class index {path}: {exc}") from exc
     if isinstance(raw, dict) and all(isinstance(v, int) for v in raw.values()):

@@ -63,7 +63,7 @@ def load_metadata(engine_path: Path) -> dict:
     """The metadata trtnet.build wrote beside the engine (`<name>.engine` → `<name>.json`)."""
     path = Path(engine_path).with_suffix(".json")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TrtnetError(
             f"{path} is missing: trtnet needs the metadata that python -m trtnet.build writes beside the "

@@ -186,7 +186,7 @@ def _read_sidecar(wts_path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise TrtnetError(f"{path}: not valid JSON ({exc}); delete it or rewrite both files with gen_wts") from exc
     if not isinstance(meta, dict):

@@ -88,7 +88,7 @@ def build_all(data: Path, out: Path, jobs: int, only: set) -> dict:
         if not (out / f"{name}.wts").exists():
             cmd = [sys.executable, "-m", "trtnet.gen_wts", str(data / ckpt), "-o", str(out)]
             code, _ = run(cmd, out / f"{name}.gen.log")
-            assert code == 0, (out / f"{name}.gen.log").read_text()
+            assert code == 0, (out / f"{name}.gen.log").read_text(encoding="utf-8")
     plan = [p for p in PLAN if not only or p[0] in only]
 
     def build_one(item):

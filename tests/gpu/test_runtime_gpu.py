@@ -122,7 +122,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_detector_matches_official_detect_on_bus(engine, precision):
     from trtnet.api import Detector
 
-    golden = json.loads(shared("golden", "golden_yolov5n_detect640.json").read_text())["images"]["bus.jpg"]
+    official = json.loads(shared("golden", "golden_yolov5n_detect640.json").read_text(encoding="utf-8"))
+    golden = official["images"]["bus.jpg"]
     expected = golden["detections"]
     with Detector(engine("yolov5n", precision)) as detector:
         result = detector.detect(shared("images", "bus.jpg"))[0]
@@ -225,7 +226,7 @@ def test_foreign_or_corrupt_engines_are_refused_clearly(engine, tmp_path):
     from trtnet.api import Detector
 
     source = engine("yolov5n", "fp16")
-    meta = json.loads(source.with_suffix(".json").read_text())
+    meta = json.loads(source.with_suffix(".json").read_text(encoding="utf-8"))
     foreign = tmp_path / "foreign.engine"
     shutil.copy(source, foreign)
     other = {**meta, "tensorrt": {"flavour": "tensorrt", "version": "7.2.3"}}
@@ -244,7 +245,7 @@ def test_detect_cli_end_to_end(engine, tmp_path, capsys):
 
     out = tmp_path / "out"
     assert detect.cli([str(engine("yolov5n", "fp16")), str(shared("images")), "--out", str(out)]) == 0
-    records = json.loads((out / "detections.json").read_text())
+    records = json.loads((out / "detections.json").read_text(encoding="utf-8"))
     assert {Path(r["path"]).name for r in records} == {"bus.jpg", "zidane.jpg"}
     assert (out / "bus.jpg").is_file() and (out / "zidane.jpg").is_file()
     assert "person" in capsys.readouterr().out
@@ -256,7 +257,7 @@ def test_bench_runs(engine, tmp_path):
     report = tmp_path / "bench.json"
     argv = [str(engine("yolov5n", "fp16")), "--batch", "1,4,64", "--iters", "5", "--warmup", "1", "--json", str(report)]
     assert bench.cli(argv) == 0
-    rows = json.loads(report.read_text())
+    rows = json.loads(report.read_text(encoding="utf-8"))
     assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("engine", "end-to-end") for b in (1, 4)}
 
 
