@@ -146,35 +146,45 @@ extern "C" __global__ void nms_mask(Candidates c, Sorted s) {
     }
 }
 
-// Greedy pass over the tile's bitmask by one warp. Lane w holds the "removed" word w; within a word the
-// keep/suppress chain runs on the diagonal words (shuffled from the lanes), and each kept row's later
-// words are OR-ed in by their lanes. Returns the number kept (indices in `kept`).
+// Greedy pass over the tile's bitmask, called by the whole block. Per 64-row word: the block stages
+// those rows' words in shared memory (the kept rows' words are then OR-ed from there: one warp reading
+// them from global memory, one dependent load after another, was most of a small NMS's time), then
+// warp 0 runs the keep/suppress chain on the diagonal word and lane c ORs the kept rows' word c into
+// its "removed" word. Returns the number kept (the same in every thread; indices in `kept`).
 __device__ int keep_from_mask(const u64* mask, int nt, int max_det, int* kept) {
-    const int lane = threadIdx.x & 31;
+    __shared__ u64 rows[64][TILE_WORDS];
+    __shared__ int shared_kept;
+    const int t = threadIdx.x, lane = t & 31;
     const int words = (nt + 63) / 64;
-    u64 removed = 0;
+    u64 removed = 0;  // warp 0: lane c holds word c of the removed set
     int n_kept = 0;
     for (int w = 0; w < words && n_kept < max_det; ++w) {
-        const int r0 = w * 64 + lane, r1 = r0 + 32;
-        const u64 d0 = r0 < nt ? mask[(long long)r0 * TILE_WORDS + w] : 0;
-        const u64 d1 = r1 < nt ? mask[(long long)r1 * TILE_WORDS + w] : 0;
-        const int rows = min(64, nt - w * 64);
-        const u64 valid = rows == 64 ? ~0ull : (1ull << rows) - 1;
-        u64 pending = ~__shfl_sync(0xffffffffu, removed, w) & valid, keep = 0;
-        while (pending && n_kept < max_det) {
-            const int j = __ffsll((long long)pending) - 1;
-            keep |= 1ull << j;
-            ++n_kept;
-            pending &= pending - 1;
-            pending &= ~__shfl_sync(0xffffffffu, j < 32 ? d0 : d1, j & 31);
+        const int n_rows = min(64, nt - w * 64), span = words - w;
+        for (int e = t; e < n_rows * span; e += blockDim.x) {
+            const int r = e / span, col = w + e % span;
+            rows[r][col] = mask[(long long)(w * 64 + r) * TILE_WORDS + col];
         }
-        if (lane == 0) {
-            int out = n_kept - __popcll(keep);
-            for (u64 k = keep; k; k &= k - 1) kept[out++] = w * 64 + __ffsll((long long)k) - 1;
+        __syncthreads();
+        if (t < 32) {
+            const u64 valid = n_rows == 64 ? ~0ull : (1ull << n_rows) - 1;
+            u64 pending = ~__shfl_sync(0xffffffffu, removed, w) & valid, keep = 0;
+            while (pending && n_kept < max_det) {
+                const int j = __ffsll((long long)pending) - 1;
+                keep |= 1ull << j;
+                ++n_kept;
+                pending &= pending - 1;
+                pending &= ~rows[j][w];
+            }
+            if (lane == 0) {
+                int out = n_kept - __popcll(keep);
+                for (u64 k = keep; k; k &= k - 1) kept[out++] = w * 64 + __ffsll((long long)k) - 1;
+                shared_kept = n_kept;
+            }
+            if (lane > w && lane < words)
+                for (u64 k = keep; k; k &= k - 1) removed |= rows[__ffsll((long long)k) - 1][lane];
         }
-        if (lane > w && lane < words)
-            for (u64 k = keep; k; k &= k - 1)
-                removed |= mask[(long long)(w * 64 + __ffsll((long long)k) - 1) * TILE_WORDS + lane];
+        __syncthreads();
+        n_kept = shared_kept;
     }
     return n_kept;
 }
@@ -229,7 +239,6 @@ __device__ int keep_beyond_tile(const float4* boxes, int n, int n_kept, const So
 
 // One block (CHUNK threads) per image: greedy scan, then write dets/counts. `src` = sorted buffer.
 extern "C" __global__ void nms_scan(Candidates c, Sorted s, int src) {
-    __shared__ int shared_kept;
     const int b = blockIdx.x;
     const int n = stored_count(c, b);
     const long long row = (long long)b * c.capacity;
@@ -237,12 +246,7 @@ extern "C" __global__ void nms_scan(Candidates c, Sorted s, int src) {
     float4* kept_box = s.kept_box + (long long)b * s.max_det;
     const float4* boxes = s.obox + row;
 
-    if (threadIdx.x < 32) {
-        const int n_kept = keep_from_mask(s.mask + (long long)b * TILE * TILE_WORDS, min(n, TILE), s.max_det, kept);
-        if (threadIdx.x == 0) shared_kept = n_kept;
-    }
-    __syncthreads();
-    int n_kept = shared_kept;
+    int n_kept = keep_from_mask(s.mask + (long long)b * TILE * TILE_WORDS, min(n, TILE), s.max_det, kept);
     if (n > TILE && n_kept < s.max_det) {
         for (int k = threadIdx.x; k < n_kept; k += blockDim.x) kept_box[k] = boxes[kept[k]];
         __syncthreads();
