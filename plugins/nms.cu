@@ -124,26 +124,25 @@ extern "C" __global__ void nms_merge(Candidates c, Sorted s, int run, int src, i
     if (last) s.obox[row + out] = offset_box(c, s, row + slot);
 }
 
-// IoU bitmask of the first min(n, TILE) sorted boxes. Block 256 = 4 groups of 64 rows' threads, grid
-// (TILE/64 row blocks, B); group g fills column words rb+g, rb+g+4, ... (upper triangle only).
+// IoU bitmask of the first min(n, TILE) sorted boxes, one 64x64 tile per block as torchvision's kernel
+// does: block (cb, rb, b) with 64 threads fills word cb of rows rb*64.. (upper triangle, cb >= rb), the
+// tile's column boxes in shared memory. A grid of row blocks alone left most SMs idle.
 extern "C" __global__ void nms_mask(Candidates c, Sorted s) {
-    const int b = blockIdx.y, rb = blockIdx.x;
+    __shared__ float4 cols[64];
+    const int b = blockIdx.z, rb = blockIdx.y, cb = blockIdx.x;
     const int nt = min(stored_count(c, b), TILE);
-    const int i = rb * 64 + (threadIdx.x & 63), group = threadIdx.x >> 6;
-    if (i >= nt) return;
+    if (cb < rb || cb * 64 >= nt) return;
     const float4* boxes = s.obox + (long long)b * c.capacity;
+    const int n_cols = min(64, nt - cb * 64);
+    if (threadIdx.x < n_cols) cols[threadIdx.x] = boxes[cb * 64 + threadIdx.x];
+    __syncthreads();
+    const int i = rb * 64 + threadIdx.x;
+    if (i >= nt) return;
     const float4 box = boxes[i];
-    u64* row = s.mask + ((long long)b * TILE + i) * TILE_WORDS;
-    const int words = (nt + 63) / 64;
-    for (int w = rb + group; w < words; w += 4) {
-        u64 bits = 0;
-        const int cols = min(64, nt - w * 64);
-        for (int j = 0; j < cols; ++j) {
-            const int col = w * 64 + j;
-            if (col > i && iou_above(box, boxes[col], s.iou)) bits |= 1ull << j;
-        }
-        row[w] = bits;
-    }
+    u64 bits = 0;
+    for (int j = 0; j < n_cols; ++j)
+        if (cb * 64 + j > i && iou_above(box, cols[j], s.iou)) bits |= 1ull << j;
+    s.mask[((long long)b * TILE + i) * TILE_WORDS + cb] = bits;
 }
 
 // Greedy pass over the tile's bitmask, called by the whole block. Per 64-row word: the block stages
@@ -175,13 +174,15 @@ __device__ int keep_from_mask(const u64* mask, int nt, int max_det, int* kept) {
                 pending &= pending - 1;
                 pending &= ~rows[j][w];
             }
-            if (lane == 0) {
-                int out = n_kept - __popcll(keep);
-                for (u64 k = keep; k; k &= k - 1) kept[out++] = w * 64 + __ffsll((long long)k) - 1;
-                shared_kept = n_kept;
+            const int first = n_kept - __popcll(keep);  // kept rows of this word, written by their lanes
+            for (int j = lane; j < 64; j += 32)
+                if ((keep >> j) & 1) kept[first + __popcll(keep & ((1ull << j) - 1))] = w * 64 + j;
+            if (lane == 0) shared_kept = n_kept;
+            if (lane > w && lane < words) {
+#pragma unroll 8
+                for (int j = 0; j < 64; ++j)  // a fixed trip count lets the shared loads overlap
+                    if ((keep >> j) & 1) removed |= rows[j][lane];
             }
-            if (lane > w && lane < words)
-                for (u64 k = keep; k; k &= k - 1) removed |= rows[__ffsll((long long)k) - 1][lane];
         }
         __syncthreads();
         n_kept = shared_kept;

@@ -184,8 +184,8 @@ class YoloPostprocess:
         for r in range(rounds):
             args = [cand, srt, i32(SORT_CHUNK << r), i32(r % 2), i32(r == rounds - 1)]
             cuda.launch("nms.nms_merge", per_element, (256,), args, stream)
-        row_blocks = math.ceil(min(self.capacity, TILE) / 64)
-        cuda.launch("nms.nms_mask", (row_blocks, batch), (256,), [cand, srt], stream)
+        words = math.ceil(min(self.capacity, TILE) / 64)
+        cuda.launch("nms.nms_mask", (words, words, batch), (64,), [cand, srt], stream)
         cuda.launch("nms.nms_scan", (batch,), (256,), [cand, srt, i32(rounds % 2)], stream)
 
     def nms_candidates(self, stream: int, boxes_ptr: int, scores_ptr: int, classes_ptr: int,
