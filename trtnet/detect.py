@@ -162,6 +162,11 @@ class Outputs:
         self.records.append({**result.to_dict(), **where})
         self.tally.update(result.names)
 
+    @property
+    def annotating(self) -> bool:
+        """Whether annotated images are wanted at all (drawing copies every image)."""
+        return self.save or self.show
+
     def display(self, title: str, image: np.ndarray) -> bool:
         """Show `image`; False when the user pressed q (or no window can be opened)."""
         if not self.show:
@@ -178,7 +183,6 @@ class Outputs:
         import json
 
         path = self.out / "detections.json"
-        self.out.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, "w") as f:
             json.dump(self.records, f, indent=1)
         return path
@@ -205,6 +209,8 @@ def run_images(detector, sources: list[Source], outputs: Outputs, batch: int) ->
         for (source, _), result in zip(loaded, results):
             outputs.images += 1
             outputs.add(result)
+            if not outputs.annotating:
+                continue
             annotated = result.draw()
             if outputs.save and not cv2.imwrite(str(outputs.unique_path(source.name)), annotated):
                 warn(f"could not write the annotated {source.name} to {outputs.out}")
@@ -226,11 +232,12 @@ def run_stream(detector, source: Source, outputs: Outputs, batch: int) -> None:
     try:
         with bar(total, source.name, "frame", unit_scale=False) as progress:
             for group in batched(frames(capture), 1 if is_camera else batch):
-                images = [detector_input(frame) for frame in group]
-                for result in detector.detect_loaded(images):
+                for result in detector.detect(group):
                     outputs.frames += 1
                     outputs.add(result, path=source.location, frame=index)
                     index += 1
+                    if not outputs.annotating:
+                        continue
                     annotated = result.draw()
                     if outputs.save:
                         writer = writer or _video_writer(outputs.unique_path(Path(source.name).stem + ".mp4"),
@@ -250,12 +257,6 @@ def run_stream(detector, source: Source, outputs: Outputs, batch: int) -> None:
     if index == 0:
         warn(f"{source.location}: no frames could be read")
         outputs.skipped += 1
-
-
-def detector_input(frame: np.ndarray) -> np.ndarray:
-    from trtnet.api import to_bgr
-
-    return to_bgr(frame)
 
 
 def _video_writer(path: Path, fps: float, shape: tuple) -> cv2.VideoWriter:
