@@ -390,6 +390,13 @@ class Worker:
     def ptr(self, name: str) -> int:
         return self.buffers[name].ptr
 
+    def scratch_buffer(self, name: str, kind: type) -> Any:
+        """This worker's pipeline buffer `name` (a cuda_rt.DeviceBuffer or PinnedBuffer), made on first use."""
+        buffer = self.scratch.get(name)
+        if buffer is None:
+            buffer = self.scratch[name] = kind()
+        return buffer
+
     # -- execution
 
     def enqueue(self, batch: int, then: Callable[[], None] | None = None, key: Any = None) -> None:
@@ -475,8 +482,8 @@ def stage_images(worker: Worker, images: Sequence[np.ndarray]) -> list[int]:
     for image in images:
         offsets.append(total)
         total += -(-image.nbytes // 256) * 256  # 256-byte aligned starts
-    host = worker.scratch.setdefault("images_host", cuda_rt.PinnedBuffer())
-    device = worker.scratch.setdefault("images_device", cuda_rt.DeviceBuffer())
+    host = worker.scratch_buffer("images_host", cuda_rt.PinnedBuffer)
+    device = worker.scratch_buffer("images_device", cuda_rt.DeviceBuffer)
     host.ensure(total)
     device.ensure(total)
     for image, offset in zip(images, offsets):
@@ -635,15 +642,7 @@ class DetectPipeline:
         if batch > len(images):  # padding rows: zeros, their results are dropped
             done = self.letterbox.output_bytes(len(images))
             cuda_rt.fill(input_ptr + done, 0, self.letterbox.output_bytes(batch) - done, worker.stream)
-        if self.in_engine:
-            worker.enqueue(batch)
-            dets_ptr, counts_ptr = worker.ptr("dets"), worker.ptr("counts")
-            max_det = shapes["dets"][1]
-        else:
-            dets_ptr, counts_ptr, then = self._postprocess(worker, batch, shapes)
-            worker.enqueue(batch, then=then, key="nms")
-            max_det = self.settings.max_det
-        return self._download(worker, len(images), max_det, dets_ptr, counts_ptr)
+        return self._run_engine(worker, batch, len(images), shapes)
 
     def run_letterboxed(self, x: np.ndarray) -> list[np.ndarray]:
         """Rows per image for network inputs letterboxed elsewhere (float32 [n, 3, h, w], /255 RGB), e.g.
@@ -662,19 +661,25 @@ class DetectPipeline:
         engine, run_as, hw = self.engine, len(chunk), tuple(chunk.shape[2:])
         shapes = worker.prepare(run_as, hw)
         cuda_rt.upload(chunk, worker.ptr(engine.input_name), worker.stream, worker.host[engine.input_name])
+        return self._run_engine(worker, run_as, n, shapes)
+
+    def _run_engine(self, worker: Worker, batch: int, count: int, shapes: Mapping[str, tuple]) -> list[np.ndarray]:
+        """The engine on its filled input (and decode + NMS after it in `kernels` mode): rows of the first
+        `count` images. Graphs are keyed by input size, which engines built with --min-imgsz vary."""
+        hw = tuple(shapes[self.engine.input_name][2:])
         if self.in_engine:
-            worker.enqueue(run_as, key=("letterboxed", hw))
-            return self._download(worker, n, shapes["dets"][1], worker.ptr("dets"), worker.ptr("counts"))
-        dets_ptr, counts_ptr, then = self._postprocess(worker, run_as, shapes)
-        worker.enqueue(run_as, then=then, key=("nms", hw))
-        return self._download(worker, n, self.settings.max_det, dets_ptr, counts_ptr)
+            worker.enqueue(batch, key=("engine", hw))
+            return self._download(worker, count, shapes["dets"][1], worker.ptr("dets"), worker.ptr("counts"))
+        dets_ptr, counts_ptr, then = self._postprocess(worker, batch, shapes)
+        worker.enqueue(batch, then=then, key=("nms", hw))
+        return self._download(worker, count, self.settings.max_det, dets_ptr, counts_ptr)
 
     def _postprocess(self, worker: Worker, batch: int, shapes: Mapping[str, tuple]):
         """Buffers for decode + NMS at `batch` and the work to queue after the engine."""
         level_shapes = [tuple(shapes[name][2:]) for name in self.heads]
-        workspace = worker.scratch.setdefault("nms_workspace", cuda_rt.DeviceBuffer())
-        dets = worker.scratch.setdefault("nms_dets", cuda_rt.DeviceBuffer())
-        counts = worker.scratch.setdefault("nms_counts", cuda_rt.DeviceBuffer())
+        workspace = worker.scratch_buffer("nms_workspace", cuda_rt.DeviceBuffer)
+        dets = worker.scratch_buffer("nms_dets", cuda_rt.DeviceBuffer)
+        counts = worker.scratch_buffer("nms_counts", cuda_rt.DeviceBuffer)
         moved = workspace.ensure(self.post.workspace_bytes(batch, level_shapes))
         moved |= dets.ensure(batch * self.settings.max_det * 6 * 4)
         moved |= counts.ensure(batch * 4)
@@ -690,7 +695,7 @@ class DetectPipeline:
         return dets.ptr, counts.ptr, then
 
     def _download(self, worker: Worker, count: int, max_det: int, dets_ptr: int, counts_ptr: int) -> list[np.ndarray]:
-        host = worker.scratch.setdefault("nms_host", cuda_rt.PinnedBuffer())
+        host = worker.scratch_buffer("nms_host", cuda_rt.PinnedBuffer)
         dets_bytes = count * max_det * 6 * 4
         host.ensure(dets_bytes + count * 4)
         cuda_rt.copy_to_host(host.ptr, dets_ptr, dets_bytes, worker.stream)
