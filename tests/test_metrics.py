@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import requires_tensorrt, requires_torch, shared
-from trtnet.datasets import DatasetWarning, DetectionSample, letterbox_for_val, load_detection_dataset
+from trtnet.datasets import DatasetWarning, DetectionSample, load_detection_dataset
 from trtnet.errors import TrtnetError
 from trtnet.metrics import classification_metrics, detection_metrics, topk_accuracy
-from trtnet.val import check_engine_takes, evaluate_detection, val_batches
+from trtnet.val import check_engine_takes, evaluate_detection, to_image_pixels, val_batches, val_input
 
 pytest.importorskip("pycocotools")
 
@@ -159,6 +159,11 @@ def test_engines_that_cannot_take_the_val_batches_are_refused_before_the_first_b
     engine.path, engine.meta = Path("yolov5n.engine"), {"imgsz": [640, 640], "min_imgsz": 128}
     with pytest.raises(TrtnetError, match=r"outside yolov5n.engine's range 128..640: rebuild"):
         check_engine_takes(engine, shapes)
+    calls = []
+    with pytest.raises(TrtnetError, match="rebuild"):  # evaluate_detection checks before the first batch
+        evaluate_detection(dataset, lambda images, shape: calls.append(shape), 640, 16,
+                           check_shapes=lambda s: check_engine_takes(engine, s))
+    assert calls == []
     engine.meta["max_imgsz"] = 672
     check_engine_takes(engine, shapes)
     check_engine_takes(engine, val_batches(dataset, 640, 16, rect=False)[1])
@@ -205,7 +210,8 @@ def test_cpu_reference_val_of_yolov5n_reproduces_the_official_run():
 
 
 def reference_predictor(weights: Path, settings: dict):
-    """val.py's model step on the CPU: letterbox_for_val, our network, official decode, NMS, scale_boxes."""
+    """val.py's model step on the CPU: trtnet.val's batch preprocessing and box mapping around our network,
+    the official decode and NMS."""
     from trtnet import compat
     from trtnet.checkpoint import read_checkpoint
     from trtnet.network import BatchProfile, define_network
@@ -216,8 +222,7 @@ def reference_predictor(weights: Path, settings: dict):
     builder = compat.trt().Builder(compat.Logger())
 
     def predict(images, shape):
-        prepared = [letterbox_for_val(image, settings["imgsz"], shape) for image in images]
-        x = np.concatenate([official.to_network_input(padded) for padded, _ in prepared])
+        x, ratio_pads = val_input(images, settings["imgsz"], shape)
         defined = define_network(builder, checkpoint.state_dict, checkpoint.meta, imgsz=shape,
                                  batch=BatchProfile(len(images), len(images), len(images)))
         raw = run_network(defined.network, {defined.input_name: x})
@@ -225,7 +230,6 @@ def reference_predictor(weights: Path, settings: dict):
                                            checkpoint.meta["strides"], checkpoint.meta["anchors"])
         found = official.non_max_suppression(decoded, settings["conf_thres"], settings["iou_thres"],
                                              settings["max_det"], multi_label=True)
-        return [(official.scale_boxes(shape, d[:, :4], image.shape[:2], ratio_pad), d[:, 4], d[:, 5])
-                for d, image, (_, ratio_pad) in zip(found, images, prepared)]
+        return to_image_pixels(found, images, shape, ratio_pads)
 
     return predict

@@ -58,9 +58,14 @@ def evaluate_detection(
     rect: bool = True,
     max_det: int = 300,
     verbose: bool = False,
+    check_shapes: Callable[[np.ndarray], None] | None = None,
 ) -> DetectionMetrics:
-    """Run `predict` over the dataset in val.py's batches and score the detections."""
+    """Run `predict` over the dataset in val.py's batches and score the detections. `check_shapes` sees
+    every batch's (height, width) before the first batch runs (e.g. to refuse an engine that cannot
+    take them)."""
     order, shapes = val_batches(dataset, imgsz, batch, stride, pad, rect)
+    if check_shapes is not None:
+        check_shapes(shapes)
     detections: list = [None] * len(dataset)
     for b, (height, width) in enumerate(tqdm(shapes, desc="val", unit="batch", disable=not verbose)):
         indices = order[b * batch:(b + 1) * batch]
@@ -113,16 +118,26 @@ def engine_predictor(engine: str, task: str, args) -> tuple[Callable, Any]:
 
 def predict_letterboxed(pipeline, imgsz: int, images: list, shape: tuple) -> list:
     """One batch: official letterbox into `shape`, engine + decode/NMS, boxes back to image pixels."""
-    from trtnet.plugins.reference import scale_boxes
+    x, ratio_pads = val_input(images, imgsz, shape)
+    return to_image_pixels(pipeline.run_letterboxed(x), images, shape, ratio_pads)
+
+
+def val_input(images: list, imgsz: int, shape: tuple) -> tuple[np.ndarray, list]:
+    """val.py's batch preprocessing: every image letterboxed into `shape` and stacked as the network input
+    (float32 RGB NCHW / 255), with each image's (ratio, pad) for mapping boxes back."""
+    from trtnet.plugins.reference import to_network_input
 
     prepared = [letterbox_for_val(image, imgsz, shape) for image in images]
-    x = np.stack([p[:, :, ::-1].transpose(2, 0, 1) for p, _ in prepared]).astype(np.float32) / 255.0
-    rows = pipeline.run_letterboxed(np.ascontiguousarray(x))
-    out = []
-    for r, image, (_, ratio_pad) in zip(rows, images, prepared):
-        boxes = scale_boxes(shape, r[:, :4], image.shape[:2], ratio_pad)
-        out.append((boxes, r[:, 4].copy(), r[:, 5].astype(np.int64)))
-    return out
+    return np.concatenate([to_network_input(padded) for padded, _ in prepared]), [rp for _, rp in prepared]
+
+
+def to_image_pixels(rows: list, images: list, shape: tuple, ratio_pads: list) -> list:
+    """Detection rows (x1, y1, x2, y2, score, class) on the `shape` input → (boxes in image pixels, scores,
+    classes) per image, as val.py's scale_boxes does."""
+    from trtnet.plugins.reference import scale_boxes
+
+    return [(scale_boxes(shape, r[:, :4], image.shape[:2], ratio_pad), r[:, 4].copy(), r[:, 5].astype(np.int64))
+            for r, image, ratio_pad in zip(rows, images, ratio_pads)]
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
@@ -152,9 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int | None:
             print(f"{engine.path.name} has a static input size: every batch is letterboxed to "
                   f"{args.imgsz}x{args.imgsz} (build with --min-imgsz 128 --max-imgsz {args.imgsz + 32} for "
                   "val.py's rectangular batches)", file=sys.stderr)
-        check_engine_takes(engine, val_batches(dataset, args.imgsz, args.batch, rect=rect)[1])
-        metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=rect,
-                                     max_det=args.max_det, verbose=args.verbose)
+        metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=rect, max_det=args.max_det,
+                                     verbose=args.verbose, check_shapes=functools.partial(check_engine_takes, engine))
         print(metrics.to_table(per_class=args.verbose))
     else:
         dataset = load_classification_dataset(args.data, args.class_index)
