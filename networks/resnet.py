@@ -19,7 +19,7 @@ ARCHS = {
     "resnet101": ("bottleneck", [3, 4, 23, 3]),
     "resnet152": ("bottleneck", [3, 8, 36, 3]),
 }
-EXPANSION = {"basic": 1, "bottleneck": 4}
+EXPANSION = 4  # torchvision's Bottleneck.expansion
 
 
 def conv_bn(g: Graph, x, conv: str, bn: str, c2: int, k: int, s: int = 1, relu: bool = True):
@@ -43,8 +43,8 @@ def basic_block(g: Graph, x, p: str, planes: int, stride: int):
 def bottleneck(g: Graph, x, p: str, planes: int, stride: int):
     y = conv_bn(g, x, f"{p}.conv1", f"{p}.bn1", planes, 1)
     y = conv_bn(g, y, f"{p}.conv2", f"{p}.bn2", planes, 3, stride)
-    y = conv_bn(g, y, f"{p}.conv3", f"{p}.bn3", planes * 4, 1, relu=False)
-    return g.act(g.add(y, downsample(g, x, p, planes * 4, stride), f"{p}.add"), "relu", p)
+    y = conv_bn(g, y, f"{p}.conv3", f"{p}.bn3", planes * EXPANSION, 1, relu=False)
+    return g.act(g.add(y, downsample(g, x, p, planes * EXPANSION, stride), f"{p}.add"), "relu", p)
 
 
 BLOCKS = {"basic": basic_block, "bottleneck": bottleneck}

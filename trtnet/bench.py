@@ -280,11 +280,7 @@ def kernels_main(argv: Sequence[str]) -> int | None:
         from trtnet.plugins import bench_kernels
     except ImportError as exc:
         raise TrtnetError(f"the kernel benchmark is not available: {exc}") from exc
-    if hasattr(bench_kernels, "main"):
-        return bench_kernels.main(list(argv))
-    result = bench_kernels.bench_kernels()
-    print(result if isinstance(result, str) else json.dumps(result, indent=1, default=str))
-    return 0
+    return bench_kernels.main(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:

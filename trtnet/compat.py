@@ -111,7 +111,6 @@ def _worth_showing(msg: str) -> bool:
 
 def create_network(builder) -> Any:
     t, f = trt(), flavour()
-    flags = 0
     if f.is_rtx:
         flags = 0  # always strongly typed
     elif f.major >= 10:

@@ -121,15 +121,10 @@ class Graph:
         w = self.weights.take(f"{prefix}.weight", (c2, c1 // g, k, k))
         if bn:
             stats = {s: self.weights.take(f"{bn}.{s}", (c2,)) for s in _BN_STATS}
-            self._skip_counter(f"{bn}.num_batches_tracked")
             return fold_batchnorm(w, stats, self.bn_eps)
         bias_name = f"{prefix}.bias"
         b = self.weights.take(bias_name, (c2,)) if self.weights.has(bias_name) else np.zeros(c2, np.float32)
         return w, b
-
-    def _skip_counter(self, name: str) -> None:
-        if self.weights.has(name):
-            self.weights.used.add(name)
 
     # -- layers ------------------------------------------------------------------------------------
     def conv(self, x, prefix: str, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1,

@@ -18,6 +18,7 @@ module. Layer types without an implementation here raise NotImplementedError nam
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import sys
@@ -287,18 +288,10 @@ class _Runner:
 
     def _strict_fp32(self):
         """On CUDA, torch would run fp32 convolutions and matmuls in TF32; a reference must not."""
-        return _Tf32Off(self.torch) if self.device.type == "cuda" else _NoContext()
+        return _Tf32Off(self.torch) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def shape_values(self, x) -> list[int]:
         return [int(v) for v in x.reshape(-1).tolist()]
-
-
-class _NoContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Tf32Off:
