@@ -207,10 +207,9 @@ def _coco_evaluate(samples, detections, max_det: int, verbose: bool):
 def _yolo_precision_recall(evaluator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class P and R at the max-mean-F1 confidence (YOLOv5's `ap_per_class`), and label counts."""
     nc = len(evaluator.params.catIds)
-    all_area = evaluator.params.areaRng[0]
     scores, hits, n_gt = [[] for _ in range(nc)], [[] for _ in range(nc)], np.zeros(nc, np.int64)
-    for e in evaluator.evalImgs:  # one per (class, area range, image), None where neither has boxes
-        if e is None or e["aRng"] != all_area:
+    for e in evaluator.evalImgs:  # one per (class, image) — area "all" only — None where neither has boxes
+        if e is None:
             continue
         k, counted = e["category_id"], ~e["dtIgnore"][0].astype(bool)
         scores[k].append(np.asarray(e["dtScores"])[counted])
