@@ -103,7 +103,7 @@ class Detections:
         return [self.name_of(c) for c in self.classes]
 
     def name_of(self, cls: int) -> str:
-        return str(self.class_names[cls]) if 0 <= cls < len(self.class_names) else str(cls)
+        return class_name(self.class_names, cls)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -151,6 +151,11 @@ def _draw_box(canvas: np.ndarray, box: np.ndarray, label: str, colour: tuple, lw
                 cv2.LINE_AA)
 
 
+def class_name(class_names: Sequence[str], cls: int) -> str:
+    """The name of class `cls`, or its number when the engine has no name for it."""
+    return str(class_names[cls]) if 0 <= cls < len(class_names) else str(cls)
+
+
 def detections_from_rows(rows: np.ndarray, input_hw: tuple[int, int], image: np.ndarray,
                          class_names: Sequence[str], path: str | None = None) -> Detections:
     """Decode + NMS rows [k, 6] (x1, y1, x2, y2, score, class in network-input pixels) → Detections,
@@ -174,7 +179,7 @@ class Classification:
 
     @property
     def names(self) -> list[str]:
-        return [str(self.class_names[c]) if 0 <= c < len(self.class_names) else str(c) for c in self.classes]
+        return [class_name(self.class_names, c) for c in self.classes]
 
     def to_dict(self) -> dict:
         top = zip(self.classes, self.names, self.scores)
