@@ -17,14 +17,18 @@ MAX_NMS = 30000  # official cap on the candidates that enter NMS (the highest sc
 # ---------------------------------------------------------------- letterbox
 
 
-def letterbox_geometry(h: int, w: int, new_shape) -> tuple[float, tuple[int, int], tuple[int, int, int, int]]:
-    """Official letterbox sizes: (ratio, (new_w, new_h), (top, bottom, left, right)).
+def letterbox_geometry(h: int, w: int, new_shape,
+                       scaleup: bool = True) -> tuple[float, tuple[int, int], tuple[int, int, int, int]]:
+    """Official letterbox sizes: (ratio, (new_w, new_h), (top, bottom, left, right)); without `scaleup`
+    the ratio is capped at 1 (val.py's loader pads its already resized images only).
 
     Python's round() (half to even) on purpose: it is what the official code calls. A side that rounds
     to 0 pixels is kept at 1 (the official code would crash in cv2.resize).
     """
     out_h, out_w = (new_shape, new_shape) if isinstance(new_shape, int) else new_shape
     r = min(out_h / h, out_w / w)
+    if not scaleup:
+        r = min(r, 1.0)
     new_w, new_h = max(1, int(round(w * r))), max(1, int(round(h * r)))
     dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
@@ -32,15 +36,15 @@ def letterbox_geometry(h: int, w: int, new_shape) -> tuple[float, tuple[int, int
     return r, (new_w, new_h), (top, bottom, left, right)
 
 
-def letterbox(img_bgr: np.ndarray, new_shape, color: int = 114):
-    """Official `letterbox(im, new_shape, color, auto=False, scaleFill=False, scaleup=True)`.
+def letterbox(img_bgr: np.ndarray, new_shape, color: int = 114, scaleup: bool = True):
+    """Official `letterbox(im, new_shape, color, auto=False, scaleFill=False, scaleup)`.
 
     Returns (img, (r, r), (dw, dh)) like the official function: the resized, padded uint8 HWC image.
     """
     import cv2  # only the letterbox reference needs OpenCV
 
     h, w = img_bgr.shape[:2]
-    r, (new_w, new_h), (top, bottom, left, right) = letterbox_geometry(h, w, new_shape)
+    r, (new_w, new_h), (top, bottom, left, right) = letterbox_geometry(h, w, new_shape, scaleup)
     if (w, h) != (new_w, new_h):
         img_bgr = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     img = cv2.copyMakeBorder(img_bgr, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(color,) * 3)

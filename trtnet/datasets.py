@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from trtnet.errors import TrtnetError
+from trtnet.plugins.reference import letterbox
 
 # The suffixes the official loader accepts (compared lower-cased).
 IMAGE_SUFFIXES = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")
@@ -235,14 +236,8 @@ def letterbox_for_val(image: np.ndarray, imgsz: int, shape: tuple[int, int]) -> 
         interpolation = cv2.INTER_LINEAR if r > 1 else cv2.INTER_AREA
         image = cv2.resize(image, (int(w0 * r), int(h0 * r)), interpolation=interpolation)
     h, w = image.shape[:2]
-    scale = min(shape[0] / h, shape[1] / w, 1.0)
-    new_w, new_h = int(round(w * scale)), int(round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (shape[1] - new_w) / 2, (shape[0] - new_h) / 2
-    top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
-    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
-    return image, ((h / h0 * scale, w / w0 * scale), (dw, dh))
+    image, (scale, _), pad = letterbox(image, tuple(shape), scaleup=False)
+    return image, ((h / h0 * scale, w / w0 * scale), pad)
 
 
 # ---------------------------------------------------------------------------------------- classification
