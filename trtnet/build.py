@@ -106,7 +106,10 @@ def load_for_build(req: BuildRequest):
 def build(req: BuildRequest, log=print) -> BuildResult:
     if req.postprocess.mode not in POSTPROCESS_MODES:
         raise TrtnetError(f"--postprocess {req.postprocess.mode}: one of {', '.join(POSTPROCESS_MODES)}")
+    _check_postprocess_mode(req.postprocess.mode)
     weights_path, tensors, meta = load_for_build(req)
+    if req.postprocess.mode != "none" and family_of(meta) != "yolov5":
+        raise TrtnetError("--postprocess applies to YOLOv5 detectors only")
     engine_path, meta_path = engine_paths(req, weights_path)
     ensure_writable(engine_path.parent)
     cache_path = Path(req.timing_cache) if req.timing_cache else engine_path.parent / "timing.cache"
@@ -118,9 +121,6 @@ def build(req: BuildRequest, log=print) -> BuildResult:
     defined = define_network(builder, tensors, meta, precision=req.precision, batch=req.batch,
                              imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path),
                              min_imgsz=req.min_imgsz, max_imgsz=req.max_imgsz)
-    if req.postprocess.mode != "none" and defined.family != "yolov5":
-        raise TrtnetError("--postprocess applies to YOLOv5 detectors only")
-    _check_postprocess_mode(req.postprocess.mode)
     if req.postprocess.mode == "plugin":
         append_plugin_postprocess(defined, meta, req.postprocess)
     options = compat.BuildOptions(
