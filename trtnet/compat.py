@@ -59,6 +59,12 @@ class Flavour:
         return self.is_rtx or self.major >= 10
 
     @property
+    def engines_name_their_gpus(self) -> bool:
+        """RTX builds ahead of time for the compute capabilities it is given (--target-cc); other TensorRTs'
+        engines run on the GPU model they were built on."""
+        return self.is_rtx
+
+    @property
     def python_plugins(self) -> bool:
         """Python IPluginV3 plugins can be added to networks (TensorRT >= 10, not RTX)."""
         return not self.is_rtx and self.major >= 10

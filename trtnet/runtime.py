@@ -100,7 +100,7 @@ def check_tensorrt(meta: Mapping, flavour: compat.Flavour) -> None:
 def check_device(meta: Mapping, flavour: compat.Flavour, device: Mapping) -> None:
     """Raise a TrtnetError saying what to do when the engine does not fit this GPU."""
     cc = device.get("compute_capability")
-    if flavour.is_rtx:
+    if flavour.engines_name_their_gpus:
         targets = list(meta.get("target_cc") or [])
         if targets and cc not in targets:
             raise TrtnetError(
