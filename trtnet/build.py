@@ -211,13 +211,9 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
 def current_device() -> dict | None:
     """The GPU TensorRT builds for (name, compute capability), when there is one."""
     try:
-        from cuda.bindings import runtime as cudart
+        from trtnet import cuda_rt
 
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) != 0:
-            return None
-        name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-        return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
+        return cuda_rt.device_identity(0)
     except Exception:  # no driver, no GPU, or no cuda-python: the build is ahead-of-time
         return None
 

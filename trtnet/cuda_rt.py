@@ -59,16 +59,20 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+def device_identity(device: int = 0) -> dict:
+    """Name and compute capability of `device` (what engine metadata records)."""
+    props = check(cudart().cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+
+
 def device_properties(device: int | None = None) -> dict:
     """Name, compute capability and memory of `device` (default: the current one)."""
     rt = cudart()
     if device is None:
         device = check(rt.cudaGetDevice(), "cudaGetDevice")
-    props = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     free, total = check(rt.cudaMemGetInfo(), "cudaMemGetInfo")
-    return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}",
-            "free_bytes": int(free), "total_bytes": int(total)}
+    return {**device_identity(device), "free_bytes": int(free), "total_bytes": int(total)}
 
 
 def _finalizer(owner: Any, release: Callable, handle: Any) -> weakref.finalize:
