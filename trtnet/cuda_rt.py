@@ -131,7 +131,25 @@ class PinnedBuffer(_GrowingBuffer):
         if offset + count * dtype.itemsize > self.nbytes:
             raise ValueError(f"view of {count * dtype.itemsize} bytes at {offset} exceeds {self.nbytes}")
         raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr + offset)
+        raw._owner = self  # the array keeps its memory alive (pinned_array's arrays are all that hold it)
         return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+def pinned_array(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    """A numpy array in page-locked host memory, freed with the array. Images decoded into one (e.g.
+    `capture.read(frame)`) reach the GPU without the host copy that pageable images need."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return PinnedBuffer(max(nbytes, 1)).view(shape, dtype)
+
+
+def is_page_locked(array: np.ndarray) -> bool:
+    """Whether `array`'s memory is page-locked host memory the GPU can copy straight from."""
+    rt = cudart()
+    err, attributes = rt.cudaPointerGetAttributes(array.ctypes.data)
+    if int(err) != 0:
+        rt.cudaGetLastError()  # clear the error the query leaves behind
+        return False
+    return attributes.type == rt.cudaMemoryType.cudaMemoryTypeHost
 
 
 class Stream:
@@ -146,16 +164,23 @@ class Stream:
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.raw), "cudaStreamSynchronize")
 
+    def wait(self, event: Event) -> None:
+        """Work queued on this stream from now on starts after `event` (recorded elsewhere) completes."""
+        check(cudart().cudaStreamWaitEvent(self.raw, event.raw, 0), "cudaStreamWaitEvent")
+
     def close(self) -> None:
         self._destroy()
 
 
 class Event:
-    """A CUDA event, for timing (`elapsed_ms`) and ordering work between streams."""
+    """A CUDA event, for timing (`elapsed_ms`) and ordering work between streams (`timing=False`: lighter)."""
 
-    def __init__(self):
+    def __init__(self, timing: bool = True):
         rt = cudart()
-        self.raw = check(rt.cudaEventCreate(), "cudaEventCreate")
+        if timing:
+            self.raw = check(rt.cudaEventCreate(), "cudaEventCreate")
+        else:
+            self.raw = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
         self._destroy = _finalizer(self, rt.cudaEventDestroy, self.raw)
 
     def record(self, stream: Stream) -> None:
