@@ -295,6 +295,12 @@ class FakePipeline:
             rows.append(np.array([[pw, ph, 320 - pw, 320 - ph, 0.75, len(rows)]], np.float32))
         return rows
 
+    def stream(self, images, batch=1, depth=2):
+        from trtnet.runtime import batched
+
+        for chunk in batched(images, batch):
+            yield from self.run(chunk)
+
 
 def fake_detector() -> Detector:
     detector = Detector.__new__(Detector)
@@ -338,7 +344,9 @@ def test_detect_cli_video(tmp_path):
         writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
     writer.release()
     outputs = detect.Outputs(tmp_path / "out", save=True, show=False)
-    detect.run_stream(fake_detector(), detect.Source("video", str(video)), outputs, batch=2)
+    detector = fake_detector()
+    detect.run_stream(detector, detect.Source("video", str(video)), outputs, batch=2)
+    assert detector.pipeline.calls == [2, 2, 1]
     assert [r["frame"] for r in outputs.records] == [0, 1, 2, 3, 4]
     assert outputs.frames == 5
     capture = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
@@ -445,25 +453,38 @@ def host_view(ptr: int, shape, dtype) -> np.ndarray:
 
 
 class SimGpu:
+    """The CUDA runtime calls trtnet makes, on host memory. Work queued on a stream runs only when something
+    waits for it (a stream or event synchronize, or the stream an event is waited on), in stream order, so
+    a missing wait or a buffer reused too early gives wrong results instead of passing by luck."""
+
     def __init__(self):
+        import collections
         import threading
         import types
 
         self.memory: dict[int, object] = {}
+        self.pinned: dict[int, int] = {}  # start address → size of the page-locked allocations
         self.capturing: dict[int, list] = {}
+        self.queues: dict[int, list] = collections.defaultdict(list)  # stream → work not yet run
+        self.ran: dict[int, int] = collections.defaultdict(int)  # stream → how many items have run
+        self.events: dict[int, tuple[int, int]] = {}  # event → (stream, items that precede it)
         self.next_id = 100
         self.launches = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         ok = 0
         self.rt = types.SimpleNamespace(
             cudaGetDeviceCount=lambda: (ok, 1), cudaGetDevice=lambda: (ok, 0),
             cudaGetDeviceProperties=lambda d: (ok, types.SimpleNamespace(name=b"Sim GPU", major=9, minor=0)),
             cudaMemGetInfo=lambda: (ok, 80 << 30, 80 << 30),
-            cudaMalloc=self.alloc, cudaFree=self.free, cudaMallocHost=self.alloc, cudaFreeHost=self.free,
+            cudaMalloc=self.alloc, cudaFree=self.free, cudaMallocHost=self.alloc_pinned, cudaFreeHost=self.free,
+            cudaPointerGetAttributes=self.pointer_attributes,
+            cudaMemoryType=types.SimpleNamespace(cudaMemoryTypeHost=1),
             cudaStreamNonBlocking=1, cudaStreamCreateWithFlags=lambda flags: (ok, self.new_id()),
-            cudaStreamSynchronize=lambda s: (ok,), cudaStreamDestroy=lambda s: (ok,),
-            cudaEventCreate=lambda: (ok, self.new_id()), cudaEventRecord=lambda e, s: (ok,),
-            cudaEventSynchronize=lambda e: (ok,), cudaEventElapsedTime=lambda a, b: (ok, 1.0),
+            cudaStreamSynchronize=self.stream_synchronize, cudaStreamDestroy=lambda s: (ok,),
+            cudaStreamWaitEvent=self.stream_wait_event,
+            cudaEventCreate=lambda: (ok, self.new_id()), cudaEventDisableTiming=2,
+            cudaEventCreateWithFlags=lambda flags: (ok, self.new_id()), cudaEventRecord=self.event_record,
+            cudaEventSynchronize=self.event_synchronize, cudaEventElapsedTime=lambda a, b: (ok, 1.0),
             cudaEventDestroy=lambda e: (ok,),
             cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2,
                                                  cudaMemcpyDeviceToDevice=3),
@@ -487,16 +508,59 @@ class SimGpu:
         self.memory[ctypes.addressof(buffer)] = buffer
         return 0, ctypes.addressof(buffer)
 
+    def alloc_pinned(self, nbytes):
+        err, ptr = self.alloc(nbytes)
+        self.pinned[ptr] = max(int(nbytes), 1)
+        return err, ptr
+
     def free(self, ptr):
         self.memory.pop(int(ptr), None)
+        self.pinned.pop(int(ptr), None)
         return (0,)
 
+    def pointer_attributes(self, ptr):
+        import types
+
+        host = any(start <= int(ptr) < start + size for start, size in list(self.pinned.items()))
+        return 0, types.SimpleNamespace(type=1 if host else 0)
+
+    # -- streams: queued work runs when waited for
+
     def submit(self, stream, work) -> None:
-        recording = self.capturing.get(int(stream))
-        if recording is not None:
-            recording.append(work)
-        else:
-            work()
+        with self.lock:
+            recording = self.capturing.get(int(stream))
+            (recording if recording is not None else self.queues[int(stream)]).append(work)
+
+    def run_until(self, stream: int, position: int) -> None:
+        """Run `stream`'s queued work until `position` items have run."""
+        with self.lock:
+            queue = self.queues[stream]
+            while self.ran[stream] < position and queue:
+                work = queue.pop(0)
+                self.ran[stream] += 1
+                work()
+
+    def queued_end(self, stream: int) -> int:
+        return self.ran[stream] + len(self.queues[stream])
+
+    def stream_synchronize(self, stream):
+        self.run_until(int(stream), self.queued_end(int(stream)))
+        return (0,)
+
+    def event_record(self, event, stream):
+        with self.lock:
+            self.events[int(event)] = (int(stream), self.queued_end(int(stream)))
+        return (0,)
+
+    def event_synchronize(self, event):
+        stream, position = self.events.get(int(event), (0, 0))
+        self.run_until(stream, position)
+        return (0,)
+
+    def stream_wait_event(self, stream, event, flags):
+        other, position = self.events.get(int(event), (0, 0))
+        self.submit(stream, lambda: self.run_until(other, position))
+        return (0,)
 
     def memcpy(self, dst, src, nbytes, kind, stream):
         import ctypes
@@ -718,6 +782,45 @@ def test_simulated_detector_serves_threads(sim_detector):
     assert not failures
 
 
+@pytest.mark.parametrize(("batch", "depth", "pinned"), [(1, 2, True), (2, 2, True), (1, 3, False), (2, 1, False)])
+def test_simulated_stream_gives_what_detect_gives_while_frames_are_reused(sim_detector, batch, depth, pinned):
+    from trtnet import cuda_rt
+
+    bus = cv2.imread(str(shared("images", "bus.jpg")))
+    other = np.full(bus.shape, 77, np.uint8)
+    _, boxes = expected_bus(bus)
+    picks = [1, 0, 1, 1, 0, 0, 1]
+    with sim_detector() as detector:
+        # a video reader's ring of `batch` frames, each rewritten `batch` frames later: what stream allows
+        ring = [cuda_rt.pinned_array(bus.shape) if pinned else np.empty_like(bus) for _ in range(batch)]
+
+        def frames():
+            for i, pick in enumerate(picks):
+                frame = ring[i % batch]
+                frame[...] = bus if pick else other
+                yield frame
+
+        results = list(detector.stream(frames(), batch=batch, depth=depth))
+    assert [len(r) for r in results] == [4 if pick else 0 for pick in picks]
+    for r in (r for r, pick in zip(results, picks) if pick):
+        np.testing.assert_allclose(r.boxes, boxes, rtol=1e-5, atol=1e-3)
+
+
+def test_simulated_stream_left_early_frees_the_engine(sim_detector):
+    import threading
+
+    bus = cv2.imread(str(shared("images", "bus.jpg")))
+    with sim_detector() as detector:
+        stream = detector.stream([bus] * 5)
+        assert len(next(stream)) == 4
+        stream.close()  # what leaving a for loop early does (detect's camera loop closes it)
+        found = []
+        helper = threading.Thread(target=lambda: found.append(len(detector.detect(bus)[0])))
+        helper.start()
+        helper.join(timeout=10)
+        assert found == [4]
+
+
 def imagenet_kernel(qualified, grid, block, args, stream=0, shared=0):
     """classify_preprocess.imagenet in NumPy, reading the same parameter struct the kernel gets."""
     assert qualified == "classify_preprocess.imagenet"
@@ -787,8 +890,8 @@ def test_simulated_bench(sim_detector, tmp_path, capsys):
     argv = [str(sim_detector.path), "--batch", "1,2,4", "--iters", "3", "--warmup", "1", "--json", str(report)]
     assert bench.cli(argv) == 0
     rows = json.loads(report.read_text(encoding="utf-8"))
-    assert [(r["mode"], r["batch"]) for r in rows] == [("engine", 1), ("end-to-end", 1), ("engine", 2),
-                                                        ("end-to-end", 2)]
+    modes = ["engine", "end-to-end", "e2e pinned", "streamed"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for b in (1, 2) for m in modes]
     captured = capsys.readouterr()
     assert "batch 4 skipped: the engine's profile is 1..2" in captured.err
     assert "end-to-end" in captured.out and "img/s" in captured.out

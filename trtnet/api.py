@@ -16,7 +16,8 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -273,6 +274,21 @@ class Detector(_Model):
         rows = self.pipeline.run(list(images))
         return [detections_from_rows(r, self.imgsz, image, self.names, path)
                 for r, image, path in zip(rows, images, paths)]
+
+    def stream(self, images: Iterable[ImageLike], batch: int = 1, depth: int = 2) -> Iterator[Detections]:
+        """`detect` for a stream of images (video frames, a camera, many files): one `Detections` per image,
+        in order, while the next `batch` of images is uploaded and queued as the GPU runs the previous one.
+        Holds the engine while it is consumed (see `DetectPipeline.stream`)."""
+        loaded: deque[tuple[np.ndarray, str | None]] = deque()  # the images in flight, oldest first
+
+        def images_in_order() -> Iterator[np.ndarray]:
+            for source in images:
+                loaded.append(load_image(source))
+                yield loaded[-1][0]
+
+        for rows in self.pipeline.stream(images_in_order(), batch, depth):
+            image, path = loaded.popleft()
+            yield detections_from_rows(rows, self.imgsz, image, self.names, path)
 
     __call__ = detect
 

@@ -9,7 +9,10 @@ Per batch size:
 - engine: the engine alone on device buffers, timed with CUDA events (p50/p99 of --iters runs after
   --warmup runs); with --cuda-graphs each run is one graph launch.
 - end-to-end: host uint8 images (1080x810 BGR, bus.jpg's size) → final boxes / class scores on the host:
-  upload, GPU letterbox (or ImageNet preprocessing), engine, decode + NMS, download — wall-clock time.
+  upload, GPU letterbox (or ImageNet preprocessing), engine, decode + NMS, download — wall-clock time of
+  one call. "e2e pinned": the same with the images in page-locked memory (no host copy before the
+  upload). "streamed" (detectors): `Detector.stream` over a stream of such images, the time per batch
+  when each batch is uploaded and queued while the GPU runs the previous one (video throughput).
 - torch (--compare-torch): the same model in PyTorch fp16 on the same GPU, eager and as a CUDA graph.
   ResNet: torchvision's resnet with the engine's own weights. YOLOv5: the official code (--yolov5-src)
   with the checkpoint (.pt) beside the weights; its forward includes Detect's decode, the engine's not.
@@ -92,8 +95,20 @@ def synthetic_images(count: int, hw: tuple[int, int] = E2E_IMAGE_HW) -> list[np.
     return [np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8) for _ in range(count)]
 
 
-def end_to_end_step(model, batch: int) -> Callable[[], float]:
+def pinned_copies(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The images in page-locked memory (as frames decoded into `cuda_rt.pinned_array`s would be)."""
+    from trtnet import cuda_rt
+
+    copies = [cuda_rt.pinned_array(image.shape, image.dtype) for image in images]
+    for copy, image in zip(copies, images):
+        copy[...] = image
+    return copies
+
+
+def end_to_end_step(model, batch: int, pinned: bool = False) -> Callable[[], float]:
     images = synthetic_images(batch)
+    if pinned:
+        images = pinned_copies(images)
     # Detector: boxes mapped to the images; Classifier: logits (softmax and top-k are a few µs more)
     run_images = getattr(model, "detect_loaded", model.pipeline.run)
 
@@ -103,6 +118,18 @@ def end_to_end_step(model, batch: int) -> Callable[[], float]:
         return (time.perf_counter() - t0) * 1000.0
 
     return step
+
+
+def streamed_samples(detector, batch: int, iters: int, warmup: int) -> list[float]:
+    """Milliseconds between consecutive batches of results from `Detector.stream` (images uploaded and
+    queued while the GPU runs the previous batch): the time per batch of a video-like stream."""
+    images = synthetic_images(batch)
+    runs = warmup + iters + 1
+    stamps = []
+    for i, _ in enumerate(detector.stream((images[i % batch] for i in range(runs * batch)), batch=batch)):
+        if (i + 1) % batch == 0:
+            stamps.append(time.perf_counter())
+    return list(np.diff(stamps[warmup:]) * 1000.0)
 
 
 def open_model(engine_path: str, cuda_graphs: bool, weights_dir: str):
@@ -246,11 +273,21 @@ def bench_engine(args) -> list[Timing]:
                 continue
             timings.append(Timing.of("engine", batch, measure(engine_step(engine, batch), args.iters, args.warmup),
                                      "cuda graph" if args.cuda_graphs else ""))
-            timings.append(Timing.of("end-to-end", batch,
-                                     measure(end_to_end_step(model, batch), args.iters, args.warmup),
-                                     f"{E2E_IMAGE_HW[1]}x{E2E_IMAGE_HW[0]} uint8 → results"))
+            timings += end_to_end_timings(model, batch, args)
             if torch_model_ is not None:
                 timings += torch_timings(torch_model_, (batch, 3, *engine.imgsz), args)
+    return timings
+
+
+def end_to_end_timings(model, batch: int, args) -> list[Timing]:
+    """One call per batch from pageable and from page-locked images; for detectors also a stream."""
+    size = f"{E2E_IMAGE_HW[1]}x{E2E_IMAGE_HW[0]} uint8 → results"
+    timings = [Timing.of(mode, batch, measure(end_to_end_step(model, batch, pinned), args.iters, args.warmup),
+                         f"{size}{note}")
+               for mode, pinned, note in (("end-to-end", False, ""), ("e2e pinned", True, ", images in pinned memory"))]
+    if hasattr(model, "stream"):
+        samples = streamed_samples(model, batch, args.iters, args.warmup)
+        timings.append(Timing.of("streamed", batch, samples, f"{size}, next batch queued during this one"))
     return timings
 
 

@@ -28,6 +28,7 @@ from trtnet.datasets import IMAGE_SUFFIXES
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.progress import bar, track
+from trtnet.runtime import batched
 
 # The official loader's video suffixes.
 VIDEO_SUFFIXES = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv", "webm")
@@ -118,17 +119,6 @@ def frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
         if not ok or frame is None:
             return
         yield frame
-
-
-def batched(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -230,22 +220,23 @@ def run_stream(detector, source: Source, outputs: Outputs, batch: int) -> None:
     writer = None
     index = 0
     try:
-        with bar(total, source.name, "frame", unit_scale=False) as progress:
-            for group in batched(frames(capture), 1 if is_camera else batch):
-                for result in detector.detect(group):
-                    outputs.frames += 1
-                    outputs.add(result, path=source.location, frame=index)
-                    index += 1
-                    if not outputs.annotating:
-                        continue
-                    annotated = result.draw()
-                    if outputs.save:
-                        writer = writer or _video_writer(outputs.unique_path(Path(source.name).stem + ".mp4"),
-                                                         fps, annotated.shape)
-                        writer.write(annotated)
-                    if not outputs.display(source.name, annotated):
-                        return
-                progress.update(len(group))
+        # pipelined: the next frames are decoded and uploaded while the GPU works on these
+        results = detector.stream(frames(capture), 1 if is_camera else batch)
+        with bar(total, source.name, "frame", unit_scale=False) as progress, contextlib.closing(results):
+            for result in results:
+                outputs.frames += 1
+                outputs.add(result, path=source.location, frame=index)
+                index += 1
+                progress.update(1)
+                if not outputs.annotating:
+                    continue
+                annotated = result.draw()
+                if outputs.save:
+                    writer = writer or _video_writer(outputs.unique_path(Path(source.name).stem + ".mp4"),
+                                                     fps, annotated.shape)
+                    writer.write(annotated)
+                if not outputs.display(source.name, annotated):
+                    return
     except KeyboardInterrupt:
         if not is_camera:
             raise

@@ -17,11 +17,15 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
+import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,11 +352,15 @@ class Worker:
                 "(out of GPU memory?): close other GPU programs or use fewer threads"
             )
         self.stream = cuda_rt.Stream()
+        self.upload_stream = cuda_rt.Stream()  # image uploads overlap the previous run on `stream`
+        self.uploaded = cuda_rt.Event(timing=False)
         self.buffers = {name: cuda_rt.DeviceBuffer() for name in (*engine.inputs, *engine.outputs)}
         self.host = {name: cuda_rt.PinnedBuffer() for name in (*engine.inputs, *engine.outputs)}
         self.scratch: dict[str, Any] = {}  # pipeline state of this thread (pre/post-processing buffers)
         self._graphs: dict[Any, cuda_rt.CudaGraph | None] = {}
         self._warned = False
+        self._prepared_for: tuple | None = None
+        self._prepared_shapes: dict[str, tuple] = {}
 
     # -- shapes and addresses
 
@@ -360,6 +368,8 @@ class Worker:
         """Set the input shapes for `batch`, size and bind every buffer; returns the I/O shapes.
 
         `hw` is the input height and width for engines built with a dynamic size (default: `imgsz`)."""
+        if (batch, hw) == self._prepared_for:  # the context already has these shapes and addresses
+            return self._prepared_shapes
         engine = self.engine
         if not engine.min_batch <= batch <= engine.max_batch:
             raise TrtnetError(
@@ -385,17 +395,19 @@ class Worker:
             self.context.set_tensor_address(name, self.buffers[name].ptr)
         if moved:
             self.drop_graphs()
+        self._prepared_for, self._prepared_shapes = (batch, hw), shapes
         return shapes
 
     def ptr(self, name: str) -> int:
         return self.buffers[name].ptr
 
-    def scratch_buffer(self, name: str, kind: type) -> Any:
-        """This worker's pipeline buffer `name` (a cuda_rt.DeviceBuffer or PinnedBuffer), made on first use."""
-        buffer = self.scratch.get(name)
-        if buffer is None:
-            buffer = self.scratch[name] = kind()
-        return buffer
+    def scratch_item(self, name: Any, kind: type) -> Any:
+        """This worker's pipeline buffer or event `name` (a cuda_rt.DeviceBuffer, PinnedBuffer or Event),
+        made on first use."""
+        item = self.scratch.get(name)
+        if item is None:
+            item = self.scratch[name] = kind()
+        return item
 
     # -- execution
 
@@ -455,11 +467,13 @@ class Worker:
 
     def close(self) -> None:
         self.stream.synchronize()
+        self.upload_stream.synchronize()
         self.drop_graphs()
-        for closer in (*self.scratch.values(), *self.buffers.values(), *self.host.values()):
+        for closer in (*self.scratch.values(), *self.buffers.values(), *self.host.values(), self.uploaded):
             if hasattr(closer, "close"):
                 closer.close()
         self.stream.close()
+        self.upload_stream.close()
         self.context = None
 
 
@@ -472,24 +486,47 @@ def iter_chunks(items: Sequence, engine: Engine) -> Iterator[tuple[Sequence, int
 # ----------------------------------------------------------------------------------------- pipelines
 
 
-def stage_images(worker: Worker, images: Sequence[np.ndarray]) -> list[int]:
-    """Copy HxWx3 uint8 images to the GPU in one transfer (through pinned memory); their device addresses.
+def stage_images(worker: Worker, images: Sequence[np.ndarray], slot: Any = 0) -> list[int]:
+    """Queue the upload of HxWx3 uint8 images on the worker's upload stream and make its compute stream
+    wait for it; the images' device addresses (in this `slot`'s buffer: a pipeline keeps one per run in
+    flight).
 
-    The staging buffers belong to the thread's worker and are reused: every pipeline run ends with a
-    stream synchronize, so the previous transfer has finished when they are overwritten.
+    Images in page-locked memory (`cuda_rt.pinned_array`) are copied straight from it; others first into
+    the worker's pinned staging buffer (a host copy, about 0.1 ms per megapixel). The caller's memory and
+    the staging buffer are free again once `worker.uploaded` has completed (a stream synchronize after
+    the run implies it).
     """
     offsets, total = [], 0
     for image in images:
         offsets.append(total)
         total += -(-image.nbytes // 256) * 256  # 256-byte aligned starts
-    host = worker.scratch_buffer("images_host", cuda_rt.PinnedBuffer)
-    device = worker.scratch_buffer("images_device", cuda_rt.DeviceBuffer)
-    host.ensure(total)
+    device = worker.scratch_item(("images", slot), cuda_rt.DeviceBuffer)
     device.ensure(total)
-    for image, offset in zip(images, offsets):
-        host.view(image.shape, np.uint8, offset)[...] = image
-    cuda_rt.copy_to_device(device.ptr, host.ptr, total, worker.stream)
+
+    def upload(i: int, source: int) -> None:
+        cuda_rt.copy_to_device(device.ptr + offsets[i], source, images[i].nbytes, worker.upload_stream)
+
+    pageable = [i for i, image in enumerate(images) if not cuda_rt.is_page_locked(image)]
+    if len(pageable) > 1:  # one thread copies ~5 GB/s: several images are copied in parallel
+        staging = worker.scratch_item("staging", cuda_rt.PinnedBuffer)
+        staging.ensure(total)
+
+        def through_staging(i: int) -> None:
+            staging.view(images[i].shape, np.uint8, offsets[i])[...] = images[i]
+            upload(i, staging.ptr + offsets[i])
+
+        list(_copy_pool().map(through_staging, pageable))
+    for i, image in enumerate(images):
+        if len(pageable) <= 1 or i not in pageable:  # page-locked, or one image the driver stages faster
+            upload(i, image.ctypes.data)
+    worker.uploaded.record(worker.upload_stream)
+    worker.stream.wait(worker.uploaded)
     return [device.ptr + offset for offset in offsets]
+
+
+@functools.lru_cache(maxsize=1)
+def _copy_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="trtnet-copy")
 
 
 def imagenet_geometry(h: int, w: int, resize: int = 256, crop: int = 224) -> tuple[int, int, int, int]:
@@ -625,24 +662,48 @@ class DetectPipeline:
         """Per image float32 [k, 6] rows, for HxWx3 uint8 BGR images (any sizes, any count)."""
         rows: list[np.ndarray] = []
         for chunk, run_as in iter_chunks(images, self.engine):
-            rows += self._run_chunk(chunk, run_as)
+            with self.engine.checkout() as worker:
+                rows += self._collect(self._submit(worker, chunk, run_as, slot="call"))
         return rows
 
-    def _run_chunk(self, images: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
-        with self.engine.checkout() as worker:
-            return self._run_chunk_on(worker, images, batch)
+    def stream(self, images: Iterable[np.ndarray], batch: int = 1, depth: int = 2) -> Iterator[np.ndarray]:
+        """Rows per image, in order, for a stream of images run `batch` at a time, with up to `depth` runs
+        on the GPU at once: the next run's images are uploaded and its work queued while the GPU still
+        works on the previous one, so the GPU does not wait for the host between runs (video).
 
-    def _run_chunk_on(self, worker: Worker, images: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+        The engine's worker is held while the iterator is consumed (on a dynamic-shape engine other
+        threads wait for it); consume it in the thread that started it. An image's memory may be reused
+        once the next image has been taken from `images`.
+        """
+        if depth < 1:
+            raise TrtnetError(f"depth must be at least 1, got {depth}")
+        batch = max(1, min(int(batch), self.engine.max_batch))
+        in_flight: deque[_InFlight] = deque()
+        with self.engine.checkout() as worker:
+            try:
+                for runs, chunk in enumerate(batched(images, batch)):
+                    run_as = max(len(chunk), self.engine.min_batch)
+                    in_flight.append(self._submit(worker, chunk, run_as, slot=runs % depth))
+                    worker.uploaded.synchronize()  # the caller may now reuse the images' memory
+                    if len(in_flight) == depth:
+                        yield from self._collect(in_flight.popleft())
+                while in_flight:
+                    yield from self._collect(in_flight.popleft())
+            finally:
+                worker.stream.synchronize()  # an abandoned stream leaves no work on the buffers
+
+    def _submit(self, worker: Worker, images: Sequence[np.ndarray], batch: int, slot: Any) -> _InFlight:
+        """Queue upload, letterbox, engine, decode + NMS and the download of the results (in `slot`)."""
         engine = self.engine
         shapes = worker.prepare(batch)
         input_ptr = worker.ptr(engine.input_name)
-        pointers = stage_images(worker, images)
+        pointers = stage_images(worker, images, slot)
         self.letterbox.enqueue(worker.stream.handle, pointers, [im.shape[0] for im in images],
                                [im.shape[1] for im in images], input_ptr)
         if batch > len(images):  # padding rows: zeros, their results are dropped
             done = self.letterbox.output_bytes(len(images))
             cuda_rt.fill(input_ptr + done, 0, self.letterbox.output_bytes(batch) - done, worker.stream)
-        return self._run_engine(worker, batch, len(images), shapes)
+        return self._queue_engine(worker, batch, len(images), shapes, slot)
 
     def run_letterboxed(self, x: np.ndarray) -> list[np.ndarray]:
         """Rows per image for network inputs letterboxed elsewhere (float32 [n, 3, h, w], /255 RGB), e.g.
@@ -654,32 +715,30 @@ class DetectPipeline:
         for start, n, run_as in engine.batches(len(x)):
             chunk = _pad_batch(x[start:start + n], run_as)
             with engine.checkout() as worker:
-                rows += self._run_letterboxed_on(worker, chunk, n)
+                shapes = worker.prepare(run_as, tuple(chunk.shape[2:]))
+                cuda_rt.upload(chunk, worker.ptr(engine.input_name), worker.stream, worker.host[engine.input_name])
+                rows += self._collect(self._queue_engine(worker, run_as, n, shapes, slot="call"))
         return rows
 
-    def _run_letterboxed_on(self, worker: Worker, chunk: np.ndarray, n: int) -> list[np.ndarray]:
-        engine, run_as, hw = self.engine, len(chunk), tuple(chunk.shape[2:])
-        shapes = worker.prepare(run_as, hw)
-        cuda_rt.upload(chunk, worker.ptr(engine.input_name), worker.stream, worker.host[engine.input_name])
-        return self._run_engine(worker, run_as, n, shapes)
-
-    def _run_engine(self, worker: Worker, batch: int, count: int, shapes: Mapping[str, tuple]) -> list[np.ndarray]:
-        """The engine on its filled input (and decode + NMS after it in `kernels` mode): rows of the first
-        `count` images. Graphs are keyed by input size, which engines built with --min-imgsz vary."""
+    def _queue_engine(self, worker: Worker, batch: int, count: int, shapes: Mapping[str, tuple],
+                      slot: Any) -> _InFlight:
+        """The engine on its filled input (and decode + NMS after it in `kernels` mode), then the download
+        of the first `count` images' rows. Graphs are keyed by input size, which engines built with
+        --min-imgsz vary."""
         hw = tuple(shapes[self.engine.input_name][2:])
         if self.in_engine:
             worker.enqueue(batch, key=("engine", hw))
-            return self._download(worker, count, shapes["dets"][1], worker.ptr("dets"), worker.ptr("counts"))
+            return _queue_download(worker, slot, count, shapes["dets"][1], worker.ptr("dets"), worker.ptr("counts"))
         dets_ptr, counts_ptr, then = self._postprocess(worker, batch, shapes)
         worker.enqueue(batch, then=then, key=("nms", hw))
-        return self._download(worker, count, self.settings.max_det, dets_ptr, counts_ptr)
+        return _queue_download(worker, slot, count, self.settings.max_det, dets_ptr, counts_ptr)
 
     def _postprocess(self, worker: Worker, batch: int, shapes: Mapping[str, tuple]):
         """Buffers for decode + NMS at `batch` and the work to queue after the engine."""
         level_shapes = [tuple(shapes[name][2:]) for name in self.heads]
-        workspace = worker.scratch_buffer("nms_workspace", cuda_rt.DeviceBuffer)
-        dets = worker.scratch_buffer("nms_dets", cuda_rt.DeviceBuffer)
-        counts = worker.scratch_buffer("nms_counts", cuda_rt.DeviceBuffer)
+        workspace = worker.scratch_item("nms_workspace", cuda_rt.DeviceBuffer)
+        dets = worker.scratch_item("nms_dets", cuda_rt.DeviceBuffer)
+        counts = worker.scratch_item("nms_counts", cuda_rt.DeviceBuffer)
         moved = workspace.ensure(self.post.workspace_bytes(batch, level_shapes))
         moved |= dets.ensure(batch * self.settings.max_det * 6 * 4)
         moved |= counts.ensure(batch * 4)
@@ -694,16 +753,55 @@ class DetectPipeline:
 
         return dets.ptr, counts.ptr, then
 
-    def _download(self, worker: Worker, count: int, max_det: int, dets_ptr: int, counts_ptr: int) -> list[np.ndarray]:
-        host = worker.scratch_buffer("nms_host", cuda_rt.PinnedBuffer)
-        dets_bytes = count * max_det * 6 * 4
-        host.ensure(dets_bytes + count * 4)
-        cuda_rt.copy_to_host(host.ptr, dets_ptr, dets_bytes, worker.stream)
-        cuda_rt.copy_to_host(host.ptr + dets_bytes, counts_ptr, count * 4, worker.stream)
-        worker.stream.synchronize()
-        dets = host.view((count, max_det, 6), np.float32)
-        counts = host.view((count,), np.int32, dets_bytes)
-        rows = [dets[i, : min(int(counts[i]), max_det)].copy() for i in range(count)]
+    def _collect(self, run: _InFlight) -> list[np.ndarray]:
+        """Wait for a queued run; its rows per image (copies: the slot's buffer is reused)."""
+        run.done.synchronize()
+        dets = run.host.view((run.count, run.max_det, 6), np.float32)
+        counts = run.host.view((run.count,), np.int32, run.dets_bytes)
+        rows = [dets[i, : min(int(counts[i]), run.max_det)].copy() for i in range(run.count)]
         if self.in_engine:
             rows = [r[r[:, 4] >= self.settings.conf][: self.settings.max_det] for r in rows]
         return rows
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A run queued on a worker's stream: its results land in `host` once `done` has completed."""
+
+    host: cuda_rt.PinnedBuffer
+    done: cuda_rt.Event
+    count: int
+    max_det: int
+
+    @property
+    def dets_bytes(self) -> int:
+        return self.count * self.max_det * 6 * 4
+
+
+def _queue_download(worker: Worker, slot: Any, count: int, max_det: int, dets_ptr: int,
+                    counts_ptr: int) -> _InFlight:
+    """Queue the copy of `count` images' dets and counts into `slot`'s pinned buffer, then its event."""
+    host = worker.scratch_item(("results", slot), cuda_rt.PinnedBuffer)
+    done = worker.scratch_item(("done", slot), _sync_event)
+    run = _InFlight(host, done, count, max_det)
+    host.ensure(run.dets_bytes + count * 4)
+    cuda_rt.copy_to_host(host.ptr, dets_ptr, run.dets_bytes, worker.stream)
+    cuda_rt.copy_to_host(host.ptr + run.dets_bytes, counts_ptr, count * 4, worker.stream)
+    done.record(worker.stream)
+    return run
+
+
+def _sync_event() -> cuda_rt.Event:
+    return cuda_rt.Event(timing=False)
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last may be shorter)."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
