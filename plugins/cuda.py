@@ -14,6 +14,7 @@ types must be exactly the kernel's parameter types.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import threading
@@ -34,6 +35,7 @@ _modules: dict[tuple[int, str], object] = {}  # (context, module name) → CUmod
 _functions: dict[tuple[int, str], object] = {}  # (context, "module.kernel") → CUfunction
 
 
+@functools.lru_cache(maxsize=1)  # launches call this a dozen times per image: no import machinery each time
 def _bindings():
     try:
         from cuda.bindings import driver, nvrtc
@@ -53,9 +55,9 @@ def _check_nvrtc(result, what: str):
 
 
 def _check_cuda(result, what: str):
-    driver, _ = _bindings()
     err, *rest = result
-    if err != driver.CUresult.CUDA_SUCCESS:
+    if err:  # CUDA_SUCCESS is 0
+        driver, _ = _bindings()
         _, name = driver.cuGetErrorName(err)
         _, text = driver.cuGetErrorString(err)
         raise TrtnetError(f"CUDA {what} failed: {name.decode()} ({text.decode()})")

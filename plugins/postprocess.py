@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
+from trtnet.plugins.reference import MAX_WH
 
 MAX_LEVELS = 5  # decode.cu
 MAX_ANCHORS = 4  # decode.cu, per level
 HIST_BINS = 65536  # decode.cu
 SORT_CHUNK = 4096  # nms.cu
 TILE = 2048  # nms.cu
-MAX_WH = 7680  # official class offset
 HEAD_DTYPES = {"float32": 0, "float16": 1}
 ALIGN = 256
 
@@ -34,6 +34,24 @@ P6_ANCHORS = ([19, 27, 44, 40, 38, 94], [96, 68, 86, 152, 180, 137], [140, 301, 
               [436, 615, 739, 380, 925, 792])
 
 u64, i32, f32 = ctypes.c_uint64, ctypes.c_int, ctypes.c_float
+
+
+@dataclass(frozen=True)
+class NmsSettings:
+    """The official non_max_suppression settings (its defaults), checked here for every place that takes
+    them: the Detector, these kernels, the in-engine plugin and the build's metadata."""
+
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 1000
+    multi_label: bool = False
+    agnostic: bool = False
+
+    def __post_init__(self):
+        if not (0.0 <= self.conf <= 1.0 and 0.0 <= self.iou <= 1.0):
+            raise TrtnetError(f"NMS settings: conf ({self.conf}) and iou ({self.iou}) must lie in [0, 1]")
+        if self.max_det < 1:
+            raise TrtnetError(f"NMS settings: max_det must be at least 1 (got {self.max_det})")
 
 
 class Heads(ctypes.Structure):  # decode.cu
@@ -115,9 +133,10 @@ class YoloPostprocess:
                  agnostic=False, capacity=30000):
         self.strides = [int(s) for s in strides]
         self.anchors = [[float(a) for a in level] for level in anchors]
-        self.nc, self.conf, self.iou = int(nc), float(conf), float(iou)
-        self.max_det, self.capacity = int(max_det), int(capacity)
-        self.multi_label, self.agnostic = bool(multi_label), bool(agnostic)
+        nms = NmsSettings(float(conf), float(iou), int(max_det), bool(multi_label), bool(agnostic))
+        self.conf, self.iou, self.max_det = nms.conf, nms.iou, nms.max_det
+        self.multi_label, self.agnostic = nms.multi_label, nms.agnostic
+        self.nc, self.capacity = int(nc), int(capacity)
         self._check()
 
     def _check(self) -> None:
@@ -133,9 +152,8 @@ class YoloPostprocess:
                 f"anchors must be, per level, the same number (1..{MAX_ANCHORS}) of w,h pixel pairs; "
                 f"got {self.anchors}"
             )
-        if self.nc < 1 or self.max_det < 1 or self.capacity < 1:
-            raise TrtnetError(f"nc, max_det and capacity must be positive (got {self.nc}, "
-                              f"{self.max_det}, {self.capacity})")
+        if self.nc < 1 or self.capacity < 1:
+            raise TrtnetError(f"nc and capacity must be positive (got {self.nc}, {self.capacity})")
         self.na = na
 
     # ------------------------------------------------------------ sizes

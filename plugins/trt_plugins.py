@@ -20,6 +20,7 @@ import numpy as np
 
 from trtnet import compat
 from trtnet.errors import TrtnetError
+from trtnet.plugins.postprocess import NmsSettings
 
 PLUGIN_NAME = "TrtnetYoloNMS"
 PLUGIN_NAMESPACE = "trtnet"
@@ -84,13 +85,9 @@ class YoloNMSSettings:
                 f"YOLO postprocess: anchors {list(self.anchors)} do not fit strides {list(self.strides)}: "
                 "give one row of (w, h) pairs per stride, the same number of pairs on every row"
             )
-        if self.nc < 1 or self.max_det < 1 or self.capacity < 1:
-            raise TrtnetError(
-                f"YOLO postprocess: nc ({self.nc}), max_det ({self.max_det}) and capacity ({self.capacity}) "
-                "must be positive"
-            )
-        if not (0.0 <= self.conf <= 1.0 and 0.0 <= self.iou <= 1.0):
-            raise TrtnetError(f"YOLO postprocess: conf ({self.conf}) and iou ({self.iou}) lie in [0, 1]")
+        if self.nc < 1 or self.capacity < 1:
+            raise TrtnetError(f"YOLO postprocess: nc ({self.nc}) and capacity ({self.capacity}) must be positive")
+        NmsSettings(self.conf, self.iou, self.max_det, self.multi_label, self.agnostic)  # checks them
 
     @property
     def channels(self) -> int:

@@ -946,3 +946,23 @@ def test_dynamic_size_range_accepts_sizes_within_it():
     assert engine.size_range == (128, 672)
     for hw in [(128, 128), (448, 672), (672, 672), (640, 480)]:
         engine.check_size(hw)
+
+
+IMPOSSIBLE_NMS = [{"conf": 1.5}, {"iou": -0.1}, {"max_det": 0}]
+
+
+@pytest.mark.parametrize("settings", IMPOSSIBLE_NMS)
+def test_impossible_nms_settings_are_refused_by_the_kernels_and_the_build(settings):
+    from trtnet.build import PostprocessSettings
+    from trtnet.plugins.postprocess import YoloPostprocess
+
+    with pytest.raises(TrtnetError, match="NMS settings"):
+        PostprocessSettings(mode="kernels", **settings)
+    with pytest.raises(TrtnetError, match="NMS settings"):
+        YoloPostprocess(strides=[8], anchors=[[10, 13]], nc=1, **settings)
+
+
+@pytest.mark.parametrize("settings", IMPOSSIBLE_NMS)
+def test_impossible_nms_settings_are_refused_by_the_detector(sim_detector, settings):
+    with pytest.raises(TrtnetError, match="NMS settings"):
+        sim_detector(**settings)

@@ -252,10 +252,11 @@ class Detector(_Model):
     def __init__(self, engine: str | Path, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
                  multi_label: bool = False, agnostic: bool = False, cuda_graphs: bool = False,
                  weights_dir: str | Path = "weights"):
-        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
-        from trtnet.runtime import DetectPipeline, NmsSettings
+        from trtnet.plugins.postprocess import NmsSettings
+        from trtnet.runtime import DetectPipeline
 
-        self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)
+        self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)  # refused before loading
+        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
         self.pipeline = DetectPipeline(self.engine, self.settings)
 
     @property

@@ -21,20 +21,16 @@ from trtnet.cli import parser, run
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.network import BatchProfile, DefinedNetwork, define_network, family_of, meta_for_arch
+from trtnet.plugins.postprocess import NmsSettings
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
 
 
-@dataclass
-class PostprocessSettings:
-    """What runs after the raw YOLO heads; recorded in the engine metadata (see plugins/)."""
+@dataclass(frozen=True)
+class PostprocessSettings(NmsSettings):
+    """What runs after the raw YOLO heads (`mode`, with its NMS settings); recorded in the engine metadata."""
 
     mode: str = "none"
-    conf: float = 0.25
-    iou: float = 0.45
-    max_det: int = 1000
-    multi_label: bool = False
-    agnostic: bool = False
 
 
 @dataclass
@@ -324,8 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch=parse_batch(args),
         workspace_gib=args.workspace, tf32=args.tf32,
         target_cc=tuple(c for c in args.target_cc.split(",") if c),
-        postprocess=PostprocessSettings(args.postprocess, args.conf, args.iou, args.max_det, args.multi_label,
-                                        args.agnostic),
+        postprocess=PostprocessSettings(mode=args.postprocess, conf=args.conf, iou=args.iou, max_det=args.max_det,
+                                        multi_label=args.multi_label, agnostic=args.agnostic),
         softmax=args.softmax, output=args.output, timing_cache=args.timing_cache, arch=args.arch, nc=args.nc,
         weights_dir=args.weights_dir,
     )

@@ -35,6 +35,7 @@ import numpy as np
 
 from trtnet import compat, cuda_rt
 from trtnet.errors import TrtnetError
+from trtnet.plugins.postprocess import NmsSettings
 
 REQUIRED_KEYS = ("family", "imgsz", "batch", "input", "outputs", "tensorrt")
 
@@ -608,23 +609,15 @@ class ClassifyPipeline:
         return host.view(shapes[self.output], spec.dtype)[: len(images)].astype(np.float32)
 
 
-@dataclass(frozen=True)
-class NmsSettings:
-    conf: float = 0.25
-    iou: float = 0.45
-    max_det: int = 1000
-    multi_label: bool = False
-    agnostic: bool = False
-
-
 class DetectPipeline:
     """GPU letterbox → YOLOv5 engine → decode + NMS → per image rows (x1, y1, x2, y2, score, class) in
     network-input pixels. Decode + NMS run as the kernels after the engine on the same stream, unless the
     engine holds them as a plugin (`--postprocess plugin`) and outputs `dets`/`counts` itself."""
 
-    def __init__(self, engine: Engine, settings: NmsSettings = NmsSettings()):
+    def __init__(self, engine: Engine, settings: NmsSettings | None = None):
         from trtnet.plugins.preprocess import Letterbox
 
+        settings = settings or NmsSettings()
         meta = engine.meta
         self.engine = engine
         self.settings = settings
