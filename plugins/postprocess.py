@@ -13,6 +13,7 @@ The result equals the official `non_max_suppression` (see reference.py) on the s
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,9 @@ def layout(batch: int, capacity: int, max_det: int) -> Layout:
     )
 
 
+_layout = functools.lru_cache(maxsize=64)(layout)  # asked for on every run: the same few batch sizes
+
+
 def merge_rounds(capacity: int) -> int:
     """Merge rounds after the chunk sort: sorted runs double from SORT_CHUNK until they cover capacity."""
     return (math.ceil(capacity / SORT_CHUNK) - 1).bit_length()
@@ -159,7 +163,7 @@ class YoloPostprocess:
     # ------------------------------------------------------------ sizes
 
     def layout(self, batch: int) -> Layout:
-        return layout(batch, self.capacity, self.max_det)
+        return _layout(batch, self.capacity, self.max_det)
 
     def workspace_bytes(self, batch: int, level_shapes: Sequence[tuple[int, int]]) -> int:
         self._heads(list(range(len(self.strides))), "float32", level_shapes)  # validates the shapes

@@ -1,11 +1,13 @@
-"""Letterbox on the GPU: a batch of uint8 BGR HWC images of any sizes → the network input tensor.
+"""Preprocessing on the GPU: a batch of uint8 BGR HWC images of any sizes → the network input tensor.
 
     lb = Letterbox(640, 640, "float16")
     lb.enqueue(stream, [img0_ptr, img1_ptr], heights=[1080, 720], widths=[810, 1280], out_ptr=input_ptr)
 
-The output is NCHW RGB / 255 at the engine size, equal to the official `letterbox(im, (out_h, out_w),
-auto=False)` (cv2 INTER_LINEAR, border 114) + BGR→RGB + /255; see letterbox.cu for how close to cv2.
-Queued on `stream` without synchronising: the per-image parameters travel as kernel arguments.
+Letterbox's output is NCHW RGB / 255 at the engine size, equal to the official `letterbox(im, (out_h,
+out_w), auto=False)` (cv2 INTER_LINEAR, border 114) + BGR→RGB + /255; see letterbox.cu for how close to
+cv2. `ImagenetPreprocess` is torchvision's Resize(256) + CenterCrop + Normalize for the classifiers
+(classify_preprocess.cu). Both queue on `stream` without synchronising: the per-image parameters travel
+as kernel arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
 from trtnet.plugins.reference import letterbox_geometry
 
-MAX_IMAGES = 64  # letterbox.cu: images per launch
+MAX_IMAGES = 64  # letterbox.cu, classify_preprocess.cu: images per launch
 DTYPES = {"float32": 0, "float16": 1}
 
 
@@ -79,3 +81,56 @@ class Letterbox:
         # cv2.resize: scale = 1 / (dst / src), in double
         return Image(src=int(src), h=h, w=w, pitch=pitch, new_w=new_w, new_h=new_h, left=left, top=top,
                      scale_x=1.0 / (new_w / w), scale_y=1.0 / (new_h / h))
+
+
+# ------------------------------------------------------------------------------------------ classifiers
+
+
+def imagenet_geometry(h: int, w: int, resize: int = 256, crop: int = 224) -> tuple[int, int, int, int]:
+    """torchvision Resize(resize) + CenterCrop(crop): (resized h, resized w, crop top, crop left)."""
+    if w <= h:
+        new_w, new_h = resize, int(resize * h / w)
+    else:
+        new_h, new_w = resize, int(resize * w / h)
+    return new_h, new_w, int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ClsImage(ctypes.Structure):  # classify_preprocess.cu
+    _fields_ = [("src", ctypes.c_uint64), ("h", ctypes.c_int), ("w", ctypes.c_int), ("pitch", ctypes.c_int),
+                ("left", ctypes.c_int), ("top", ctypes.c_int), ("scale_x", ctypes.c_float),
+                ("scale_y", ctypes.c_float)]
+
+
+class ClsBatch(ctypes.Structure):  # classify_preprocess.cu
+    _fields_ = [("image", ClsImage * MAX_IMAGES), ("out", ctypes.c_uint64), ("first", ctypes.c_int),
+                ("out_h", ctypes.c_int), ("out_w", ctypes.c_int), ("half", ctypes.c_int),
+                ("mean", ctypes.c_float * 3), ("std", ctypes.c_float * 3)]
+
+
+class ImagenetPreprocess:
+    """torchvision's ImageNet preprocessing (Resize(resize) + CenterCrop + ToTensor + Normalize) to
+    (out_h, out_w), batched on the GPU."""
+
+    def __init__(self, out_h: int, out_w: int, dtype: str = "float32", resize: int = 256):
+        if dtype not in DTYPES:
+            raise TrtnetError(f"preprocess output dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.out_h, self.out_w, self.dtype, self.resize = int(out_h), int(out_w), dtype, int(resize)
+
+    def enqueue(self, stream: int, images: Sequence, pointers: Sequence[int], out_ptr: int) -> None:
+        """Preprocess images[i] (HxWx3 uint8 BGR arrays, for their sizes) staged at device address
+        pointers[i] into batch item i of `out_ptr` [len(images), 3, out_h, out_w]."""
+        for first in range(0, len(images), MAX_IMAGES):
+            count = min(MAX_IMAGES, len(images) - first)
+            params = ClsBatch(out=int(out_ptr), first=first, out_h=self.out_h, out_w=self.out_w,
+                              half=DTYPES[self.dtype], mean=(ctypes.c_float * 3)(*IMAGENET_MEAN),
+                              std=(ctypes.c_float * 3)(*IMAGENET_STD))
+            for i in range(count):
+                h, w = images[first + i].shape[:2]
+                new_h, new_w, top, left = imagenet_geometry(h, w, self.resize, min(self.out_h, self.out_w))
+                params.image[i] = ClsImage(int(pointers[first + i]), h, w, w * 3, left, top, w / new_w, h / new_h)
+            grid = (math.ceil(self.out_w / 32), math.ceil(self.out_h / 8), count)
+            cuda.launch("classify_preprocess.imagenet", grid, (32, 8), [params], stream)

@@ -403,7 +403,7 @@ def test_every_command_has_help(command, capsys):
     ((1, 1), (256, 256, 16, 16)),
 ])
 def test_imagenet_geometry(hw, expected):
-    from trtnet.runtime import imagenet_geometry
+    from trtnet.plugins.preprocess import imagenet_geometry
 
     assert imagenet_geometry(*hw) == expected
 
@@ -418,14 +418,14 @@ def test_classify_kernel_compiles_and_its_parameters_match_the_python_layout():
     import ctypes
 
     from trtnet.plugins import cuda
-    from trtnet.runtime import _ClsBatch, _ClsImage
+    from trtnet.plugins.preprocess import ClsBatch, ClsImage
 
     source = (Path(cuda.__file__).parent / "classify_preprocess.cu").read_text(encoding="utf-8")
     checks = "".join(
         f"static_assert(__builtin_offsetof({struct}, {field}) == {getattr(cls, field).offset}, \"{field}\");\n"
-        for struct, cls in (("ClsImage", _ClsImage), ("ClsBatch", _ClsBatch)) for field, _ in cls._fields_
+        for struct, cls in (("ClsImage", ClsImage), ("ClsBatch", ClsBatch)) for field, _ in cls._fields_
     )
-    checks += f"static_assert(sizeof(ClsBatch) == {ctypes.sizeof(_ClsBatch)}, \"size\");\n"
+    checks += f"static_assert(sizeof(ClsBatch) == {ctypes.sizeof(ClsBatch)}, \"size\");\n"
     try:
         cubin = cuda.compile_cubin(source + checks, "sm_75", "classify_preprocess_layout", use_cache=False)
     except TrtnetError as exc:

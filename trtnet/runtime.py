@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
@@ -530,57 +529,15 @@ def _copy_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="trtnet-copy")
 
 
-def imagenet_geometry(h: int, w: int, resize: int = 256, crop: int = 224) -> tuple[int, int, int, int]:
-    """torchvision Resize(resize) + CenterCrop(crop): (resized h, resized w, crop top, crop left)."""
-    if w <= h:
-        new_w, new_h = resize, int(resize * h / w)
-    else:
-        new_h, new_w = resize, int(resize * w / h)
-    return new_h, new_w, int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_KERNEL_IMAGES = 64  # images per preprocessing launch (MAX_IMAGES in the .cu files)
-
-
-class _ClsImage(ctypes.Structure):
-    _fields_ = [("src", ctypes.c_uint64), ("h", ctypes.c_int), ("w", ctypes.c_int), ("pitch", ctypes.c_int),
-                ("left", ctypes.c_int), ("top", ctypes.c_int), ("scale_x", ctypes.c_float),
-                ("scale_y", ctypes.c_float)]
-
-
-class _ClsBatch(ctypes.Structure):
-    _fields_ = [("image", _ClsImage * MAX_KERNEL_IMAGES), ("out", ctypes.c_uint64), ("first", ctypes.c_int),
-                ("out_h", ctypes.c_int), ("out_w", ctypes.c_int), ("half", ctypes.c_int),
-                ("mean", ctypes.c_float * 3), ("std", ctypes.c_float * 3)]
-
-
-def imagenet_preprocess(images: Sequence[np.ndarray], pointers: Sequence[int], out_ptr: int, out_hw: tuple[int, int],
-                        half: bool, stream: cuda_rt.Stream, resize: int = 256) -> None:
-    """Queue plugins/classify_preprocess.cu: staged BGR images → normalised NCHW at `out_ptr`."""
-    from trtnet.plugins import cuda
-
-    out_h, out_w = out_hw
-    for first in range(0, len(images), MAX_KERNEL_IMAGES):
-        chunk = list(zip(images, pointers))[first:first + MAX_KERNEL_IMAGES]
-        params = _ClsBatch(out=out_ptr, first=first, out_h=out_h, out_w=out_w, half=int(half),
-                           mean=(ctypes.c_float * 3)(*IMAGENET_MEAN), std=(ctypes.c_float * 3)(*IMAGENET_STD))
-        for i, (image, ptr) in enumerate(chunk):
-            h, w = image.shape[:2]
-            new_h, new_w, top, left = imagenet_geometry(h, w, resize, min(out_h, out_w))
-            params.image[i] = _ClsImage(ptr, h, w, w * 3, left, top, w / new_w, h / new_h)
-        grid = (-(-out_w // 32), -(-out_h // 8), len(chunk))
-        cuda.launch("classify_preprocess.imagenet", grid, (32, 8), [params], stream=stream.handle)
-
-
 class ClassifyPipeline:
     """GPU ImageNet preprocessing → ResNet engine → logits on the host."""
 
     def __init__(self, engine: Engine):
+        from trtnet.plugins.preprocess import ImagenetPreprocess
+
         self.engine = engine
-        spec = engine.inputs[engine.input_name]
-        self.half_input = spec.dtype == np.float16
+        h, w = engine.imgsz
+        self.preprocess = ImagenetPreprocess(h, w, engine.inputs[engine.input_name].dtype.name)
         self.output = "logits" if "logits" in engine.outputs else next(iter(engine.outputs))
 
     def run(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -597,8 +554,7 @@ class ClassifyPipeline:
     def _run_chunk_on(self, worker: Worker, images: Sequence[np.ndarray], batch: int) -> np.ndarray:
         shapes = worker.prepare(batch)
         pointers = stage_images(worker, images)
-        imagenet_preprocess(images, pointers, worker.ptr(self.engine.input_name), self.engine.imgsz,
-                            self.half_input, worker.stream)
+        self.preprocess.enqueue(worker.stream.handle, images, pointers, worker.ptr(self.engine.input_name))
         worker.enqueue(batch)
         spec = self.engine.outputs[self.output]
         host = worker.host[self.output]
@@ -635,6 +591,7 @@ class DetectPipeline:
                                         conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
                                         multi_label=settings.multi_label, agnostic=settings.agnostic)
             self.heads = list(meta["outputs"])
+        self._workspace_bytes: dict[tuple, int] = {}  # by (batch, head shapes)
 
     def _check_plugin_settings(self, built: Mapping) -> None:
         missing = {"dets", "counts"} - set(self.engine.outputs)
@@ -728,11 +685,13 @@ class DetectPipeline:
 
     def _postprocess(self, worker: Worker, batch: int, shapes: Mapping[str, tuple]):
         """Buffers for decode + NMS at `batch` and the work to queue after the engine."""
-        level_shapes = [tuple(shapes[name][2:]) for name in self.heads]
+        level_shapes = tuple(tuple(shapes[name][2:]) for name in self.heads)
         workspace = worker.scratch_item("nms_workspace", cuda_rt.DeviceBuffer)
         dets = worker.scratch_item("nms_dets", cuda_rt.DeviceBuffer)
         counts = worker.scratch_item("nms_counts", cuda_rt.DeviceBuffer)
-        moved = workspace.ensure(self.post.workspace_bytes(batch, level_shapes))
+        if (batch, level_shapes) not in self._workspace_bytes:
+            self._workspace_bytes[batch, level_shapes] = self.post.workspace_bytes(batch, level_shapes)
+        moved = workspace.ensure(self._workspace_bytes[batch, level_shapes])
         moved |= dets.ensure(batch * self.settings.max_det * 6 * 4)
         moved |= counts.ensure(batch * 4)
         if moved:
