@@ -11,7 +11,8 @@
 - Optional CUDA graphs: the engine (and the work queued right after it, e.g. decode + NMS) is captured
   once per batch size and replayed; where capture fails it runs eagerly, with one warning.
 
-`DetectPipeline` and `ClassifyPipeline` put the GPU pre- and post-processing around the engine.
+`DetectPipeline` and `ClassifyPipeline` put the GPU pre- and post-processing around the engine;
+`DetectPipeline.stream` keeps the next batch's upload and work queued while the GPU runs the previous one.
 """
 
 from __future__ import annotations
