@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from trtnet.errors import TrtnetError
+from trtnet.networks import resnet as resnet_network
 
 # ------------------------------------------------------------------------------------------------
 # Inert records and numpy stand-ins for what the pickle may construct
@@ -355,13 +356,8 @@ class Checkpoint:
     meta: dict
 
 
-RESNET_ARCHS = {
-    ("basic", (2, 2, 2, 2)): "resnet18",
-    ("basic", (3, 4, 6, 3)): "resnet34",
-    ("bottleneck", (3, 4, 6, 3)): "resnet50",
-    ("bottleneck", (3, 4, 23, 3)): "resnet101",
-    ("bottleneck", (3, 8, 36, 3)): "resnet152",
-}
+# (block, blocks per stage) → the torchvision name networks/resnet.py builds it under
+RESNET_ARCHS = {(block, tuple(counts)): name for name, (block, counts) in resnet_network.ARCHS.items()}
 TORCHVISION_BN_EPS = 1e-5
 
 

@@ -51,7 +51,6 @@ class DefinedNetwork:
     input_name: str
     input_shape: tuple  # with -1 for a dynamic batch or size
     output_names: list
-    meta: dict = field(default_factory=dict)
     strides: list = field(default_factory=list)  # YOLO heads: input size / head size, per level
     imgsz: tuple = ()  # (h, w): the static size, or the size a dynamic size range is tuned for
     min_imgsz: int | None = None  # dynamic size: the smallest side
@@ -103,7 +102,7 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     heads = [network.get_output(i) for i in range(network.num_outputs)]
     strides = yolo_strides(heads, hw, meta) if family == "yolov5" else []
     return DefinedNetwork(network, g, family, module.INPUT, (batch.dim, 3, *hw), [t.name for t in heads],
-                          dict(meta), strides, top, min_imgsz, max_imgsz)
+                          strides, top, min_imgsz, max_imgsz)
 
 
 def size_range(imgsz: tuple, min_imgsz: int | None, max_imgsz: int | None) -> tuple:
