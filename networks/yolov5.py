@@ -74,8 +74,13 @@ def concat(g: Graph, xs, p: str, dimension: int = 1):
 
 
 def detect(g: Graph, xs, p: str, nc: int, anchors, *_):
-    na = len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
-    return [g.conv(x, f"{p}.m.{i}", na * (nc + 5), 1, name=f"raw_{i}") for i, x in enumerate(xs)]
+    return [g.conv(x, f"{p}.m.{i}", anchors_per_cell(anchors) * (nc + 5), 1, name=f"raw_{i}")
+            for i, x in enumerate(xs)]
+
+
+def anchors_per_cell(anchors) -> int:
+    """The yaml's `anchors`: (w, h) pairs per level, or just how many per level."""
+    return len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
 
 
 # name in the yaml → (block, takes output channels as its first argument, repeats `n` inside itself)
@@ -101,8 +106,7 @@ def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int]) -> list:
     cfg = meta["yaml"]
     nc, anchors = cfg["nc"], cfg["anchors"]
     gd, gw = cfg["depth_multiple"], cfg["width_multiple"]
-    na = len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
-    no = na * (nc + 5)
+    no = anchors_per_cell(anchors) * (nc + 5)
     g.activation = activation_of(cfg.get("activation"))
     _check_input_size(imgsz, max(meta.get("strides") or [32]))
     _check_classes(meta, nc)

@@ -197,22 +197,22 @@ class Event:
         self._destroy()
 
 
-def copy_to_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
+def _copy(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream, kind: str, what: str) -> None:
     rt = cudart()
-    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.raw),
-          "cudaMemcpyAsync host→device")
+    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, getattr(rt.cudaMemcpyKind, kind), stream.raw),
+          f"cudaMemcpyAsync {what}")
+
+
+def copy_to_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
+    _copy(dst_ptr, src_ptr, nbytes, stream, "cudaMemcpyHostToDevice", "host→device")
 
 
 def copy_to_host(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
-    rt = cudart()
-    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.raw),
-          "cudaMemcpyAsync device→host")
+    _copy(dst_ptr, src_ptr, nbytes, stream, "cudaMemcpyDeviceToHost", "device→host")
 
 
 def copy_on_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
-    rt = cudart()
-    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.raw),
-          "cudaMemcpyAsync device→device")
+    _copy(dst_ptr, src_ptr, nbytes, stream, "cudaMemcpyDeviceToDevice", "device→device")
 
 
 def fill(dst_ptr: int, value: int, nbytes: int, stream: Stream) -> None:
