@@ -492,10 +492,11 @@ def stage_images(worker: Worker, images: Sequence[np.ndarray], slot: Any = 0) ->
     wait for it; the images' device addresses (in this `slot`'s buffer: a pipeline keeps one per run in
     flight).
 
-    Images in page-locked memory (`cuda_rt.pinned_array`) are copied straight from it; others first into
-    the worker's pinned staging buffer (a host copy, about 0.1 ms per megapixel). The caller's memory and
-    the staging buffer are free again once `worker.uploaded` has completed (a stream synchronize after
-    the run implies it).
+    Images in page-locked memory (`cuda_rt.pinned_array`) are copied straight from it, and so is a lone
+    pageable image (the driver stages it faster than a copy into our buffer); several pageable images are
+    copied into the worker's pinned staging buffer by a thread pool first (one thread copies ~5 GB/s).
+    The caller's memory and the staging buffer are free again once `worker.uploaded` has completed (a
+    stream synchronize after the run implies it).
     """
     offsets, total = [], 0
     for image in images:
@@ -508,7 +509,8 @@ def stage_images(worker: Worker, images: Sequence[np.ndarray], slot: Any = 0) ->
         cuda_rt.copy_to_device(device.ptr + offsets[i], source, images[i].nbytes, worker.upload_stream)
 
     pageable = [i for i, image in enumerate(images) if not cuda_rt.is_page_locked(image)]
-    if len(pageable) > 1:  # one thread copies ~5 GB/s: several images are copied in parallel
+    staged = pageable if len(pageable) > 1 else []
+    if staged:
         staging = worker.scratch_item("staging", cuda_rt.PinnedBuffer)
         staging.ensure(total)
 
@@ -516,10 +518,9 @@ def stage_images(worker: Worker, images: Sequence[np.ndarray], slot: Any = 0) ->
             staging.view(images[i].shape, np.uint8, offsets[i])[...] = images[i]
             upload(i, staging.ptr + offsets[i])
 
-        list(_copy_pool().map(through_staging, pageable))
-    for i, image in enumerate(images):
-        if len(pageable) <= 1 or i not in pageable:  # page-locked, or one image the driver stages faster
-            upload(i, image.ctypes.data)
+        list(_copy_pool().map(through_staging, staged))
+    for i in sorted(set(range(len(images))) - set(staged)):
+        upload(i, images[i].ctypes.data)
     worker.uploaded.record(worker.upload_stream)
     worker.stream.wait(worker.uploaded)
     return [device.ptr + offset for offset in offsets]
