@@ -141,6 +141,7 @@ class YoloPostprocess:
         self.conf, self.iou, self.max_det = nms.conf, nms.iou, nms.max_det
         self.multi_label, self.agnostic = nms.multi_label, nms.agnostic
         self.nc, self.capacity = int(nc), int(capacity)
+        self._workspace_bytes: dict[tuple, int] = {}  # by (batch, level shapes)
         self._check()
 
     def _check(self) -> None:
@@ -166,8 +167,11 @@ class YoloPostprocess:
         return _layout(batch, self.capacity, self.max_det)
 
     def workspace_bytes(self, batch: int, level_shapes: Sequence[tuple[int, int]]) -> int:
-        self._heads(list(range(len(self.strides))), "float32", level_shapes)  # validates the shapes
-        return self.layout(batch).total + ALIGN  # room to align an unaligned workspace pointer
+        key = (batch, tuple(tuple(shape) for shape in level_shapes))
+        if key not in self._workspace_bytes:  # asked for on every run: validate and size each shape once
+            self._heads(list(range(len(self.strides))), "float32", level_shapes)  # validates the shapes
+            self._workspace_bytes[key] = self.layout(batch).total + ALIGN  # room to align the pointer
+        return self._workspace_bytes[key]
 
     # ------------------------------------------------------------ enqueue
 

@@ -593,7 +593,6 @@ class DetectPipeline:
                                         conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
                                         multi_label=settings.multi_label, agnostic=settings.agnostic)
             self.heads = list(meta["outputs"])
-        self._workspace_bytes: dict[tuple, int] = {}  # by (batch, head shapes)
 
     def _check_plugin_settings(self, built: Mapping) -> None:
         missing = {"dets", "counts"} - set(self.engine.outputs)
@@ -691,9 +690,7 @@ class DetectPipeline:
         workspace = worker.scratch_item("nms_workspace", cuda_rt.DeviceBuffer)
         dets = worker.scratch_item("nms_dets", cuda_rt.DeviceBuffer)
         counts = worker.scratch_item("nms_counts", cuda_rt.DeviceBuffer)
-        if (batch, level_shapes) not in self._workspace_bytes:
-            self._workspace_bytes[batch, level_shapes] = self.post.workspace_bytes(batch, level_shapes)
-        moved = workspace.ensure(self._workspace_bytes[batch, level_shapes])
+        moved = workspace.ensure(self.post.workspace_bytes(batch, level_shapes))
         moved |= dets.ensure(batch * self.settings.max_det * 6 * 4)
         moved |= counts.ensure(batch * 4)
         if moved:
