@@ -124,10 +124,10 @@ def streamed_samples(detector, batch: int, iters: int, warmup: int) -> list[floa
     """Milliseconds between consecutive batches of results from `Detector.stream` (images uploaded and
     queued while the GPU runs the previous batch): the time per batch of a video-like stream."""
     images = synthetic_images(batch)
-    runs = warmup + iters + 1
+    frames = (images[k % batch] for k in range((warmup + iters + 1) * batch))
     stamps = []
-    for i, _ in enumerate(detector.stream((images[i % batch] for i in range(runs * batch)), batch=batch)):
-        if (i + 1) % batch == 0:
+    for done, _ in enumerate(detector.stream(frames, batch=batch), start=1):
+        if done % batch == 0:
             stamps.append(time.perf_counter())
     return list(np.diff(stamps[warmup:]) * 1000.0)
 

@@ -624,7 +624,7 @@ class DetectPipeline:
 
         The engine's worker is held while the iterator is consumed (on a dynamic-shape engine other
         threads wait for it); consume it in the thread that started it. An image's memory may be reused
-        once the next image has been taken from `images`.
+        once `batch` further images have been taken from `images` (a video reader's ring of `batch` frames).
         """
         if depth < 1:
             raise TrtnetError(f"depth must be at least 1, got {depth}")
