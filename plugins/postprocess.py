@@ -7,7 +7,7 @@
 `dets` is float32 [batch, max_det, 6] (x1, y1, x2, y2, score, class in network-input pixels, by score
 descending; rows past the count are zero) and `counts` int32 [batch]. Everything is queued on `stream`
 without synchronising or copying data to the host; kernels compile on first use for the current device.
-The result equals the official `non_max_suppression` (see reference.py) on the same head maps.
+The result equals the official `non_max_suppression` (see official.py) on the same head maps.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
-from trtnet.plugins.reference import MAX_WH
+from trtnet.plugins.official import MAX_WH
 
 MAX_LEVELS = 5  # decode.cu
 MAX_ANCHORS = 4  # decode.cu, per level

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
-from trtnet.plugins.reference import letterbox_geometry
+from trtnet.plugins.official import letterbox_geometry
 
 MAX_IMAGES = 64  # letterbox.cu, classify_preprocess.cu: images per launch
 DTYPES = {"float32": 0, "float16": 1}

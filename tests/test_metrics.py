@@ -214,9 +214,9 @@ def reference_predictor(weights: Path, settings: dict):
     the official decode and NMS."""
     from trtnet import compat
     from trtnet.checkpoint import read_checkpoint
+    from trtnet.executor import run_network
     from trtnet.network import BatchProfile, define_network
-    from trtnet.plugins import reference as official
-    from trtnet.reference import run_network
+    from trtnet.plugins import official
 
     checkpoint = read_checkpoint(weights)
     builder = compat.trt().Builder(compat.Logger())

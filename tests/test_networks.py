@@ -101,7 +101,7 @@ def test_dynamic_input_size_builds_and_matches_static(checkpoints):
     import numpy as np
 
     from trtnet import compat
-    from trtnet.reference import run_network
+    from trtnet.executor import run_network
 
     pytest.importorskip("torch", reason="the CPU reference executor needs torch")
     ckpt = checkpoints("yolov5n")

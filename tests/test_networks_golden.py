@@ -34,7 +34,7 @@ RESNET_GOLDENS = {
 def run_reference(checkpoint_parts, inputs_fn, keep, precision="fp32"):
     from trtnet import compat
     from trtnet.checkpoint import read_checkpoint
-    from trtnet.reference import run_network
+    from trtnet.executor import run_network
 
     ckpt = read_checkpoint(shared("weights", *checkpoint_parts))
     x = inputs_fn()

@@ -15,9 +15,9 @@ trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not inst
 torch = pytest.importorskip("torch", reason="torch not installed (extra: export)")
 F = torch.nn.functional
 
-from trtnet import reference  # noqa: E402
+from trtnet import executor  # noqa: E402
 from trtnet.errors import TrtnetError  # noqa: E402
-from trtnet.reference import describe_network, run_network  # noqa: E402
+from trtnet.executor import describe_network, run_network  # noqa: E402
 
 RNG = np.random.default_rng(7)
 
@@ -708,7 +708,7 @@ def test_overrides_stand_in_for_a_layer():
 
 def test_a_wrong_shape_is_caught_by_tensorrts_shape_inference(monkeypatch):
     net = _two_layer_net()
-    monkeypatch.setitem(reference._OPS, "ACTIVATION", lambda r, layer, xs: xs[0][..., :1])
+    monkeypatch.setitem(executor._OPS, "ACTIVATION", lambda r, layer, xs: xs[0][..., :1])
     with pytest.raises(RuntimeError, match=r"layer 'model\.0'.*\[1, 2, 3, 1\].*declares \[1, 2, 3, 3\]"):
         net.run({"images": randn(1, 2, 3, 3)})
 

@@ -1,4 +1,4 @@
-"""The NumPy references (plugins/reference.py) against the official goldens and an independent
+"""The NumPy references (plugins/official.py) against the official goldens and an independent
 brute-force NMS, plus the edge cases the GPU kernels must also get right."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import has_module, shared
-from trtnet.plugins import reference as ref
+from trtnet.plugins import official as ref
 
 # Official defaults (models/yolov5s.yaml, models/hub/yolov5n6.yaml), independent of our code.
 P5 = dict(strides=[8, 16, 32], anchors=[[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119],

@@ -661,7 +661,7 @@ class SimLetterbox:
         return batch * 3 * self.out_h * self.out_w * np.dtype(self.dtype).itemsize
 
     def enqueue(self, stream, images, heights, widths, out_ptr, pitches=None):
-        from trtnet.plugins.reference import letterbox, to_network_input
+        from trtnet.plugins.official import letterbox, to_network_input
 
         def work():
             out = host_view(out_ptr, (len(images), 3, self.out_h, self.out_w), self.dtype)
@@ -684,7 +684,7 @@ class SimPostprocess:
         return 64 * batch
 
     def enqueue(self, stream, head_ptrs, head_dtype, batch, level_shapes, workspace_ptr, dets_ptr, counts_ptr):
-        from trtnet.plugins import reference
+        from trtnet.plugins import official
 
         channels = len(self.anchors[0]) // 2 * (self.nc + 5)
 
@@ -693,8 +693,8 @@ class SimPostprocess:
             dets = host_view(dets_ptr, (batch, self.max_det, 6), np.float32)
             counts = host_view(counts_ptr, (batch,), np.int32)
             dets[...] = 0
-            for i, cands in enumerate(reference.decode(heads, self.strides, self.anchors, self.conf, self.multi_label)):
-                rows = reference.nms(cands, self.iou, self.max_det, self.agnostic)
+            for i, cands in enumerate(official.decode(heads, self.strides, self.anchors, self.conf, self.multi_label)):
+                rows = official.nms(cands, self.iou, self.max_det, self.agnostic)
                 dets[i, : len(rows)] = rows
                 counts[i] = len(rows)
 

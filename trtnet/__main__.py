@@ -14,6 +14,7 @@ COMMANDS = {
     "val": "COCO mAP of a detection engine / top-1 of a classifier on a dataset",
     "demo": "download yolov5n, convert, build and detect on a sample image",
 }
+MODULES = {"inspect": "inspection"}  # a command whose module is named otherwise (`inspect` would shadow the stdlib)
 
 
 def usage() -> str:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"trtnet.{command}")
+    module = importlib.import_module(f"trtnet.{MODULES.get(command, command)}")
     return module.cli(rest)
 
 

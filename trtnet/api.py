@@ -161,7 +161,7 @@ def detections_from_rows(rows: np.ndarray, input_hw: tuple[int, int], image: np.
                          class_names: Sequence[str], path: str | None = None) -> Detections:
     """Decode + NMS rows [k, 6] (x1, y1, x2, y2, score, class in network-input pixels) → Detections,
     boxes mapped to `image` exactly as the official `scale_boxes` maps them (and clipped)."""
-    from trtnet.plugins.reference import scale_boxes
+    from trtnet.plugins.official import scale_boxes
 
     rows = np.asarray(rows, dtype=np.float32).reshape(-1, 6)
     shape = tuple(int(s) for s in image.shape[:2])

@@ -314,7 +314,7 @@ def bench_torch_only(args) -> list[Timing]:
 
 def kernels_main(argv: Sequence[str]) -> int | None:
     try:
-        from trtnet.plugins import bench_kernels
+        from trtnet import bench_kernels
     except ImportError as exc:
         raise TrtnetError(f"the kernel benchmark is not available: {exc}") from exc
     return bench_kernels.main(list(argv))

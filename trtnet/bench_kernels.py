@@ -20,7 +20,7 @@ import numpy as np
 
 from trtnet import cli
 from trtnet.errors import TrtnetError
-from trtnet.plugins import reference as ref
+from trtnet.plugins import official as ref
 from trtnet.plugins.postprocess import P5_ANCHORS, YoloPostprocess
 from trtnet.plugins.preprocess import Letterbox
 

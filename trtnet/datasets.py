@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from trtnet.errors import TrtnetError
-from trtnet.plugins.reference import letterbox
+from trtnet.plugins.official import letterbox
 
 # The suffixes the official loader accepts (compared lower-cased).
 IMAGE_SUFFIXES = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no layer table")
     args = p.parse_args(argv)
 
-    from trtnet.reference import describe_network, run_network
+    from trtnet.executor import describe_network, run_network
 
     _, tensors, meta = load_for_build(BuildRequest(args.weights, weights_dir=args.weights_dir, arch=args.arch,
                                                    nc=args.nc))

@@ -125,7 +125,7 @@ def predict_letterboxed(pipeline, imgsz: int, images: list, shape: tuple) -> lis
 def val_input(images: list, imgsz: int, shape: tuple) -> tuple[np.ndarray, list]:
     """val.py's batch preprocessing: every image letterboxed into `shape` and stacked as the network input
     (float32 RGB NCHW / 255), with each image's (ratio, pad) for mapping boxes back."""
-    from trtnet.plugins.reference import to_network_input
+    from trtnet.plugins.official import to_network_input
 
     prepared = [letterbox_for_val(image, imgsz, shape) for image in images]
     return np.concatenate([to_network_input(padded) for padded, _ in prepared]), [rp for _, rp in prepared]
@@ -134,7 +134,7 @@ def val_input(images: list, imgsz: int, shape: tuple) -> tuple[np.ndarray, list]
 def to_image_pixels(rows: list, images: list, shape: tuple, ratio_pads: list) -> list:
     """Detection rows (x1, y1, x2, y2, score, class) on the `shape` input → (boxes in image pixels, scores,
     classes) per image, as val.py's scale_boxes does."""
-    from trtnet.plugins.reference import scale_boxes
+    from trtnet.plugins.official import scale_boxes
 
     return [(scale_boxes(shape, r[:, :4], image.shape[:2], ratio_pad), r[:, 4].copy(), r[:, 5].astype(np.int64))
             for r, image, ratio_pad in zip(rows, images, ratio_pads)]

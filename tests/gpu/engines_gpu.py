@@ -143,9 +143,9 @@ def make_refs(data: Path, refs: Path) -> None:
 
     from trtnet import compat
     from trtnet.checkpoint import read_checkpoint
+    from trtnet.executor import run_network
     from trtnet.network import define_network
-    from trtnet.plugins.reference import letterbox
-    from trtnet.reference import run_network
+    from trtnet.plugins.official import letterbox
 
     refs.mkdir(parents=True, exist_ok=True)
     for ref_name, (weights, size) in REFS.items():

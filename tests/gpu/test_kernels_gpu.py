@@ -1,4 +1,4 @@
-"""On a GPU: the letterbox, decode and NMS kernels against the NumPy references (plugins/reference.py,
+"""On a GPU: the letterbox, decode and NMS kernels against the NumPy references (plugins/official.py,
 themselves checked against the official goldens), torchvision's NMS and the goldens.
 
     python3 tests/gpu/test_kernels_gpu.py          # runs pytest on this file
@@ -22,8 +22,8 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 
 torch = pytest.importorskip("torch")
 
+from trtnet.plugins import official as ref  # noqa: E402
 from trtnet.plugins import postprocess as pp  # noqa: E402
-from trtnet.plugins import reference as ref  # noqa: E402
 from trtnet.plugins.preprocess import Letterbox  # noqa: E402
 
 pytestmark = [
