@@ -7,10 +7,32 @@ builds each stage. Tensor names are torchvision's state-dict keys; stage outputs
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtnet.checkpoint import (
+    Checkpoint,
+    _bn_eps,
+    _model_record,
+    _strip_prefix,
+    _tensor_dict,
+    _to_float32,
+    module_state_dict,
+)
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 
+FAMILY = "resnet"
+TASK = "classify"
 INPUT = "input"
+DEFAULT_IMGSZ = 224
+DEFINE_OPTIONS = ("softmax",)
+CHECKPOINTS = "torchvision ResNet-18/34/50/101/152 (a state_dict or the pickled module)"
 
 ARCHS = {
     "resnet18": ("basic", [2, 2, 2, 2]),
@@ -76,3 +98,99 @@ def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int], softmax: bo
         g.output(probs, "probs")
         outputs.append(probs)
     return outputs
+
+
+def meta_for_arch(arch: str, nc: int | None = None) -> dict:
+    return {"family": FAMILY, "arch": arch, "num_classes": nc or 1000, "bn_eps": 1e-5, "imgsz": DEFAULT_IMGSZ}
+
+
+def engine_fields(meta: Mapping, strides: list, options: Mapping) -> dict:
+    out = {"num_classes": int(meta.get("num_classes", 1000)), "softmax": bool(options.get("softmax", False))}
+    if meta.get("names"):
+        out["names"] = list(meta["names"])
+    return out
+
+
+def summary(meta: Mapping) -> str:
+    return (f"{meta.get('arch')}: {meta.get('num_classes')} classes, imgsz {meta.get('imgsz')}, "
+            f"bn_eps {meta.get('bn_eps')}")
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+# (block, blocks per stage) → the torchvision name this module builds it under
+LAYOUTS = {(block, tuple(counts)): name for name, (block, counts) in ARCHS.items()}
+TORCHVISION_BN_EPS = 1e-5
+
+
+def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:
+    model = _model_record(obj)
+    if model is not None:
+        if model.class_name == "ResNet":
+            return _checkpoint(path, _to_float32(module_state_dict(model)), _bn_eps(path, model))
+        return None
+    state_dict = _tensor_dict(obj)
+    if state_dict is None:
+        return None
+    state_dict = _to_float32(_strip_prefix(state_dict, "module."))
+    if "conv1.weight" in state_dict and "fc.weight" in state_dict:
+        return _checkpoint(path, state_dict, TORCHVISION_BN_EPS)
+    return None
+
+
+def _checkpoint(path: Path, state_dict: OrderedDict[str, np.ndarray], bn_eps: float | None) -> Checkpoint:
+    meta = {
+        "family": FAMILY,
+        "arch": resnet_arch(state_dict, path),
+        "num_classes": int(state_dict["fc.weight"].shape[0]),
+        "bn_eps": TORCHVISION_BN_EPS if bn_eps is None else bn_eps,
+        "imgsz": DEFAULT_IMGSZ,
+    }
+    return Checkpoint(FAMILY, state_dict, meta)
+
+
+def resnet_arch(state_dict: dict, source: Path | str = "weights") -> str:
+    """torchvision's name for the layout: block type (`conv3` present → Bottleneck) and blocks per stage."""
+    block = "bottleneck" if any(k.endswith(".conv3.weight") for k in state_dict) else "basic"
+    stages: dict[int, set[int]] = {i: set() for i in range(1, 5)}
+    for key in state_dict:
+        match = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if match:
+            stages[int(match.group(1))].add(int(match.group(2)))
+    counts = tuple(len(stages[i]) for i in range(1, 5))
+    first = state_dict.get("layer1.0.conv2.weight")
+    arch = LAYOUTS.get((block, counts))
+    if arch is None or first is None or tuple(first.shape) != (64, 64, 3, 3):
+        shape = None if first is None else tuple(first.shape)
+        raise TrtnetError(
+            f"{source}: a ResNet layout trtnet does not know ({block} blocks {list(counts)}, layer1.0.conv2 {shape}); "
+            f"it builds {', '.join(LAYOUTS.values())} (not ResNeXt / Wide ResNet)"
+        )
+    return arch
+
+
+# -- bench --compare-torch -------------------------------------------------------------------------
+
+
+def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official_src: str | None):
+    """torchvision's resnet with the engine's own weights (.wts/.safetensors in weights_dir or beside it), fp16."""
+    try:
+        import torchvision
+    except ImportError:
+        return None, "torchvision is not installed (pip install torchvision)"
+    from trtnet.weights import load_weights, resolve_weights
+
+    stem = Path(meta["weights"]).stem
+    folders: Sequence = (weights_dir, Path(engine_path).parent)
+    found = [p for p in (Path(f) / f"{stem}{suffix}" for f in folders for suffix in (".wts", ".safetensors"))
+             if p.is_file()]
+    weights = load_weights(found[0] if found else resolve_weights(stem, folders[0]))
+    arch = meta.get("arch") or weights.meta.get("arch")
+    model = getattr(torchvision.models, arch)(num_classes=int(meta.get("num_classes", 1000)))
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in weights.tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise TrtnetError(f"torchvision {arch} does not match {stem}'s weights: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    return model.half().cuda().eval(), ""

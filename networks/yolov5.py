@@ -10,12 +10,31 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
+from trtnet.checkpoint import (
+    Checkpoint,
+    ModuleRecord,
+    _bn_eps,
+    _model_record,
+    _tensor_dict,
+    _to_float32,
+    module_state_dict,
+)
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
+from trtnet.plugins.postprocess import P5_ANCHORS
 
+FAMILY = "yolov5"
+TASK = "detect"
 INPUT = "images"
+DEFAULT_IMGSZ = 640
+CHECKPOINTS = "YOLOv5 checkpoints (models.yolo Model/DetectionModel under 'model' or 'ema')"
 
 
 def conv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1):
@@ -192,7 +211,6 @@ def _check_classes(meta: dict, nc: int) -> None:
 # ultralytics/yolov5 v7.0 models/yolov5{n,s,m,l,x}.yaml: the layout shared by the P5 models, for .wts
 # files that come without trtnet's .json (e.g. written by tensorrtx) and for tests at every size.
 MULTIPLES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)}
-P5_ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
 P5_BACKBONE = [
     [-1, 1, "Conv", [64, 6, 2, 2]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
     [-1, 1, "Conv", [256, 3, 2]], [-1, 6, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]],
@@ -212,5 +230,124 @@ def v7_yaml(size: str, nc: int = 80) -> dict:
     if size not in MULTIPLES:
         raise TrtnetError(f"unknown YOLOv5 size {size!r}: one of {', '.join(MULTIPLES)}")
     gd, gw = MULTIPLES[size]
-    return {"nc": nc, "depth_multiple": gd, "width_multiple": gw, "anchors": P5_ANCHORS,
+    return {"nc": nc, "depth_multiple": gd, "width_multiple": gw, "anchors": [list(a) for a in P5_ANCHORS],
             "backbone": P5_BACKBONE, "head": P5_HEAD}
+
+
+ARCHS = {f"yolov5{size}": size for size in MULTIPLES}
+
+
+def meta_for_arch(arch: str, nc: int | None = None) -> dict:
+    cfg = v7_yaml(ARCHS[arch], nc or 80)
+    return {"family": FAMILY, "yaml": cfg, "nc": cfg["nc"], "bn_eps": 1e-3, "imgsz": DEFAULT_IMGSZ,
+            "strides": [8, 16, 32], "anchors": cfg["anchors"], "names": [str(i) for i in range(cfg["nc"])]}
+
+
+def anchors_of(meta: Mapping) -> list:
+    """Anchor pixels per level: the checkpoint's (times its strides) or, for bare weights, the yaml's."""
+    return meta.get("anchors") or meta["yaml"]["anchors"]
+
+
+def output_strides(heads: list, hw: tuple, meta: Mapping) -> list[int]:
+    if hw[0] > 0:
+        return [hw[0] // int(t.shape[2]) for t in heads]
+    return [int(s) for s in meta["strides"]]  # dynamic size: as the checkpoint recorded them
+
+
+def postprocess_kwargs(meta: Mapping) -> dict:
+    """YoloPostprocess's keywords for an engine's (or weights') metadata."""
+    return {"strides": list(meta["strides"]), "anchors": anchors_of(meta), "nc": int(meta["nc"])}
+
+
+def engine_fields(meta: Mapping, strides: list, options: Mapping) -> dict:
+    nc = int(meta["yaml"]["nc"])
+    return {"nc": nc, "names": list(meta.get("names") or range(nc)), "strides": list(strides),
+            "anchors": anchors_of(meta)}
+
+
+def summary(meta: Mapping) -> str:
+    return (f"yolov5 ({meta.get('generation')}): nc={meta['nc']}, strides {meta['strides']}, "
+            f"imgsz {meta['imgsz']}, bn_eps {meta.get('bn_eps')}")
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:
+    model = _model_record(obj)
+    if model is not None:
+        if model.qualname.startswith("models.yolo.") and isinstance(model.get("yaml"), dict):
+            return _checkpoint(path, model, obj)
+        return None
+    state_dict = _tensor_dict(obj)
+    if state_dict is not None and any(k.startswith(("model.0.", "module.model.0.")) for k in state_dict):
+        raise TrtnetError(
+            f"{path} is a bare YOLOv5 state dict: it lacks the model yaml (depth, width, anchors, classes) "
+            "needed to rebuild the network. Convert the checkpoint train.py wrote (best.pt / last.pt) instead."
+        )
+    return None
+
+
+def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
+    detect = _detect_head(path, model)
+    strides = [int(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
+    anchors = np.asarray((detect.get("_buffers") or {}).get("anchors"), dtype=np.float32)
+    if anchors.ndim != 3 or anchors.shape[0] != len(strides):
+        raise TrtnetError(f"{path}: Detect's anchors {anchors.shape} do not match the model's strides {strides}")
+    nc = int(detect.get("nc"))
+    state_dict = module_state_dict(model)
+    meta = {
+        "family": FAMILY,
+        "generation": "v5.0-focus" if any(m.class_name == "Focus" for m in model.walk()) else "v6+",
+        "model_class": model.qualname,
+        "yaml": model.get("yaml"),
+        "nc": nc,
+        "names": _class_names(model.get("names"), nc),
+        "strides": strides,
+        # Detect keeps anchors divided by the stride; times the stride they are the pixels it decodes with.
+        "anchors": (anchors * np.asarray(strides, np.float32)[:, None, None]).reshape(len(strides), -1).tolist(),
+        "bn_eps": _bn_eps(path, model),
+        "imgsz": 1280 if len(strides) > 3 else 640,
+        "source_dtype": str(next(iter(state_dict.values())).dtype),
+    }
+    if isinstance(ckpt, dict):
+        meta.update({k: ckpt[k] for k in ("epoch", "date") if isinstance(ckpt.get(k), (int, str))})
+    return Checkpoint(FAMILY, _to_float32(state_dict), meta)
+
+
+def _detect_head(path: Path, model: ModuleRecord) -> ModuleRecord:
+    layers = list(model.children().get("model", ModuleRecord()).children().values())
+    head = layers[-1] if layers else None
+    if head is None or head.class_name != "Detect":
+        found = head.qualname if head is not None else "no layers"
+        raise TrtnetError(f"{path}: the YOLOv5 model ends in {found}, not Detect; trtnet builds detection models only")
+    return head
+
+
+def _class_names(names: Any, nc: int) -> list[str]:
+    if isinstance(names, dict):
+        return [str(names.get(i, i)) for i in range(nc)]
+    if isinstance(names, (list, tuple)) and len(names) == nc:
+        return [str(n) for n in names]
+    return [str(i) for i in range(nc)]
+
+
+# -- bench --compare-torch -------------------------------------------------------------------------
+
+
+def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official_src: str | None):
+    """The official YOLOv5 code's model for the engine's checkpoint (.pt beside it or in weights_dir), fp16."""
+    if not official_src:
+        return None, "YOLOv5 needs the official source: pass --yolov5-src DIR (a clone of ultralytics/yolov5)"
+    stem = Path(meta["weights"]).stem
+    candidates = (Path(weights_dir) / f"{stem}.pt", Path(engine_path).parent / f"{stem}.pt")
+    checkpoint = next((p for p in candidates if p.is_file()), None)
+    if checkpoint is None:
+        return None, f"no {stem}.pt in {weights_dir}/ for the official YOLOv5 code to load"
+    sys.path.insert(0, str(Path(official_src).resolve()))
+    try:
+        from models.experimental import attempt_load
+    except ImportError as exc:
+        return None, f"cannot import the official YOLOv5 code from {official_src}: {exc}"
+    model = attempt_load(str(checkpoint), device=torch.device("cuda"), fuse=True)
+    return model.half().eval(), ""

@@ -139,5 +139,5 @@ def test_postprocess_plugin_refused_where_unsupported(weights_dir, capsys):
 def test_resnet_rejects_postprocess(tmp_path, capsys):
     assert gen_wts.cli([str(shared("weights", "synthetic", "resnet18_syn.pth")), "-o", str(tmp_path)]) == 0
     code, err = run_build(capsys, "resnet18_syn", "--weights-dir", str(tmp_path), "--postprocess", "kernels")
-    assert code != 0 and "YOLOv5 detectors only" in err, err
+    assert code != 0 and "--postprocess applies to detectors only (yolov5" in err, err
     assert engines(tmp_path) == []

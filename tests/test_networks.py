@@ -7,7 +7,8 @@ import pytest
 from tests.conftest import CHECKPOINTS, requires_tensorrt, shared
 from trtnet.errors import TrtnetError
 from trtnet.graph import ShapeRecorder
-from trtnet.network import BatchProfile, define_network, meta_for_arch
+from trtnet.network import BatchProfile, define_network
+from trtnet.networks import meta_for_arch
 
 pytestmark = requires_tensorrt
 

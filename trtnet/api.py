@@ -25,6 +25,7 @@ from typing import Union
 import cv2
 import numpy as np
 
+from trtnet import networks
 from trtnet.datasets import read_image
 from trtnet.errors import TrtnetError
 
@@ -209,14 +210,15 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class _Model:
     """What Detector and Classifier share: the engine, its names, closing."""
 
-    family = ""
+    task = ""  # the networks/ TASK of the engines it runs
 
     def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
         from trtnet.runtime import Engine
 
         self.engine = Engine(engine, weights_dir=weights_dir, cuda_graphs=cuda_graphs)
-        if self.engine.family != self.family:
-            other = "Classifier" if self.engine.family == "resnet" else "Detector"
+        task = networks.for_meta(self.engine.meta).TASK
+        if task != self.task:
+            other = "Classifier" if task == "classify" else "Detector"
             raise TrtnetError(f"{self.engine.path} is a {self.engine.family} engine: use trtnet.{other}")
         meta = self.engine.meta
         count = int(meta.get("nc") or meta.get("num_classes") or 0)
@@ -247,7 +249,7 @@ class Detector(_Model):
     afterwards, anything else draws a warning.
     """
 
-    family = "yolov5"
+    task = "detect"
 
     def __init__(self, engine: str | Path, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
                  multi_label: bool = False, agnostic: bool = False, cuda_graphs: bool = False,
@@ -297,7 +299,7 @@ class Detector(_Model):
 class Classifier(_Model):
     """ResNet engine + GPU ImageNet preprocessing (resize 256, centre crop 224, mean/std)."""
 
-    family = "resnet"
+    task = "classify"
 
     def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
         super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trtnet import networks
 from trtnet.cli import parser, run
 from trtnet.errors import TrtnetError
 
@@ -137,65 +138,17 @@ def open_model(engine_path: str, cuda_graphs: bool, weights_dir: str):
     from trtnet.runtime import load_metadata, resolve_engine
 
     path = resolve_engine(engine_path, weights_dir)
-    family = load_metadata(path)["family"]
-    cls = Detector if family == "yolov5" else Classifier
+    task = networks.for_meta(load_metadata(path)).TASK
+    cls = Detector if task == "detect" else Classifier
     return cls(path, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
 
 
 # ------------------------------------------------------------------------------------------ torch
 
 
-def torch_model(meta: dict, engine_path: Path, weights_dir: str, yolov5_src: str | None):
-    """(model, why-not): the engine's model in PyTorch fp16 on the GPU, or None and the reason."""
-    try:
-        import torch
-    except ImportError:
-        return None, "torch is not installed"
-    if not torch.cuda.is_available():
-        return None, "torch has no CUDA here (a CPU-only build?)"
-    stem = Path(meta["weights"]).stem
-    if meta["family"] == "resnet":
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
-            return None, "torchvision is not installed (pip install torchvision)"
-        return _torchvision_resnet(torch, meta, stem, (weights_dir, engine_path.parent)), ""
-    if not yolov5_src:
-        return None, "YOLOv5 needs the official source: pass --yolov5-src DIR (a clone of ultralytics/yolov5)"
-    return _official_yolov5(torch, stem, engine_path, weights_dir, yolov5_src)
-
-
-def _torchvision_resnet(torch, meta: dict, stem: str, folders: Sequence):
-    import torchvision
-
-    from trtnet.weights import load_weights, resolve_weights
-
-    found = [p for p in (Path(f) / f"{stem}{suffix}" for f in folders for suffix in (".wts", ".safetensors"))
-             if p.is_file()]
-    weights = load_weights(found[0] if found else resolve_weights(stem, folders[0]))
-    arch = meta.get("arch") or weights.meta.get("arch")
-    model = getattr(torchvision.models, arch)(num_classes=int(meta.get("num_classes", 1000)))
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in weights.tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise TrtnetError(f"torchvision {arch} does not match {stem}'s weights: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}")
-    return model.half().cuda().eval()
-
-
-def _official_yolov5(torch, stem: str, engine_path: Path, weights_dir: str, yolov5_src: str):
-    candidates = (Path(weights_dir) / f"{stem}.pt", engine_path.parent / f"{stem}.pt")
-    checkpoint = next((p for p in candidates if p.is_file()), None)
-    if checkpoint is None:
-        return None, f"no {stem}.pt in {weights_dir}/ for the official YOLOv5 code to load"
-    sys.path.insert(0, str(Path(yolov5_src).resolve()))
-    try:
-        from models.experimental import attempt_load
-    except ImportError as exc:
-        return None, f"cannot import the official YOLOv5 code from {yolov5_src}: {exc}"
-    model = attempt_load(str(checkpoint), device=torch.device("cuda"), fuse=True)
-    return model.half().eval(), ""
+def torch_model(meta: dict, engine_path: Path, weights_dir: str, official_src: str | None):
+    """(model, why-not): the engine's model in PyTorch fp16 on the GPU (its family loads it), or None and why."""
+    return networks.torch_model(meta, engine_path, weights_dir, official_src)
 
 
 def torch_steps(torch, model, shape: tuple) -> dict[str, Callable[[], float]]:
@@ -263,7 +216,7 @@ def bench_engine(args) -> list[Timing]:
         engine = model.engine
         torch_model_, why_not = (None, "")
         if args.compare_torch:
-            torch_model_, why_not = torch_model(engine.meta, engine.path, args.weights_dir, args.yolov5_src)
+            torch_model_, why_not = torch_model(engine.meta, engine.path, args.weights_dir, args.official_src)
             if torch_model_ is None:
                 print(f"note: no PyTorch comparison: {why_not}", file=sys.stderr)
         for batch in parse_batches(args.batch):
@@ -305,7 +258,7 @@ def bench_torch_only(args) -> list[Timing]:
 
     path = resolve_engine(args.engine, args.weights_dir)
     meta = load_metadata(path)
-    model, why_not = torch_model(meta, path, args.weights_dir, args.yolov5_src)
+    model, why_not = torch_model(meta, path, args.weights_dir, args.official_src)
     if model is None:
         raise TrtnetError(f"--torch-only: {why_not}")
     h, w = meta["imgsz"]
@@ -334,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     p.add_argument("--compare-torch", action="store_true", help="also time the model in PyTorch fp16")
     p.add_argument("--torch-only", action="store_true", help="time only the PyTorch side (where torch and "
                    "TensorRT live in different Pythons; no engine is loaded)")
-    p.add_argument("--yolov5-src", help="folder of the official ultralytics/yolov5 code (for --compare-torch)")
+    p.add_argument("--yolov5-src", dest="official_src",
+                   help="folder of the official ultralytics/yolov5 code (for --compare-torch)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (- = stdout)")
     p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
     args = p.parse_args(argv)

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trtnet import __version__, compat
+from trtnet import __version__, compat, networks
 from trtnet.cli import parser, run
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
-from trtnet.network import BatchProfile, DefinedNetwork, define_network, family_of, meta_for_arch
+from trtnet.network import BatchProfile, DefinedNetwork, define_network
 from trtnet.plugins.postprocess import NmsSettings
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
@@ -86,7 +86,7 @@ def load_for_build(req: BuildRequest):
     weights = load_weights(path)
     meta = dict(weights.meta)
     if req.arch:
-        arch_meta = meta_for_arch(req.arch, req.nc)
+        arch_meta = networks.meta_for_arch(req.arch, req.nc)
         if meta and meta.get("family") != arch_meta["family"]:
             raise TrtnetError(f"--arch {req.arch} does not match the weights' family {meta.get('family')!r}")
         meta = {**arch_meta, **meta} if meta else arch_meta
@@ -95,7 +95,7 @@ def load_for_build(req: BuildRequest):
             f"{path} has no metadata (.json beside it): trtnet's gen_wts writes one; for .wts files from "
             "tensorrtx pass --arch (e.g. --arch yolov5s --nc 80, or --arch resnet50)"
         )
-    family_of(meta)
+    networks.for_meta(meta)
     return path, weights.tensors, meta
 
 
@@ -104,8 +104,8 @@ def build(req: BuildRequest, log=print) -> BuildResult:
         raise TrtnetError(f"--postprocess {req.postprocess.mode}: one of {', '.join(POSTPROCESS_MODES)}")
     _check_postprocess_mode(req.postprocess.mode)
     weights_path, tensors, meta = load_for_build(req)
-    if req.postprocess.mode != "none" and family_of(meta) != "yolov5":
-        raise TrtnetError("--postprocess applies to YOLOv5 detectors only")
+    if req.postprocess.mode != "none" and networks.for_meta(meta).TASK != "detect":
+        raise TrtnetError(f"--postprocess applies to detectors only ({', '.join(networks.of_task('detect'))})")
     engine_path, meta_path = engine_paths(req, weights_path)
     ensure_writable(engine_path.parent)
     cache_path = Path(req.timing_cache) if req.timing_cache else engine_path.parent / "timing.cache"
@@ -157,8 +157,8 @@ def append_plugin_postprocess(defined: DefinedNetwork, meta: dict, settings: Pos
 
     network = defined.network
     heads = [network.get_output(i) for i in range(network.num_outputs)]
-    nms = YoloNMSSettings(strides=defined.strides, anchors=meta.get("anchors") or meta["yaml"]["anchors"],
-                          nc=meta["yaml"]["nc"], conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
+    head = networks.for_meta(meta).postprocess_kwargs({**meta, "strides": defined.strides})
+    nms = YoloNMSSettings(**head, conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
                           multi_label=settings.multi_label, agnostic=settings.agnostic)
     dets, counts = add_yolo_nms(network, heads, nms)
     for head in heads:
@@ -190,17 +190,10 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
         "engine_bytes": size,
         "build_seconds": round(seconds, 2),
     }
-    if defined.family == "yolov5":
+    family = networks.family(defined.family)
+    if family.TASK == "detect":
         out["postprocess"] = asdict(req.postprocess)
-        out["nc"] = meta["yaml"]["nc"]
-        out["names"] = list(meta.get("names") or range(out["nc"]))
-        out["strides"] = defined.strides
-        out["anchors"] = meta.get("anchors") or meta["yaml"]["anchors"]
-    else:
-        out["num_classes"] = int(meta.get("num_classes", 1000))
-        out["softmax"] = req.softmax
-        if meta.get("names"):
-            out["names"] = list(meta["names"])
+    out.update(networks.engine_fields(family, meta, defined.strides, {"softmax": req.softmax}))
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from trtnet.errors import TrtnetError
-from trtnet.networks import resnet as resnet_network
 
 # ------------------------------------------------------------------------------------------------
 # Inert records and numpy stand-ins for what the pickle may construct
@@ -356,41 +354,27 @@ class Checkpoint:
     meta: dict
 
 
-# (block, blocks per stage) → the torchvision name networks/resnet.py builds it under
-RESNET_ARCHS = {(block, tuple(counts)): name for name, (block, counts) in resnet_network.ARCHS.items()}
-TORCHVISION_BN_EPS = 1e-5
-
-
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a YOLOv5 (.pt) or torchvision ResNet (.pth) checkpoint without torch and without running it."""
+    """Read a checkpoint of any family in networks/ without torch and without running it: each family is asked."""
+    from trtnet import networks
+
     path = Path(path)
     obj = load_pickle(path)
+    for module in networks.families().values():
+        checkpoint = module.read_checkpoint(path, obj)
+        if checkpoint is not None:
+            return checkpoint
+    raise TrtnetError(f"{path}: unknown model family: {_held(obj)}. trtnet reads {networks.checkpoints_read()}.")
+
+
+def _held(obj: Any) -> str:
     model = _model_record(obj)
     if model is not None:
-        if model.qualname.startswith("models.yolo.") and isinstance(model.get("yaml"), dict):
-            return _yolov5(path, model, obj)
-        if model.class_name == "ResNet":
-            return _resnet(path, _to_float32(module_state_dict(model)), _bn_eps(path, model))
-        raise TrtnetError(f"{path}: unknown model family: it holds a {model.qualname}. {_WHAT_WE_READ}")
+        return f"it holds a {model.qualname}"
     state_dict = _tensor_dict(obj)
     if state_dict is None:
-        raise TrtnetError(f"{path}: unknown model family: it holds {_describe(obj)}. {_WHAT_WE_READ}")
-    state_dict = _to_float32(_strip_prefix(state_dict, "module."))
-    if "conv1.weight" in state_dict and "fc.weight" in state_dict:
-        return _resnet(path, state_dict, TORCHVISION_BN_EPS)
-    if any(k.startswith("model.0.") for k in state_dict):
-        raise TrtnetError(
-            f"{path} is a bare YOLOv5 state dict: it lacks the model yaml (depth, width, anchors, classes) "
-            "needed to rebuild the network. Convert the checkpoint train.py wrote (best.pt / last.pt) instead."
-        )
-    keys = ", ".join(list(state_dict)[:6])
-    raise TrtnetError(f"{path}: unknown model family: a state dict with keys {keys}, … {_WHAT_WE_READ}")
-
-
-_WHAT_WE_READ = (
-    "trtnet reads YOLOv5 checkpoints (models.yolo Model/DetectionModel under 'model' or 'ema') and torchvision "
-    "ResNet-18/34/50/101/152 (a state_dict or the pickled module)."
-)
+        return f"it holds {_describe(obj)}"
+    return f"a state dict with keys {', '.join(list(_strip_prefix(state_dict, 'module.'))[:6])}, …"
 
 
 def module_state_dict(module: ModuleRecord, prefix: str = "") -> OrderedDict[str, np.ndarray]:
@@ -449,84 +433,3 @@ def _bn_eps(path: Path, model: ModuleRecord) -> float | None:
     if len(eps) > 1:
         raise TrtnetError(f"{path}: BatchNorm layers use different eps values {sorted(eps)}; trtnet assumes one")
     return eps.pop() if eps else None
-
-
-# -- YOLOv5 ----------------------------------------------------------------------------------------
-
-
-def _yolov5(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
-    detect = _detect_head(path, model)
-    strides = [int(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
-    anchors = np.asarray((detect.get("_buffers") or {}).get("anchors"), dtype=np.float32)
-    if anchors.ndim != 3 or anchors.shape[0] != len(strides):
-        raise TrtnetError(f"{path}: Detect's anchors {anchors.shape} do not match the model's strides {strides}")
-    nc = int(detect.get("nc"))
-    state_dict = module_state_dict(model)
-    meta = {
-        "family": "yolov5",
-        "generation": "v5.0-focus" if any(m.class_name == "Focus" for m in model.walk()) else "v6+",
-        "model_class": model.qualname,
-        "yaml": model.get("yaml"),
-        "nc": nc,
-        "names": _class_names(model.get("names"), nc),
-        "strides": strides,
-        # Detect keeps anchors divided by the stride; times the stride they are the pixels it decodes with.
-        "anchors": (anchors * np.asarray(strides, np.float32)[:, None, None]).reshape(len(strides), -1).tolist(),
-        "bn_eps": _bn_eps(path, model),
-        "imgsz": 1280 if len(strides) > 3 else 640,
-        "source_dtype": str(next(iter(state_dict.values())).dtype),
-    }
-    if isinstance(ckpt, dict):
-        meta.update({k: ckpt[k] for k in ("epoch", "date") if isinstance(ckpt.get(k), (int, str))})
-    return Checkpoint("yolov5", _to_float32(state_dict), meta)
-
-
-def _detect_head(path: Path, model: ModuleRecord) -> ModuleRecord:
-    layers = list(model.children().get("model", ModuleRecord()).children().values())
-    head = layers[-1] if layers else None
-    if head is None or head.class_name != "Detect":
-        found = head.qualname if head is not None else "no layers"
-        raise TrtnetError(f"{path}: the YOLOv5 model ends in {found}, not Detect; trtnet builds detection models only")
-    return head
-
-
-def _class_names(names: Any, nc: int) -> list[str]:
-    if isinstance(names, dict):
-        return [str(names.get(i, i)) for i in range(nc)]
-    if isinstance(names, (list, tuple)) and len(names) == nc:
-        return [str(n) for n in names]
-    return [str(i) for i in range(nc)]
-
-
-# -- ResNet ----------------------------------------------------------------------------------------
-
-
-def _resnet(path: Path, state_dict: OrderedDict[str, np.ndarray], bn_eps: float | None) -> Checkpoint:
-    meta = {
-        "family": "resnet",
-        "arch": resnet_arch(state_dict, path),
-        "num_classes": int(state_dict["fc.weight"].shape[0]),
-        "bn_eps": TORCHVISION_BN_EPS if bn_eps is None else bn_eps,
-        "imgsz": 224,
-    }
-    return Checkpoint("resnet", state_dict, meta)
-
-
-def resnet_arch(state_dict: dict, source: Path | str = "weights") -> str:
-    """torchvision's name for the layout: block type (`conv3` present → Bottleneck) and blocks per stage."""
-    block = "bottleneck" if any(k.endswith(".conv3.weight") for k in state_dict) else "basic"
-    stages: dict[int, set[int]] = {i: set() for i in range(1, 5)}
-    for key in state_dict:
-        match = re.match(r"layer([1-4])\.(\d+)\.", key)
-        if match:
-            stages[int(match.group(1))].add(int(match.group(2)))
-    counts = tuple(len(stages[i]) for i in range(1, 5))
-    first = state_dict.get("layer1.0.conv2.weight")
-    arch = RESNET_ARCHS.get((block, counts))
-    if arch is None or first is None or tuple(first.shape) != (64, 64, 3, 3):
-        shape = None if first is None else tuple(first.shape)
-        raise TrtnetError(
-            f"{source}: a ResNet layout trtnet does not know ({block} blocks {list(counts)}, layer1.0.conv2 {shape}); "
-            f"it builds {', '.join(RESNET_ARCHS.values())} (not ResNeXt / Wide ResNet)"
-        )
-    return arch

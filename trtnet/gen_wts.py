@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trtnet import networks
 from trtnet.checkpoint import Checkpoint, read_checkpoint
 from trtnet.cli import parser, run
 from trtnet.errors import TrtnetError
@@ -59,11 +60,7 @@ def convert(checkpoint: str | Path, output: str | Path | None = None, fmt: str |
 
 
 def summary(meta: dict) -> str:
-    if meta.get("family") == "yolov5":
-        return (f"yolov5 ({meta.get('generation')}): nc={meta['nc']}, strides {meta['strides']}, "
-                f"imgsz {meta['imgsz']}, bn_eps {meta.get('bn_eps')}")
-    return (f"{meta.get('arch')}: {meta.get('num_classes')} classes, imgsz {meta.get('imgsz')}, "
-            f"bn_eps {meta.get('bn_eps')}")
+    return networks.summary(meta)
 
 
 def main(argv: list[str] | None = None) -> int:

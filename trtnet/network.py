@@ -8,12 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from trtnet import compat
+from trtnet import compat, networks
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph, WeightStore
-from trtnet.networks import resnet, yolov5
-
-FAMILIES = {"yolov5": yolov5, "resnet": resnet}
 
 # State-dict entries that are not weights of any layer: Detect's anchor buffers (the anchors travel
 # in the metadata) and BatchNorm's step counters.
@@ -65,17 +62,8 @@ class DefinedNetwork:
         return [(self.input_name, (batch.min, 3, *lo), (batch.opt, 3, h, w), (batch.max, 3, *hi))]
 
 
-def family_of(meta: Mapping) -> str:
-    family = meta.get("family")
-    if family not in FAMILIES:
-        raise TrtnetError(
-            f"unknown model family {family!r} in the weights' metadata: trtnet builds {', '.join(FAMILIES)}"
-        )
-    return family
-
-
 def default_imgsz(meta: Mapping) -> int:
-    return int(meta.get("imgsz") or (224 if meta.get("family") == "resnet" else 640))
+    return int(meta.get("imgsz") or networks.for_meta(meta).DEFAULT_IMGSZ)
 
 
 def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, meta: Mapping, *, precision: str = "fp32",
@@ -87,7 +75,7 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     With `min_imgsz` and/or `max_imgsz`, height and width are dynamic from `min_imgsz` to `max_imgsz`
     (each defaults to `imgsz`, the size TensorRT tunes for), e.g. for the rectangular batches of
     validation; otherwise the input size is static."""
-    family = family_of(meta)
+    family = networks.for_meta(meta)
     size = imgsz or default_imgsz(meta)
     top = (size, size) if isinstance(size, int) else tuple(size)
     min_imgsz, max_imgsz = size_range(top, min_imgsz, max_imgsz)
@@ -95,13 +83,11 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     network = compat.create_network(builder)
     store = tensors if isinstance(tensors, WeightStore) else WeightStore(tensors, source)
     g = Graph(network, store, compat.compute_dtype(precision), bn_eps=float(meta.get("bn_eps", 1e-5)))
-    module = FAMILIES[family]
-    kwargs = {"softmax": softmax} if family == "resnet" else {}
-    module.define(g, dict(meta), batch.check().dim, hw, **kwargs)
+    family.define(g, dict(meta), batch.check().dim, hw, **networks.define_options(family, {"softmax": softmax}))
     store.ensure_all_used(ignore=NOT_WEIGHTS)
     heads = [network.get_output(i) for i in range(network.num_outputs)]
-    strides = yolo_strides(heads, hw, meta) if family == "yolov5" else []
-    return DefinedNetwork(network, g, family, module.INPUT, (batch.dim, 3, *hw), [t.name for t in heads],
+    strides = networks.output_strides(family, heads, hw, meta)
+    return DefinedNetwork(network, g, family.FAMILY, family.INPUT, (batch.dim, 3, *hw), [t.name for t in heads],
                           strides, top, min_imgsz, max_imgsz)
 
 
@@ -116,21 +102,3 @@ def size_range(imgsz: tuple, min_imgsz: int | None, max_imgsz: int | None) -> tu
     if hi < max(imgsz):
         raise TrtnetError(f"--max-imgsz {hi} must be at least the input size {max(imgsz)}")
     return lo, hi
-
-
-def yolo_strides(heads: list, hw: tuple, meta: Mapping) -> list:
-    if hw[0] > 0:
-        return [hw[0] // int(t.shape[2]) for t in heads]
-    return [int(s) for s in meta["strides"]]  # dynamic size: as the checkpoint recorded them
-
-
-def meta_for_arch(arch: str, nc: int | None = None) -> dict:
-    """Metadata for weights that came without trtnet's .json (e.g. written by tensorrtx's gen_wts.py)."""
-    if arch in resnet.ARCHS:
-        return {"family": "resnet", "arch": arch, "num_classes": nc or 1000, "bn_eps": 1e-5, "imgsz": 224}
-    if arch.startswith("yolov5") and len(arch) == 7:
-        cfg = yolov5.v7_yaml(arch[-1], nc or 80)
-        return {"family": "yolov5", "yaml": cfg, "nc": cfg["nc"], "bn_eps": 1e-3, "imgsz": 640,
-                "strides": [8, 16, 32], "anchors": cfg["anchors"], "names": [str(i) for i in range(cfg["nc"])]}
-    known = ", ".join([*(f"yolov5{s}" for s in yolov5.MULTIPLES), *resnet.ARCHS])
-    raise TrtnetError(f"unknown architecture {arch!r}: one of {known}")

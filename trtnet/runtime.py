@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from trtnet import compat, cuda_rt
+from trtnet import compat, cuda_rt, networks
 from trtnet.errors import TrtnetError
 from trtnet.plugins.postprocess import NmsSettings
 
@@ -589,8 +589,8 @@ class DetectPipeline:
         else:
             from trtnet.plugins.postprocess import YoloPostprocess
 
-            self.post = YoloPostprocess(strides=meta["strides"], anchors=meta["anchors"], nc=meta["nc"],
-                                        conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
+            head = networks.for_meta(meta).postprocess_kwargs(meta)
+            self.post = YoloPostprocess(**head, conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
                                         multi_label=settings.multi_label, agnostic=settings.agnostic)
             self.heads = list(meta["outputs"])
 
