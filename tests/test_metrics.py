@@ -8,6 +8,7 @@ recall never reaches it. AP is the mean of the 101 samples; mAP@0.5:0.95 average
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from tests.conftest import requires_tensorrt, requires_torch, shared
 from trtnet.datasets import DatasetWarning, DetectionSample, load_detection_dataset
+from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
 from trtnet.metrics import classification_metrics, detection_metrics, topk_accuracy
 from trtnet.val import check_engine_takes, evaluate_detection, to_image_pixels, val_batches, val_input
@@ -156,7 +158,10 @@ def test_engines_that_cannot_take_the_val_batches_are_refused_before_the_first_b
         dataset = load_detection_dataset(shared("coco128"))
     shapes = val_batches(dataset, 640, 16)[1]
     engine = Engine.__new__(Engine)  # only the metadata matters here: no TensorRT, no GPU
-    engine.path, engine.meta = Path("yolov5n.engine"), {"imgsz": [640, 640], "min_imgsz": 128}
+    engine.path = Path("yolov5n.engine")
+    engine.meta = EngineMeta.from_dict({"family": "yolov5", "imgsz": [640, 640], "min_imgsz": 128, "outputs": [],
+                                        "batch": {"min": 1, "opt": 1, "max": 1}, "input": {"name": "images"},
+                                        "tensorrt": {"flavour": "tensorrt", "version": "8.5.3.1"}})
     with pytest.raises(TrtnetError, match=r"outside yolov5n.engine's range 128..640: rebuild"):
         check_engine_takes(engine, shapes)
     calls = []
@@ -164,7 +169,7 @@ def test_engines_that_cannot_take_the_val_batches_are_refused_before_the_first_b
         evaluate_detection(dataset, lambda images, shape: calls.append(shape), 640, 16,
                            check_shapes=lambda s: check_engine_takes(engine, s))
     assert calls == []
-    engine.meta["max_imgsz"] = 672
+    engine.meta = dataclasses.replace(engine.meta, max_imgsz=672)
     check_engine_takes(engine, shapes)
     check_engine_takes(engine, val_batches(dataset, 640, 16, rect=False)[1])
 

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import requires_torch, shared
 from trtnet import compat, detect
 from trtnet.api import Classification, Detector, detections_from_rows, load_image, softmax, to_bgr, top_k
+from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
 from trtnet.runtime import (
     check_device,
@@ -36,6 +37,10 @@ def sidecar(**changes) -> dict:
     }
     meta.update(changes)
     return meta
+
+
+def engine_meta(**changes) -> EngineMeta:
+    return EngineMeta.from_dict(sidecar(**changes), "e.json")
 
 
 def fake_engine(folder: Path, name: str = "yolov5n.fp16", **changes) -> Path:
@@ -91,25 +96,25 @@ def test_metadata_missing_or_broken(tmp_path):
 
 
 def test_other_tensorrt_version_or_flavour_is_refused():
-    check_tensorrt(sidecar(), TRT85)
+    check_tensorrt(engine_meta(), TRT85)
     expected = r"built with tensorrt 8\.5\.3\.1; this is tensorrt-rtx 1\.7.*Rebuild it here: python -m trtnet\.build"
     with pytest.raises(TrtnetError, match=expected):
-        check_tensorrt(sidecar(), RTX)
+        check_tensorrt(engine_meta(), RTX)
     with pytest.raises(TrtnetError, match="built with tensorrt 8.6.1"):
-        check_tensorrt(sidecar(tensorrt={"flavour": "tensorrt", "version": "8.6.1"}), TRT85)
+        check_tensorrt(engine_meta(tensorrt={"flavour": "tensorrt", "version": "8.6.1"}), TRT85)
 
 
 def test_engine_for_another_gpu_is_refused():
-    check_device(sidecar(), TRT85, H200)
+    check_device(engine_meta(), TRT85, H200)
     h100 = {**H200, "name": "NVIDIA H100", "compute_capability": "9.0"}
-    check_device(sidecar(), TRT85, h100)  # same compute capability: TensorRT runs it
+    check_device(engine_meta(), TRT85, h100)  # same compute capability: TensorRT runs it
     a100 = {**H200, "name": "NVIDIA A100", "compute_capability": "8.0"}
     with pytest.raises(TrtnetError, match=r"built on NVIDIA H200 \(compute capability 9\.0\).*A100 \(8\.0\)"):
-        check_device(sidecar(), TRT85, a100)
+        check_device(engine_meta(), TRT85, a100)
     with pytest.raises(TrtnetError, match="--target-cc 8.0"):
-        check_device(sidecar(target_cc=["8.6", "8.9"]), RTX, a100)
+        check_device(engine_meta(target_cc=["8.6", "8.9"]), RTX, a100)
     with pytest.raises(TrtnetError, match="MB free"):
-        check_device(sidecar(), TRT85, {**H200, "free_bytes": 1_000_000})
+        check_device(engine_meta(), TRT85, {**H200, "free_bytes": 1_000_000})
 
 
 def test_engine_from_another_tensorrt_fails_before_touching_the_gpu(tmp_path):
@@ -932,7 +937,7 @@ def test_input_sizes_outside_the_engine_are_refused_with_the_flags_to_rebuild(me
     from trtnet.runtime import Engine
 
     engine = Engine.__new__(Engine)  # only the metadata matters here: no TensorRT, no GPU
-    engine.path, engine.meta = Path("e.engine"), meta
+    engine.path, engine.meta = Path("e.engine"), engine_meta(**meta)
     with pytest.raises(TrtnetError, match=message):
         engine.check_size(hw)
     engine.check_size(engine.imgsz)
@@ -942,7 +947,7 @@ def test_dynamic_size_range_accepts_sizes_within_it():
     from trtnet.runtime import Engine
 
     engine = Engine.__new__(Engine)
-    engine.path, engine.meta = Path("e.engine"), {"imgsz": [640, 640], "min_imgsz": 128, "max_imgsz": 672}
+    engine.path, engine.meta = Path("e.engine"), engine_meta(imgsz=[640, 640], min_imgsz=128, max_imgsz=672)
     assert engine.size_range == (128, 672)
     for hw in [(128, 128), (448, 672), (672, 672), (640, 480)]:
         engine.check_size(hw)

@@ -27,6 +27,7 @@ import numpy as np
 
 from trtnet import networks
 from trtnet.datasets import read_image
+from trtnet.engine_meta import DETECTION_ROW
 from trtnet.errors import TrtnetError
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
@@ -164,7 +165,7 @@ def detections_from_rows(rows: np.ndarray, input_hw: tuple[int, int], image: np.
     boxes mapped to `image` exactly as the official `scale_boxes` maps them (and clipped)."""
     from trtnet.plugins.official import scale_boxes
 
-    rows = np.asarray(rows, dtype=np.float32).reshape(-1, 6)
+    rows = np.asarray(rows, dtype=np.float32).reshape(-1, DETECTION_ROW)
     shape = tuple(int(s) for s in image.shape[:2])
     boxes = scale_boxes(input_hw, rows[:, :4], shape) if len(rows) else np.zeros((0, 4), np.float32)
     return Detections(boxes, rows[:, 4].copy(), rows[:, 5].astype(np.int64), class_names, shape, path, image)
@@ -216,13 +217,11 @@ class _Model:
         from trtnet.runtime import Engine
 
         self.engine = Engine(engine, weights_dir=weights_dir, cuda_graphs=cuda_graphs)
-        task = networks.for_meta(self.engine.meta).TASK
+        task = networks.family(self.engine.meta.family).TASK
         if task != self.task:
             other = "Classifier" if task == "classify" else "Detector"
             raise TrtnetError(f"{self.engine.path} is a {self.engine.family} engine: use trtnet.{other}")
-        meta = self.engine.meta
-        count = int(meta.get("nc") or meta.get("num_classes") or 0)
-        self.names: list[str] = [str(n) for n in meta.get("names") or range(count)]
+        self.names: list[str] = self.engine.meta.class_names
 
     @property
     def max_batch(self) -> int:

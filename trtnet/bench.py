@@ -138,7 +138,7 @@ def open_model(engine_path: str, cuda_graphs: bool, weights_dir: str):
     from trtnet.runtime import load_metadata, resolve_engine
 
     path = resolve_engine(engine_path, weights_dir)
-    task = networks.for_meta(load_metadata(path)).TASK
+    task = networks.family(load_metadata(path).family).TASK
     cls = Detector if task == "detect" else Classifier
     return cls(path, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
 
@@ -216,7 +216,7 @@ def bench_engine(args) -> list[Timing]:
         engine = model.engine
         torch_model_, why_not = (None, "")
         if args.compare_torch:
-            torch_model_, why_not = torch_model(engine.meta, engine.path, args.weights_dir, args.official_src)
+            torch_model_, why_not = torch_model(engine.meta.to_dict(), engine.path, args.weights_dir, args.official_src)
             if torch_model_ is None:
                 print(f"note: no PyTorch comparison: {why_not}", file=sys.stderr)
         for batch in parse_batches(args.batch):
@@ -258,10 +258,10 @@ def bench_torch_only(args) -> list[Timing]:
 
     path = resolve_engine(args.engine, args.weights_dir)
     meta = load_metadata(path)
-    model, why_not = torch_model(meta, path, args.weights_dir, args.official_src)
+    model, why_not = torch_model(meta.to_dict(), path, args.weights_dir, args.official_src)
     if model is None:
         raise TrtnetError(f"--torch-only: {why_not}")
-    h, w = meta["imgsz"]
+    h, w = meta.imgsz
     return [t for batch in parse_batches(args.batch) for t in torch_timings(model, (batch, 3, h, w), args)]
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from trtnet import cli
+from trtnet.engine_meta import DETECTION_ROW
 from trtnet.errors import TrtnetError
 from trtnet.plugins import official as ref
 from trtnet.plugins.postprocess import P5_ANCHORS, YoloPostprocess
@@ -172,7 +173,7 @@ def bench_postprocess(torch, torchvision, batch: int, iters: int, warmup: int) -
     heads = [torch.from_numpy(m).cuda() for m in maps]
     post = YoloPostprocess(strides=STRIDES, anchors=P5_ANCHORS, nc=NC)
     workspace = torch.empty(post.workspace_bytes(batch, LEVELS_640), dtype=torch.uint8, device="cuda")
-    dets = torch.empty((batch, post.max_det, 6), device="cuda")
+    dets = torch.empty((batch, post.max_det, DETECTION_ROW), device="cuda")
     counts = torch.empty((batch,), dtype=torch.int32, device="cuda")
     official = OfficialPostprocess(torch, torchvision, LEVELS_640)
 
@@ -198,7 +199,7 @@ def bench_nms(torch, torchvision, batch: int, iters: int, warmup: int, per_image
     classes = stacked[..., 5].int().contiguous()
     n = torch.full((batch,), per_image, dtype=torch.int32, device="cuda")
     workspace = torch.empty(post.workspace_bytes(batch, LEVELS_640), dtype=torch.uint8, device="cuda")
-    dets = torch.empty((batch, post.max_det, 6), device="cuda")
+    dets = torch.empty((batch, post.max_det, DETECTION_ROW), device="cuda")
     counts = torch.empty((batch,), dtype=torch.int32, device="cuda")
 
     def ours():

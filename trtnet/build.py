@@ -18,19 +18,12 @@ from pathlib import Path
 
 from trtnet import __version__, compat, networks
 from trtnet.cli import parser, run
+from trtnet.engine_meta import EngineMeta, PostprocessSettings, nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.network import BatchProfile, DefinedNetwork, define_network
-from trtnet.plugins.postprocess import NmsSettings
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
-
-
-@dataclass(frozen=True)
-class PostprocessSettings(NmsSettings):
-    """What runs after the raw YOLO heads (`mode`, with its NMS settings); recorded in the engine metadata."""
-
-    mode: str = "none"
 
 
 @dataclass
@@ -157,9 +150,8 @@ def append_plugin_postprocess(defined: DefinedNetwork, meta: dict, settings: Pos
 
     network = defined.network
     heads = [network.get_output(i) for i in range(network.num_outputs)]
-    head = networks.for_meta(meta).postprocess_kwargs({**meta, "strides": defined.strides})
-    nms = YoloNMSSettings(**head, conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
-                          multi_label=settings.multi_label, agnostic=settings.agnostic)
+    decode = networks.for_meta(meta).postprocess_kwargs({**meta, "strides": defined.strides})
+    nms = YoloNMSSettings(**decode, **nms_kwargs(settings))
     dets, counts = add_yolo_nms(network, heads, nms)
     for head in heads:
         network.unmark_output(head)
@@ -194,7 +186,7 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
     if family.TASK == "detect":
         out["postprocess"] = asdict(req.postprocess)
     out.update(networks.engine_fields(family, meta, defined.strides, {"softmax": req.softmax}))
-    return out
+    return EngineMeta.from_dict(out, "the new engine's metadata").to_dict()  # never one the runtime refuses
 
 
 def current_device() -> dict | None:

@@ -34,10 +34,9 @@ from typing import Any
 import numpy as np
 
 from trtnet import compat, cuda_rt, networks
+from trtnet.engine_meta import DETECTION_ROW, EngineMeta, nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.plugins.postprocess import NmsSettings
-
-REQUIRED_KEYS = ("family", "imgsz", "batch", "input", "outputs", "tensorrt")
 
 
 class FallbackWarning(UserWarning):
@@ -64,7 +63,7 @@ def resolve_engine(engine: str | Path, weights_dir: str | Path = "weights") -> P
     )
 
 
-def load_metadata(engine_path: Path) -> dict:
+def load_metadata(engine_path: Path) -> EngineMeta:
     """The metadata trtnet.build wrote beside the engine (`<name>.engine` → `<name>.json`)."""
     path = Path(engine_path).with_suffix(".json")
     try:
@@ -76,15 +75,11 @@ def load_metadata(engine_path: Path) -> dict:
         ) from None
     except (OSError, ValueError) as exc:
         raise TrtnetError(f"cannot read {path}: {exc}; rebuild the engine with python -m trtnet.build") from exc
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise TrtnetError(f"{path} lacks {', '.join(missing)}: written by another trtnet version? Rebuild the engine")
-    return meta
+    return EngineMeta.from_dict(meta, path)
 
 
-def rebuild_hint(meta: Mapping) -> str:
-    stem = Path(str(meta.get("weights", "MODEL"))).stem
-    return f"python -m trtnet.build {stem} --{meta.get('precision', 'fp32')}"
+def rebuild_hint(meta: EngineMeta) -> str:
+    return f"python -m trtnet.build {Path(meta.weights or 'MODEL').stem} --{meta.precision}"
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -92,35 +87,35 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", str(version))[:3])
 
 
-def check_tensorrt(meta: Mapping, flavour: compat.Flavour) -> None:
+def check_tensorrt(meta: EngineMeta, flavour: compat.Flavour) -> None:
     """Raise a TrtnetError saying how to rebuild when the engine was built by another TensorRT."""
-    built = meta["tensorrt"]
-    if built.get("flavour") != flavour.name or _release(built.get("version", "")) != _release(flavour.version):
+    built = meta.tensorrt
+    if built.flavour != flavour.name or _release(built.version) != _release(flavour.version):
         raise TrtnetError(
-            f"the engine was built with {built.get('flavour')} {built.get('version')}; this is {flavour}: "
+            f"the engine was built with {built.flavour} {built.version}; this is {flavour}: "
             f"engines run only on the TensorRT they were built with. Rebuild it here: {rebuild_hint(meta)}"
         )
 
 
-def check_device(meta: Mapping, flavour: compat.Flavour, device: Mapping) -> None:
+def check_device(meta: EngineMeta, flavour: compat.Flavour, device: Mapping) -> None:
     """Raise a TrtnetError saying what to do when the engine does not fit this GPU."""
     cc = device.get("compute_capability")
     if flavour.engines_name_their_gpus:
-        targets = list(meta.get("target_cc") or [])
+        targets = list(meta.target_cc)
         if targets and cc not in targets:
             raise TrtnetError(
                 f"the engine was built for compute capabilities {', '.join(targets)}; this GPU "
                 f"({device.get('name')}) is {cc}. Rebuild with --target-cc {cc} (or without --target-cc)"
             )
     else:
-        built_on = meta.get("device") or {}
+        built_on = meta.device or {}
         if built_on.get("compute_capability") and built_on["compute_capability"] != cc:
             raise TrtnetError(
                 f"the engine was built on {built_on.get('name')} (compute capability "
                 f"{built_on['compute_capability']}); this GPU is {device.get('name')} ({cc}). "
                 f"Rebuild it on this GPU: {rebuild_hint(meta)}"
             )
-    needed = int(meta.get("engine_bytes") or 0)
+    needed = meta.engine_bytes
     free = device.get("free_bytes")
     if free is not None and needed > free:
         raise TrtnetError(
@@ -129,10 +124,10 @@ def check_device(meta: Mapping, flavour: compat.Flavour, device: Mapping) -> Non
         )
 
 
-def read_plan(path: Path, meta: Mapping) -> bytes:
+def read_plan(path: Path, meta: EngineMeta) -> bytes:
     """The serialized engine, refused before TensorRT reads it when its size is not the one built."""
     plan = path.read_bytes()
-    built = int(meta.get("engine_bytes") or 0)
+    built = meta.engine_bytes
     if built and len(plan) != built:
         raise TrtnetError(f"{path} has {len(plan)} bytes, its metadata says {built}: the file is truncated or "
                           f"was replaced; rebuild it: {rebuild_hint(meta)}")
@@ -202,12 +197,12 @@ class Engine:
         require_gpu(self.path.name)
         self.device = cuda_rt.device_properties()
         check_device(self.meta, compat.flavour(), self.device)
-        if (self.meta.get("postprocess") or {}).get("mode") == "plugin":
+        if self.meta.postprocess_in_engine:
             _register_yolo_plugin()
         self._runtime, self.trt_engine = compat.deserialize(read_plan(self.path, self.meta))
         self.inputs, self.outputs = io_specs(self.trt_engine)
-        batch = self.meta["batch"]
-        self.min_batch, self.opt_batch, self.max_batch = int(batch["min"]), int(batch["opt"]), int(batch["max"])
+        batch = self.meta.batch
+        self.min_batch, self.opt_batch, self.max_batch = batch.min, batch.opt, batch.max
         self.cuda_graphs = cuda_graphs
         self._local = threading.local()
         self._workers: list[Worker] = []
@@ -218,22 +213,22 @@ class Engine:
 
     @property
     def family(self) -> str:
-        return self.meta["family"]
+        return self.meta.family
 
     @property
     def input_name(self) -> str:
-        return self.meta["input"]["name"]
+        return self.meta.input.name
 
     @property
     def imgsz(self) -> tuple[int, int]:
-        h, w = self.meta["imgsz"]
-        return int(h), int(w)
+        h, w = self.meta.imgsz
+        return h, w
 
     @property
     def size_range(self) -> tuple[int, int] | None:
         """(smallest, largest) input side of an engine built with a dynamic size, else None."""
-        lo = self.meta.get("min_imgsz")
-        return None if lo is None else (int(lo), int(self.meta.get("max_imgsz") or max(self.imgsz)))
+        lo = self.meta.min_imgsz
+        return None if lo is None else (lo, self.meta.max_imgsz or max(self.imgsz))
 
     def check_size(self, hw: tuple[int, int]) -> None:
         span = self.size_range
@@ -546,7 +541,7 @@ class ClassifyPipeline:
         """Logits [N, classes] for BGR uint8 images (any sizes, any count)."""
         parts = [self._run_chunk(chunk, run_as) for chunk, run_as in iter_chunks(images, self.engine)]
         if not parts:
-            return np.zeros((0, int(self.engine.meta.get("num_classes", 1000))), np.float32)
+            return np.zeros((0, self.engine.meta.num_classes or 1000), np.float32)
         return np.concatenate(parts)
 
     def _run_chunk(self, images: Sequence[np.ndarray], batch: int) -> np.ndarray:
@@ -581,30 +576,29 @@ class DetectPipeline:
         self.settings = settings
         h, w = engine.imgsz
         self.letterbox = Letterbox(h, w, engine.inputs[engine.input_name].dtype.name)
-        self.in_engine = (meta.get("postprocess") or {}).get("mode") == "plugin"
+        self.in_engine = meta.postprocess_in_engine
         if self.in_engine:
-            self._check_plugin_settings(meta["postprocess"])
+            self._check_plugin_settings(meta.postprocess)
             self.post = None
             self.heads: list[str] = []
         else:
             from trtnet.plugins.postprocess import YoloPostprocess
 
-            head = networks.for_meta(meta).postprocess_kwargs(meta)
-            self.post = YoloPostprocess(**head, conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
-                                        multi_label=settings.multi_label, agnostic=settings.agnostic)
-            self.heads = list(meta["outputs"])
+            decode = networks.family(meta.family).postprocess_kwargs(meta.to_dict())
+            self.post = YoloPostprocess(**decode, **nms_kwargs(settings))
+            self.heads = list(meta.outputs)
 
-    def _check_plugin_settings(self, built: Mapping) -> None:
+    def _check_plugin_settings(self, built: NmsSettings) -> None:
         missing = {"dets", "counts"} - set(self.engine.outputs)
         if missing:
             raise TrtnetError(f"{self.engine.path.name} says --postprocess plugin but has no {sorted(missing)} "
                               "output: rebuild it")
         s = self.settings
-        if s.conf < built["conf"] or s.iou != built["iou"] or s.max_det > built["max_det"] or \
-                s.multi_label != built["multi_label"] or s.agnostic != built["agnostic"]:
+        if s.conf < built.conf or s.iou != built.iou or s.max_det > built.max_det or \
+                s.multi_label != built.multi_label or s.agnostic != built.agnostic:
             warnings.warn(
-                f"{self.engine.path.name} runs NMS inside the engine with conf {built['conf']}, iou {built['iou']}, "
-                f"max_det {built['max_det']}, multi_label {built['multi_label']}, agnostic {built['agnostic']}; "
+                f"{self.engine.path.name} runs NMS inside the engine with conf {built.conf}, iou {built.iou}, "
+                f"max_det {built.max_det}, multi_label {built.multi_label}, agnostic {built.agnostic}; "
                 f"only a higher conf or lower max_det can be applied afterwards. Rebuild with other --conf/--iou "
                 "settings, or with --postprocess kernels to choose them at run time",
                 FallbackWarning, stacklevel=3)
@@ -691,7 +685,7 @@ class DetectPipeline:
         dets = worker.scratch_item("nms_dets", cuda_rt.DeviceBuffer)
         counts = worker.scratch_item("nms_counts", cuda_rt.DeviceBuffer)
         moved = workspace.ensure(self.post.workspace_bytes(batch, level_shapes))
-        moved |= dets.ensure(batch * self.settings.max_det * 6 * 4)
+        moved |= dets.ensure(batch * self.settings.max_det * DETECTION_ROW * 4)
         moved |= counts.ensure(batch * 4)
         if moved:
             worker.drop_graphs()  # captured graphs point at the old buffers
@@ -707,7 +701,7 @@ class DetectPipeline:
     def _collect(self, run: _InFlight) -> list[np.ndarray]:
         """Wait for a queued run; its rows per image (copies: the slot's buffer is reused)."""
         run.done.synchronize()
-        dets = run.host.view((run.count, run.max_det, 6), np.float32)
+        dets = run.host.view((run.count, run.max_det, DETECTION_ROW), np.float32)
         counts = run.host.view((run.count,), np.int32, run.dets_bytes)
         rows = [dets[i, : min(int(counts[i]), run.max_det)].copy() for i in range(run.count)]
         if self.in_engine:
@@ -726,7 +720,7 @@ class _InFlight:
 
     @property
     def dets_bytes(self) -> int:
-        return self.count * self.max_det * 6 * 4
+        return self.count * self.max_det * DETECTION_ROW * 4
 
 
 def _queue_download(worker: Worker, slot: Any, count: int, max_det: int, dets_ptr: int,
