@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from trtnet import compat
+from trtnet.compat import python_plugins_supported
 from trtnet.errors import TrtnetError
 from trtnet.plugins.postprocess import NmsSettings
 
@@ -38,12 +39,6 @@ def _tensorrt_or_none() -> Any:
 
 _trt = _tensorrt_or_none()
 _PLUGIN_CLASSES = ("IPluginV3", "IPluginV3OneCore", "IPluginV3OneBuild", "IPluginV3OneRuntime")
-
-
-def python_plugins_supported() -> bool:
-    """Whether this TensorRT's Python binding can define IPluginV3 plugins (TensorRT >= 10, RTX)."""
-    names = (*_PLUGIN_CLASSES, "IPluginCreatorV3One", "get_plugin_registry")
-    return _trt is not None and all(hasattr(_trt, n) for n in names)
 
 
 def _require_python_plugins() -> None:

@@ -209,7 +209,9 @@ def test_add_yolo_nms_without_add_plugin_v3_says_use_kernels(tp, trt, settings):
 
 
 def test_tensorrt_without_plugin_classes_says_use_kernels(tp, settings, monkeypatch):
-    monkeypatch.setattr(tp, "_trt", SimpleNamespace(__name__="tensorrt"))  # as TensorRT 8.5's binding
+    from trtnet import compat
+
+    monkeypatch.setattr(compat, "trt", lambda: SimpleNamespace(__name__="tensorrt"))  # as TensorRT 8.5's binding
     with pytest.raises(TrtnetError, match=r"TensorRT >= 10.*--postprocess kernels"):
         tp.add_yolo_nms(FakeNetwork(), fake_heads(24), settings)
 

@@ -73,6 +73,21 @@ class Flavour:
         return f"{self.name} {self.version}"
 
 
+PLUGIN_V3_NAMES = ("IPluginV3", "IPluginV3OneCore", "IPluginV3OneBuild", "IPluginV3OneRuntime",
+                   "IPluginCreatorV3One", "get_plugin_registry")
+
+
+def python_plugins_supported() -> bool:
+    """Whether this TensorRT's Python binding can define and run IPluginV3 plugins (TensorRT >= 10, RTX).
+
+    Whether a build may also put one into an engine's network is `flavour().python_plugins`."""
+    try:
+        module = trt()
+    except TrtnetError:
+        return False
+    return all(hasattr(module, n) for n in PLUGIN_V3_NAMES)
+
+
 @cache
 def flavour() -> Flavour:
     module = trt()

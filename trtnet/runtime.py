@@ -328,7 +328,7 @@ def _register_yolo_plugin() -> None:
     """Engines with the decode + NMS plugin deserialize only once its creator is registered."""
     from trtnet.plugins import trt_plugins
 
-    if not trt_plugins.python_plugins_supported():
+    if not compat.python_plugins_supported():
         raise TrtnetError(
             f"the engine holds the trtnet decode + NMS plugin, which {compat.flavour()} cannot load "
             "(Python plugins need TensorRT >= 10): rebuild it with --postprocess kernels"
