@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
-from trtnet.plugins.official import letterbox_geometry
+from trtnet.plugins.official import letterbox_geometry, scale_boxes
 
 MAX_IMAGES = 64  # letterbox.cu, classify_preprocess.cu: images per launch
 DTYPES = {"float32": 0, "float16": 1}
@@ -37,6 +37,12 @@ class Batch(ctypes.Structure):  # letterbox.cu
         ("image", Image * MAX_IMAGES), ("out", ctypes.c_uint64), ("first", ctypes.c_int),
         ("out_h", ctypes.c_int), ("out_w", ctypes.c_int), ("half", ctypes.c_int), ("pad", ctypes.c_int),
     ]
+
+
+def boxes_to_image(boxes, input_hw: tuple[int, int], image_hw: tuple[int, int]):
+    """The letterbox undone: xyxy boxes in the (input_hw) letterboxed input → the image's (image_hw) pixels,
+    clipped to it, exactly as the official `scale_boxes` maps them. A new float32 array."""
+    return scale_boxes(input_hw, boxes, image_hw)
 
 
 class Letterbox:

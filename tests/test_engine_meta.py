@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from trtnet.engine_files import load_metadata
 from trtnet.engine_meta import EngineMeta, PostprocessSettings
 from trtnet.errors import TrtnetError
-from trtnet.runtime import load_metadata
 
 # A sidecar as trtnet.build wrote it before EngineMeta existed (keys and values as in a real yolov5n engine).
 OLD_SIDECAR = {

@@ -152,7 +152,7 @@ def test_oracle_on_coco128_scores_one_in_val_batches():
 
 
 def test_engines_that_cannot_take_the_val_batches_are_refused_before_the_first_batch():
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     with pytest.warns(DatasetWarning):
         dataset = load_detection_dataset(shared("coco128"))

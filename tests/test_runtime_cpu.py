@@ -12,15 +12,11 @@ import pytest
 from tests.conftest import requires_torch, shared
 from trtnet import compat, detect
 from trtnet.api import Classification, Detector, detections_from_rows, load_image, softmax, to_bgr, top_k
+from trtnet.engine import split_batch
+from trtnet.engine_files import check_device, check_tensorrt, load_metadata, resolve_engine
 from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
-from trtnet.runtime import (
-    check_device,
-    check_tensorrt,
-    load_metadata,
-    resolve_engine,
-    split_batch,
-)
+from trtnet.pipelines import rows_to_image
 
 RTX = compat.Flavour("tensorrt-rtx", "1.7.1.116", 1)
 TRT85 = compat.Flavour("tensorrt", "8.5.3.1", 8)
@@ -118,7 +114,7 @@ def test_engine_for_another_gpu_is_refused():
 
 
 def test_engine_from_another_tensorrt_fails_before_touching_the_gpu(tmp_path):
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     other = "8.5.3.1" if compat.flavour().name != "tensorrt" else "7.2.3"
     engine = fake_engine(tmp_path, tensorrt={"flavour": "tensorrt", "version": other})
@@ -128,7 +124,7 @@ def test_engine_from_another_tensorrt_fails_before_touching_the_gpu(tmp_path):
 
 def test_truncated_engine_is_refused_before_tensorrt_reads_it(tmp_path, monkeypatch):
     import trtnet.cuda_rt
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     monkeypatch.setattr(trtnet.cuda_rt, "cudart", lambda: SIM.rt)
     flavour = compat.flavour()
@@ -231,7 +227,7 @@ def test_boxes_map_back_to_the_original_image():
     image = np.zeros((1080, 810, 3), np.uint8)  # bus.jpg's size; at 320 the letterbox pads 40 px left/right
     rows = np.array([[40, 0, 280, 320, 0.9, 5], [100, 50, 200, 150, 0.5, 0], [10, -5, 300, 330, 0.3, 2]],
                     np.float32)
-    result = detections_from_rows(rows, (320, 320), image, ["person", "bicycle", "car"])
+    result = detections_from_rows(rows_to_image(rows, (320, 320), image.shape[:2]), image, ["person", "bicycle", "car"])
     np.testing.assert_allclose(result.boxes[0], [0, 0, 810, 1080], atol=1e-3)
     np.testing.assert_allclose(result.boxes[1], [202.5, 168.75, 540, 506.25], atol=1e-3)
     np.testing.assert_allclose(result.boxes[2], [0, 0, 810, 1080], atol=1e-3)  # clipped to the image
@@ -243,7 +239,7 @@ def test_official_nms_rows_on_bus_map_like_scale_boxes():
     golden = np.load(shared("golden", "golden_yolov5n_bus320.npz"))
     image = cv2.imread(str(shared("images", "bus.jpg")))
     rows = golden["det"]
-    result = detections_from_rows(rows, (320, 320), image, [str(i) for i in range(80)])
+    result = detections_from_rows(rows_to_image(rows, (320, 320), image.shape[:2]), image, [str(i) for i in range(80)])
     np.testing.assert_allclose(result.boxes, official_scale_boxes(rows[:, :4], (320, 320), image.shape[:2]),
                                rtol=1e-5, atol=1e-3)
     assert len(result) == len(rows)
@@ -251,15 +247,15 @@ def test_official_nms_rows_on_bus_map_like_scale_boxes():
 
 def test_draw_and_json(tmp_path):
     image = np.full((60, 80, 3), 50, np.uint8)
-    result = detections_from_rows(np.array([[10, 10, 40, 30, 0.87, 1]], np.float32), (60, 80), image,
-                                  ["person", "bicycle"], path="x.jpg")
+    result = detections_from_rows(np.array([[10, 10, 40, 30, 0.87, 1]], np.float32), image, ["person", "bicycle"],
+                                  path="x.jpg")
     drawn = result.draw()
     assert drawn.shape == image.shape and (image == 50).all()  # a copy: the original is untouched
     assert (drawn != 50).any(axis=2)[10, 10:40].all()  # the top edge of the box is drawn
     record = json.loads(result.to_json())
     assert record == {"path": "x.jpg", "shape": [60, 80], "detections": [
         {"xyxy": [10.0, 10.0, 40.0, 30.0], "conf": 0.87, "cls": 1, "name": "bicycle"}]}
-    empty = detections_from_rows(np.zeros((0, 6), np.float32), (60, 80), image, ["person"])
+    empty = detections_from_rows(np.zeros((0, 6), np.float32), image, ["person"])
     assert len(empty) == 0 and (empty.draw() == image).all()
 
 
@@ -285,7 +281,8 @@ class FakeEngine:
 
 
 class FakePipeline:
-    """Stands in for the GPU: one detection covering each image's letterboxed area, class = call order."""
+    """Stands in for the GPU: one detection covering each image (in its pixels, as DetectPipeline returns
+    them), class = call order."""
 
     def __init__(self):
         self.calls = []
@@ -295,13 +292,11 @@ class FakePipeline:
         rows = []
         for image in images:
             h, w = image.shape[:2]
-            r = min(320 / h, 320 / w)
-            pw, ph = (320 - w * r) / 2, (320 - h * r) / 2
-            rows.append(np.array([[pw, ph, 320 - pw, 320 - ph, 0.75, len(rows)]], np.float32))
+            rows.append(np.array([[0, 0, w, h, 0.75, len(rows)]], np.float32))
         return rows
 
     def stream(self, images, batch=1, depth=2):
-        from trtnet.runtime import batched
+        from trtnet.engine import batched
 
         for chunk in batched(images, batch):
             yield from self.run(chunk)
@@ -881,7 +876,7 @@ def test_simulated_classifier_preprocesses_like_torchvision(tmp_path, monkeypatc
     np.testing.assert_allclose(logits[0], want, atol=0.25 / 255 / 0.224)
     np.testing.assert_allclose(logits[1], (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], atol=1e-5)
     assert top2.names == [["red", "green", "blue"][i] for i in np.argsort(-want)[:2]]
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     x = np.random.default_rng(0).random((3, 3, 224, 224), dtype=np.float32)
     with Engine(engine) as raw:
@@ -934,7 +929,7 @@ def test_bench_torch_only_says_why_it_cannot_time_torch(sim_detector, capsys):
     ({"imgsz": [640, 640], "min_imgsz": 128, "max_imgsz": 672}, (64, 640), r"range 128..672: rebuild"),
 ])
 def test_input_sizes_outside_the_engine_are_refused_with_the_flags_to_rebuild(meta, hw, message):
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     engine = Engine.__new__(Engine)  # only the metadata matters here: no TensorRT, no GPU
     engine.path, engine.meta = Path("e.engine"), engine_meta(**meta)
@@ -944,7 +939,7 @@ def test_input_sizes_outside_the_engine_are_refused_with_the_flags_to_rebuild(me
 
 
 def test_dynamic_size_range_accepts_sizes_within_it():
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     engine = Engine.__new__(Engine)
     engine.path, engine.meta = Path("e.engine"), engine_meta(imgsz=[640, 640], min_imgsz=128, max_imgsz=672)

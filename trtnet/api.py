@@ -159,15 +159,12 @@ def class_name(class_names: Sequence[str], cls: int) -> str:
     return str(class_names[cls]) if 0 <= cls < len(class_names) else str(cls)
 
 
-def detections_from_rows(rows: np.ndarray, input_hw: tuple[int, int], image: np.ndarray,
-                         class_names: Sequence[str], path: str | None = None) -> Detections:
-    """Decode + NMS rows [k, 6] (x1, y1, x2, y2, score, class in network-input pixels) → Detections,
-    boxes mapped to `image` exactly as the official `scale_boxes` maps them (and clipped)."""
-    from trtnet.plugins.official import scale_boxes
-
+def detections_from_rows(rows: np.ndarray, image: np.ndarray, class_names: Sequence[str],
+                         path: str | None = None) -> Detections:
+    """The pipeline's rows [k, 6] (x1, y1, x2, y2 in `image`'s pixels, score, class) → Detections."""
     rows = np.asarray(rows, dtype=np.float32).reshape(-1, DETECTION_ROW)
     shape = tuple(int(s) for s in image.shape[:2])
-    boxes = scale_boxes(input_hw, rows[:, :4], shape) if len(rows) else np.zeros((0, 4), np.float32)
+    boxes = rows[:, :4].copy()
     return Detections(boxes, rows[:, 4].copy(), rows[:, 5].astype(np.int64), class_names, shape, path, image)
 
 
@@ -214,7 +211,7 @@ class _Model:
     task = ""  # the networks/ TASK of the engines it runs
 
     def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
-        from trtnet.runtime import Engine
+        from trtnet.engine import Engine
 
         self.engine = Engine(engine, weights_dir=weights_dir, cuda_graphs=cuda_graphs)
         task = networks.family(self.engine.meta.family).TASK
@@ -253,8 +250,8 @@ class Detector(_Model):
     def __init__(self, engine: str | Path, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
                  multi_label: bool = False, agnostic: bool = False, cuda_graphs: bool = False,
                  weights_dir: str | Path = "weights"):
+        from trtnet.pipelines import DetectPipeline
         from trtnet.plugins.postprocess import NmsSettings
-        from trtnet.runtime import DetectPipeline
 
         self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)  # refused before loading
         super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
@@ -274,7 +271,7 @@ class Detector(_Model):
         """Like `detect` for images already converted with `to_bgr` (no copies, no checks)."""
         paths = list(paths) if paths is not None else [None] * len(images)
         rows = self.pipeline.run(list(images))
-        return [detections_from_rows(r, self.imgsz, image, self.names, path)
+        return [detections_from_rows(r, image, self.names, path)
                 for r, image, path in zip(rows, images, paths)]
 
     def stream(self, images: Iterable[ImageLike], batch: int = 1, depth: int = 2) -> Iterator[Detections]:
@@ -290,7 +287,7 @@ class Detector(_Model):
 
         for rows in self.pipeline.stream(images_in_order(), batch, depth):
             image, path = loaded.popleft()
-            yield detections_from_rows(rows, self.imgsz, image, self.names, path)
+            yield detections_from_rows(rows, image, self.names, path)
 
     __call__ = detect
 
@@ -302,7 +299,7 @@ class Classifier(_Model):
 
     def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
         super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
-        from trtnet.runtime import ClassifyPipeline
+        from trtnet.pipelines import ClassifyPipeline
 
         self.pipeline = ClassifyPipeline(self.engine)
 

@@ -135,7 +135,7 @@ def streamed_samples(detector, batch: int, iters: int, warmup: int) -> list[floa
 
 def open_model(engine_path: str, cuda_graphs: bool, weights_dir: str):
     from trtnet.api import Classifier, Detector
-    from trtnet.runtime import load_metadata, resolve_engine
+    from trtnet.engine_files import load_metadata, resolve_engine
 
     path = resolve_engine(engine_path, weights_dir)
     task = networks.family(load_metadata(path).family).TASK
@@ -254,7 +254,7 @@ def torch_timings(model, shape: tuple, args) -> list[Timing]:
 def bench_torch_only(args) -> list[Timing]:
     """The PyTorch side alone, from the engine's metadata and weights: for machines where TensorRT's
     Python and torch live in different interpreters (run both on the same GPU, one after the other)."""
-    from trtnet.runtime import load_metadata, resolve_engine
+    from trtnet.engine_files import load_metadata, resolve_engine
 
     path = resolve_engine(args.engine, args.weights_dir)
     meta = load_metadata(path)

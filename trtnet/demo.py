@@ -112,7 +112,7 @@ def ensure_wts(checkpoint: Path, weights_dir: Path) -> Path:
 def engine_is_current(engine: Path, wts: Path) -> bool:
     """An engine built from the current weights by this TensorRT (another TensorRT's engine is rebuilt)."""
     from trtnet import compat
-    from trtnet.runtime import check_tensorrt, load_metadata
+    from trtnet.engine_files import check_tensorrt, load_metadata
 
     if not newer(engine, wts):
         return False

@@ -25,10 +25,10 @@ import numpy as np
 
 from trtnet.cli import parser, run
 from trtnet.datasets import IMAGE_SUFFIXES
+from trtnet.engine import batched
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.progress import bar, track
-from trtnet.runtime import batched
 
 # The official loader's video suffixes.
 VIDEO_SUFFIXES = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv", "webm")

@@ -113,7 +113,7 @@ def expected_outputs(spec: str, data: Path, refs: Path) -> tuple[np.ndarray, dic
 
 
 def check_all(data: Path, out: Path, refs: Path, report: Path) -> dict:
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     results, saved = {}, {}
     for name, spec in NUMERICS:

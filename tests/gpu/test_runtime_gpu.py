@@ -292,7 +292,7 @@ def test_bench_runs(engine, tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnet_logits_match_torchvision(engine, name):
-    from trtnet.runtime import Engine
+    from trtnet.engine import Engine
 
     golden = np.load(shared("golden", f"golden_{name}_syn.npz"))
     with Engine(engine(name, "fp32")) as e:

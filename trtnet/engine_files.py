@@ -1,0 +1,110 @@
+"""Engine files and whether they run here: find an engine, read its sidecar, check TensorRT and GPU.
+
+- Before deserializing, the sidecar metadata is checked against this TensorRT (flavour and version) and
+  this GPU (compute capability, memory): a mismatch is a TrtnetError that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from trtnet import compat, cuda_rt
+from trtnet.engine_meta import EngineMeta
+from trtnet.errors import TrtnetError
+
+
+def resolve_engine(engine: str | Path, weights_dir: str | Path = "weights") -> Path:
+    """An engine path, or a model name: `yolov5n` → weights/yolov5n.fp16.engine, else .fp32.engine."""
+    path = Path(engine)
+    if path.suffix == ".engine" or path.parent != Path("."):
+        if not path.is_file():
+            raise TrtnetError(f"{path}: no such engine file (build one with python -m trtnet.build)")
+        return path
+    for precision in ("fp16", "fp32"):
+        candidate = Path(weights_dir) / f"{engine}.{precision}.engine"
+        if candidate.is_file():
+            return candidate
+    raise TrtnetError(
+        f"no engine named {engine!r} in {weights_dir}/ ({engine}.fp16.engine or {engine}.fp32.engine): "
+        f"build one with python -m trtnet.build {engine} --fp16, or pass the engine's path"
+    )
+
+
+def load_metadata(engine_path: Path) -> EngineMeta:
+    """The metadata trtnet.build wrote beside the engine (`<name>.engine` → `<name>.json`)."""
+    path = Path(engine_path).with_suffix(".json")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrtnetError(
+            f"{path} is missing: trtnet needs the metadata that python -m trtnet.build writes beside the "
+            "engine (family, input size, class names, TensorRT version); rebuild the engine with trtnet"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise TrtnetError(f"cannot read {path}: {exc}; rebuild the engine with python -m trtnet.build") from exc
+    return EngineMeta.from_dict(meta, path)
+
+
+def rebuild_hint(meta: EngineMeta) -> str:
+    return f"python -m trtnet.build {Path(meta.weights or 'MODEL').stem} --{meta.precision}"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """major.minor.patch: TensorRT engines run only on the release they were built with."""
+    return tuple(int(p) for p in re.findall(r"\d+", str(version))[:3])
+
+
+def check_tensorrt(meta: EngineMeta, flavour: compat.Flavour) -> None:
+    """Raise a TrtnetError saying how to rebuild when the engine was built by another TensorRT."""
+    built = meta.tensorrt
+    if built.flavour != flavour.name or _release(built.version) != _release(flavour.version):
+        raise TrtnetError(
+            f"the engine was built with {built.flavour} {built.version}; this is {flavour}: "
+            f"engines run only on the TensorRT they were built with. Rebuild it here: {rebuild_hint(meta)}"
+        )
+
+
+def check_device(meta: EngineMeta, flavour: compat.Flavour, device: Mapping) -> None:
+    """Raise a TrtnetError saying what to do when the engine does not fit this GPU."""
+    cc = device.get("compute_capability")
+    if flavour.engines_name_their_gpus:
+        targets = list(meta.target_cc)
+        if targets and cc not in targets:
+            raise TrtnetError(
+                f"the engine was built for compute capabilities {', '.join(targets)}; this GPU "
+                f"({device.get('name')}) is {cc}. Rebuild with --target-cc {cc} (or without --target-cc)"
+            )
+    else:
+        built_on = meta.device or {}
+        if built_on.get("compute_capability") and built_on["compute_capability"] != cc:
+            raise TrtnetError(
+                f"the engine was built on {built_on.get('name')} (compute capability "
+                f"{built_on['compute_capability']}); this GPU is {device.get('name')} ({cc}). "
+                f"Rebuild it on this GPU: {rebuild_hint(meta)}"
+            )
+    needed = meta.engine_bytes
+    free = device.get("free_bytes")
+    if free is not None and needed > free:
+        raise TrtnetError(
+            f"the engine needs {needed / 1e6:.0f} MB of GPU memory for its weights alone; {device.get('name')} "
+            f"has {free / 1e6:.0f} MB free. Free GPU memory or build a smaller model"
+        )
+
+
+def read_plan(path: Path, meta: EngineMeta) -> bytes:
+    """The serialized engine, refused before TensorRT reads it when its size is not the one built."""
+    plan = path.read_bytes()
+    built = meta.engine_bytes
+    if built and len(plan) != built:
+        raise TrtnetError(f"{path} has {len(plan)} bytes, its metadata says {built}: the file is truncated or "
+                          f"was replaced; rebuild it: {rebuild_hint(meta)}")
+    return plan
+
+
+def require_gpu(what: str) -> None:
+    reason = cuda_rt.gpu_unavailable_reason()
+    if reason:
+        raise TrtnetError(f"cannot run {what}: {reason}. Engines run on an NVIDIA GPU (building does not need one)")
