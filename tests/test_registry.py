@@ -114,3 +114,11 @@ def test_the_checks_find_what_they_look_for():
                      'if meta["family"] == "resnet":\n    load_yolov5()\n')
     assert family_imports(tree) == ["trtnet.networks.yolov5"]
     assert family_words_in_code(tree) == ["line 3: 'resnet'", "line 4: load_yolov5"]
+
+
+if __name__ == "__main__":  # `python tests/test_registry.py`: print the graph (issue 12's before/after picture)
+    graph = import_graph()
+    for module, imports in graph.items():
+        print(f"{module} → {', '.join(imports)}")
+    if not graph:
+        print("no trtnet/ module imports a family module")
