@@ -159,10 +159,11 @@ def set_nearest_resize(layer) -> None:
     layer.nearest_rounding = t.ResizeRoundMode.FLOOR
 
 
-def matrix_multiply(network, a, b, transpose_b: bool = False):
+def matrix_multiply(network, a, b, transpose_b: bool = False, transpose_a: bool = False):
     t = trt()
+    op_a = t.MatrixOperation.TRANSPOSE if transpose_a else t.MatrixOperation.NONE
     op_b = t.MatrixOperation.TRANSPOSE if transpose_b else t.MatrixOperation.NONE
-    return network.add_matrix_multiply(a, t.MatrixOperation.NONE, b, op_b)
+    return network.add_matrix_multiply(a, op_a, b, op_b)
 
 
 @dataclass

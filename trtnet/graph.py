@@ -201,6 +201,37 @@ class Graph:
         layer.axes = 1 << axis
         return self._named(layer, name)
 
+    def mul(self, a, b, name: str):
+        return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.PROD), name)
+
+    def sub(self, a, b, name: str):
+        return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.SUB), name)
+
+    def div(self, a, b, name: str):
+        return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.DIV), name)
+
+    def sigmoid(self, x, name: str):
+        return self._named(self.network.add_activation(x, self.trt.ActivationType.SIGMOID), name)
+
+    def constant(self, array: np.ndarray, name: str):
+        """A constant tensor of `array`'s shape, in the compute type (e.g. anchor points, a scale)."""
+        array = np.asarray(array)
+        return self._named(self.network.add_constant(array.shape, self.const_weights(array)), name)
+
+    def take(self, x, axis: int, start: int, count: int, name: str):
+        """x[start:start+count] along `axis` (torch's split/chunk), as a gather with constant indices:
+        unlike a static slice it keeps any other dimension (batch, height, width) dynamic."""
+        indices = np.arange(start, start + count, dtype=np.int32)
+        self._keep.append(indices)
+        index = self._named(self.network.add_constant((count,), self.trt.Weights(indices)), f"{name}.indices")
+        layer = self.network.add_gather(x, index, axis)
+        return self._named(layer, name)
+
+    def matmul(self, a, b, name: str, transpose_a: bool = False, transpose_b: bool = False):
+        """a @ b over the last two axes (leading axes broadcast), each operand optionally transposed."""
+        layer = compat.matrix_multiply(self.network, a, b, transpose_b=transpose_b, transpose_a=transpose_a)
+        return self._named(layer, name)
+
     # -- naming ------------------------------------------------------------------------------------
     @staticmethod
     def _named(layer, name: str, tensor: str | None = None):
