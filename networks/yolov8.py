@@ -316,11 +316,10 @@ def read_checkpoint(path: Path, obj) -> Any:
     if model is None or model.qualname != MODEL_CLASS or not isinstance(model.get("yaml"), dict):
         return None
     head = _detect_head(path, model)
-    nc = int(head.get("nc"))
-    names = _names(path, model.get("names"), nc)
+    nc, reg_max = int(head.get("nc")), int(head.get("reg_max", 16))
     strides = [float(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
-    reg_max = int(head.get("reg_max", 16))
-    _check_meta(path, nc, reg_max, strides)
+    _check_meta(path, nc, reg_max, strides)  # before anything is sized from them
+    names = _names(path, model.get("names"), nc)
     state_dict = module_state_dict(model)
     meta = {
         "family": FAMILY, "model_class": model.qualname, "yaml": model.get("yaml"), "nc": nc, "names": names,
