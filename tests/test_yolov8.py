@@ -222,3 +222,54 @@ def test_engine_builds(model, precision):
     config = compat.builder_config(builder, compat.BuildOptions(precision=precision, profiles=profiles))
     assert compat.build_serialized(builder, network, config), f"TensorRT-RTX did not build {model} {precision}"
     assert tuple(network.get_output(0).shape) == (-1, 4 + read(model).meta["nc"], 525)
+
+
+# -- the anchor-free decode kernel (plugins/decode.cu) and its host side ---------------------------------
+
+
+@pytest.fixture
+def nvrtc(tmp_path, monkeypatch):
+    from trtnet.plugins import cuda
+
+    monkeypatch.setenv("TRTNET_CACHE", str(tmp_path))
+    try:
+        cuda.nvrtc_version()
+    except TrtnetError as exc:
+        pytest.skip(str(exc))
+    return cuda
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"])
+def test_anchor_free_kernels_compile(nvrtc, arch):
+    from trtnet.plugins import postprocess
+
+    source = nvrtc.module_source("decode")
+    for kernel in postprocess.DECODE_KERNELS["anchor_free"]:
+        assert f'extern "C" __global__ void {kernel.split(".")[1]}(Predictions p' in source
+    assert nvrtc.compile_cubin(source, arch, "decode_v8", use_cache=False)[:4] == b"\x7fELF"
+
+
+def test_predictions_struct_matches_the_kernel(nvrtc):
+    from tests.test_kernels_compile import layout_asserts
+    from trtnet.plugins import postprocess
+
+    checks = layout_asserts(postprocess.Predictions, "Predictions")
+    nvrtc.compile_cubin(nvrtc.module_source("decode") + "\n" + "\n".join(checks) + "\n", "sm_80", "v8_layout",
+                        use_cache=False)
+
+
+def test_anchor_free_postprocess_parameters():
+    from trtnet.networks import yolov8
+    from trtnet.plugins.postprocess import YoloPostprocess
+
+    post = YoloPostprocess(**yolov8.postprocess_kwargs({"nc": 3}), conf=0.3, multi_label=True)
+    params = post._params([1234], "float16", [(2100,)])
+    assert (params.ptr, params.n, params.nc, params.half, params.multi_label) == (1234, 2100, 3, 1, 1)
+    assert params.conf == pytest.approx(0.3)
+    assert post.workspace_bytes(2, [(2100,)]) == post.layout(2).total + 256
+    with pytest.raises(TrtnetError, match="one output"):
+        post.workspace_bytes(1, [(40, 40), (20, 20), (10, 10)])
+    with pytest.raises(TrtnetError, match="takes no strides or anchors"):
+        YoloPostprocess(head="anchor_free", nc=3, strides=[8, 16, 32])
+    with pytest.raises(TrtnetError, match="head must be one of anchors, anchor_free"):
+        YoloPostprocess(head="anchorless", nc=3)
