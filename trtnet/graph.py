@@ -219,8 +219,13 @@ class Graph:
         return self._named(self.network.add_constant(array.shape, self.const_weights(array)), name)
 
     def take(self, x, axis: int, start: int, count: int, name: str):
-        """x[start:start+count] along `axis` (torch's split/chunk), as a gather with constant indices:
-        unlike a static slice it keeps any other dimension (batch, height, width) dynamic."""
+        """x[start:start+count] along `axis` (torch's split/chunk): a slice when every dimension is static,
+        else a gather with constant indices, which keeps the other dimensions (batch, size) dynamic."""
+        dims = tuple(int(d) for d in x.shape)
+        if min(dims) >= 0:
+            starts = tuple(start if a == axis else 0 for a in range(len(dims)))
+            sizes = tuple(count if a == axis else d for a, d in enumerate(dims))
+            return self._named(self.network.add_slice(x, starts, sizes, (1,) * len(dims)), name)
         indices = np.arange(start, start + count, dtype=np.int32)
         self._keep.append(indices)
         index = self._named(self.network.add_constant((count,), self.trt.Weights(indices)), f"{name}.indices")

@@ -481,7 +481,7 @@ def test_postprocess_after_overflow_equals_reference_on_the_kept_candidates():
 ANCHOR_FREE_GOLDENS = ["yolov8s_syn", "yolo11s_syn", "yolo11n_nc3_syn"]
 
 
-def realistic_predictions(rng, batch=3, nc=80, n=8400, logit_mean=-7.0):
+def realistic_predictions(rng, batch=3, nc=80, n=8400, logit_mean=-10.0):
     """Detect outputs [B, 4 + nc, n]: cx, cy in a 640 image, w, h up to 300 px, sigmoid class scores."""
     xy = rng.uniform(0.0, 640.0, (batch, 2, n))
     wh = rng.uniform(2.0, 300.0, (batch, 2, n))
