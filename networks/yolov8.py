@@ -87,21 +87,19 @@ def c3k2(g: Graph, x, p: str, c2: int, n: int = 1, c3k: bool = False, e: float =
 
 def attention(g: Graph, x, p: str, num_heads: int, attn_ratio: float = 0.5):
     """block.Attention: per head softmax(qᵀk · scale), v·attnᵀ, plus a depthwise 3x3 positional conv on v."""
-    c, h, w = (int(d) for d in x.shape[1:])
-    if h < 0 or w < 0:
-        raise TrtnetError(f"{p}: attention (C2PSA) needs a static input size; build without --min/--max-imgsz")
+    c = int(x.shape[1])
     head_dim = c // num_heads
     key_dim = int(head_dim * attn_ratio)
     qkv = conv(g, x, f"{p}.qkv", c + 2 * key_dim * num_heads, 1, act=False)
-    qkv = g.shuffle(qkv, (0, num_heads, 2 * key_dim + head_dim, h * w), f"{p}.view")
+    qkv = g.shuffle(qkv, (0, num_heads, 2 * key_dim + head_dim, -1), f"{p}.view")  # [B, heads, ·, H*W]
     q = g.take(qkv, 2, 0, key_dim, f"{p}.q")
     k = g.take(qkv, 2, key_dim, key_dim, f"{p}.k")
     v = g.take(qkv, 2, 2 * key_dim, head_dim, f"{p}.v")
     scores = g.matmul(q, k, f"{p}.qk", transpose_a=True)
     scale = g.constant(np.full((1, 1, 1, 1), key_dim**-0.5, np.float32), f"{p}.scale")
     attn = g.softmax(g.mul(scores, scale, f"{p}.scaled"), 3, f"{p}.softmax")
-    y = g.shuffle(g.matmul(v, attn, f"{p}.av", transpose_b=True), (0, c, h, w), f"{p}.heads")
-    pe = conv(g, g.shuffle(v, (0, c, h, w), f"{p}.v_map"), f"{p}.pe", c, 3, groups=c, act=False)
+    y = g.reshape_like(g.matmul(v, attn, f"{p}.av", transpose_b=True), x, f"{p}.heads")
+    pe = conv(g, g.reshape_like(v, x, f"{p}.v_map"), f"{p}.pe", c, 3, groups=c, act=False)
     return conv(g, g.add(y, pe, f"{p}.sum"), f"{p}.proj", c, 1, act=False)
 
 
@@ -125,7 +123,7 @@ def c2psa(g: Graph, x, p: str, c2: int, n: int = 1, e: float = 0.5):
     return conv(g, g.concat([left, right], f"{p}.cat"), f"{p}.cv2", c2, 1)
 
 
-def detect(g: Graph, xs, p: str, nc: int, *, reg_max: int = 16, legacy: bool = False, strides=None):
+def detect(g: Graph, xs, p: str, nc: int, *, strides, reg_max: int = 16, legacy: bool = False):
     """head.Detect (inference): per level cat(cv2 box, cv3 class) maps, then DFL, dist2bbox, x stride, sigmoid."""
     c2 = max(16, int(xs[0].shape[1]) // 4, reg_max * 4)
     c3_ = max(int(xs[0].shape[1]), min(nc, 100))
@@ -134,7 +132,7 @@ def detect(g: Graph, xs, p: str, nc: int, *, reg_max: int = 16, legacy: bool = F
         box = conv(g, conv(g, x, f"{p}.cv2.{i}.0", c2, 3), f"{p}.cv2.{i}.1", c2, 3)
         box = g.conv(box, f"{p}.cv2.{i}.2", 4 * reg_max, 1)
         levels.append(g.concat([box, _class_branch(g, x, f"{p}.cv3.{i}", c3_, nc, legacy)], f"{p}.level{i}"))
-    return detect_decode(g, levels, p, nc, reg_max)
+    return detect_decode(g, levels, p, nc, reg_max, strides)
 
 
 def _class_branch(g: Graph, x, p: str, c3_: int, nc: int, legacy: bool):
@@ -146,47 +144,46 @@ def _class_branch(g: Graph, x, p: str, c3_: int, nc: int, legacy: bool):
     return g.conv(y, f"{p}.2", nc, 1)
 
 
-def detect_decode(g: Graph, levels: list, p: str, nc: int, reg_max: int):
+def detect_decode(g: Graph, levels: list, p: str, nc: int, reg_max: int, strides):
     """Detect._inference on the per-level maps [B, 4*reg_max + nc, h, w] → [B, 4 + nc, N]."""
+    if len(strides) != len(levels):
+        raise TrtnetError(f"{p}: {len(levels)} Detect levels but the checkpoint records strides {list(strides)}")
     no = 4 * reg_max + nc
-    shapes = [(int(t.shape[2]), int(t.shape[3])) for t in levels]
-    if any(h < 0 or w < 0 for h, w in shapes):
-        raise TrtnetError(f"{p}: the anchor-free Detect needs a static input size; build without --min/--max-imgsz")
-    flat = [g.shuffle(t, (0, no, h * w), f"{p}.flat{i}") for i, (t, (h, w)) in enumerate(zip(levels, shapes))]
-    x_cat = g.concat(flat, f"{p}.x_cat", axis=2)
-    n = sum(h * w for h, w in shapes)
+    x_cat = g.concat([g.shuffle(t, (0, no, -1), f"{p}.flat{i}") for i, t in enumerate(levels)], f"{p}.x_cat", axis=2)
     box = g.take(x_cat, 1, 0, 4 * reg_max, f"{p}.box")
     cls = g.take(x_cat, 1, 4 * reg_max, nc, f"{p}.cls")
-    dist = dfl(g, box, f"{p}.dfl", reg_max, n)
-    anchors, strides = make_anchors(shapes, level_strides(g, levels))
-    dbox = dist2bbox(g, dist, g.constant(anchors[None], f"{p}.anchors"), f"{p}.dist2bbox")
-    dbox = g.mul(dbox, g.constant(strides[None], f"{p}.strides"), f"{p}.dbox")
-    return g.concat([dbox, g.sigmoid(cls, f"{p}.sigmoid")], f"{p}.out")
+    anchors, stride_rows = make_anchors(g, levels, strides, f"{p}.anchors")
+    dbox = dist2bbox(g, dfl(g, box, f"{p}.dfl", reg_max), anchors, f"{p}.dist2bbox")
+    return g.concat([g.mul(dbox, stride_rows, f"{p}.dbox"), g.sigmoid(cls, f"{p}.sigmoid")], f"{p}.out")
 
 
-def level_strides(g: Graph, levels: list) -> list[int]:
-    """Input size / map size per level: the strides Ultralytics computes at build time."""
-    h_in = int(g.network.get_input(0).shape[2])
-    return [h_in // int(t.shape[2]) for t in levels]
-
-
-def dfl(g: Graph, box, p: str, reg_max: int, n: int):
+def dfl(g: Graph, box, p: str, reg_max: int):
     """block.DFL: view(B, 4, reg_max, N), softmax over reg_max, expectation with the fixed arange conv."""
-    bins = g.softmax(g.shuffle(box, (0, 4, reg_max, n), f"{p}.view"), 2, f"{p}.softmax")
+    bins = g.softmax(g.shuffle(box, (0, 4, reg_max, -1), f"{p}.view"), 2, f"{p}.softmax")
     weight = g.weights.take(f"{p}.conv.weight", (1, reg_max, 1, 1)).reshape(1, 1, 1, reg_max)
     expect = g.matmul(g.constant(weight, f"{p}.conv.weight"), bins, f"{p}.conv")
-    return g.shuffle(expect, (0, 4, n), p)
+    return g.shuffle(expect, (0, 4, -1), p)
 
 
-def make_anchors(shapes, strides, offset: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """utils.tal.make_anchors, transposed as Detect keeps them: points [2, N] (x, y) and strides [1, N]."""
+def make_anchors(g: Graph, levels: list, strides, p: str, offset: float = 0.5):
+    """utils.tal.make_anchors, transposed as Detect keeps them: points [1, 2, N] (x, y cell centres) and
+    strides [1, 1, N], built from each level's run-time shape so the input size may be dynamic."""
     points, stride_rows = [], []
-    for (h, w), s in zip(shapes, strides):
-        sy, sx = np.meshgrid(np.arange(h, dtype=np.float32) + offset, np.arange(w, dtype=np.float32) + offset,
-                             indexing="ij")
-        points.append(np.stack((sx, sy), 0).reshape(2, -1))
-        stride_rows.append(np.full((1, h * w), s, np.float32))
-    return np.concatenate(points, 1), np.concatenate(stride_rows, 1)
+    for i, (t, stride) in enumerate(zip(levels, strides)):
+        q = f"{p}.{i}"
+        shape = g.shape_of(t, f"{q}.shape")
+        sy = g.linspace(g.take(shape, 0, 2, 1, f"{q}.h"), offset, 1.0, f"{q}.sy")
+        sx = g.linspace(g.take(shape, 0, 3, 1, f"{q}.w"), offset, 1.0, f"{q}.sx")
+        column, row = g.shuffle(sy, (-1, 1), f"{q}.sy_column"), g.shuffle(sx, (1, -1), f"{q}.sx_row")
+        zeros = g.mul(g.add(column, row, f"{q}.grid"), g.constant(np.zeros((1, 1), np.float32), f"{q}.zero"),
+                      f"{q}.zeros")  # [h, w] of zeros: broadcasts row and column to the grid (meshgrid)
+        gx = g.shuffle(g.add(row, zeros, f"{q}.gx"), (1, 1, -1), f"{q}.x")
+        gy = g.shuffle(g.add(column, zeros, f"{q}.gy"), (1, 1, -1), f"{q}.y")
+        points.append(g.concat([gx, gy], f"{q}.points"))
+        stride_const = g.constant(np.full((1, 1, 1), stride, np.float32), f"{q}.stride")
+        stride_rows.append(g.add(g.mul(gx, g.constant(np.zeros((1, 1, 1), np.float32), f"{q}.zero3"),
+                                       f"{q}.zeros_row"), stride_const, f"{q}.strides"))
+    return g.concat(points, p, axis=2), g.concat(stride_rows, f"{p}.strides", axis=2)
 
 
 def dist2bbox(g: Graph, dist, anchors, p: str):
@@ -233,11 +230,8 @@ def define(g: Graph, meta: dict, batch: int, hw: tuple[int, int], **_options) ->
     cfg = meta["yaml"]
     nc = int(cfg["nc"])
     _check_classes(meta, nc)
-    if min(hw) < 0:
-        raise TrtnetError(f"{FAMILY}: a dynamic input size is not supported yet (anchor points are built for one "
-                          "size); build with a fixed --imgsz")
     stride = max(meta.get("strides") or [32])
-    if any(s % stride for s in hw):
+    if min(hw) > 0 and any(s % stride for s in hw):
         raise TrtnetError(f"input size {hw[0]}x{hw[1]} must be a multiple of the model's stride {stride}")
     depth, width, max_channels = scale_of(cfg)
     rows = cfg["backbone"] + cfg["head"]
@@ -262,7 +256,7 @@ def define(g: Graph, meta: dict, batch: int, hw: tuple[int, int], **_options) ->
             if name == "C3k2" and scale in ("m", "l", "x"):
                 args = [*args[:2], True, *args[3:]] if len(args) > 2 else [*args, True]
         if name == "Detect":
-            kwargs = {"reg_max": int(meta.get("reg_max", 16)), "legacy": legacy}
+            kwargs = {"reg_max": int(meta.get("reg_max", 16)), "legacy": legacy, "strides": meta["strides"]}
         inputs = x if i == 0 else _gather(outputs, f)
         x = _apply(g, block, inputs, f"model.{i}", n, args, kwargs)
         outputs.append(x)

@@ -195,10 +195,37 @@ def test_fp16_graph_and_batch_of_two():
     assert np.abs(out[1] - out[0]).max() > 1.0
 
 
+def official_anchors(hw, strides=(8, 16, 32)):
+    """ultralytics.utils.tal.make_anchors(feats, strides, 0.5), transposed: [2, N] points and [1, N] strides."""
+    points, rows = [], []
+    for s in strides:
+        h, w = hw[0] // s, hw[1] // s
+        sy, sx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+        points.append(np.stack((sx, sy), -1).reshape(-1, 2))
+        rows.append(np.full((h * w, 1), s))
+    return np.concatenate(points).T, np.concatenate(rows).T
+
+
 @requires_tensorrt
-def test_dynamic_input_size_is_refused_with_a_clear_error():
-    with pytest.raises(TrtnetError, match="dynamic input size is not supported"):
-        define(read("yolo11n_nc3_syn"), hw=(-1, -1))
+@requires_torch
+def test_anchor_points_follow_the_run_time_size():
+    """Dynamic height and width: the anchor points come from the level shapes at run time (as Detect makes
+    them), so one network serves 320x320 (the golden) and rectangular inputs."""
+    from trtnet.reference import run_network
+
+    g = golden("yolo11n_nc3_syn")
+    np.testing.assert_array_equal(official_anchors((320, 320))[0], g["anchors"].T)  # the helper is the official
+    _, network = define(read("yolo11n_nc3_syn"), batch=-1, hw=(-1, -1))
+    assert tuple(network.get_input(0).shape) == (-1, 3, -1, -1)
+    x = g["image"].astype(np.float32) / 255
+    keep = ["model.23.anchors", "model.23.anchors.strides"]
+    out = run_network(network, {"images": x}, keep=keep)
+    assert_close("dynamic-size raw", out["output0"], g["raw"])
+    rect = run_network(network, {"images": x[:, :, 32:288, :]}, keep=keep)
+    points, strides = official_anchors((256, 320))
+    assert rect["output0"].shape == (1, 7, 32 * 40 + 16 * 20 + 8 * 10)
+    np.testing.assert_array_equal(rect["model.23.anchors"][0], points)
+    np.testing.assert_array_equal(rect["model.23.anchors.strides"][0], strides)
 
 
 @requires_tensorrt
@@ -211,17 +238,22 @@ def test_input_size_must_be_a_stride_multiple():
 
 
 @requires_tensorrt
-@pytest.mark.slow
+@pytest.mark.parametrize("dynamic_size", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("model", ["yolo11n_nc3_syn", "yolov8s_syn"])
-def test_engine_builds(model, precision):
+@pytest.mark.parametrize("model", ["yolo11n_nc3_syn", pytest.param("yolov8s_syn", marks=pytest.mark.slow)])
+def test_engine_builds(model, precision, dynamic_size):
+    """Dynamic batch 1..2 at 160 (TensorRT-RTX builds on the CPU), or also dynamic size 128..192.
+    About 3-6 s each here; the larger yolov8s counts as slow."""
     from trtnet import compat
 
-    builder, network = define(read(model), batch=-1, hw=(160, 160), precision=precision)
-    profiles = [("images", (1, 3, 160, 160), (1, 3, 160, 160), (2, 3, 160, 160))]
+    hw = (-1, -1) if dynamic_size else (160, 160)
+    builder, network = define(read(model), batch=-1, hw=hw, precision=precision)
+    lo, hi = (128, 192) if dynamic_size else (160, 160)
+    profiles = [("images", (1, 3, lo, lo), (1, 3, 160, 160), (2, 3, hi, hi))]
     config = compat.builder_config(builder, compat.BuildOptions(precision=precision, profiles=profiles))
     assert compat.build_serialized(builder, network, config), f"TensorRT-RTX did not build {model} {precision}"
-    assert tuple(network.get_output(0).shape) == (-1, 4 + read(model).meta["nc"], 525)
+    n = -1 if dynamic_size else 525
+    assert tuple(network.get_output(0).shape) == (-1, 4 + read(model).meta["nc"], n)
 
 
 # -- the anchor-free decode kernel (plugins/decode.cu) and its host side ---------------------------------

@@ -151,6 +151,21 @@ def cast(network, tensor, dtype: np.dtype):
     return layer
 
 
+def fill_linspace(network, length, start: float, delta: float):
+    """A float32 1-D tensor start, start + delta, … of `length` (a 1-D shape tensor of one element).
+
+    TensorRT 8.5's add_fill has no output type argument (float32 is its only linspace output)."""
+    t = trt()
+    try:
+        layer = network.add_fill((0,), t.FillOperation.LINSPACE, t.float32)
+    except TypeError:
+        layer = network.add_fill((0,), t.FillOperation.LINSPACE)
+    layer.set_input(0, length)
+    layer.alpha = float(start)
+    layer.beta = float(delta)
+    return layer
+
+
 def set_nearest_resize(layer) -> None:
     t = trt()
     mode = getattr(t, "InterpolationMode", None) or t.ResizeMode  # renamed in TensorRT 8.6

@@ -232,6 +232,24 @@ class Graph:
         layer = self.network.add_gather(x, index, axis)
         return self._named(layer, name)
 
+    def shape_of(self, x, name: str):
+        """x's shape as a 1-D shape tensor (known only at run time where x's size is dynamic)."""
+        return self._named(self.network.add_shape(x), name)
+
+    def reshape_like(self, x, like, name: str):
+        """x reshaped to the run-time shape of `like` (torch's `.view(*like.shape)`)."""
+        shape = self.shape_of(like, f"{name}.shape")  # first: layers are added (and run) in order
+        layer = self.network.add_shuffle(x)
+        layer.set_input(1, shape)
+        return self._named(layer, name)
+
+    def linspace(self, length, start: float, delta: float, name: str):
+        """start, start + delta, … as a 1-D tensor of the compute type; `length`: a one-element shape tensor."""
+        layer = compat.fill_linspace(self.network, length, start, delta)
+        if self.dtype == np.float32:
+            return self._named(layer, name)
+        return self._to_compute(self._named(layer, f"{name}.fill"), name)
+
     def matmul(self, a, b, name: str, transpose_a: bool = False, transpose_b: bool = False):
         """a @ b over the last two axes (leading axes broadcast), each operand optionally transposed."""
         layer = compat.matrix_multiply(self.network, a, b, transpose_b=transpose_b, transpose_a=transpose_a)
