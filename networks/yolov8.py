@@ -171,19 +171,26 @@ def make_anchors(g: Graph, levels: list, strides, p: str, offset: float = 0.5):
     points, stride_rows = [], []
     for i, (t, stride) in enumerate(zip(levels, strides)):
         q = f"{p}.{i}"
-        shape = g.shape_of(t, f"{q}.shape")
-        sy = g.linspace(g.take(shape, 0, 2, 1, f"{q}.h"), offset, 1.0, f"{q}.sy")
-        sx = g.linspace(g.take(shape, 0, 3, 1, f"{q}.w"), offset, 1.0, f"{q}.sx")
-        column, row = g.shuffle(sy, (-1, 1), f"{q}.sy_column"), g.shuffle(sx, (1, -1), f"{q}.sx_row")
-        zeros = g.mul(g.add(column, row, f"{q}.grid"), g.constant(np.zeros((1, 1), np.float32), f"{q}.zero"),
-                      f"{q}.zeros")  # [h, w] of zeros: broadcasts row and column to the grid (meshgrid)
-        gx = g.shuffle(g.add(row, zeros, f"{q}.gx"), (1, 1, -1), f"{q}.x")
-        gy = g.shuffle(g.add(column, zeros, f"{q}.gy"), (1, 1, -1), f"{q}.y")
+        gx, gy = _cell_centres(g, t, offset, q)
         points.append(g.concat([gx, gy], f"{q}.points"))
+        zero = g.constant(np.zeros((1, 1, 1), np.float32), f"{q}.zero")
         stride_const = g.constant(np.full((1, 1, 1), stride, np.float32), f"{q}.stride")
-        stride_rows.append(g.add(g.mul(gx, g.constant(np.zeros((1, 1, 1), np.float32), f"{q}.zero3"),
-                                       f"{q}.zeros_row"), stride_const, f"{q}.strides"))
+        stride_rows.append(g.add(g.mul(gx, zero, f"{q}.zeros"), stride_const, f"{q}.strides"))
     return g.concat(points, p, axis=2), g.concat(stride_rows, f"{p}.strides", axis=2)
+
+
+def _cell_centres(g: Graph, level, offset: float, q: str):
+    """meshgrid(arange(h) + offset, arange(w) + offset, indexing="ij") of the level map, flattened to
+    x and y rows [1, 1, h*w]; h and w are read from the map's run-time shape."""
+    shape = g.shape_of(level, f"{q}.shape")
+    sy = g.linspace(g.take(shape, 0, 2, 1, f"{q}.h"), offset, 1.0, f"{q}.sy")
+    sx = g.linspace(g.take(shape, 0, 3, 1, f"{q}.w"), offset, 1.0, f"{q}.sx")
+    column, row = g.shuffle(sy, (-1, 1), f"{q}.sy_column"), g.shuffle(sx, (1, -1), f"{q}.sx_row")
+    zero = g.constant(np.zeros((1, 1), np.float32), f"{q}.grid_zero")
+    grid_zeros = g.mul(g.add(column, row, f"{q}.grid"), zero, f"{q}.grid_zeros")  # [h, w]: broadcasts both
+    gx = g.shuffle(g.add(row, grid_zeros, f"{q}.gx"), (1, 1, -1), f"{q}.x")
+    gy = g.shuffle(g.add(column, grid_zeros, f"{q}.gy"), (1, 1, -1), f"{q}.y")
+    return gx, gy
 
 
 def dist2bbox(g: Graph, dist, anchors, p: str):
