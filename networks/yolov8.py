@@ -314,9 +314,14 @@ def read_checkpoint(path: Path, obj) -> Any:
     model = obj if isinstance(obj, ModuleRecord) else None
     if isinstance(obj, dict):
         model = next((obj[k] for k in ("ema", "model") if isinstance(obj.get(k), ModuleRecord)), None)
-    if model is None or model.qualname != MODEL_CLASS or not isinstance(model.get("yaml"), dict):
+    if model is None or not model.qualname.startswith("ultralytics.nn.tasks."):
         return None
+    if model.qualname != MODEL_CLASS or not isinstance(model.get("yaml"), dict):
+        raise TrtnetError(f"{path} holds an Ultralytics {model.class_name}: trtnet builds detection models "
+                          f"({MODEL_CLASS}) only")
     head = _detect_head(path, model)
+    if head.get("end2end"):
+        raise TrtnetError(f"{path}: an end-to-end (NMS-free, one2one) Detect head is not supported yet")
     nc, reg_max = int(head.get("nc")), int(head.get("reg_max", 16))
     strides = [float(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
     _check_meta(path, nc, reg_max, strides)  # before anything is sized from them

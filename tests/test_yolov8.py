@@ -101,6 +101,21 @@ def test_implausible_detect_metadata_is_refused(attr, value, message):
         yolov8.read_checkpoint(path, obj)
 
 
+def test_other_ultralytics_tasks_and_end2end_heads_are_refused():
+    from trtnet.checkpoint import load_pickle
+    from trtnet.networks import yolov8
+
+    path = shared("weights", "synthetic", "yolo11n_nc3_syn.pt")
+    obj = load_pickle(path)
+    head = list(obj["model"].children()["model"].children().values())[-1]
+    head.state["end2end"] = True
+    with pytest.raises(TrtnetError, match="end-to-end"):
+        yolov8.read_checkpoint(path, obj)
+    obj["model"].qualname = "ultralytics.nn.tasks.SegmentationModel"
+    with pytest.raises(TrtnetError, match="holds an Ultralytics SegmentationModel: trtnet builds detection"):
+        yolov8.read_checkpoint(path, obj)
+
+
 def test_strides_must_be_powers_of_two():
     from trtnet.checkpoint import load_pickle
     from trtnet.networks import yolov8
