@@ -1,3 +1,4 @@
+// Two heads feed the same candidate lists (the kernels below are templates over the head):
 // YOLOv5 Detect decode: raw head maps [B, na*(nc+5), h, w] (float or half) per level → per-image
 // candidates above the confidence threshold, with the official math (sigmoid; xy = (2s + grid - 0.5)
 // * stride; wh = (2s)^2 * anchor; score = obj * cls; obj > conf and score > conf; xywh → xyxy).
@@ -6,6 +7,10 @@
 // official sort + [:max_nms]): a radix select over the 64-bit sort keys finds the capacity-th
 // smallest key in four 16-bit passes (recomputing the decode each pass), then a re-emit pass
 // rewrites the slots with the keys up to it. The true count stays in ImageState.count.
+//
+// Anchor-free (YOLOv8/YOLO11 Detect inference output [B, 4 + nc, N], float or half: cx, cy, w, h in
+// input pixels, then class scores after sigmoid, no objectness), as Ultralytics' non_max_suppression:
+// max score > conf (or each score > conf with multi_label); xywh → xyxy with w / 2.
 #include "common.cuh"
 
 #define MAX_LEVELS 5
@@ -27,6 +32,15 @@ __device__ __forceinline__ float head_value(const Heads& p, int level, long long
     if (p.half) return half_to_float(__ldg((const unsigned short*)p.ptr[level] + i));
     return __ldg((const float*)p.ptr[level] + i);
 }
+
+struct Predictions {
+    const void* ptr;  // [B][4 + nc][n]
+    int n, nc, half, multi_label;
+    float conf;
+};
+
+__device__ __forceinline__ int anchor_count(const Heads& p) { return p.first[p.levels]; }
+__device__ __forceinline__ int anchor_count(const Predictions& p) { return p.n; }
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
@@ -73,6 +87,46 @@ __device__ int visit_anchor(const Heads& p, int b, int gid, Emit&& emit) {
     return 1;
 }
 
+__device__ __forceinline__ float prediction(const Predictions& p, int b, int row, int gid) {
+    const long long i = ((long long)b * (4 + p.nc) + row) * p.n + gid;
+    if (p.half) return half_to_float(__ldg((const unsigned short*)p.ptr + i));
+    return __ldg((const float*)p.ptr + i);
+}
+
+// ops.xywh2xyxy: xy -/+ wh / 2
+__device__ __forceinline__ float4 xywh_to_xyxy(const Predictions& p, int b, int gid) {
+    const float cx = prediction(p, b, 0, gid), cy = prediction(p, b, 1, gid);
+    const float half_w = prediction(p, b, 2, gid) / 2.0f, half_h = prediction(p, b, 3, gid) / 2.0f;
+    return make_float4(cx - half_w, cy - half_h, cx + half_w, cy + half_h);
+}
+
+// Calls emit(key, box, cls) for each candidate of box `gid` of image b (the anchor-free head).
+template <class Emit>
+__device__ int visit_anchor(const Predictions& p, int b, int gid, Emit&& emit) {
+    const u32 first_index = (u32)gid * (u32)p.nc;
+    if (p.multi_label && p.nc > 1) {
+        int n = 0;
+        float4 box;
+        for (int c = 0; c < p.nc; ++c) {
+            const float score = prediction(p, b, 4 + c, gid);
+            if (!(score > p.conf)) continue;
+            if (n == 0) box = xywh_to_xyxy(p, b, gid);
+            emit(sort_key(score, first_index + c), box, c);
+            ++n;
+        }
+        return n;
+    }
+    float best = prediction(p, b, 4, gid);
+    int best_c = 0;
+    for (int c = 1; c < p.nc; ++c) {  // first maximum wins, as torch.max
+        const float score = prediction(p, b, 4 + c, gid);
+        if (score > best) best = score, best_c = c;
+    }
+    if (!(best > p.conf)) return 0;
+    emit(sort_key(best, first_index + best_c), xywh_to_xyxy(p, b, gid), best_c);
+    return 1;
+}
+
 __device__ __forceinline__ void store(const Candidates& c, int b, u32 slot, u64 key, float4 box, int cls) {
     const long long i = (long long)b * c.capacity + slot;
     c.key[i] = key;
@@ -82,7 +136,8 @@ __device__ __forceinline__ void store(const Candidates& c, int b, u32 slot, u64 
 
 // One thread per anchor, grid (ceil(total/blockDim), B). Slots are claimed with one atomic per warp;
 // the last block of an image that overflowed prepares the radix select.
-extern "C" __global__ void decode_candidates(Heads p, Candidates c) {
+template <class Head>
+__device__ void decode_body(const Head& p, Candidates c) {
     const int b = blockIdx.y, lane = threadIdx.x & 31;
     const int gid = blockIdx.x * blockDim.x + threadIdx.x;
     const bool single = !(p.multi_label && p.nc > 1);
@@ -90,7 +145,7 @@ extern "C" __global__ void decode_candidates(Heads p, Candidates c) {
     float4 box0;
     int cls0 = 0;
     int n = 0;
-    if (gid < p.first[p.levels])
+    if (gid < anchor_count(p))
         n = visit_anchor(p, b, gid, [&](u64 key, float4 box, int cls) {
             if (single) key0 = key, box0 = box, cls0 = cls;
         });
@@ -130,7 +185,8 @@ extern "C" __global__ void decode_candidates(Heads p, Candidates c) {
 // Overflow pass `pass` (0..3) of the radix select: histogram of key bits [48-16*pass, 64-16*pass) over
 // the keys whose higher digits equal `prefix`; the last block picks the digit holding the rank-th key.
 // Grid (any, B), grid-stride over anchors; a no-op for images that did not overflow.
-extern "C" __global__ void select_digit(Heads p, Candidates c, int pass) {
+template <class Head>
+__device__ void select_digit_body(const Head& p, Candidates c, int pass) {
     const int b = blockIdx.y;
     ImageState& st = c.state[b];
     if (st.count <= (u32)c.capacity) return;
@@ -139,7 +195,7 @@ extern "C" __global__ void select_digit(Heads p, Candidates c, int pass) {
     const u64 prefix = st.prefix;
     u32* hist = c.hist + (long long)b * HIST_BINS;
 
-    const int total = p.first[p.levels];
+    const int total = anchor_count(p);
     for (int gid = blockIdx.x * blockDim.x + threadIdx.x; gid < total; gid += gridDim.x * blockDim.x) {
         u32 run_bin = 0, run_n = 0;  // equal neighbouring digits share one atomic (all-equal scores)
         visit_anchor(p, b, gid, [&](u64 key, float4, int) {
@@ -174,12 +230,13 @@ extern "C" __global__ void select_digit(Heads p, Candidates c, int pass) {
 
 // After the select: rewrite an overflowed image's slots with exactly the `capacity` smallest keys
 // (key <= the selected key). Grid (any, B), grid-stride over anchors.
-extern "C" __global__ void emit_top(Heads p, Candidates c) {
+template <class Head>
+__device__ void emit_top_body(const Head& p, Candidates c) {
     const int b = blockIdx.y;
     ImageState& st = c.state[b];
     if (st.count <= (u32)c.capacity) return;
     const u64 limit = st.prefix;
-    const int total = p.first[p.levels];
+    const int total = anchor_count(p);
     for (int gid = blockIdx.x * blockDim.x + threadIdx.x; gid < total; gid += gridDim.x * blockDim.x) {
         visit_anchor(p, b, gid, [&](u64 key, float4 box, int cls) {
             if (key > limit) return;
@@ -188,3 +245,13 @@ extern "C" __global__ void emit_top(Heads p, Candidates c) {
         });
     }
 }
+
+extern "C" __global__ void decode_candidates(Heads p, Candidates c) { decode_body(p, c); }
+extern "C" __global__ void select_digit(Heads p, Candidates c, int pass) { select_digit_body(p, c, pass); }
+extern "C" __global__ void emit_top(Heads p, Candidates c) { emit_top_body(p, c); }
+
+extern "C" __global__ void decode_anchor_free(Predictions p, Candidates c) { decode_body(p, c); }
+extern "C" __global__ void select_digit_anchor_free(Predictions p, Candidates c, int pass) {
+    select_digit_body(p, c, pass);
+}
+extern "C" __global__ void emit_top_anchor_free(Predictions p, Candidates c) { emit_top_body(p, c); }

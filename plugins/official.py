@@ -189,6 +189,32 @@ def nms(cands: np.ndarray, iou: float, max_det: int, agnostic: bool = False, max
     return x[keep]
 
 
+def candidates_anchor_free(prediction_image: np.ndarray, conf: float, multi_label: bool = False) -> np.ndarray:
+    """One image's anchor-free Detect output [4 + nc, N] (YOLOv8/YOLO11: cx, cy, w, h, class scores, no
+    objectness) → candidates [n, 6] in Ultralytics' order (anchor; anchor then class with multi_label)."""
+    conf = np.float32(conf)
+    x = np.asarray(prediction_image, dtype=np.float32).T
+    x = x[x[:, 4:].max(1) > conf]
+    box, scores = xywh2xyxy(x[:, :4]), x[:, 4:]
+    if multi_label and scores.shape[1] > 1:
+        i, j = np.nonzero(scores > conf)
+        rows = (box[i], scores[i, j, None], j[:, None].astype(np.float32))
+    else:
+        j = scores.argmax(1)
+        best = scores[np.arange(len(j)), j]
+        keep = best > conf
+        rows = (box[keep], best[keep, None], j[keep, None].astype(np.float32))
+    return np.concatenate(rows, 1).astype(np.float32, copy=False)
+
+
+def non_max_suppression_anchor_free(prediction: np.ndarray, conf: float = 0.25, iou: float = 0.45,
+                                    max_det: int = 300, multi_label: bool = False,
+                                    agnostic: bool = False) -> list[np.ndarray]:
+    """Ultralytics `utils.nms.non_max_suppression(prediction, conf, iou, agnostic=, multi_label=, max_det=)`
+    on the anchor-free output [B, 4 + nc, N] (max_wh 7680, max_nms 30000) → per image [k, 6]."""
+    return [nms(candidates_anchor_free(p, conf, multi_label), iou, max_det, agnostic) for p in np.asarray(prediction)]
+
+
 def non_max_suppression(decoded: np.ndarray, conf: float = 0.25, iou: float = 0.45, max_det: int = 300,
                         multi_label: bool = False, agnostic: bool = False) -> list[np.ndarray]:
     """Official `non_max_suppression(prediction, conf, iou, classes=None, agnostic, multi_label,

@@ -1,8 +1,15 @@
-"""YOLOv5 postprocess on the GPU: decode the raw head maps and run exact NMS, on device pointers.
+"""YOLO postprocess on the GPU: decode the engine's outputs and run exact NMS, on device pointers.
 
-    post = YoloPostprocess(strides=[8, 16, 32], anchors=P5_ANCHORS, nc=80)
+    post = YoloPostprocess(strides=[8, 16, 32], anchors=P5_ANCHORS, nc=80)      # YOLOv5: raw maps per level
     ws = post.workspace_bytes(batch, [(80, 80), (40, 40), (20, 20)])
     post.enqueue(stream, head_ptrs, "float16", batch, level_shapes, ws_ptr, dets_ptr, counts_ptr)
+
+    post = YoloPostprocess(head="anchor_free", nc=80)                           # YOLOv8/YOLO11
+    ws = post.workspace_bytes(batch, [(8400,)])                                 # output0 [B, 4 + nc, 8400]
+    post.enqueue(stream, [output_ptr], "float16", batch, [(8400,)], ws_ptr, dets_ptr, counts_ptr)
+
+For both heads `level_shapes` is each head output's shape after [B, C] (`shape[2:]`): (h, w) per level for
+anchors, the one (N,) for the anchor-free output.
 
 `dets` is float32 [batch, max_det, 6] (x1, y1, x2, y2, score, class in network-input pixels, by score
 descending; rows past the count are zero) and `counts` int32 [batch]. Everything is queued on `stream`
@@ -62,6 +69,18 @@ class Heads(ctypes.Structure):  # decode.cu
         ("anchor", f32 * (MAX_LEVELS * MAX_ANCHORS * 2)),
         ("levels", i32), ("na", i32), ("nc", i32), ("half", i32), ("multi_label", i32), ("conf", f32),
     ]
+
+
+class Predictions(ctypes.Structure):  # decode.cu, the anchor-free head
+    _fields_ = [("ptr", u64), ("n", i32), ("nc", i32), ("half", i32), ("multi_label", i32), ("conf", f32)]
+
+
+# head → its decode, overflow-select and re-emit kernels in decode.cu
+DECODE_KERNELS = {
+    "anchors": ("decode.decode_candidates", "decode.select_digit", "decode.emit_top"),
+    "anchor_free": ("decode.decode_anchor_free", "decode.select_digit_anchor_free", "decode.emit_top_anchor_free"),
+}
+HEADS = tuple(DECODE_KERNELS)
 
 
 class Candidates(ctypes.Structure):  # common.cuh
@@ -131,10 +150,15 @@ def merge_rounds(capacity: int) -> int:
 
 
 class YoloPostprocess:
-    """Decode + exact NMS of YOLOv5 head maps on the GPU (the official postprocess, batched)."""
+    """Decode + exact NMS on the GPU (the official postprocess, batched): of YOLOv5 head maps
+    (`head="anchors"`, with strides and anchors) or of the YOLOv8/YOLO11 output [B, 4 + nc, N]
+    (`head="anchor_free"`: boxes already decoded in the network, no strides or anchors)."""
 
-    def __init__(self, *, strides, anchors, nc, conf=0.25, iou=0.45, max_det=1000, multi_label=False,
-                 agnostic=False, capacity=30000):
+    def __init__(self, *, nc, head="anchors", strides=(), anchors=(), conf=0.25, iou=0.45, max_det=1000,
+                 multi_label=False, agnostic=False, capacity=30000):
+        if head not in HEADS:
+            raise TrtnetError(f"YoloPostprocess: head must be one of {', '.join(HEADS)} (got {head!r})")
+        self.head = head
         self.strides = [int(s) for s in strides]
         self.anchors = [[float(a) for a in level] for level in anchors]
         nms = NmsSettings(float(conf), float(iou), int(max_det), bool(multi_label), bool(agnostic))
@@ -145,6 +169,13 @@ class YoloPostprocess:
         self._check()
 
     def _check(self) -> None:
+        if self.nc < 1 or self.capacity < 1:
+            raise TrtnetError(f"nc and capacity must be positive (got {self.nc}, {self.capacity})")
+        if self.head == "anchor_free":
+            if self.strides or self.anchors:
+                raise TrtnetError("YoloPostprocess: the anchor-free head takes no strides or anchors")
+            self.na = 1
+            return
         levels = len(self.strides)
         if not 1 <= levels <= MAX_LEVELS or len(self.anchors) != levels:
             raise TrtnetError(
@@ -157,8 +188,6 @@ class YoloPostprocess:
                 f"anchors must be, per level, the same number (1..{MAX_ANCHORS}) of w,h pixel pairs; "
                 f"got {self.anchors}"
             )
-        if self.nc < 1 or self.capacity < 1:
-            raise TrtnetError(f"nc and capacity must be positive (got {self.nc}, {self.capacity})")
         self.na = na
 
     # ------------------------------------------------------------ sizes
@@ -169,7 +198,7 @@ class YoloPostprocess:
     def workspace_bytes(self, batch: int, level_shapes: Sequence[tuple[int, int]]) -> int:
         key = (batch, tuple(tuple(shape) for shape in level_shapes))
         if key not in self._workspace_bytes:  # asked for on every run: validate and size each shape once
-            self._heads(list(range(len(self.strides))), "float32", level_shapes)  # validates the shapes
+            self._params(list(range(len(level_shapes))), "float32", level_shapes)  # validates the shapes
             self._workspace_bytes[key] = self.layout(batch).total + ALIGN  # room to align the pointer
         return self._workspace_bytes[key]
 
@@ -186,17 +215,19 @@ class YoloPostprocess:
 
     def decode(self, stream: int, head_ptrs: Sequence[int], head_dtype: str, batch: int,
                level_shapes: Sequence[tuple[int, int]], workspace_ptr: int) -> None:
-        """Head maps → per-image candidates in the workspace (the `capacity` best; true count kept)."""
-        heads = self._heads(head_ptrs, head_dtype, level_shapes)
+        """Head outputs → per-image candidates in the workspace (the `capacity` best; true count kept)."""
+        params = self._params(head_ptrs, head_dtype, level_shapes)
         base = _aligned(int(workspace_ptr))
         lay = self.layout(batch)
         cand = self._candidates(base, lay)
         cuda.memset32(base + lay.state, 0, batch * STATE_BYTES // 4, stream)
-        grid = (math.ceil(heads.first[len(self.strides)] / 256), batch)
-        cuda.launch("decode.decode_candidates", grid, (256,), [heads, cand], stream)
+        total = params.n if self.head == "anchor_free" else params.first[len(self.strides)]
+        decode, select_digit, emit_top = DECODE_KERNELS[self.head]
+        grid = (math.ceil(total / 256), batch)
+        cuda.launch(decode, grid, (256,), [params, cand], stream)
         for digit in range(4):  # no-ops unless an image has more candidates than capacity
-            cuda.launch("decode.select_digit", grid, (256,), [heads, cand, i32(digit)], stream)
-        cuda.launch("decode.emit_top", grid, (256,), [heads, cand], stream)
+            cuda.launch(select_digit, grid, (256,), [params, cand, i32(digit)], stream)
+        cuda.launch(emit_top, grid, (256,), [params, cand], stream)
 
     def nms(self, stream: int, batch: int, workspace_ptr: int, dets_ptr: int, counts_ptr: int) -> None:
         """NMS of the candidates that `decode` (or `nms_candidates`) left in the workspace."""
@@ -230,6 +261,26 @@ class YoloPostprocess:
 
     # ------------------------------------------------------------ kernel parameters
 
+    def _params(self, head_ptrs, head_dtype: str, level_shapes) -> Heads | Predictions:
+        if head_dtype not in HEAD_DTYPES:
+            raise TrtnetError(f"head dtype must be one of {sorted(HEAD_DTYPES)}, got {head_dtype!r}")
+        if self.head == "anchor_free":
+            return self._predictions(head_ptrs, head_dtype, level_shapes)
+        return self._heads(head_ptrs, head_dtype, level_shapes)
+
+    def _predictions(self, head_ptrs, head_dtype: str, level_shapes) -> Predictions:
+        shapes = [tuple(s) for s in level_shapes]
+        if len(head_ptrs) != 1 or len(shapes) != 1 or len(shapes[0]) != 1 or int(shapes[0][0]) < 1:
+            raise TrtnetError(
+                f"the anchor-free YoloPostprocess takes one output [B, 4 + nc, N]: one pointer and level shapes "
+                f"[(N,)] (got {len(head_ptrs)} pointers, shapes {shapes})"
+            )
+        n = int(shapes[0][0])
+        if n * self.nc >= 2**32:
+            raise TrtnetError(f"{n} boxes x {self.nc} classes is too many for 32-bit candidate indices")
+        return Predictions(ptr=int(head_ptrs[0]), n=n, nc=self.nc, half=HEAD_DTYPES[head_dtype],
+                           multi_label=int(self.multi_label), conf=self.conf)
+
     def _heads(self, head_ptrs, head_dtype: str, level_shapes) -> Heads:
         levels = len(self.strides)
         if len(head_ptrs) != levels or len(level_shapes) != levels:
@@ -237,8 +288,6 @@ class YoloPostprocess:
                 f"YoloPostprocess has {levels} levels but got {len(head_ptrs)} head pointers and "
                 f"{len(level_shapes)} level shapes"
             )
-        if head_dtype not in HEAD_DTYPES:
-            raise TrtnetError(f"head dtype must be one of {sorted(HEAD_DTYPES)}, got {head_dtype!r}")
         heads = Heads(levels=levels, na=self.na, nc=self.nc, half=HEAD_DTYPES[head_dtype],
                       multi_label=int(self.multi_label), conf=self.conf)
         total = 0

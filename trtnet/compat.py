@@ -166,6 +166,21 @@ def cast(network, tensor, dtype: np.dtype):
     return layer
 
 
+def fill_linspace(network, length, start: float, delta: float):
+    """A float32 1-D tensor start, start + delta, … of `length` (a 1-D shape tensor of one element).
+
+    TensorRT 8.5's add_fill has no output type argument (float32 is its only linspace output)."""
+    t = trt()
+    try:
+        layer = network.add_fill((0,), t.FillOperation.LINSPACE, t.float32)
+    except TypeError:
+        layer = network.add_fill((0,), t.FillOperation.LINSPACE)
+    layer.set_input(0, length)
+    layer.alpha = float(start)
+    layer.beta = float(delta)
+    return layer
+
+
 def set_nearest_resize(layer) -> None:
     t = trt()
     mode = getattr(t, "InterpolationMode", None) or t.ResizeMode  # renamed in TensorRT 8.6
@@ -174,10 +189,11 @@ def set_nearest_resize(layer) -> None:
     layer.nearest_rounding = t.ResizeRoundMode.FLOOR
 
 
-def matrix_multiply(network, a, b, transpose_b: bool = False):
+def matrix_multiply(network, a, b, transpose_b: bool = False, transpose_a: bool = False):
     t = trt()
+    op_a = t.MatrixOperation.TRANSPOSE if transpose_a else t.MatrixOperation.NONE
     op_b = t.MatrixOperation.TRANSPOSE if transpose_b else t.MatrixOperation.NONE
-    return network.add_matrix_multiply(a, t.MatrixOperation.NONE, b, op_b)
+    return network.add_matrix_multiply(a, op_a, b, op_b)
 
 
 @dataclass

@@ -44,6 +44,7 @@ _LAYER_CLASSES = {
     "CONVOLUTION": "IConvolutionLayer",
     "DECONVOLUTION": "IDeconvolutionLayer",
     "ELEMENTWISE": "IElementWiseLayer",
+    "FILL": "IFillLayer",
     "GATHER": "IGatherLayer",
     "IDENTITY": "IIdentityLayer",
     "MATRIX_MULTIPLY": "IMatrixMultiplyLayer",
@@ -73,6 +74,7 @@ _PARAMS = {
     "CONVOLUTION": ("num_output_maps", "kernel_size_nd", "stride_nd", "pre_padding", "post_padding",
                     "dilation_nd", "num_groups", "padding_mode"),
     "ELEMENTWISE": ("op",),
+    "FILL": ("operation", "alpha", "beta"),
     "GATHER": ("axis", "mode", "num_elementwise_dims"),
     "MATRIX_MULTIPLY": ("op0", "op1"),
     "PADDING": ("pre_padding_nd", "post_padding_nd"),
@@ -784,6 +786,17 @@ def _matrix_multiply(r: _Runner, layer, xs: list):
     return y
 
 
+def _fill(r: _Runner, layer, xs: list):
+    """LINSPACE only: alpha + beta * index along a 1-D output (the shape from input 0 or the layer)."""
+    if layer.operation.name != "LINSPACE":
+        raise NotImplementedError(f"layer {layer.name!r}: fill operation {layer.operation.name}")
+    shape = r.shape_values(xs[0]) if xs and xs[0] is not None else [int(d) for d in layer.shape]
+    if len(shape) != 1 or len(xs) > 1:
+        raise NotImplementedError(f"layer {layer.name!r}: linspace of shape {shape} or with alpha/beta tensors")
+    index = r.torch.arange(shape[0], dtype=r.torch.float64, device=r.device)
+    return (float(layer.alpha) + float(layer.beta) * index).to(r.torch.float32)
+
+
 def _gather(r: _Runner, layer, xs: list):
     torch, (data, indices) = r.torch, xs
     axis, mode = layer.axis % data.dim(), layer.mode.name
@@ -811,6 +824,7 @@ _OPS: dict[str, Callable[[_Runner, Any, list], Any]] = {
     "CONSTANT": _constant,
     "CONVOLUTION": _convolution,
     "ELEMENTWISE": _elementwise,
+    "FILL": _fill,
     "GATHER": _gather,
     "IDENTITY": _pass_through,
     "MATRIX_MULTIPLY": _matrix_multiply,

@@ -201,6 +201,60 @@ class Graph:
         layer.axes = 1 << axis
         return self._named(layer, name)
 
+    def mul(self, a, b, name: str):
+        return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.PROD), name)
+
+    def sub(self, a, b, name: str):
+        return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.SUB), name)
+
+    def div(self, a, b, name: str):
+        return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.DIV), name)
+
+    def sigmoid(self, x, name: str):
+        return self._named(self.network.add_activation(x, self.trt.ActivationType.SIGMOID), name)
+
+    def constant(self, array: np.ndarray, name: str):
+        """A constant tensor of `array`'s shape, in the compute type (e.g. anchor points, a scale)."""
+        array = np.asarray(array)
+        return self._named(self.network.add_constant(array.shape, self.const_weights(array)), name)
+
+    def take(self, x, axis: int, start: int, count: int, name: str):
+        """x[start:start+count] along `axis` (torch's split/chunk): a slice when every dimension is static,
+        else a gather with constant indices, which keeps the other dimensions (batch, size) dynamic."""
+        dims = tuple(int(d) for d in x.shape)
+        if min(dims) >= 0:
+            starts = tuple(start if a == axis else 0 for a in range(len(dims)))
+            sizes = tuple(count if a == axis else d for a, d in enumerate(dims))
+            return self._named(self.network.add_slice(x, starts, sizes, (1,) * len(dims)), name)
+        indices = np.arange(start, start + count, dtype=np.int32)
+        self._keep.append(indices)
+        index = self._named(self.network.add_constant((count,), self.trt.Weights(indices)), f"{name}.indices")
+        layer = self.network.add_gather(x, index, axis)
+        return self._named(layer, name)
+
+    def shape_of(self, x, name: str):
+        """x's shape as a 1-D shape tensor (known only at run time where x's size is dynamic)."""
+        return self._named(self.network.add_shape(x), name)
+
+    def reshape_like(self, x, like, name: str):
+        """x reshaped to the run-time shape of `like` (torch's `.view(*like.shape)`)."""
+        shape = self.shape_of(like, f"{name}.shape")  # first: layers are added (and run) in order
+        layer = self.network.add_shuffle(x)
+        layer.set_input(1, shape)
+        return self._named(layer, name)
+
+    def linspace(self, length, start: float, delta: float, name: str):
+        """start, start + delta, … as a 1-D tensor of the compute type; `length`: a one-element shape tensor."""
+        layer = compat.fill_linspace(self.network, length, start, delta)
+        if self.dtype == np.float32:
+            return self._named(layer, name)
+        return self._to_compute(self._named(layer, f"{name}.fill"), name)
+
+    def matmul(self, a, b, name: str, transpose_a: bool = False, transpose_b: bool = False):
+        """a @ b over the last two axes (leading axes broadcast), each operand optionally transposed."""
+        layer = compat.matrix_multiply(self.network, a, b, transpose_b=transpose_b, transpose_a=transpose_a)
+        return self._named(layer, name)
+
     # -- naming ------------------------------------------------------------------------------------
     @staticmethod
     def _named(layer, name: str, tensor: str | None = None):

@@ -476,5 +476,93 @@ def test_postprocess_after_overflow_equals_reference_on_the_kept_candidates():
     np.testing.assert_array_equal(got, ref.nms(cands, 0.6, 300))
 
 
+# ---------------------------------------------------------------- anchor-free head (YOLOv8 / YOLO11)
+
+ANCHOR_FREE_GOLDENS = ["yolov8s_syn", "yolo11s_syn", "yolo11n_nc3_syn"]
+
+
+def realistic_predictions(rng, batch=3, nc=80, n=8400, logit_mean=-10.0):
+    """Detect outputs [B, 4 + nc, n]: cx, cy in a 640 image, w, h up to 300 px, sigmoid class scores."""
+    xy = rng.uniform(0.0, 640.0, (batch, 2, n))
+    wh = rng.uniform(2.0, 300.0, (batch, 2, n))
+    scores = 1.0 / (1.0 + np.exp(-rng.normal(logit_mean, 3.0, (batch, nc, n))))
+    return np.concatenate([xy, wh, scores], 1).astype(np.float32)
+
+
+def reference_anchor_free_candidates(pred, conf, multi_label):
+    """Per image {candidate index (box * nc + class): row}, by Ultralytics' rules."""
+    nc = pred.shape[1] - 4
+    out = []
+    for image in pred:
+        x = image.T
+        rows_in = np.flatnonzero(x[:, 4:].max(1) > np.float32(conf))
+        cands = ref.candidates_anchor_free(image, conf, multi_label)
+        if multi_label and nc > 1:
+            i, j = np.nonzero(x[rows_in, 4:] > np.float32(conf))
+            index = rows_in[i] * nc + j
+        else:
+            index = rows_in * nc + x[rows_in, 4:].argmax(1)
+        out.append(dict(zip(index.tolist(), cands)))
+    return out
+
+
+@pytest.mark.parametrize("model", ANCHOR_FREE_GOLDENS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_anchor_free_postprocess_reproduces_the_golden_det(model, dtype):
+    g = np.load(data("golden", f"golden_{model}_bus320.npz"))
+    post = pp.YoloPostprocess(head="anchor_free", nc=g["raw"].shape[1] - 4, conf=0.25, iou=0.45, max_det=300)
+    (got,) = run_postprocess(post, [g["raw"]], dtype)
+    if dtype == "float32":
+        assert_same_dets(got, g["det"])
+    else:  # the same math on the half-rounded output
+        (want,) = ref.non_max_suppression_anchor_free(g["raw"].astype(np.float16).astype(np.float32), 0.25, 0.45, 300)
+        assert_same_dets(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_anchor_free_decode_equals_reference(dtype, multi_label):
+    pred = realistic_predictions(np.random.default_rng(30), batch=2)
+    as_run = pred.astype(np.float16).astype(np.float32) if dtype == "float16" else pred
+    post = pp.YoloPostprocess(head="anchor_free", nc=80, conf=0.25, multi_label=multi_label)
+    got = run_decode(post, [pred], dtype)
+    want = reference_anchor_free_candidates(as_run, 0.25, multi_label)
+    for (count, g), w in zip(got, want):
+        assert count == len(g) and len(g) > 0
+        assert_same_candidates(g, w, 0.25)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(), dict(multi_label=True, conf=0.05, max_det=300, iou=0.6), dict(agnostic=True), dict(max_det=5),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_anchor_free_postprocess_equals_official_reference(settings, dtype):
+    pred = realistic_predictions(np.random.default_rng(31), batch=3)
+    pred[0, 4:] = 0.0  # image 0: nothing at all
+    post = pp.YoloPostprocess(head="anchor_free", nc=80, **settings)
+    as_run = pred.astype(np.float16).astype(np.float32) if dtype == "float16" else pred
+    want = ref.non_max_suppression_anchor_free(as_run, post.conf, post.iou, post.max_det, post.multi_label,
+                                               post.agnostic)
+    got = run_postprocess(post, [pred], dtype)
+    assert len(got[0]) == 0 and len(got[1]) > 0
+    for g, w in zip(got, want):
+        assert_same_dets(g, w)
+
+
+def test_anchor_free_overflow_keeps_exactly_the_best_capacity():
+    pred = realistic_predictions(np.random.default_rng(32), batch=1, logit_mean=2.0)
+    post = pp.YoloPostprocess(head="anchor_free", nc=80, conf=0.001, iou=0.6, max_det=300, multi_label=True,
+                              capacity=30000)
+    ((count, index, rows),) = run_decode(post, [pred], as_dict=False)
+    (want,) = reference_anchor_free_candidates(pred, 0.001, True)
+    assert count == len(want) > 30000 and len(index) == 30000
+    keys = np.array(sorted(want))
+    scores = np.array([want[k][4] for k in keys])
+    best = keys[np.lexsort((keys, -scores))[:30000]]
+    np.testing.assert_array_equal(np.sort(index), np.sort(best))
+    (got,) = run_postprocess(post, [pred])
+    np.testing.assert_array_equal(got, ref.nms(rows[np.argsort(index)], 0.6, 300))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v", "-rs", "-p", "no:cacheprovider"]))

@@ -1,0 +1,372 @@
+"""YOLOv8 and YOLO11 detection, rebuilt from the checkpoint's yaml — reads beside Ultralytics
+nn/modules/{conv,block,head}.py and nn/tasks.py `parse_model`.
+
+`define` walks the yaml's `[from, repeats, module, args]` rows with `parse_model`'s arithmetic (depth,
+width and max channels from `scales[scale]`) and calls one block function per module name. Tensors keep
+their PyTorch names (`model.22.cv2.0.0.conv.weight`); each row's output is named `model.<i>`. The one
+output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w, h in input pixels
+(DFL expectation, `dist2bbox(xywh=True)`, x stride), then sigmoid class scores (no objectness).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from trtnet.errors import TrtnetError
+from trtnet.graph import Graph
+from trtnet.networks.yolov5 import concat, make_divisible, sppf, upsample
+
+FAMILY = "yolov8"
+TASK = "detect"
+INPUT = "images"
+OUTPUT = "output0"
+DEFAULT_IMGSZ = 640
+MODEL_CLASS = "ultralytics.nn.tasks.DetectionModel"
+
+
+# -- blocks (ultralytics/nn/modules) -----------------------------------------------------------------
+
+
+def conv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1,
+         act: bool = True):
+    """conv.Conv: Conv2d(bias=False) + BatchNorm2d (folded) + SiLU (or no activation)."""
+    y = g.conv(x, f"{p}.conv", c2, k, s, pad, groups, bn=f"{p}.bn", name=p if not act else f"{p}.conv")
+    return g.act(y, g.activation, p) if act else y
+
+
+def dwconv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, act: bool = True):
+    """conv.DWConv: Conv with groups = gcd(c1, c2)."""
+    return conv(g, x, p, c2, k, s, groups=math.gcd(int(x.shape[1]), c2), act=act)
+
+
+def bottleneck(g: Graph, x, p: str, c2: int, shortcut: bool = True, groups: int = 1, k=(3, 3), e: float = 0.5):
+    y = conv(g, conv(g, x, f"{p}.cv1", int(c2 * e), k[0]), f"{p}.cv2", c2, k[1], groups=groups)
+    return g.add(x, y, p) if shortcut and int(x.shape[1]) == c2 else y
+
+
+def c2f(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = False, groups: int = 1, e: float = 0.5,
+        inner: Callable | None = None):
+    """block.C2f: cv1, chunk(2), each of m on the last piece, cat all, cv2. `inner` builds one of m."""
+    c = int(c2 * e)
+    a = conv(g, x, f"{p}.cv1", 2 * c, 1)
+    y = [g.take(a, 1, 0, c, f"{p}.chunk0"), g.take(a, 1, c, c, f"{p}.chunk1")]
+    for j in range(n):
+        q = f"{p}.m.{j}"
+        y.append(inner(y[-1], q) if inner else bottleneck(g, y[-1], q, c, shortcut, groups, e=1.0))
+    return conv(g, g.concat(y, f"{p}.cat"), f"{p}.cv2", c2, 1)
+
+
+def c3(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = True, groups: int = 1, e: float = 0.5,
+       k: int = 1):
+    """block.C3 (k=1: Bottleneck kernels (1, 3)) and block.C3k (k=3: kernels (3, 3))."""
+    c_ = int(c2 * e)
+    a = conv(g, x, f"{p}.cv1", c_, 1)
+    for j in range(n):
+        a = bottleneck(g, a, f"{p}.m.{j}", c_, shortcut, groups, k=(k, 3), e=1.0)
+    b = conv(g, x, f"{p}.cv2", c_, 1)
+    return conv(g, g.concat([a, b], f"{p}.cat"), f"{p}.cv3", c2, 1)
+
+
+def c3k2(g: Graph, x, p: str, c2: int, n: int = 1, c3k: bool = False, e: float = 0.5, groups: int = 1,
+         shortcut: bool = True):
+    """block.C3k2: C2f whose inner blocks are C3k(c, c, 2) or Bottleneck(c, c) (e=0.5 inside)."""
+    c = int(c2 * e)
+
+    def inner(y, q):
+        if c3k:
+            return c3(g, y, q, c, 2, shortcut, groups, k=3)
+        return bottleneck(g, y, q, c, shortcut, groups)
+
+    return c2f(g, x, p, c2, n, shortcut, groups, e, inner=inner)
+
+
+def attention(g: Graph, x, p: str, num_heads: int, attn_ratio: float = 0.5):
+    """block.Attention: per head softmax(qᵀk · scale), v·attnᵀ, plus a depthwise 3x3 positional conv on v."""
+    c = int(x.shape[1])
+    head_dim = c // num_heads
+    key_dim = int(head_dim * attn_ratio)
+    qkv = conv(g, x, f"{p}.qkv", c + 2 * key_dim * num_heads, 1, act=False)
+    qkv = g.shuffle(qkv, (0, num_heads, 2 * key_dim + head_dim, -1), f"{p}.view")  # [B, heads, ·, H*W]
+    q = g.take(qkv, 2, 0, key_dim, f"{p}.q")
+    k = g.take(qkv, 2, key_dim, key_dim, f"{p}.k")
+    v = g.take(qkv, 2, 2 * key_dim, head_dim, f"{p}.v")
+    scores = g.matmul(q, k, f"{p}.qk", transpose_a=True)
+    scale = g.constant(np.full((1, 1, 1, 1), key_dim**-0.5, np.float32), f"{p}.scale")
+    attn = g.softmax(g.mul(scores, scale, f"{p}.scaled"), 3, f"{p}.softmax")
+    y = g.reshape_like(g.matmul(v, attn, f"{p}.av", transpose_b=True), x, f"{p}.heads")
+    pe = conv(g, g.reshape_like(v, x, f"{p}.v_map"), f"{p}.pe", c, 3, groups=c, act=False)
+    return conv(g, g.add(y, pe, f"{p}.sum"), f"{p}.proj", c, 1, act=False)
+
+
+def psa_block(g: Graph, x, p: str, num_heads: int, shortcut: bool = True):
+    c = int(x.shape[1])
+    a = attention(g, x, f"{p}.attn", num_heads)
+    x = g.add(x, a, f"{p}.attn_add") if shortcut else a
+    f = conv(g, conv(g, x, f"{p}.ffn.0", 2 * c, 1), f"{p}.ffn.1", c, 1, act=False)
+    return g.add(x, f, p) if shortcut else f
+
+
+def c2psa(g: Graph, x, p: str, c2: int, n: int = 1, e: float = 0.5):
+    """block.C2PSA: cv1, split, PSABlocks on the second half, cat, cv2."""
+    if int(x.shape[1]) != c2:
+        raise TrtnetError(f"{p}: C2PSA needs equal input and output channels (got {x.shape[1]} and {c2})")
+    c = int(c2 * e)
+    a = conv(g, x, f"{p}.cv1", 2 * c, 1)
+    left, right = g.take(a, 1, 0, c, f"{p}.split0"), g.take(a, 1, c, c, f"{p}.split1")
+    for j in range(n):
+        right = psa_block(g, right, f"{p}.m.{j}", num_heads=c // 64)
+    return conv(g, g.concat([left, right], f"{p}.cat"), f"{p}.cv2", c2, 1)
+
+
+def detect(g: Graph, xs, p: str, nc: int, *, strides, reg_max: int = 16, legacy: bool = False):
+    """head.Detect (inference): per level cat(cv2 box, cv3 class) maps, then DFL, dist2bbox, x stride, sigmoid."""
+    c2 = max(16, int(xs[0].shape[1]) // 4, reg_max * 4)
+    c3_ = max(int(xs[0].shape[1]), min(nc, 100))
+    levels = []
+    for i, x in enumerate(xs):
+        box = conv(g, conv(g, x, f"{p}.cv2.{i}.0", c2, 3), f"{p}.cv2.{i}.1", c2, 3)
+        box = g.conv(box, f"{p}.cv2.{i}.2", 4 * reg_max, 1)
+        levels.append(g.concat([box, _class_branch(g, x, f"{p}.cv3.{i}", c3_, nc, legacy)], f"{p}.level{i}"))
+    return detect_decode(g, levels, p, nc, reg_max, strides)
+
+
+def _class_branch(g: Graph, x, p: str, c3_: int, nc: int, legacy: bool):
+    if legacy:  # YOLOv8: Conv 3x3, Conv 3x3
+        y = conv(g, conv(g, x, f"{p}.0", c3_, 3), f"{p}.1", c3_, 3)
+    else:  # YOLO11: (DWConv 3x3, Conv 1x1) twice
+        y = conv(g, dwconv(g, x, f"{p}.0.0", int(x.shape[1]), 3), f"{p}.0.1", c3_, 1)
+        y = conv(g, dwconv(g, y, f"{p}.1.0", c3_, 3), f"{p}.1.1", c3_, 1)
+    return g.conv(y, f"{p}.2", nc, 1)
+
+
+def detect_decode(g: Graph, levels: list, p: str, nc: int, reg_max: int, strides):
+    """Detect._inference on the per-level maps [B, 4*reg_max + nc, h, w] → [B, 4 + nc, N]."""
+    if len(strides) != len(levels):
+        raise TrtnetError(f"{p}: {len(levels)} Detect levels but the checkpoint records strides {list(strides)}")
+    no = 4 * reg_max + nc
+    x_cat = g.concat([g.shuffle(t, (0, no, -1), f"{p}.flat{i}") for i, t in enumerate(levels)], f"{p}.x_cat", axis=2)
+    box = g.take(x_cat, 1, 0, 4 * reg_max, f"{p}.box")
+    cls = g.take(x_cat, 1, 4 * reg_max, nc, f"{p}.cls")
+    anchors, stride_rows = make_anchors(g, levels, strides, f"{p}.anchors")
+    dbox = dist2bbox(g, dfl(g, box, f"{p}.dfl", reg_max), anchors, f"{p}.dist2bbox")
+    return g.concat([g.mul(dbox, stride_rows, f"{p}.dbox"), g.sigmoid(cls, f"{p}.sigmoid")], f"{p}.out")
+
+
+def dfl(g: Graph, box, p: str, reg_max: int):
+    """block.DFL: view(B, 4, reg_max, N), softmax over reg_max, expectation with the fixed arange conv."""
+    bins = g.softmax(g.shuffle(box, (0, 4, reg_max, -1), f"{p}.view"), 2, f"{p}.softmax")
+    weight = g.weights.take(f"{p}.conv.weight", (1, reg_max, 1, 1)).reshape(1, 1, 1, reg_max)
+    expect = g.matmul(g.constant(weight, f"{p}.conv.weight"), bins, f"{p}.conv")
+    return g.shuffle(expect, (0, 4, -1), p)
+
+
+def make_anchors(g: Graph, levels: list, strides, p: str, offset: float = 0.5):
+    """utils.tal.make_anchors, transposed as Detect keeps them: points [1, 2, N] (x, y cell centres) and
+    strides [1, 1, N], built from each level's run-time shape so the input size may be dynamic."""
+    points, stride_rows = [], []
+    for i, (t, stride) in enumerate(zip(levels, strides)):
+        q = f"{p}.{i}"
+        gx, gy = _cell_centres(g, t, offset, q)
+        points.append(g.concat([gx, gy], f"{q}.points"))
+        zero = g.constant(np.zeros((1, 1, 1), np.float32), f"{q}.zero")
+        stride_const = g.constant(np.full((1, 1, 1), stride, np.float32), f"{q}.stride")
+        stride_rows.append(g.add(g.mul(gx, zero, f"{q}.zeros"), stride_const, f"{q}.strides"))
+    return g.concat(points, p, axis=2), g.concat(stride_rows, f"{p}.strides", axis=2)
+
+
+def _cell_centres(g: Graph, level, offset: float, q: str):
+    """meshgrid(arange(h) + offset, arange(w) + offset, indexing="ij") of the level map, flattened to
+    x and y rows [1, 1, h*w]; h and w are read from the map's run-time shape."""
+    shape = g.shape_of(level, f"{q}.shape")
+    sy = g.linspace(g.take(shape, 0, 2, 1, f"{q}.h"), offset, 1.0, f"{q}.sy")
+    sx = g.linspace(g.take(shape, 0, 3, 1, f"{q}.w"), offset, 1.0, f"{q}.sx")
+    column, row = g.shuffle(sy, (-1, 1), f"{q}.sy_column"), g.shuffle(sx, (1, -1), f"{q}.sx_row")
+    zero = g.constant(np.zeros((1, 1), np.float32), f"{q}.grid_zero")
+    grid_zeros = g.mul(g.add(column, row, f"{q}.grid"), zero, f"{q}.grid_zeros")  # [h, w]: broadcasts both
+    gx = g.shuffle(g.add(row, grid_zeros, f"{q}.gx"), (1, 1, -1), f"{q}.x")
+    gy = g.shuffle(g.add(column, grid_zeros, f"{q}.gy"), (1, 1, -1), f"{q}.y")
+    return gx, gy
+
+
+def dist2bbox(g: Graph, dist, anchors, p: str):
+    """utils.tal.dist2bbox(xywh=True) along the channel axis: (lt, rb) distances → cx, cy, w, h."""
+    lt, rb = g.take(dist, 1, 0, 2, f"{p}.lt"), g.take(dist, 1, 2, 2, f"{p}.rb")
+    x1y1, x2y2 = g.sub(anchors, lt, f"{p}.x1y1"), g.add(anchors, rb, f"{p}.x2y2")
+    two = g.constant(np.full((1, 1, 1), 2.0, np.float32), f"{p}.two")
+    c_xy = g.div(g.add(x1y1, x2y2, f"{p}.xy_sum"), two, f"{p}.c_xy")
+    return g.concat([c_xy, g.sub(x2y2, x1y1, f"{p}.wh")], p)
+
+
+# name in the yaml → (block, takes output channels first, takes the repeat count inside)
+BLOCKS: dict[str, tuple[Callable, bool, bool]] = {
+    "Conv": (conv, True, False),
+    "DWConv": (dwconv, True, False),
+    "Bottleneck": (bottleneck, True, False),
+    "C2f": (c2f, True, True),
+    "C3": (c3, True, True),
+    "C3k2": (c3k2, True, True),
+    "SPPF": (sppf, True, False),
+    "C2PSA": (c2psa, True, True),
+    "Upsample": (upsample, False, False),
+    "Concat": (concat, False, False),
+    "Detect": (detect, False, False),
+}
+# parse_model: a Detect built in a model holding any of these is not `legacy` (YOLO11's DWConv class branch)
+NOT_LEGACY = ("C3k2", "A2C2f", "C2fCIB")
+
+
+def scale_of(cfg: dict) -> tuple[float, float, float]:
+    """(depth, width, max_channels) as parse_model takes them: `scales[scale]`, or the *_multiple keys."""
+    scales = cfg.get("scales")
+    if scales:
+        scale = cfg.get("scale") or next(iter(scales))
+        if scale not in scales:
+            raise TrtnetError(f"model yaml: scale {scale!r} is not one of its scales {list(scales)}")
+        depth, width, max_channels = scales[scale]
+        return float(depth), float(width), float(max_channels)
+    return float(cfg.get("depth_multiple", 1.0)), float(cfg.get("width_multiple", 1.0)), math.inf
+
+
+def define(g: Graph, meta: dict, batch: int, hw: tuple[int, int], **_options) -> list:
+    """Add the whole model to `g` and mark its one output `output0` [B, 4 + nc, N]."""
+    cfg = meta["yaml"]
+    nc = int(cfg["nc"])
+    _check_classes(meta, nc)
+    stride = max(meta.get("strides") or [32])
+    if min(hw) > 0 and any(s % stride for s in hw):
+        raise TrtnetError(f"input size {hw[0]}x{hw[1]} must be a multiple of the model's stride {stride}")
+    depth, width, max_channels = scale_of(cfg)
+    rows = cfg["backbone"] + cfg["head"]
+    legacy = not any(str(m).split(".")[-1] in NOT_LEGACY for _, _, m, _ in rows)
+    scale = cfg.get("scale") or ""
+    outputs: list[Any] = []
+    x = g.input(INPUT, (batch, 3, *hw))
+    for i, (f, n, module, args) in enumerate(rows):
+        name = str(module).split(".")[-1]
+        if name not in BLOCKS:
+            raise TrtnetError(f"model.{i}: module {module!r} is not supported (supported: {', '.join(BLOCKS)})")
+        block, has_c2, repeats_inside = BLOCKS[name]
+        args = [_resolve(a, nc) for a in args]
+        n = max(round(n * depth), 1) if n > 1 else n
+        kwargs: dict[str, Any] = {}
+        if has_c2:
+            c2 = args[0] if args[0] == nc else make_divisible(min(args[0], max_channels) * width, 8)
+            args = [c2, *args[1:]]
+            if repeats_inside:
+                args.insert(1, n)
+                n = 1
+            if name == "C3k2" and scale in ("m", "l", "x"):
+                args = [*args[:2], True, *args[3:]] if len(args) > 2 else [*args, True]
+        if name == "Detect":
+            kwargs = {"reg_max": int(meta.get("reg_max", 16)), "legacy": legacy, "strides": meta["strides"]}
+        inputs = x if i == 0 else _gather(outputs, f)
+        x = _apply(g, block, inputs, f"model.{i}", n, args, kwargs)
+        outputs.append(x)
+    g.output(x, OUTPUT)
+    return [x]
+
+
+def _apply(g: Graph, block: Callable, x, p: str, n: int, args: list, kwargs: dict):
+    if n == 1:
+        y = block(g, x, p, *args, **kwargs)
+    else:  # nn.Sequential of n copies: model.<i>.<j>
+        y = x
+        for j in range(n):
+            y = block(g, y, f"{p}.{j}", *args, **kwargs)
+    y.name = p
+    return y
+
+
+def _gather(outputs: list, f):
+    return outputs[f] if isinstance(f, int) else [outputs[j] for j in f]
+
+
+def _resolve(arg, nc: int):
+    """The names a yaml argument may use, as parse_model's `locals()` / `ast.literal_eval` see them."""
+    if isinstance(arg, str):
+        return {"nc": nc, "None": None, "True": True, "False": False}.get(arg, arg)
+    return arg
+
+
+def _check_classes(meta: dict, nc: int) -> None:
+    names = meta.get("names")
+    if meta.get("nc", nc) != nc or (names is not None and len(names) != nc):
+        raise TrtnetError(f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} "
+                          f"with {len(names or [])} names — the .json does not belong to these weights")
+
+
+def postprocess_kwargs(meta: dict) -> dict:
+    return {"head": "anchor_free", "nc": int(meta["nc"])}
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: Path, obj) -> Any:
+    """An Ultralytics DetectionModel checkpoint (`ckpt.get('ema') or ckpt['model']`) → Checkpoint, else None."""
+    from trtnet.checkpoint import Checkpoint, ModuleRecord, module_state_dict
+
+    model = obj if isinstance(obj, ModuleRecord) else None
+    if isinstance(obj, dict):
+        model = next((obj[k] for k in ("ema", "model") if isinstance(obj.get(k), ModuleRecord)), None)
+    if model is None or not model.qualname.startswith("ultralytics.nn.tasks."):
+        return None
+    if model.qualname != MODEL_CLASS or not isinstance(model.get("yaml"), dict):
+        raise TrtnetError(f"{path} holds an Ultralytics {model.class_name}: trtnet builds detection models "
+                          f"({MODEL_CLASS}) only")
+    head = _detect_head(path, model)
+    if head.get("end2end"):
+        raise TrtnetError(f"{path}: an end-to-end (NMS-free, one2one) Detect head is not supported yet")
+    nc, reg_max = int(head.get("nc")), int(head.get("reg_max", 16))
+    strides = [float(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
+    _check_meta(path, nc, reg_max, strides)  # before anything is sized from them
+    names = _names(path, model.get("names"), nc)
+    state_dict = module_state_dict(model)
+    meta = {
+        "family": FAMILY, "model_class": model.qualname, "yaml": model.get("yaml"), "nc": nc, "names": names,
+        "strides": [int(s) for s in strides], "reg_max": reg_max, "bn_eps": _bn_eps(path, model),
+        "imgsz": DEFAULT_IMGSZ, "source_dtype": str(next(iter(state_dict.values())).dtype),
+    }
+    if isinstance(obj, dict):
+        meta.update({k: obj[k] for k in ("epoch", "date", "version") if isinstance(obj.get(k), (int, str))})
+    tensors = OrderedDict((k, np.asarray(v, dtype=np.float32, order="C")) for k, v in state_dict.items())
+    return Checkpoint(FAMILY, tensors, meta)
+
+
+def _detect_head(path: Path, model):
+    layers = list(model.children().get("model").children().values()) if model.children().get("model") else []
+    if not layers or layers[-1].class_name != "Detect":
+        found = layers[-1].qualname if layers else "no layers"
+        raise TrtnetError(f"{path}: the Ultralytics model ends in {found}, not Detect; trtnet builds detection only")
+    return layers[-1]
+
+
+def _names(path: Path, names, nc: int) -> list[str]:
+    if isinstance(names, dict):
+        if sorted(names) != list(range(nc)):
+            raise TrtnetError(f"{path}: class names are keyed {sorted(names)[:5]}…, expected 0..{nc - 1}")
+        return [str(names[i]) for i in range(nc)]
+    if isinstance(names, (list, tuple)) and len(names) == nc:
+        return [str(n) for n in names]
+    raise TrtnetError(f"{path}: {nc} classes but names {str(names)[:80]}")
+
+
+def _check_meta(path: Path, nc: int, reg_max: int, strides: list[float]) -> None:
+    if not 1 <= nc <= 100000:
+        raise TrtnetError(f"{path}: class count {nc} is outside 1..100000")
+    if not 1 <= reg_max <= 64:
+        raise TrtnetError(f"{path}: Detect's reg_max {reg_max} is outside 1..64")
+    if not strides or any(s < 1 or s != int(s) or int(s) & (int(s) - 1) for s in strides):
+        raise TrtnetError(f"{path}: strides {strides} are not positive powers of two")
+
+
+def _bn_eps(path: Path, model) -> float:
+    eps = {float(m.get("eps")) for m in model.walk() if m.class_name.startswith("BatchNorm")}
+    if len(eps) > 1:
+        raise TrtnetError(f"{path}: BatchNorm layers use different eps values {sorted(eps)}; trtnet assumes one")
+    return eps.pop() if eps else 1e-3
