@@ -36,6 +36,7 @@ import numpy as np
 from trtnet import compat, cuda_rt
 from trtnet.errors import TrtnetError
 from trtnet.plugins.postprocess import NmsSettings
+from trtnet.sidecar import check_partner, find_engine_sidecar
 
 REQUIRED_KEYS = ("family", "imgsz", "batch", "input", "outputs", "tensorrt")
 
@@ -65,8 +66,9 @@ def resolve_engine(engine: str | Path, weights_dir: str | Path = "weights") -> P
 
 
 def load_metadata(engine_path: Path) -> dict:
-    """The metadata trtnet.build wrote beside the engine (`<name>.engine` → `<name>.json`)."""
-    path = Path(engine_path).with_suffix(".json")
+    """The metadata trtnet.build wrote beside the engine (`<name>.engine.json`; older builds: `<name>.json`),
+    refused when it describes another engine file than this one."""
+    path = find_engine_sidecar(engine_path)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -79,6 +81,7 @@ def load_metadata(engine_path: Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise TrtnetError(f"{path} lacks {', '.join(missing)}: written by another trtnet version? Rebuild the engine")
+    check_partner(path, meta, Path(engine_path))
     return meta
 
 
