@@ -36,7 +36,7 @@ import numpy as np
 from trtnet import compat, cuda_rt
 from trtnet.errors import TrtnetError
 from trtnet.plugins.postprocess import NmsSettings
-from trtnet.sidecar import check_partner, find_engine_sidecar
+from trtnet.sidecar import PARTNER_KEY, check_partner, find_engine_sidecar
 
 REQUIRED_KEYS = ("family", "imgsz", "batch", "input", "outputs", "tensorrt")
 
@@ -81,7 +81,8 @@ def load_metadata(engine_path: Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise TrtnetError(f"{path} lacks {', '.join(missing)}: written by another trtnet version? Rebuild the engine")
-    check_partner(path, meta, Path(engine_path))
+    check_partner(path, meta, Path(engine_path), remedy=f"rebuild the engine: {rebuild_hint(meta)}")
+    meta.pop(PARTNER_KEY, None)  # a fact about this pair of files, not about the engine
     return meta
 
 

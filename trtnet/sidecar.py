@@ -89,7 +89,7 @@ def with_partner(meta: Mapping, partner: str | Path) -> dict:
     return {**meta, PARTNER_KEY: partner_of(partner)}
 
 
-def check_partner(sidecar: Path, meta: Mapping, partner: Path) -> None:
+def check_partner(sidecar: Path, meta: Mapping, partner: Path, remedy: str = "rewrite both") -> None:
     """Refuse a sidecar that vouches for another file than `partner` (a stale or mismatched pair).
 
     Sidecars written by older trtnet versions have no `partner` record: they load unchecked, as they always
@@ -104,7 +104,7 @@ def check_partner(sidecar: Path, meta: Mapping, partner: Path) -> None:
         raise TrtnetError(
             f"stale or mismatched sidecar: {sidecar} does not match {partner} (written by trtnet {writer} for a "
             f"{expected.file} of {expected.bytes} bytes, sha256 {expected.sha256[:12]}…; this one has {size} bytes)"
-            f"; one of the two was replaced without the other: rewrite both"
+            f"; one of the two was replaced without the other: {remedy}"
         )
 
 

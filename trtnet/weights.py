@@ -210,7 +210,7 @@ def _read_sidecar(wts_path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as exc:
         raise TrtnetError(f"{path}: not valid JSON ({exc}); delete it or rewrite both files with gen_wts") from exc
     validate_weights_meta(meta, path)
-    check_partner(path, meta, wts_path)
+    check_partner(path, meta, wts_path, remedy=f"convert the checkpoint again with gen_wts ({meta.get('source')})")
     meta.pop(PARTNER_KEY, None)  # a fact about this pair of files, not about the model
     return meta
 
