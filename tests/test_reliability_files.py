@@ -153,9 +153,10 @@ def test_weights_metadata_is_not_taken_for_an_engines(w, built):
 # -- 2. Ctrl-C and SIGTERM stop a build; SIGKILL's leftovers are cleaned ------------------------------------
 
 # Sends a signal to the build from inside TensorRT's build (from its first log message once
-# build_serialized_network runs: that is where a real Ctrl-C lands) or while the engine's .part is written.
+# build_serialized_network runs: that is where a real Ctrl-C lands) or while the engine's .part is written;
+# "external": waits inside that log message for the test to send the signal.
 HARNESS = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     from trtnet import build, compat
 
     sig, moment, engine = getattr(signal, sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -166,12 +167,22 @@ HARNESS = textwrap.dedent("""
             state["sent"] = True
             os.kill(os.getpid(), sig)
 
-    if moment == "build":
+    def wait_for_the_test():  # it sends the signal from outside, then creates `go`
+        print("inside the build", file=sys.stderr, flush=True)
+        go = engine + ".go"
+        for _ in range(500):
+            if os.path.exists(go):
+                break
+            time.sleep(0.02)
+        time.sleep(0.2)
+
+    if moment in ("build", "external"):
         logger_class = type(compat.Logger())
         log = logger_class.log
         def logged(self, severity, msg):
-            if state["building"]:
-                send()
+            if state["building"] and not state["sent"]:
+                state["sent"] = True
+                os.kill(os.getpid(), sig) if moment == "build" else wait_for_the_test()
             log(self, severity, msg)
         logger_class.log = logged
         build_serialized = compat.build_serialized
@@ -213,6 +224,26 @@ def test_signal_stops_the_build_and_keeps_the_old_engine(w, built, tmp_path, sig
     assert done.returncode == status, done.stderr
     assert said in done.stderr.splitlines()[-1] and "wrote" not in done.stdout, done.stderr
     assert snapshot(w) == before  # old engine and metadata as they were, no .part left
+
+
+@pytest.mark.parametrize(("sig", "status", "said"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_signal_from_another_process_stops_the_build(w, built, tmp_path, sig, status, said):
+    before = snapshot(w)
+    script = tmp_path / "harness.py"
+    script.write_text(HARNESS, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen([sys.executable, str(script), sig, "external", str(built), str(w / "yolov5n.wts"), *SMALL],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+        for line in child.stderr:
+            if "inside the build" in line:
+                break
+        child.send_signal(getattr(signal, sig))
+        Path(str(built) + ".go").touch()
+        out, err = child.communicate(timeout=300)
+    Path(str(built) + ".go").unlink()
+    assert child.returncode == status, err
+    assert said in err.splitlines()[-1] and "wrote" not in out, err
+    assert snapshot(w) == before
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
