@@ -90,7 +90,7 @@ def test_demo_without_a_gpu_stops_after_the_build(server, tmp_path, monkeypatch,
     argv = ["--url", f"{server}/weights/yolov5n.pt", "--weights-dir", str(weights), "--out", str(tmp_path / "out")]
     assert demo.cli(argv) == 0
     out = capsys.readouterr().out
-    assert {"yolov5n.pt", "yolov5n.wts", "yolov5n.json", "yolov5n.fp16.engine", "yolov5n.fp16.json"} <= set(
+    assert {"yolov5n.pt", "yolov5n.wts", "yolov5n.json", "yolov5n.fp16.engine", "yolov5n.fp16.engine.json"} <= set(
         leftovers(weights))
     assert "No detection here: no NVIDIA driver (test)" in out
     assert f"python -m trtnet.detect {weights / 'yolov5n.fp16.engine'} IMAGE" in out

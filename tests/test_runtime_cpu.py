@@ -17,6 +17,7 @@ from trtnet.engine_files import check_device, check_tensorrt, load_metadata, res
 from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
 from trtnet.pipelines import rows_to_image
+from trtnet.sidecar import engine_sidecar_path
 
 RTX = compat.Flavour("tensorrt-rtx", "1.7.1.116", 1)
 TRT85 = compat.Flavour("tensorrt", "8.5.3.1", 8)
@@ -43,7 +44,7 @@ def fake_engine(folder: Path, name: str = "yolov5n.fp16", **changes) -> Path:
     engine = folder / f"{name}.engine"
     engine.write_bytes(b"not a real plan")
     changes.setdefault("engine_bytes", engine.stat().st_size)
-    engine.with_suffix(".json").write_text(json.dumps(sidecar(**changes)))
+    engine_sidecar_path(engine).write_text(json.dumps(sidecar(**changes)))
     return engine
 
 
@@ -81,12 +82,12 @@ def test_missing_engine_says_how_to_build(tmp_path):
 def test_metadata_missing_or_broken(tmp_path):
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"x")
-    with pytest.raises(TrtnetError, match="m.json is missing"):
+    with pytest.raises(TrtnetError, match="m.engine.json is missing"):
         load_metadata(engine)
-    engine.with_suffix(".json").write_text("{not json")
+    engine_sidecar_path(engine).write_text("{not json")
     with pytest.raises(TrtnetError, match="cannot read"):
         load_metadata(engine)
-    engine.with_suffix(".json").write_text(json.dumps({"family": "yolov5"}))
+    engine_sidecar_path(engine).write_text(json.dumps({"family": "yolov5"}))
     with pytest.raises(TrtnetError, match="lacks imgsz"):
         load_metadata(engine)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections import OrderedDict
@@ -195,9 +196,12 @@ def test_resolve_weights(tmp_path):
     assert "yolov5m.wts" in message and "yolov5m.safetensors" in message and "trtnet.gen_wts" in message
 
 
-def test_sidecar_is_json(tmp_path):
-    path = write_sidecar(tmp_path / "m.wts", {"nc": 2})
-    assert path.name == "m.json" and json.loads(path.read_text(encoding="utf-8")) == {"nc": 2}
+def test_sidecar_is_json_and_vouches_for_its_wts(tmp_path):
+    wts = write_wts(tmp_path / "m.wts", {"t": np.array([1.0])})
+    path = write_sidecar(wts, {"nc": 2})
+    partner = {"file": "m.wts", "bytes": wts.stat().st_size, "sha256": hashlib.sha256(wts.read_bytes()).hexdigest()}
+    assert path.name == "m.json" and json.loads(path.read_text(encoding="utf-8")) == {"nc": 2, "partner": partner}
+    assert load_weights(wts).meta == {"nc": 2}  # the pairing record is not model metadata
 
 
 def test_track_yields_everything_without_a_terminal():

@@ -21,7 +21,9 @@ from trtnet.cli import parser, run
 from trtnet.engine_meta import EngineMeta, PostprocessSettings, nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
+from trtnet.interrupts import BuildInterrupts
 from trtnet.network import BatchProfile, DefinedNetwork, define_network
+from trtnet.sidecar import engine_sidecar_path, with_partner
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
 
@@ -56,10 +58,36 @@ class BuildResult:
 
 
 def engine_paths(req: BuildRequest, weights_path: Path) -> tuple[Path, Path]:
+    """The engine (`-o`, a file ending in .engine or an existing folder) and its metadata `NAME.engine.json`."""
     engine = Path(req.output) if req.output else Path(req.weights_dir) / f"{weights_path.stem}.{req.precision}.engine"
+    if engine.suffix != ".engine" and engine.is_dir():
+        engine = engine / f"{weights_path.stem}.{req.precision}.engine"
+    if engine.is_dir():
+        raise TrtnetError(f"-o {engine}: a directory of that name exists; give the engine another name")
     if engine.suffix != ".engine":
-        engine = engine / f"{weights_path.stem}.{req.precision}.engine" if engine.is_dir() else engine
-    return engine, engine.with_suffix(".json")
+        raise TrtnetError(f"-o {engine}: an engine's file name must end in .engine (or give an existing folder)")
+    return engine, engine_sidecar_path(engine)
+
+
+def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """A build never writes over what it reads (e.g. `-o NAME.engine` beside `NAME.engine.wts`)."""
+    for out in outputs:
+        for used in inputs:
+            if _same_file(out, used):
+                raise TrtnetError(f"{out} would overwrite {used}, an input of this build: choose another -o")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def timing_cache_path(req: BuildRequest, engine_path: Path) -> Path:
+    path = Path(req.timing_cache) if req.timing_cache else engine_path.parent / "timing.cache"
+    if path.is_dir():
+        raise TrtnetError(f"--timing-cache {path}: is a directory; give a file (it is created if missing)")
+    return path
 
 
 def ensure_writable(directory: Path) -> None:
@@ -73,10 +101,11 @@ def ensure_writable(directory: Path) -> None:
 
 
 def load_for_build(req: BuildRequest):
-    from trtnet.weights import load_weights, resolve_weights
+    from trtnet.weights import check_finite, load_weights, resolve_weights
 
     path = resolve_weights(req.weights, req.weights_dir)
     weights = load_weights(path)
+    check_finite(weights.tensors, path)
     meta = dict(weights.meta)
     if req.arch:
         arch_meta = networks.meta_for_arch(req.arch, req.nc)
@@ -93,6 +122,12 @@ def load_for_build(req: BuildRequest):
 
 
 def build(req: BuildRequest, log=print) -> BuildResult:
+    """Build and write the engine, then its metadata; Ctrl-C or SIGTERM stops it with nothing written."""
+    with BuildInterrupts() as interrupts:
+        return _build(req, log, interrupts)
+
+
+def _build(req: BuildRequest, log, interrupts: BuildInterrupts) -> BuildResult:
     if req.postprocess.mode not in POSTPROCESS_MODES:
         raise TrtnetError(f"--postprocess {req.postprocess.mode}: one of {', '.join(POSTPROCESS_MODES)}")
     _check_postprocess_mode(req.postprocess.mode)
@@ -100,8 +135,10 @@ def build(req: BuildRequest, log=print) -> BuildResult:
     if req.postprocess.mode != "none" and networks.for_meta(meta).TASK != "detect":
         raise TrtnetError(f"--postprocess applies to detectors only ({', '.join(networks.of_task('detect'))})")
     engine_path, meta_path = engine_paths(req, weights_path)
+    cache_path = timing_cache_path(req, engine_path)
+    refuse_overwriting_inputs([engine_path, meta_path, cache_path], build_inputs(weights_path))
+    refuse_overwriting_inputs([engine_path, meta_path], [cache_path])
     ensure_writable(engine_path.parent)
-    cache_path = Path(req.timing_cache) if req.timing_cache else engine_path.parent / "timing.cache"
 
     t = compat.trt()
     logger = compat.Logger()
@@ -118,22 +155,28 @@ def build(req: BuildRequest, log=print) -> BuildResult:
     )
     log(f"building {weights_path.name}: {defined.family} {req.precision} input {list(defined.input_shape)} "
         f"batch {req.batch} with {compat.flavour()} ({defined.network.num_layers} layers)")
-    with BuildProgress() as progress:
+    with BuildProgress(cancelled=interrupts.requested) as progress, interrupts.deferred():
         config = compat.builder_config(builder, options, progress.monitor())
         plan = compat.build_serialized(builder, defined.network, config)
     if plan is None:
         why = "; ".join(logger.errors[-3:]) or "no reason given (run with --verbose)"
         raise TrtnetError(f"TensorRT could not build the engine: {why}")
-    with atomic_write(engine_path) as f:
+    with atomic_write(engine_path, expected_bytes=len(plan)) as f:
         f.write(plan)
     cache = compat.serialized_timing_cache(config)
     if cache:
         with atomic_write(cache_path) as f:
             f.write(cache)
     metadata = engine_metadata(req, defined, meta, weights_path, progress.seconds, len(plan))
-    with atomic_write(meta_path, "w") as f:
-        json.dump(metadata, f, indent=1)
+    with atomic_write(meta_path, "w") as f:  # after the engine: it records the engine's sha256
+        json.dump(with_partner(metadata, engine_path), f, indent=1)
     return BuildResult(engine_path, meta_path, defined.network.num_layers, len(plan), progress.seconds)
+
+
+def build_inputs(weights_path: Path) -> list[Path]:
+    from trtnet.weights import sidecar_path
+
+    return [weights_path] if weights_path.suffix == ".safetensors" else [weights_path, sidecar_path(weights_path)]
 
 
 def _check_postprocess_mode(mode: str) -> None:
@@ -202,8 +245,9 @@ def current_device() -> dict | None:
 class BuildProgress:
     """TensorRT's progress monitor where it has one (>= 10), else a spinner with the elapsed time."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream=sys.stderr, cancelled=lambda: False):
         self.stream = stream
+        self.cancelled = cancelled  # asked at every step: True cancels the build (TensorRT >= 10)
         self.start = time.perf_counter()
         self.seconds = 0.0
         self.phase = "building"
@@ -224,7 +268,7 @@ class BuildProgress:
                 progress.phase = phase_name
 
             def step_complete(self, phase_name, step):
-                return True
+                return not progress.cancelled()
 
             def phase_finish(self, phase_name):
                 pass
@@ -265,6 +309,18 @@ def parse_batch(args) -> BatchProfile:
     return BatchProfile(lo, args.opt_batch or lo, hi).check()
 
 
+MIN_IMGSZ = 32  # the largest stride of ResNet and YOLOv5 P5: a smaller input has no last feature map
+
+
+def check_sizes(args) -> None:
+    """Numbers argparse accepts but a build cannot use (0 would even silently mean 'the default')."""
+    for option, value in (("--imgsz", args.imgsz), ("--min-imgsz", args.min_imgsz), ("--max-imgsz", args.max_imgsz)):
+        if value is not None and value < MIN_IMGSZ:
+            raise TrtnetError(f"{option} {value}: must be at least {MIN_IMGSZ} pixels")
+    if args.workspace is not None and not args.workspace > 0:
+        raise TrtnetError(f"--workspace {args.workspace}: must be a positive number of GiB")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser("build", "Build a TensorRT engine from trtnet weights (.wts + .json, or .safetensors).")
     p.add_argument("weights", help="a name in --weights-dir (yolov5s → weights/yolov5s.wts) or a path")
@@ -299,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
     p.add_argument("-o", "--output", help="engine path (default: <weights-dir>/<name>.<precision>.engine)")
     args = p.parse_args(argv)
+    check_sizes(args)
     req = BuildRequest(
         weights=args.weights, precision=args.precision, imgsz=args.imgsz, min_imgsz=args.min_imgsz,
         max_imgsz=args.max_imgsz,

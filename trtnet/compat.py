@@ -126,6 +126,7 @@ def _worth_showing(msg: str) -> bool:
         "CUDA lazy loading", "TensorRT was linked against", "Using an engine plan file across",
         "differs from one already registered",
         "cudaError 35",  # TensorRT-RTX probing for a GPU while it builds ahead-of-time on a CPU-only machine
+        "Build canceled by user",  # our progress monitor stopping a build on Ctrl-C; trtnet.interrupts says so
     )
     return not any(n in msg for n in noisy)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from trtnet import compat, cuda_rt
 from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
+from trtnet.sidecar import PARTNER_KEY, check_partner, find_engine_sidecar
 
 
 def resolve_engine(engine: str | Path, weights_dir: str | Path = "weights") -> Path:
@@ -34,8 +35,9 @@ def resolve_engine(engine: str | Path, weights_dir: str | Path = "weights") -> P
 
 
 def load_metadata(engine_path: Path) -> EngineMeta:
-    """The metadata trtnet.build wrote beside the engine (`<name>.engine` → `<name>.json`)."""
-    path = Path(engine_path).with_suffix(".json")
+    """The metadata trtnet.build wrote beside the engine (`<name>.engine.json`; older builds: `<name>.json`),
+    refused when it describes another engine file than this one."""
+    path = find_engine_sidecar(engine_path)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -45,7 +47,11 @@ def load_metadata(engine_path: Path) -> EngineMeta:
         ) from None
     except (OSError, ValueError) as exc:
         raise TrtnetError(f"cannot read {path}: {exc}; rebuild the engine with python -m trtnet.build") from exc
-    return EngineMeta.from_dict(meta, path)
+    partner = meta.pop(PARTNER_KEY, None) if isinstance(meta, dict) else None  # about the pair, not the engine
+    engine_meta = EngineMeta.from_dict(meta, path)
+    check_partner(path, {PARTNER_KEY: partner, "trtnet_version": engine_meta.trtnet_version}, Path(engine_path),
+                  remedy=f"rebuild the engine: {rebuild_hint(engine_meta)}")
+    return engine_meta
 
 
 def rebuild_hint(meta: EngineMeta) -> str:

@@ -14,7 +14,7 @@ from trtnet import networks
 from trtnet.checkpoint import Checkpoint, read_checkpoint
 from trtnet.cli import parser, run
 from trtnet.errors import TrtnetError
-from trtnet.weights import FORMATS, SUFFIXES, weights_meta, write_safetensors, write_sidecar, write_wts
+from trtnet.weights import FORMATS, SUFFIXES, check_finite, weights_meta, write_safetensors, write_sidecar, write_wts
 
 DEFAULT_DIR = "weights"
 
@@ -49,11 +49,12 @@ def convert(checkpoint: str | Path, output: str | Path | None = None, fmt: str |
     checkpoint = Path(checkpoint)
     path, fmt = output_path(checkpoint, output, fmt, name)
     ckpt = read_checkpoint(checkpoint)
+    check_finite(ckpt.state_dict, checkpoint)
     meta = weights_meta(ckpt.meta, ckpt.state_dict, checkpoint, fmt)
     sidecar = None
     if fmt == "wts":
         write_wts(path, ckpt.state_dict, progress=progress)
-        sidecar = write_sidecar(path, meta)
+        sidecar = write_sidecar(path, meta)  # after the .wts: it records the .wts's sha256
     else:
         write_safetensors(path, ckpt.state_dict, meta)
     return Converted(path, sidecar, ckpt, time.perf_counter() - start)

@@ -22,6 +22,7 @@ from trtnet import __version__
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write, sha256_of
 from trtnet.progress import bar
+from trtnet.sidecar import PARTNER_KEY, check_partner, validate_weights_meta, with_partner
 
 FORMATS = ("wts", "safetensors")
 SUFFIXES = {"wts": ".wts", "safetensors": ".safetensors"}
@@ -43,13 +44,29 @@ def write_wts(path: str | Path, tensors: Mapping[str, np.ndarray], progress: boo
     """Write tensors (any float dtype; stored as float32) in tensorrtx's .wts format, atomically."""
     path = Path(path)
     total = sum(np.size(v) for v in tensors.values())
-    with atomic_write(path, "wb") as f, bar(total, f"writing {path.name}", "float",
+    with atomic_write(path, "wb", expected_bytes=wts_bytes(tensors)) as f, bar(total, f"writing {path.name}", "float",
                                              min_total=PROGRESS_MIN_VALUES if progress else math.inf) as shown:
         f.write(b"%d\n" % len(tensors))
         for name, value in tensors.items():
             f.write(wts_line(name, value))
             shown.update(np.size(value))
     return path
+
+
+def wts_bytes(tensors: Mapping[str, np.ndarray]) -> int:
+    """The size of the .wts file `write_wts` writes for `tensors`."""
+    header = len(b"%d\n" % len(tensors))
+    return header + sum(len(name) + len(str(np.size(v))) + 2 + 9 * np.size(v) for name, v in tensors.items())
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], source: str | Path) -> None:
+    """Refuse NaN or infinite weights, naming the first tensor that has any: they build an engine that outputs NaN."""
+    for name, value in tensors.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = value[~np.isfinite(value)]
+            raise TrtnetError(f"{source}: tensor {name} has {bad.size} NaN or infinite value(s) (e.g. {bad.flat[0]}); "
+                              "the checkpoint is corrupt or diverged in training")
 
 
 def wts_line(name: str, value: np.ndarray) -> bytes:
@@ -91,9 +108,11 @@ def sidecar_path(wts_path: str | Path) -> Path:
 
 
 def write_sidecar(wts_path: str | Path, meta: Mapping) -> Path:
+    """Write the metadata of an already written `wts_path`, with its size and sha256 (see trtnet.sidecar)."""
     path = sidecar_path(wts_path)
+    meta = with_partner(meta, wts_path)
     with atomic_write(path, "w") as f:
-        json.dump(dict(meta), f, indent=1)
+        json.dump(meta, f, indent=1)
         f.write("\n")
     return path
 
@@ -111,7 +130,8 @@ def load_weights(path: str | Path) -> Weights:
     if path.suffix == ".safetensors":
         tensors, meta = _read_safetensors(path)
     else:
-        tensors, meta = read_wts(path), _read_sidecar(path)
+        meta = _read_sidecar(path)  # first: a stale sidecar is refused before a long read of the wrong file
+        tensors = read_wts(path)
     return Weights(_apply_shapes(tensors, meta.get("shapes"), path), meta, path)
 
 
@@ -189,8 +209,9 @@ def _read_sidecar(wts_path: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise TrtnetError(f"{path}: not valid JSON ({exc}); delete it or rewrite both files with gen_wts") from exc
-    if not isinstance(meta, dict):
-        raise TrtnetError(f"{path}: expected a JSON object of weights metadata")
+    validate_weights_meta(meta, path)
+    check_partner(path, meta, wts_path, remedy=f"convert the checkpoint again with gen_wts ({meta.get('source')})")
+    meta.pop(PARTNER_KEY, None)  # a fact about this pair of files, not about the model
     return meta
 
 
@@ -207,6 +228,7 @@ def _read_safetensors(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict]:
         meta = json.loads(header["trtnet"]) if "trtnet" in header else {}
     except ValueError as exc:
         raise TrtnetError(f"{path}: its trtnet metadata is not valid JSON ({exc})") from exc
+    validate_weights_meta(meta, f"{path} (its trtnet metadata)")
     order = meta.get("shapes") or {}
     if set(order) == set(tensors):  # safetensors stores tensors sorted; restore state-dict order
         tensors = OrderedDict((k, tensors[k]) for k in order)

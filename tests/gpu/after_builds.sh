@@ -45,5 +45,5 @@ step torch_resnet50_b32 180 env PYTHONPATH="$repo" python3 -m trtnet.bench "$eng
 step runtime_tests 400 env TRTNET_SHARED_DATA="$data" TRTNET_GPU_ENGINES="$eng" \
     "$py39" -m pytest -q -ra -p no:cacheprovider "$repo/tests/gpu/test_runtime_gpu.py" ${TRTNET_GPU_PYTEST_K:+-k "$TRTNET_GPU_PYTEST_K"}
 cp "$eng"/*.build.log "$eng"/builds.json "$out/" 2>/dev/null
-cp "$eng"/yolov5n_640_fp16.json "$out/engine_meta_yolov5n_640_fp16.json" 2>/dev/null
+cp "$eng"/yolov5n_640_fp16.engine.json "$out/engine_meta_yolov5n_640_fp16.json" 2>/dev/null
 echo "after_builds done" | tee -a "$out/steps.txt"
