@@ -234,6 +234,7 @@ def _draw_box(canvas: np.ndarray, box: np.ndarray, label: str | None, colour: tu
     (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     above = y1 - th - 3 >= 0
     top = y1 - th - 3 if above else y1
+    x1 = max(0, min(x1, canvas.shape[1] - tw))  # a box at the right edge keeps its whole label in view
     cv2.rectangle(canvas, (x1, top), (x1 + tw, top + th + 3), colour, -1, cv2.LINE_AA)
     text_colour = (0, 0, 0) if sum(colour) > 450 else (255, 255, 255)
     cv2.putText(canvas, label, (x1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, text_colour, thickness,
