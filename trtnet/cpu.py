@@ -60,7 +60,7 @@ def _trt_module(network):
 _LAYER_CLASSES = {
     "ACTIVATION": "IActivationLayer", "CONCATENATION": "IConcatenationLayer", "CONVOLUTION": "IConvolutionLayer",
     "ELEMENTWISE": "IElementWiseLayer", "POOLING": "IPoolingLayer", "RESIZE": "IResizeLayer",
-    "IDENTITY": "IIdentityLayer", "CAST": "ICastLayer",
+    "IDENTITY": "IIdentityLayer", "SHUFFLE": "IShuffleLayer",
 }
 
 
@@ -163,7 +163,20 @@ def _resize(layer, xs: list) -> np.ndarray:
     return x
 
 
+def _shuffle(layer, xs: list) -> np.ndarray:
+    """Transpose, reshape (0 copies the input's dimension, -1 is inferred), transpose (TensorRT's IShuffleLayer)."""
+    if len(xs) > 1:
+        raise TrtnetError(f"layer {layer.name!r}: a shuffle shaped by a tensor is not run by the CPU path")
+    x = xs[0].transpose(tuple(layer.first_transpose)[: xs[0].ndim])  # the bindings list 8 permutation entries
+    dims = [int(d) for d in layer.reshape_dims]
+    if dims:  # an unset reshape keeps the shape
+        placeholder = layer.zero_is_placeholder
+        x = x.reshape([x.shape[i] if d == 0 and placeholder else d for i, d in enumerate(dims)])
+    return x.transpose(tuple(layer.second_transpose)[: x.ndim])
+
+
 _OPS: dict[str, Callable[[Any, list], np.ndarray]] = {
+    "SHUFFLE": _shuffle,
     "CONVOLUTION": _convolution,
     "POOLING": _pooling,
     "ACTIVATION": _activation,
