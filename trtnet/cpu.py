@@ -11,8 +11,10 @@ operations. Pre- and post-processing are the official YOLOv5 NumPy math of `trtn
 every layer type) stays the reference the tests compare networks with; this module implements only the
 layer types detection networks use and names any other.
 
-Measured on yolov5n at 640, 2 cores: NumPy ≈ 0.3 s per image, torch executor ≈ 0.15 s (plus ≈ 3 s to
-import torch and a large install) — NumPy keeps the demo's install small.
+Measured on yolov5n at 640 (the network alone, 2 shared cores, 2026-12-02): NumPy 1.0–1.2 CPU-seconds per
+image (0.3–0.4 s wall for a whole detection when the cores are free); the torch executor 0.9–1.7 CPU-s
+(0.14 s wall) plus 1.7–2 CPU-s to import torch, and a large install. About even: NumPy keeps the demo's
+install small.
 """
 
 from __future__ import annotations
