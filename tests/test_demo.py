@@ -154,6 +154,26 @@ def test_demo_without_a_gpu_detects_on_the_cpu(tmp_path, monkeypatch, capsys):
 
 
 @requires_tensorrt
+def test_demo_falls_back_to_the_cpu_when_the_gpu_cannot_run_the_engine(tmp_path, monkeypatch, capsys):
+    import trtnet.cuda_rt
+
+    def refuse(engine, image):
+        raise TrtnetError(f"{engine} was built for sm_120 (test)")
+
+    monkeypatch.setattr(trtnet.cuda_rt, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(demo, "detect_on", refuse)
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(shared("weights", "yolov5n.pt").read_bytes())
+    argv = ["--weights", str(mine), "--weights-dir", str(tmp_path / "weights"), "--out", str(tmp_path / "out"),
+            "--source", str(shared("images", "bus.jpg"))]
+    assert demo.cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "the GPU could not run it: " in printed and "built for sm_120 (test)" in printed
+    records = json.loads((tmp_path / "out" / "detections.json").read_text(encoding="utf-8"))
+    assert [d["cls"] for d in records[0]["detections"]] == [0, 0, 0, 5]
+
+
+@requires_tensorrt
 def test_demo_takes_a_checkpoint_of_your_own(tmp_path, monkeypatch, capsys):
     import trtnet.cuda_rt
 

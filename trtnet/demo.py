@@ -239,12 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trtnet.cuda_rt import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
-    if reason:
+    result = None
+    if not reason:
+        say(f"detecting on {image} with {engine}")
+        try:
+            result = detect_on(engine, image)
+        except TrtnetError as exc:  # e.g. an engine built for another GPU, a driver too old for this CUDA
+            reason = f"the GPU could not run it: {exc}"
+    if result is None:
         say(f"no GPU to run the engine ({reason}): running the same network on the CPU (NumPy, fp32)")
         result = detect_on_cpu(wts, image)
-    else:
-        say(f"detecting on {image} with {engine}")
-        result = detect_on(engine, image)
     target, records = write_results(result, image, Path(args.out))
     say(f"annotated image: {target}; detections: {records}")
     if reason:
