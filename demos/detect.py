@@ -9,7 +9,7 @@ The Python API underneath, for your own programs:
     from trtnet.api import Detector
     with Detector("yolov5n") as detector:
         for result in detector.detect(["bus.jpg", "zidane.jpg"]):
-            print(result.names, result.boxes)        # boxes: x1, y1, x2, y2 in image pixels
+            print(result.labels, result.boxes)        # boxes: x1, y1, x2, y2 in image pixels
             cv2.imwrite("annotated.jpg", result.draw())
 """
 

@@ -60,7 +60,12 @@ def _check_cuda(result, what: str):
         driver, _ = _bindings()
         _, name = driver.cuGetErrorName(err)
         _, text = driver.cuGetErrorString(err)
-        raise TrtnetError(f"CUDA {what} failed: {name.decode()} ({text.decode()})")
+        hint = ""
+        if name.decode() == "CUDA_ERROR_INSUFFICIENT_DRIVER":
+            from trtnet.cuda_rt import driver_too_old_hint
+
+            hint = f"; {driver_too_old_hint()}"
+        raise TrtnetError(f"CUDA {what} failed: {name.decode()} ({text.decode()}){hint}")
     return rest[0] if len(rest) == 1 else (rest or None)
 
 

@@ -220,3 +220,14 @@ def non_max_suppression(decoded: np.ndarray, conf: float = 0.25, iou: float = 0.
     """Official `non_max_suppression(prediction, conf, iou, classes=None, agnostic, multi_label,
     max_det)` on Detect's output [B, N, nc+5] → per image [k, 6] (x1, y1, x2, y2, conf, cls)."""
     return [nms(candidates(d, conf, multi_label), iou, max_det, agnostic) for d in np.asarray(decoded)]
+
+
+def postprocess(outputs: Sequence[np.ndarray], *, nc: int, head: str = "anchors", strides=(), anchors=(),
+                conf: float = 0.25, iou: float = 0.45, max_det: int = 300, multi_label: bool = False,
+                agnostic: bool = False) -> list[np.ndarray]:
+    """The official decode + NMS of a detection network's outputs, for either head kind; takes the keywords of
+    plugins.postprocess.YoloPostprocess (a family's `postprocess_kwargs` plus the NMS settings)."""
+    if head == "anchor_free":
+        return non_max_suppression_anchor_free(outputs[0], conf, iou, max_det, multi_label, agnostic)
+    decoded = decode_official(outputs, strides, anchors)
+    return non_max_suppression(decoded, conf, iou, max_det, multi_label, agnostic)

@@ -232,7 +232,7 @@ def test_boxes_map_back_to_the_original_image():
     np.testing.assert_allclose(result.boxes[0], [0, 0, 810, 1080], atol=1e-3)
     np.testing.assert_allclose(result.boxes[1], [202.5, 168.75, 540, 506.25], atol=1e-3)
     np.testing.assert_allclose(result.boxes[2], [0, 0, 810, 1080], atol=1e-3)  # clipped to the image
-    assert result.names == ["5", "person", "car"] and result.classes.tolist() == [5, 0, 2]
+    assert result.labels == ["5", "person", "car"] and result.classes.tolist() == [5, 0, 2]
     np.testing.assert_allclose(result.scores, [0.9, 0.5, 0.3])
 
 
@@ -752,7 +752,7 @@ def test_simulated_detector_reproduces_the_official_result(sim_detector, cuda_gr
             for r in (results[0], results[2], results[3]):
                 np.testing.assert_allclose(r.boxes, boxes, rtol=1e-5, atol=1e-3)
                 np.testing.assert_allclose(r.scores, rows[:, 4], rtol=1e-6)
-                assert r.names == ["person", "bus", "person", "person"]
+                assert r.labels == ["person", "bus", "person", "person"]
     assert (SIM.launches > launches) == cuda_graphs
 
 

@@ -12,7 +12,7 @@ if _os.path.isfile(_os.path.join(_checkout, "networks", "yolov5.py")) and _check
 
 from trtnet.errors import TrtnetError  # noqa: E402
 
-__all__ = ["Classifier", "Detector", "TrtnetError", "__version__"]
+__all__ = ["Classifier", "CpuDetector", "Detector", "TrtnetError", "__version__"]
 
 
 def __getattr__(name):  # Detector/Classifier without importing cv2 and CUDA at `import trtnet`
@@ -20,4 +20,8 @@ def __getattr__(name):  # Detector/Classifier without importing cv2 and CUDA at 
         from trtnet import api
 
         return getattr(api, name)
+    if name == "CpuDetector":
+        from trtnet import cpu
+
+        return cpu.CpuDetector
     raise AttributeError(f"module 'trtnet' has no attribute {name!r}")

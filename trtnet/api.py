@@ -3,7 +3,7 @@
     import trtnet
     with trtnet.Detector("yolov5n") as det:                 # weights/yolov5n.fp16.engine (or .fp32)
         for r in det.detect(["bus.jpg", image_bgr]):
-            print(r.boxes, r.scores, r.classes, r.names)
+            print(r.boxes, r.scores, r.classes, r.labels)
             cv2.imwrite("out.jpg", r.draw())
 
 Images are file paths or numpy arrays in OpenCV's BGR order (HxW grayscale, HxWx1, HxWx3 and HxWx4
@@ -18,7 +18,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
@@ -90,7 +90,11 @@ def class_colour(cls: int) -> tuple[int, int, int]:
 
 @dataclass
 class Detections:
-    """One image's detections: boxes are x1, y1, x2, y2 in ORIGINAL image pixels (clipped to it)."""
+    """One image's detections: boxes are x1, y1, x2, y2 in ORIGINAL image pixels (clipped to it).
+
+    Like Ultralytics' results: `names` is the model's {class id: name}; `labels` the name of each detection;
+    `r[r.scores > 0.5]`, `r[:3]`, `r[r.classes == 0]` select detections (a new `Detections`).
+    """
 
     boxes: np.ndarray  # float32 [n, 4]
     scores: np.ndarray  # float32 [n]
@@ -101,8 +105,13 @@ class Detections:
     image: np.ndarray | None = field(default=None, repr=False)
 
     @property
-    def names(self) -> list[str]:
-        """The class name of each detection."""
+    def names(self) -> dict[int, str]:
+        """The model's classes: {class id: name}, as Ultralytics' `results.names`."""
+        return {i: str(n) for i, n in enumerate(self.class_names)}
+
+    @property
+    def labels(self) -> list[str]:
+        """The class name of each detection, in order."""
         return [self.name_of(c) for c in self.classes]
 
     def name_of(self, cls: int) -> str:
@@ -111,8 +120,31 @@ class Detections:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def draw(self, image: np.ndarray | None = None, line_width: int | None = None) -> np.ndarray:
-        """An annotated copy of the image: a box and a `name score` label per detection."""
+    def __getitem__(self, index) -> Detections:
+        """The detections `index` selects (an int, a slice, a boolean mask or an index array), as a new
+        `Detections` of the same image."""
+        if isinstance(index, (int, np.integer)):
+            if not -len(self) <= int(index) < len(self):
+                raise IndexError(f"detection {index} of {len(self)}")
+            index = [int(index)]
+        return replace(self, boxes=self.boxes[index].reshape(-1, 4), scores=self.scores[index].reshape(-1),
+                       classes=self.classes[index].reshape(-1))
+
+    def of_classes(self, classes: Iterable[int]) -> Detections:
+        """Only the detections of these class ids (`--classes`)."""
+        return self[np.isin(self.classes, np.asarray(list(classes), dtype=np.int64))]
+
+    @property
+    def xywhn(self) -> np.ndarray:
+        """Boxes as centre x, centre y, width, height, normalised by the image size (YOLO label format)."""
+        h, w = self.shape
+        x1, y1, x2, y2 = (self.boxes[:, i].astype(np.float64) for i in range(4))
+        return np.stack(((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h), 1)
+
+    def draw(self, image: np.ndarray | None = None, line_width: int | None = None, *, labels: bool = True,
+             conf: bool = True) -> np.ndarray:
+        """An annotated copy of the image: a box and a `name score` label per detection (`labels=False`:
+        boxes only; `conf=False`: names only)."""
         image = self.image if image is None else image
         if image is None:
             raise TrtnetError("draw(): these detections hold no image; pass the one they were made on")
@@ -122,7 +154,8 @@ class Detections:
                               f"{self.shape[1]}x{self.shape[0]}")
         lw = line_width or max(round(sum(canvas.shape[:2]) / 2 * 0.003), 2)
         for box, score, cls in zip(self.boxes, self.scores, self.classes):
-            _draw_box(canvas, box, f"{self.name_of(int(cls))} {score:.2f}", class_colour(int(cls)), lw)
+            label = (self.name_of(int(cls)) + (f" {score:.2f}" if conf else "")) if labels else None
+            _draw_box(canvas, box, label, class_colour(int(cls)), lw)
         return canvas
 
     def to_dict(self) -> dict:
@@ -139,15 +172,71 @@ class Detections:
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    def yolo_lines(self, save_conf: bool = False) -> list[str]:
+        """One `cls cx cy w h [conf]` line per detection, normalised (Ultralytics' `--save-txt` format)."""
+        lines = []
+        for cls, xywh, score in zip(self.classes, self.xywhn, self.scores):
+            values = [int(cls), *(float(v) for v in xywh)] + ([float(score)] if save_conf else [])
+            lines.append(" ".join(f"{v:g}" for v in values))
+        return lines
 
-def _draw_box(canvas: np.ndarray, box: np.ndarray, label: str, colour: tuple, lw: int) -> None:
+    def save_txt(self, path: str | os.PathLike, save_conf: bool = False) -> Path:
+        """Write `yolo_lines` to `path` (an image without detections gives an empty file)."""
+        from trtnet.fileio import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            f.write("".join(line + "\n" for line in self.yolo_lines(save_conf)))
+        return path
+
+    def crop(self, i: int, gain: float = 1.02, pad: int = 10) -> np.ndarray:
+        """Detection `i` cut out of the image, its box grown by `gain` and `pad` pixels like Ultralytics'
+        `save_one_box` (clipped to the image)."""
+        if self.image is None:
+            raise TrtnetError("crop(): these detections hold no image")
+        x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        half_w, half_h = ((x2 - x1) * gain + pad) / 2, ((y2 - y1) * gain + pad) / 2
+        h, w = self.shape
+        left, right = int(np.clip(cx - half_w, 0, w)), int(np.clip(cx + half_w, 0, w))
+        top, bottom = int(np.clip(cy - half_h, 0, h)), int(np.clip(cy + half_h, 0, h))
+        return self.image[top:max(bottom, top + 1), left:max(right, left + 1)].copy()
+
+    def crops(self) -> list[np.ndarray]:
+        return [self.crop(i) for i in range(len(self))]
+
+    def save_crops(self, folder: str | os.PathLike, stem: str) -> list[Path]:
+        """Each detection's crop as folder/<class name>/<stem>.jpg (stem2.jpg, … when taken), as Ultralytics'
+        `--save-crop` lays them out."""
+        written = []
+        for i, cls in enumerate(self.classes):
+            target = _free_name(Path(folder) / self.name_of(int(cls)), stem, ".jpg")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(target), self.crop(i)):
+                raise TrtnetError(f"could not write {target}")
+            written.append(target)
+        return written
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    candidate, n = folder / f"{stem}{suffix}", 2
+    while candidate.exists():
+        candidate, n = folder / f"{stem}{n}{suffix}", n + 1
+    return candidate
+
+
+def _draw_box(canvas: np.ndarray, box: np.ndarray, label: str | None, colour: tuple, lw: int) -> None:
     x1, y1, x2, y2 = (int(round(float(v))) for v in box)
     cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, lw, cv2.LINE_AA)
+    if not label:
+        return
     scale = lw / 3
     thickness = max(lw - 1, 1)
     (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     above = y1 - th - 3 >= 0
     top = y1 - th - 3 if above else y1
+    x1 = max(0, min(x1, canvas.shape[1] - tw))  # a box at the right edge keeps its whole label in view
     cv2.rectangle(canvas, (x1, top), (x1 + tw, top + th + 3), colour, -1, cv2.LINE_AA)
     text_colour = (0, 0, 0) if sum(colour) > 450 else (255, 255, 255)
     cv2.putText(canvas, label, (x1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, text_colour, thickness,

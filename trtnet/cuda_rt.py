@@ -31,11 +31,37 @@ def cudart() -> Any:
     return runtime
 
 
+# The `trt-cuXX` extra for each CUDA major, with the NVIDIA driver it needs.
+CUDA_EXTRAS = {12: ("trt-cu12", 525), 13: ("trt-cu13", 580)}
+INSUFFICIENT_DRIVER = ("cudaErrorInsufficientDriver", "CUDA_ERROR_INSUFFICIENT_DRIVER")
+
+
+def driver_too_old_hint() -> str:
+    """What to do when the driver is older than the installed cuda-python's CUDA: the extra of an older CUDA
+    major, or a newer driver."""
+    try:
+        from cuda import bindings
+
+        major = int(str(bindings.__version__).split(".")[0])
+    except (ImportError, ValueError, AttributeError):
+        major = 0
+    older = [(m, extra, driver) for m, (extra, driver) in sorted(CUDA_EXTRAS.items()) if m < major]
+    need = CUDA_EXTRAS.get(major, ("", 0))[1]
+    update = f"update the NVIDIA driver to >= {need}" if need else "update the NVIDIA driver"
+    if not older:
+        return f"the NVIDIA driver is too old for cuda-python {major or '?'}: {update}"
+    m, extra, driver = older[-1]
+    return (f"the NVIDIA driver is too old for CUDA {major} (cuda-python {major}): {update}, or install the CUDA {m} "
+            f"stack instead: pip install \"trtnet[{extra}]\" (driver >= {driver})")
+
+
 def check(result: Any, what: str = "CUDA call") -> Any:
     """Unpack a cuda-python `(error, *values)` result: the value(s), or CudaError naming the error."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise CudaError(f"{what} failed: {getattr(err, 'name', err)}")
+        name = getattr(err, "name", err)
+        hint = f" ({driver_too_old_hint()})" if name in INSUFFICIENT_DRIVER else ""
+        raise CudaError(f"{what} failed: {name}{hint}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -51,7 +77,7 @@ def gpu_unavailable_reason() -> str | None:
         return f"no NVIDIA driver ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     name = getattr(err, "name", str(err))
     if name == "cudaErrorInsufficientDriver":
-        return f"no NVIDIA driver, or one too old for this cuda-python ({name})"
+        return f"no NVIDIA driver, or {driver_too_old_hint()} ({name})"
     if int(err) != 0:
         return f"no usable NVIDIA GPU ({name})"
     if count == 0:

@@ -4,8 +4,12 @@
     python -m trtnet.detect weights/yolov5s.fp16.engine photos/ clip.mp4 --out runs/detect --conf 0.4
     python -m trtnet.detect yolov5n 0 --show            # camera 0
 
-Writes annotated images (same file names) and videos (`<stem>.mp4`) plus `detections.json` to --out, and
-prints how many objects of each class were found. Files that cannot be read are skipped with a warning.
+    python -m trtnet.detect --device cpu yolov5n bus.jpg  # no GPU: the same network on the CPU, from the weights
+
+Writes annotated images (same file names) and videos (`<stem>.mp4`) plus `detections.json` to a new run
+folder (runs/detect/exp, exp2, …; --project/--name/--exist-ok, or --out), optionally YOLO label files
+(--save-txt), crops (--save-crop) and predictions.csv (--save-csv), and prints how many objects of each
+class were found. Files that cannot be read are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -113,32 +117,72 @@ def read_image_or_warn(path: str) -> np.ndarray | None:
         return None
 
 
-def frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
+def frames(capture: cv2.VideoCapture, stride: int = 1) -> Iterator[np.ndarray]:
+    """The frames of `capture`; with `stride` n, every n-th (the first, the n+1-th, …: `--vid-stride`)."""
+    index = 0
     while True:
-        ok, frame = capture.read()
-        if not ok or frame is None:
+        ok = capture.grab()
+        if not ok:
             return
-        yield frame
+        if index % stride == 0:
+            ok, frame = capture.retrieve()
+            if not ok or frame is None:
+                return
+            yield frame
+        index += 1
+
+
+def increment_path(path: str | os.PathLike, exist_ok: bool = False) -> Path:
+    """`path` itself when it is free (or `exist_ok`), else path2, path3, … — Ultralytics' run folders
+    (runs/detect/exp, exp2, …), so a run never overwrites an earlier one."""
+    path = Path(path)
+    if exist_ok or not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}{n}")
 
 
 # ------------------------------------------------------------------------------------------ output
 
 
-class Outputs:
-    """Where results go: annotated files in `out`, the JSON records, the per-class tally, the window."""
+@dataclass(frozen=True)
+class SaveOptions:
+    """What a run writes and how it draws (Ultralytics `predict` option names)."""
 
-    def __init__(self, out: Path, save: bool, show: bool):
+    save: bool = True  # annotated images and videos (not --nosave)
+    show: bool = False
+    save_txt: bool = False  # labels/<stem>.txt, YOLO format
+    save_conf: bool = False  # the score as a sixth column of --save-txt
+    save_crop: bool = False  # crops/<class>/<stem>.jpg
+    save_csv: bool = False  # predictions.csv
+    hide_labels: bool = False
+    hide_conf: bool = False
+    line_width: int | None = None
+    classes: tuple[int, ...] | None = None  # keep only these class ids
+
+
+CSV_COLUMNS = ("path", "frame", "cls", "name", "conf", "x1", "y1", "x2", "y2")
+
+
+class Outputs:
+    """Where results go: annotated files in `out`, the JSON records, labels, crops, the CSV, the per-class
+    tally, the window."""
+
+    def __init__(self, out: Path, save: bool = True, show: bool = False, options: SaveOptions | None = None):
         self.out = out
-        self.save = save
-        self.show = show
+        self.options = options or SaveOptions(save=save, show=show)
+        self.save = self.options.save
+        self.show = self.options.show
         self.records: list[dict] = []
+        self.csv_rows: list[tuple] = []
         self.tally: Counter = Counter()
         self.images = 0
         self.frames = 0
         self.skipped = 0
         self._used_names: set[str] = set()
-        if save:
-            out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
 
     def unique_path(self, name: str) -> Path:
         stem, suffix = os.path.splitext(name)
@@ -148,9 +192,44 @@ class Outputs:
         self._used_names.add(candidate)
         return self.out / candidate
 
-    def add(self, result, **where) -> None:
+    def add(self, result, **where):
+        """Record one image's or frame's detections (only --classes, when given) and write its label file,
+        crops and CSV rows; returns the detections kept. `where` may give `stem` (the file name to use for
+        labels and crops), `path` and `frame`."""
+        o = self.options
+        stem = where.pop("stem", None) or Path(result.path or "image").stem
+        if o.classes is not None:
+            result = result.of_classes(o.classes)
         self.records.append({**result.to_dict(), **where})
-        self.tally.update(result.names)
+        self.tally.update(result.labels)
+        frame = where.get("frame")
+        name = stem if frame is None else f"{stem}_{frame}"
+        if o.save_txt:
+            result.save_txt(self.out / "labels" / f"{name}.txt", o.save_conf)
+        if o.save_crop and result.image is not None:
+            result.save_crops(self.out / "crops", name)
+        if o.save_csv:
+            path = where.get("path", result.path)
+            self.csv_rows += [(path, "" if frame is None else frame, int(c), result.name_of(int(c)), f"{s:.5f}",
+                               *(f"{v:.2f}" for v in box))
+                              for box, s, c in zip(result.boxes, result.scores, result.classes)]
+        return result
+
+    def draw(self, result) -> np.ndarray:
+        o = self.options
+        return result.draw(line_width=o.line_width, labels=not o.hide_labels, conf=not o.hide_conf)
+
+    def write_csv(self) -> Path | None:
+        import csv
+
+        if not self.options.save_csv:
+            return None
+        path = self.out / "predictions.csv"
+        with atomic_write(path, "w") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(self.csv_rows)
+        return path
 
     @property
     def annotating(self) -> bool:
@@ -198,17 +277,19 @@ def run_images(detector, sources: list[Source], outputs: Outputs, batch: int) ->
         results = detector.detect_loaded([image for _, image in loaded], [s.location for s, _ in loaded])
         for (source, _), result in zip(loaded, results):
             outputs.images += 1
-            outputs.add(result)
+            target = outputs.unique_path(source.name)  # names labels and crops too: a/bus.jpg, b/bus.jpg
+            result = outputs.add(result, stem=target.stem)
             if not outputs.annotating:
                 continue
-            annotated = result.draw()
-            if outputs.save and not cv2.imwrite(str(outputs.unique_path(source.name)), annotated):
+            annotated = outputs.draw(result)
+            if outputs.save and not cv2.imwrite(str(target), annotated):
                 warn(f"could not write the annotated {source.name} to {outputs.out}")
             outputs.display("trtnet", annotated)
 
 
-def run_stream(detector, source: Source, outputs: Outputs, batch: int) -> None:
-    """A video file or a camera: frames in batches (1 for a camera), annotated video out."""
+def run_stream(detector, source: Source, outputs: Outputs, batch: int, vid_stride: int = 1) -> None:
+    """A video file or a camera: frames in batches (1 for a camera), annotated video out; with `vid_stride`
+    n every n-th frame."""
     is_camera = source.kind == "camera"
     capture = cv2.VideoCapture(int(source.location) if is_camera else source.location)
     if not capture.isOpened():
@@ -221,16 +302,18 @@ def run_stream(detector, source: Source, outputs: Outputs, batch: int) -> None:
     index = 0
     try:
         # pipelined: the next frames are decoded and uploaded while the GPU works on these
-        results = detector.stream(frames(capture), 1 if is_camera else batch)
-        with bar(total, source.name, "frame", unit_scale=False) as progress, contextlib.closing(results):
+        results = detector.stream(frames(capture, vid_stride), 1 if is_camera else batch)
+        stem = Path(source.name).stem
+        with bar(-(-total // vid_stride), source.name, "frame", unit_scale=False) as progress, \
+                contextlib.closing(results):
             for result in results:
                 outputs.frames += 1
-                outputs.add(result, path=source.location, frame=index)
+                result = outputs.add(result, stem=stem, path=source.location, frame=index * vid_stride)
                 index += 1
                 progress.update(1)
                 if not outputs.annotating:
                     continue
-                annotated = result.draw()
+                annotated = outputs.draw(result)
                 if outputs.save:
                     writer = writer or _video_writer(outputs.unique_path(Path(source.name).stem + ".mp4"),
                                                      fps, annotated.shape)
@@ -260,47 +343,110 @@ def _video_writer(path: Path, fps: float, shape: tuple) -> cv2.VideoWriter:
 # ------------------------------------------------------------------------------------------ command
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("detect", "Detect objects with a YOLOv5 engine in images, folders, videos or a camera.")
-    p.add_argument("engine", help="an engine path, or a name in --weights-dir (yolov5n → weights/yolov5n.fp16.engine)")
+def add_options(p) -> None:
+    p.add_argument("model", metavar="ENGINE_OR_WEIGHTS",
+                   help="an engine path, or a name in --weights-dir (yolov5n → weights/yolov5n.fp16.engine); with "
+                        "--device cpu a weights file (.pt, .wts, .safetensors) or name (yolov5n → weights/yolov5n.wts)")
     p.add_argument("source", nargs="+", help="image or video files, folders, glob patterns, camera index (0)")
-    p.add_argument("--out", default="runs/detect", help="folder for annotated images/videos and detections.json")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="gpu: the TensorRT engine; cpu: the same network run with NumPy on the CPU, from the weights")
+    p.add_argument("--imgsz", type=int, default=640, help="--device cpu: network input size")
     p.add_argument("--conf", type=float, default=0.25, help="score threshold")
     p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=1000, help="detections kept per image")
+    p.add_argument("--classes", type=int, nargs="+", metavar="ID", help="keep only these class ids (e.g. 0 2)")
     p.add_argument("--agnostic", action="store_true", help="class-agnostic NMS")
     p.add_argument("--batch", type=int, help="images per engine run (default: the engine's largest batch)")
+    p.add_argument("--project", default="runs/detect", help="results go to PROJECT/NAME")
+    p.add_argument("--name", default="exp", help="run folder under --project (exp, exp2, … when taken)")
+    p.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME instead of making exp2, exp3, …")
+    p.add_argument("--out", help="exact results folder (instead of --project/--name; reused as is)")
     p.add_argument("--show", action="store_true", help="show results in a window (q quits)")
     p.add_argument("--nosave", action="store_true", help="write only detections.json, no annotated files")
+    p.add_argument("--save-txt", action="store_true", help="labels/<image>.txt: cls cx cy w h, normalised (YOLO)")
+    p.add_argument("--save-conf", action="store_true", help="--save-txt: add the score as a sixth column")
+    p.add_argument("--save-crop", action="store_true", help="crops/<class>/<image>.jpg: each detection cut out")
+    p.add_argument("--save-csv", action="store_true", help="predictions.csv: one row per detection")
+    p.add_argument("--hide-labels", action="store_true", help="draw boxes without labels")
+    p.add_argument("--hide-conf", action="store_true", help="draw labels without scores")
+    p.add_argument("--line-width", type=int, help="box line width in pixels (default: from the image size)")
+    p.add_argument("--vid-stride", type=int, default=1, help="videos and cameras: use every n-th frame")
     p.add_argument("--cuda-graphs", action="store_true", help="replay engine + NMS as CUDA graphs")
-    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
+    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
+                   help="where names are looked up ($TRTNET_WEIGHTS)")
+
+
+def check_numbers(p, args) -> None:
+    for option, value in (("--batch", args.batch), ("--vid-stride", args.vid_stride),
+                          ("--line-width", args.line_width)):
+        if value is not None and value < 1:
+            p.error(f"{option} must be at least 1")
+
+
+def save_options(args) -> SaveOptions:
+    return SaveOptions(save=not args.nosave, show=args.show, save_txt=args.save_txt, save_conf=args.save_conf,
+                       save_crop=args.save_crop, save_csv=args.save_csv, hide_labels=args.hide_labels,
+                       hide_conf=args.hide_conf, line_width=args.line_width,
+                       classes=tuple(args.classes) if args.classes else None)
+
+
+def open_detector(args):
+    """The GPU `Detector` for an engine, or with --device cpu the `CpuDetector` for weights."""
+    if args.device == "cpu":
+        from trtnet.cpu import CpuDetector
+
+        return CpuDetector(args.model, args.conf, args.iou, args.max_det, agnostic=args.agnostic, imgsz=args.imgsz,
+                           weights_dir=args.weights_dir)
+    from trtnet.api import Detector
+    from trtnet.cuda_rt import gpu_unavailable_reason
+
+    try:
+        return Detector(args.model, args.conf, args.iou, args.max_det, agnostic=args.agnostic,
+                        cuda_graphs=args.cuda_graphs, weights_dir=args.weights_dir)
+    except TrtnetError as exc:
+        reason = gpu_unavailable_reason()
+        if reason:  # whatever failed first, say that this machine cannot run an engine and what can
+            raise TrtnetError(f"{exc} (and {reason} here: run the same network on the CPU with --device cpu "
+                              "WEIGHTS, e.g. python -m trtnet.detect --device cpu yolov5n IMAGE)") from exc
+        raise
+
+
+def results_folder(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    return increment_path(Path(args.project) / args.name, args.exist_ok)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("detect", "Detect objects with a YOLOv5 engine (or, with --device cpu, its weights on the CPU) "
+                         "in images, folders, videos or a camera.")
+    add_options(p)
     args = p.parse_args(argv)
-    if args.batch is not None and args.batch < 1:
-        p.error("--batch must be at least 1")
+    check_numbers(p, args)
 
     sources = expand_sources(args.source)
     if not sources:
         raise TrtnetError("nothing to detect on: none of the sources is a readable file, folder or camera")
-    from trtnet.api import Detector
-
     start = time.perf_counter()
-    with Detector(args.engine, args.conf, args.iou, args.max_det, agnostic=args.agnostic,
-                  cuda_graphs=args.cuda_graphs, weights_dir=args.weights_dir) as detector:
+    with open_detector(args) as detector:
         batch = args.batch or detector.max_batch
         if batch > detector.max_batch:
             print(f"note: the engine takes at most {detector.max_batch} images per run; --batch {batch} is "
                   "split into runs of that size", file=sys.stderr)
-        outputs = Outputs(Path(args.out), save=not args.nosave, show=args.show)
+        outputs = Outputs(results_folder(args), options=save_options(args))
         images = [s for s in sources if s.kind == "image"]
         if images:
             run_images(detector, images, outputs, batch)
         for source in (s for s in sources if s.kind != "image"):
-            run_stream(detector, source, outputs, batch)
+            run_stream(detector, source, outputs, batch, args.vid_stride)
     if outputs.show:
         with contextlib.suppress(cv2.error):
             cv2.destroyAllWindows()
     json_path = outputs.write_json()
+    outputs.write_csv()
     print(outputs.summary(time.perf_counter() - start))
+    if args.device == "cpu":
+        print("ran on the CPU (NumPy); on an NVIDIA GPU build an engine (python -m trtnet.build) and drop --device cpu")
     print(f"results: {json_path}" + ("" if args.nosave else f" and annotated files in {outputs.out}/"))
     if outputs.images + outputs.frames == 0:
         raise TrtnetError("no image or frame could be read from the sources given")

@@ -129,7 +129,7 @@ def test_detector_matches_official_detect_on_bus(engine, precision):
     with Detector(engine("yolov5n", precision)) as detector:
         result = detector.detect(shared("images", "bus.jpg"))[0]
     assert result.shape == tuple(golden["orig_shape_hwc"][:2])
-    assert sorted(result.names) == sorted(d["name"] for d in expected)
+    assert sorted(result.labels) == sorted(d["name"] for d in expected)
     unmatched = list(range(len(result)))
     for want in expected:
         candidates = [i for i in unmatched if result.classes[i] == want["cls"]]
@@ -243,9 +243,9 @@ def test_odd_images(engine, tmp_path):
     for result in (tiny, big, g, a):
         assert (result.boxes[:, [0, 2]] <= result.shape[1]).all() and (result.boxes[:, [1, 3]] <= result.shape[0]).all()
         assert (result.boxes >= 0).all()
-    assert "bus" in g.names and "person" in g.names
+    assert "bus" in g.labels and "person" in g.labels
     np.testing.assert_array_equal(a.classes, reference.classes)  # alpha dropped: the same image
-    assert "bus" in big.names
+    assert "bus" in big.labels
 
 
 def test_foreign_or_corrupt_engines_are_refused_clearly(engine, tmp_path):
