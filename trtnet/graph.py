@@ -165,12 +165,12 @@ class Graph:
         w, b = self.conv_weights(prefix, c1, c2, k, g, bn)
         name = name or prefix
         int8 = self.quant is not None and self.quant.quantizes(name)
+        if int8:  # Q/DQ layers come first: the executor runs layers in the order they were added
+            x, kernel = self._quantized(x, name), self._quantized_weights(w, name)
+        weights = compat.empty_weights(self.dtype) if int8 else self.const_weights(w)
+        layer = self.network.add_convolution_nd(x, c2, (k, k), weights, self.const_weights(b))
         if int8:
-            x = self._quantized(x, name)
-        kernel = compat.empty_weights(self.dtype) if int8 else self.const_weights(w)
-        layer = self.network.add_convolution_nd(x, c2, (k, k), kernel, self.const_weights(b))
-        if int8:
-            layer.set_input(1, self._quantized_weights(w, name))
+            layer.set_input(1, kernel)
         layer.stride_nd = (s, s)
         layer.padding_nd = (k // 2, k // 2) if p is None else (p, p)
         layer.num_groups = g
