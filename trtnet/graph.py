@@ -164,7 +164,7 @@ class Graph:
         c1 = x.shape[1]
         w, b = self.conv_weights(prefix, c1, c2, k, g, bn)
         name = name or prefix
-        int8 = self.quant is not None and self.quant.quantizes(name)
+        int8 = self.quant is not None and self.quant.quantizes(name, prefix)
         if int8:  # Q/DQ layers come first: the executor runs layers in the order they were added
             x, kernel = self._quantized(x, name), self._quantized_weights(w, name)
         weights = compat.empty_weights(self.dtype) if int8 else self.const_weights(w)
