@@ -132,11 +132,12 @@ def test_tensor_histograms_feed_named_batches():
     assert stats.amax("max") == {"a": 3.0, "b": 0.5}
 
 
-def test_unknown_method_is_refused():
+def test_unknown_method_is_refused_and_minmax_is_max():
     h = AbsHistogram()
-    h.add(np.ones(3))
-    with pytest.raises(TrtnetError, match="mse"):
+    h.add(np.array([1.0, -5.0]))
+    with pytest.raises(TrtnetError, match="--calib-method mse: use one of entropy, percentile, max"):
         h.amax("mse")
+    assert h.amax("minmax") == 5.0
 
 
 # -- the calibration file --------------------------------------------------------------------------

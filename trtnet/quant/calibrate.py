@@ -21,7 +21,7 @@ import numpy as np
 
 from trtnet.errors import TrtnetError
 from trtnet.quant.calibration_file import CalibrationFile, ImagesUsed, network_hash
-from trtnet.quant.histogram import DEFAULT_PERCENTILE, METHODS, AbsHistogram
+from trtnet.quant.histogram import DEFAULT_PERCENTILE, AbsHistogram, canonical_method
 from trtnet.quant.plan import QuantPlan
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -135,6 +135,7 @@ class TensorHistograms:
 
     def calibration(self, net_hash: str, method: str, images: ImagesUsed,
                     percentile: float = DEFAULT_PERCENTILE, extra: Mapping | None = None) -> CalibrationFile:
+        method = canonical_method(method)
         return CalibrationFile(net_hash, method, self.amax(method, percentile), images,
                                percentile if method == "percentile" else None, dict(extra or {}))
 
@@ -158,8 +159,7 @@ def calibrate(tensors: Mapping[str, np.ndarray], meta: Mapping, images: str | os
     from trtnet.network import default_imgsz, define_network
     from trtnet.reference import run_network
 
-    if method not in METHODS:
-        raise TrtnetError(f"--calib-method {method}: use one of {', '.join(METHODS)}")
+    method = canonical_method(method)
     if count < 1:
         raise TrtnetError(f"--calib-images {count}: must be at least 1")
     size = imgsz or default_imgsz(meta)

@@ -19,6 +19,7 @@ import numpy as np
 from trtnet.errors import TrtnetError
 
 METHODS = ("entropy", "percentile", "max")
+ALIASES = {"minmax": "max"}  # TensorRT's name for its max calibrator (IInt8MinMaxCalibrator)
 NUM_BINS = 2048
 START_BIN = 128  # the smallest clipping point entropy considers: 128 levels map one to one
 DEFAULT_PERCENTILE = 99.99
@@ -60,13 +61,20 @@ class AbsHistogram:
         return np.arange(self.counts.size + 1, dtype=np.float64) * self.width
 
     def amax(self, method: str, percentile: float = DEFAULT_PERCENTILE) -> float:
-        if method not in METHODS:
-            raise TrtnetError(f"calibration method {method!r}: use one of {', '.join(METHODS)}")
+        method = canonical_method(method)
         if method == "max" or self.counts is None:
             return self.max  # an all-zero tensor has amax 0 whatever the method
         if method == "percentile":
             return amax_percentile(self.counts, self.edges, percentile)
         return amax_entropy(self.counts, self.edges)
+
+
+def canonical_method(method: str) -> str:
+    """`method` by its name here (minmax → max); an unknown method is an error naming the choices."""
+    method = ALIASES.get(method, method)
+    if method not in METHODS:
+        raise TrtnetError(f"--calib-method {method}: use one of {', '.join(METHODS)} (or minmax)")
+    return method
 
 
 def amax_percentile(counts: np.ndarray, edges: np.ndarray, percentile: float) -> float:
@@ -88,24 +96,31 @@ def amax_entropy(counts: np.ndarray, edges: np.ndarray, num_bits: int = 8, start
     if bins.size > 1:
         bins[0] = bins[1]
     levels = 1 << (num_bits - 1)
+    filled = bins != 0
+    running = _Prefix(np.concatenate([[0.0], np.cumsum(bins)]), np.concatenate([[0], np.cumsum(filled)]))
     best_i, best_kl = bins.size, np.inf
     for i in range(min(start_bin, bins.size), bins.size + 1):
-        kl = _clipped_kl(bins, i, levels)
+        kl = _clipped_kl(bins, filled, running, i, levels)
         if kl <= best_kl:  # `<=`: the last minimum wins, as pytorch-quantization's reversed argmin
             best_i, best_kl = i, kl
     return float(edges[best_i])
 
 
-def _clipped_kl(bins: np.ndarray, i: int, levels: int) -> float:
-    head = bins[:i]
-    level = np.digitize(np.arange(i), np.linspace(0, i, num=levels + 1)) - 1
-    nonzero = head != 0
-    level_total = np.bincount(level[nonzero], weights=head[nonzero], minlength=levels)
-    level_bins = np.bincount(level[nonzero], minlength=levels)
-    spread = np.divide(level_total, level_bins, out=np.zeros(levels), where=level_bins > 0)
-    q = np.where(nonzero, spread[level], 0.0)
-    p = head.copy()
-    p[-1] += bins[i:].sum()
+@dataclass(frozen=True)
+class _Prefix:
+    counts: np.ndarray  # counts[j]: the sum of bins [0, j)
+    filled: np.ndarray  # filled[j]: how many of bins [0, j) are nonzero
+
+
+def _clipped_kl(bins: np.ndarray, filled: np.ndarray, running: _Prefix, i: int, levels: int) -> float:
+    # Level k merges the bins j with edge_k <= j < edge_k+1 (np.digitize on the same linspace).
+    starts = np.ceil(np.linspace(0, i, num=levels + 1)).astype(np.int64)
+    level_total = running.counts[starts[1:]] - running.counts[starts[:-1]]
+    level_filled = running.filled[starts[1:]] - running.filled[starts[:-1]]
+    spread = np.divide(level_total, level_filled, out=np.zeros(levels), where=level_filled > 0)
+    q = np.where(filled[:i], np.repeat(spread, np.diff(starts)), 0.0)
+    p = bins[:i].copy()
+    p[-1] += running.counts[-1] - running.counts[i]
     return _kl(p, q)
 
 
