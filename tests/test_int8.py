@@ -405,3 +405,75 @@ def test_executor_quantizes_per_channel_along_the_axis():
     got = run_network(network, {"x": x}, keep="q")
     assert got["q"].tolist() == [[[1, -2], [3, 2]]]  # 2.6 → 3, 2.5 → 2 (half to even)
     np.testing.assert_allclose(got[out], [[[1.0, -2.0], [0.3, 0.2]]], rtol=1e-6)
+
+
+# -- build options ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    (dict(mode="implicit", calib_method="percentile"), "implicit calibrates with TensorRT's entropy"),
+    (dict(mode="implicit", keep=("model.2",)), "--int8-keep applies to --int8-mode explicit"),
+    (dict(keep=("auto",)), "--int8-keep auto needs the sensitivity report"),
+    (dict(mode="fast"), "--int8-mode fast"),
+    (dict(calib_images=0), "--calib-images 0"),
+    (dict(calib_method="kl"), "--calib-method kl"),
+])
+def test_contradicting_int8_options_are_refused(changes, message):
+    from trtnet.quant.options import Int8Options
+
+    with pytest.raises(TrtnetError, match=message):
+        Int8Options(calib="images", **changes).checked()
+
+
+def test_int8_options_name_methods_canonically_and_none_keeps_nothing():
+    from trtnet.quant.options import Int8Options
+
+    checked = Int8Options(calib="images", calib_method="minmax", keep=("none",)).checked()
+    assert checked.calib_method == "max" and checked.keep == ()
+
+
+TENSORS = {"w": np.ones((2, 2), np.float32)}
+META = {"family": "yolov5", "yaml": {"nc": 1}}
+
+
+def _no_calibration(*args, **kwargs):
+    raise AssertionError("calibrated although a calibration file was given")
+
+
+def test_an_existing_calibration_file_is_used_without_calibrating(tmp_path, monkeypatch):
+    from trtnet.quant import options
+
+    monkeypatch.setattr(options, "calibrate", _no_calibration)
+    path = tmp_path / "c.json"
+    _calibration(network_hash=network_hash(TENSORS, META)).write(path)
+    plan, calib, used = options.explicit_plan(options.Int8Options(calib_cache=str(path), keep=("model.0",)),
+                                              TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None)
+    assert used == path and plan.amax == {"images": 1.0, "model.0": 4.5} and not plan.quantizes("model.0.conv")
+    other = {"w": np.zeros((2, 2), np.float32)}
+    with pytest.raises(TrtnetError, match="another network"):
+        options.explicit_plan(options.Int8Options(calib_cache=str(path)), other, META, 320, tmp_path / "e.engine",
+                              log=lambda _: None)
+
+
+def test_without_images_or_an_existing_file_int8_is_refused(tmp_path):
+    from trtnet.quant.options import Int8Options, explicit_plan
+
+    with pytest.raises(TrtnetError, match="--calib-cache .*absent.json does not exist and no calibration images"):
+        explicit_plan(Int8Options(calib_cache=str(tmp_path / "absent.json")), TENSORS, META, 320, tmp_path / "e.engine")
+    with pytest.raises(TrtnetError, match="--int8: no calibration images"):
+        explicit_plan(Int8Options(), TENSORS, META, 320, tmp_path / "e.engine")
+
+
+def test_calibration_is_written_beside_the_engine(tmp_path, monkeypatch):
+    from trtnet.quant import options
+    from trtnet.quant.calibrate import CalibrationRun
+
+    seen = {}
+
+    def fake_calibrate(tensors, meta, images, **kwargs):
+        seen.update(kwargs, images=images)
+        return CalibrationRun(_calibration(), 0.1, 0.0)
+
+    monkeypatch.setattr(options, "calibrate", fake_calibrate)
+    plan, calib, path = options.explicit_plan(options.Int8Options(calib="imgs", calib_images=8), TENSORS, META, 320,
+                                              tmp_path / "yolov5n.int8.engine", log=lambda _: None)
+    assert path == tmp_path / "yolov5n.int8.calib.json" and read_calibration(path) == calib
+    assert seen["images"] == "imgs" and seen["count"] == 8 and seen["imgsz"] == 320 and seen["method"] == "entropy"

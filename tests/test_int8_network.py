@@ -221,3 +221,30 @@ def test_cpu_calibration_on_coco128_images(yolov5n, tmp_path):
     path = tmp_path / "yolov5n.calib.json"
     calib.write(path)
     assert read_calibration(path, network_hash(yolov5n.state_dict, yolov5n.meta)) == calib
+
+
+@pytest.mark.slow
+def test_int8_resnet18_runs_and_builds_with_tensorrt_rtx():
+    """ResNet's convolutions and residual additions take the same Q/DQ (ranges here: the golden input's own
+    maxima); its top-1 stays and the fp16 + INT8 definition builds."""
+    from trtnet import compat
+    from trtnet.checkpoint import read_checkpoint
+    from trtnet.graph import quantizing
+    from trtnet.network import define_network
+    from trtnet.quant.calibrate import quantizable_tensors
+    from trtnet.quant.plan import QuantPlan
+    from trtnet.reference import run_network
+
+    ckpt = read_checkpoint(shared("weights", "synthetic", "resnet18_syn.pth"))
+    x = np.ascontiguousarray(np.load(shared("golden", "golden_resnet18_syn.npz"))["x"][:1])
+    builder = compat.trt().Builder(compat.Logger())
+    fp32 = define_network(builder, ckpt.state_dict, ckpt.meta, imgsz=224)
+    names = sorted(set(quantizable_tensors(fp32.network).values()))
+    seen = run_network(fp32.network, {fp32.input_name: x}, keep=names)
+    with quantizing(QuantPlan({n: float(np.abs(seen[n]).max()) for n in names})):
+        int8 = define_network(builder, ckpt.state_dict, ckpt.meta, imgsz=224, precision="fp16")
+    (name,) = int8.output_names
+    got = run_network(int8.network, {int8.input_name: x})[name]
+    assert got.argmax() == seen[name].argmax()
+    config = compat.builder_config(builder, compat.BuildOptions(precision="fp16", int8=True))
+    assert compat.build_serialized(builder, int8.network, config), compat.Logger().errors[-3:]
