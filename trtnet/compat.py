@@ -205,6 +205,7 @@ class BuildOptions:
     target_cc: Sequence[str] = ()  # TensorRT-RTX ahead-of-time targets, e.g. ("8.6", "8.9")
     timing_cache: bytes | None = None
     profiles: Sequence[tuple[str, tuple, tuple, tuple]] = ()  # (input, min, opt, max) for dynamic dims
+    int8: bool = False  # the network holds Q/DQ layers (explicit quantization)
 
 
 def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any:
@@ -212,6 +213,8 @@ def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any
     config = builder.create_builder_config()
     if options.precision == "fp16" and not f.strongly_typed:
         config.set_flag(t.BuilderFlag.FP16)
+    if options.int8 and not f.strongly_typed:  # weakly typed TensorRT runs Q/DQ networks only with INT8 on
+        config.set_flag(t.BuilderFlag.INT8)
     # TensorRT enables TF32 by default on Ampere and newer; strict fp32 needs it off.
     if hasattr(t.BuilderFlag, "TF32"):
         if options.tf32:
@@ -287,3 +290,65 @@ def deserialize(plan: bytes, logger=None):
     if engine is None:
         raise TrtnetError("TensorRT could not deserialize the engine: rebuild it with this TensorRT and GPU")
     return runtime, engine
+
+
+# -- INT8 ------------------------------------------------------------------------------------------
+# Explicit quantization (Q/DQ layers) works everywhere. Scales are float32 constants on every version:
+# TensorRT 8.5 requires it, and strongly typed TensorRT (10+, RTX) accepts float32 scales beside fp16
+# data (RTX 1.7 builds them; it converts half scales to fp32 itself). Strongly typed TensorRT also needs
+# the Q output type (int8) and the DQ output type (the graph's compute type) spelled out.
+def quantize(network, tensor, scale, axis: int | None = None):
+    """Q: `tensor` → int8 with `scale` (a float32 constant tensor: a scalar, or one per `axis` entry)."""
+    t, f = trt(), flavour()
+    layer = network.add_quantize(tensor, scale, t.int8) if f.strongly_typed else network.add_quantize(tensor, scale)
+    if axis is not None:
+        layer.axis = axis
+    return layer
+
+
+def dequantize(network, tensor, scale, dtype: np.dtype, axis: int | None = None):
+    """DQ: int8 `tensor` → `dtype` (the compute type; float32 only on weakly typed TensorRT)."""
+    f = flavour()
+    if f.strongly_typed:
+        layer = network.add_dequantize(tensor, scale, trt_dtype(dtype))
+    else:
+        layer = network.add_dequantize(tensor, scale)
+    if axis is not None:
+        layer.axis = axis
+    return layer
+
+
+def empty_weights(dtype: np.dtype):
+    """Weights with no values (a kernel that comes from a tensor input instead), in `dtype`."""
+    return trt().Weights(trt_dtype(dtype))
+
+
+def implicit_int8_support() -> str | None:
+    """Why legacy calibrator INT8 (--int8-mode implicit) is unavailable here, or None where it works:
+    TensorRT 11 and TensorRT-RTX removed the calibrators and the INT8 builder flag."""
+    t, f = trt(), flavour()
+    if f.is_rtx or f.major >= 11 or not hasattr(t, "IInt8EntropyCalibrator2"):
+        return (f"{f} has no INT8 calibrators (removed in TensorRT 11 and TensorRT-RTX): use "
+                "--int8-mode explicit (Q/DQ, the default)")
+    return None
+
+
+def create_weakly_typed_network(builder) -> Any:
+    """A network whose precision TensorRT picks (builder flags): what the legacy INT8 calibrator needs;
+    define it with an fp32 graph (compute_dtype('fp32'))."""
+    t, f = trt(), flavour()
+    if f.major >= 10:
+        return builder.create_network(0)  # explicit batch is the only mode from 10 on
+    return builder.create_network(1 << int(t.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+
+
+def set_implicit_int8(config, calibrator, fp16: bool = True) -> None:
+    """INT8 from a calibrator (TensorRT 8.x/10.x), fp16 (or fp32) where a layer is faster so."""
+    reason = implicit_int8_support()
+    if reason:
+        raise TrtnetError(reason)
+    t = trt()
+    config.set_flag(t.BuilderFlag.INT8)
+    if fp16:
+        config.set_flag(t.BuilderFlag.FP16)
+    config.int8_calibrator = calibrator

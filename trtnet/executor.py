@@ -43,6 +43,7 @@ _LAYER_CLASSES = {
     "CONSTANT": "IConstantLayer",
     "CONVOLUTION": "IConvolutionLayer",
     "DECONVOLUTION": "IDeconvolutionLayer",
+    "DEQUANTIZE": "IDequantizeLayer",
     "ELEMENTWISE": "IElementWiseLayer",
     "FILL": "IFillLayer",
     "GATHER": "IGatherLayer",
@@ -51,6 +52,7 @@ _LAYER_CLASSES = {
     "PADDING": "IPaddingLayer",
     "PARAMETRIC_RELU": "IParametricReLULayer",
     "POOLING": "IPoolingLayer",
+    "QUANTIZE": "IQuantizeLayer",
     "REDUCE": "IReduceLayer",
     "RESIZE": "IResizeLayer",
     "SCALE": "IScaleLayer",
@@ -73,6 +75,7 @@ _PARAMS = {
     "CONSTANT": ("shape",),
     "CONVOLUTION": ("num_output_maps", "kernel_size_nd", "stride_nd", "pre_padding", "post_padding",
                     "dilation_nd", "num_groups", "padding_mode"),
+    "DEQUANTIZE": ("axis",),
     "ELEMENTWISE": ("op",),
     "FILL": ("operation", "alpha", "beta"),
     "GATHER": ("axis", "mode", "num_elementwise_dims"),
@@ -80,6 +83,7 @@ _PARAMS = {
     "PADDING": ("pre_padding_nd", "post_padding_nd"),
     "POOLING": ("type", "window_size_nd", "stride_nd", "pre_padding", "post_padding", "padding_mode",
                 "average_count_excludes_padding"),
+    "QUANTIZE": ("axis",),
     "REDUCE": ("op", "axes", "keep_dims"),
     "RESIZE": ("scales", "resize_mode", "coordinate_transformation", "nearest_rounding"),
     "SCALE": ("mode", "channel_axis"),
@@ -817,12 +821,34 @@ def _take(data, indices, axis: int):
     return picked.reshape(tuple(data.shape[:axis]) + tuple(indices.shape) + tuple(data.shape[axis + 1:]))
 
 
+# -- INT8 ------------------------------------------------------------------------------------------
+def _quantize(r: _Runner, layer, xs: list):
+    """TensorRT's IQuantizeLayer: clamp(round_half_to_even(x / scale), -128, 127), per tensor (scalar
+    scale) or per channel along `axis`; the int8 output dtype is applied on store, exactly."""
+    x = xs[0]
+    return r.torch.clamp(r.torch.round(x / _qdq_scale(layer, xs[1], x.dim())), -128, 127)
+
+
+def _dequantize(r: _Runner, layer, xs: list):
+    """TensorRT's IDequantizeLayer: q * scale."""
+    scale = _qdq_scale(layer, xs[1], xs[0].dim())
+    return xs[0].to(scale.dtype) * scale
+
+
+def _qdq_scale(layer, scale, rank: int):
+    if scale.numel() == 1:
+        return scale.reshape(())
+    axis = layer.axis % rank
+    return scale.reshape((1,) * axis + (-1,) + (1,) * (rank - axis - 1))
+
+
 _OPS: dict[str, Callable[[_Runner, Any, list], Any]] = {
     "ACTIVATION": _activation,
     "CAST": _pass_through,
     "CONCATENATION": _concatenation,
     "CONSTANT": _constant,
     "CONVOLUTION": _convolution,
+    "DEQUANTIZE": _dequantize,
     "ELEMENTWISE": _elementwise,
     "FILL": _fill,
     "GATHER": _gather,
@@ -831,6 +857,7 @@ _OPS: dict[str, Callable[[_Runner, Any, list], Any]] = {
     "PADDING": _padding,
     "PARAMETRIC_RELU": _parametric_relu,
     "POOLING": _pooling,
+    "QUANTIZE": _quantize,
     "REDUCE": _reduce,
     "RESIZE": _resize,
     "SCALE": _scale,

@@ -4,17 +4,43 @@ Weights are looked up by their PyTorch state-dict names and checked against the 
 architecture implies, before TensorRT sees them; tensors are named after the PyTorch modules that
 produce them (`model.4`, `layer2`), so errors, goldens and `trtnet.inspect` all use one vocabulary.
 Precision and TensorRT-version details come from `trtnet.compat`; network modules never ask.
+
+INT8 (explicit quantization): given a `trtnet.quant.plan.QuantPlan`, `conv` quantizes its input
+(per tensor) and its weights (per output channel, axis 0) with Q/DQ pairs, and `add` reads the
+dequantized copy of an input that is already quantized — the placement of TensorRT's developer guide
+("Q/DQ Layer-Placement Recommendations"): quantize all inputs of weighted operations, not their outputs,
+and quantize the residual input of an addition so TensorRT fuses the addition into the convolution
+before it. A concatenation gets no Q/DQ of its own; when it feeds convolutions, its one output is
+quantized with one scale, which is the shared scale TensorRT needs to run the concatenation in INT8.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trtnet import compat
 from trtnet.errors import TrtnetError
+
+if TYPE_CHECKING:
+    from trtnet.quant.plan import QuantPlan
+
+# The plan graphs made inside `quantizing(plan)` use when not given one (define_network makes its Graph).
+_ACTIVE_QUANT_PLAN: ContextVar[QuantPlan | None] = ContextVar("trtnet_quant_plan", default=None)
+
+
+@contextlib.contextmanager
+def quantizing(plan: QuantPlan) -> Iterator[QuantPlan]:
+    """Graphs created in this block (e.g. by define_network) are INT8 graphs quantized by `plan`."""
+    token = _ACTIVE_QUANT_PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _ACTIVE_QUANT_PLAN.reset(token)
 
 
 class WeightStore:
@@ -83,7 +109,8 @@ def fold_batchnorm(w: np.ndarray, bn: Mapping[str, np.ndarray], eps: float) -> t
 class Graph:
     """Adds layers to `network`; `dtype` is the in-graph compute type (compat.compute_dtype)."""
 
-    def __init__(self, network, weights: WeightStore, dtype: np.dtype, bn_eps: float = 1e-5):
+    def __init__(self, network, weights: WeightStore, dtype: np.dtype, bn_eps: float = 1e-5,
+                 quant: QuantPlan | None = None):
         self.network = network
         self.weights = weights
         self.dtype = np.dtype(dtype)
@@ -91,10 +118,14 @@ class Graph:
         self.activation = "silu"  # the default activation of conv blocks; a network may change it
         self.trt = compat.trt()
         self._keep: list[np.ndarray] = []  # TensorRT may read weight buffers until the build ends
+        self.quant = quant if quant is not None else _ACTIVE_QUANT_PLAN.get()
+        self._dequantized: dict[str, Any] = {}  # tensor name → its Q/DQ copy
+        self._calibrated_as: dict[str, str] = {}  # input casts → the input name calibration saw
 
     # -- I/O ---------------------------------------------------------------------------------------
     def input(self, name: str, shape: Sequence[int]):
         x = self.network.add_input(name, self.trt.float32, tuple(shape))
+        self._calibrated_as[f"{name}.cast"] = name
         return self._to_compute(x, f"{name}.cast")
 
     def output(self, x, name: str) -> None:
@@ -132,11 +163,18 @@ class Graph:
         """Conv2d `prefix.weight` (+ its bias, or + the BatchNorm named `bn` folded in)."""
         c1 = x.shape[1]
         w, b = self.conv_weights(prefix, c1, c2, k, g, bn)
-        layer = self.network.add_convolution_nd(x, c2, (k, k), self.const_weights(w), self.const_weights(b))
+        name = name or prefix
+        int8 = self.quant is not None and self.quant.quantizes(name, prefix)
+        if int8:  # Q/DQ layers come first: the executor runs layers in the order they were added
+            x, kernel = self._quantized(x, name), self._quantized_weights(w, name)
+        weights = compat.empty_weights(self.dtype) if int8 else self.const_weights(w)
+        layer = self.network.add_convolution_nd(x, c2, (k, k), weights, self.const_weights(b))
+        if int8:
+            layer.set_input(1, kernel)
         layer.stride_nd = (s, s)
         layer.padding_nd = (k // 2, k // 2) if p is None else (p, p)
         layer.num_groups = g
-        return self._named(layer, name or prefix)
+        return self._named(layer, name)
 
     def act(self, x, kind: str, name: str):
         t = self.trt
@@ -154,6 +192,8 @@ class Graph:
         raise TrtnetError(f"{name}: unsupported activation {kind!r} (silu, relu, leaky_relu:<slope>)")
 
     def add(self, a, b, name: str):
+        if self.quant is not None:  # the residual input, quantized already for a convolution
+            a, b = (self._dequantized.get(t.name, t) for t in (a, b))
         return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.SUM), name)
 
     def concat(self, xs: Sequence[Any], name: str, axis: int = 1):
@@ -254,6 +294,32 @@ class Graph:
         """a @ b over the last two axes (leading axes broadcast), each operand optionally transposed."""
         layer = compat.matrix_multiply(self.network, a, b, transpose_b=transpose_b, transpose_a=transpose_a)
         return self._named(layer, name)
+
+    # -- INT8 (Q/DQ) --------------------------------------------------------------------------------
+    def _quantized(self, x, layer: str):
+        """x through Q/DQ with its calibrated per-tensor scale (one pair per tensor, shared by readers)."""
+        if x.name not in self._dequantized:
+            calibrated = self._calibrated_as.get(x.name, x.name)
+            scale = self._scale_constant(self.quant.activation_scale(calibrated, layer), f"{x.name}.int8_scale")
+            q = self._named(compat.quantize(self.network, x, scale), f"{x.name}.quantize")
+            self._dequantized[x.name] = self._named(compat.dequantize(self.network, q, scale, self.dtype),
+                                                    f"{x.name}.dequantize")
+        return self._dequantized[x.name]
+
+    def _quantized_weights(self, w: np.ndarray, layer: str):
+        """The kernel as a constant through Q/DQ with per-output-channel scales (max |w| / 127)."""
+        from trtnet.quant.histogram import int8_scale, weight_amax_per_channel
+
+        kernel = self._named(self.network.add_constant(w.shape, self.const_weights(w)), f"{layer}.weight")
+        scale = self._scale_constant(int8_scale(weight_amax_per_channel(w, axis=0)), f"{layer}.weight_scale")
+        q = self._named(compat.quantize(self.network, kernel, scale, axis=0), f"{layer}.weight.quantize")
+        return self._named(compat.dequantize(self.network, q, scale, self.dtype, axis=0), f"{layer}.weight.dequantize")
+
+    def _scale_constant(self, scale: np.ndarray, name: str):
+        scale = np.ascontiguousarray(scale, dtype=np.float32)  # float32 on every TensorRT (compat.quantize)
+        self._keep.append(scale)
+        shape = () if scale.ndim == 0 else scale.shape
+        return self._named(self.network.add_constant(shape, self.trt.Weights(scale.reshape(-1))), name)
 
     # -- naming ------------------------------------------------------------------------------------
     @staticmethod

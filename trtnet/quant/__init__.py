@@ -1,0 +1,18 @@
+"""INT8: calibration (histograms → amax), the calibration file, Q/DQ plans, the legacy calibrator.
+
+How a build makes an INT8 engine (explicit quantization, every TensorRT):
+
+    from trtnet.graph import quantizing
+    from trtnet.quant.options import Int8Options, explicit_plan
+
+    plan, calibration, calib_path = explicit_plan(Int8Options(calib=..., calib_images=..., ...),
+                                                  tensors, meta, imgsz, engine_path, log)
+    with quantizing(plan):                 # (or Graph(..., quant=plan) once define_network takes it)
+        defined = define_network(builder, tensors, meta, precision="fp16", ...)
+    config = compat.builder_config(builder, compat.BuildOptions(precision="fp16", int8=True, ...))
+
+Modules: `histogram` (AbsHistogram; entropy / percentile / max amax; per-channel weight amax),
+`calibration_file` (CalibrationFile JSON, network_hash, read_calibration), `plan` (QuantPlan),
+`calibrate` (image loader, TensorHistograms, the CPU pass), `options` (Int8Options, explicit_plan),
+`implicit` (IInt8EntropyCalibrator2 and TensorRT's calibration cache, TensorRT 8.x/10.x).
+"""
