@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from trtnet.errors import TrtnetError
+from trtnet.meta_checks import MAX_CLASSES, check_anchors, check_count, check_eps, check_head_channels, check_strides
 from trtnet.networks import resnet as resnet_network
 from trtnet.safe_pickle import InertRecord, ModuleRecord, load_pickle  # noqa: F401  (re-exported)
 
@@ -115,7 +116,7 @@ def _to_float32(tensors: dict) -> OrderedDict[str, np.ndarray]:
 
 
 def _bn_eps(path: Path, model: ModuleRecord) -> float | None:
-    eps = {float(m.get("eps")) for m in model.walk() if m.class_name.startswith("BatchNorm")}
+    eps = {check_eps(m.get("eps"), path) for m in model.walk() if m.class_name.startswith("BatchNorm")}
     if len(eps) > 1:
         raise TrtnetError(f"{path}: BatchNorm layers use different eps values {sorted(eps)}; trtnet assumes one")
     return eps.pop() if eps else None
@@ -126,11 +127,13 @@ def _bn_eps(path: Path, model: ModuleRecord) -> float | None:
 
 def _yolov5(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
     detect = _detect_head(path, model)
-    strides = [int(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
+    strides = check_strides(model.get("stride"), path)
     anchors = np.asarray((detect.get("_buffers") or {}).get("anchors"), dtype=np.float32)
     if anchors.ndim != 3 or anchors.shape[0] != len(strides):
         raise TrtnetError(f"{path}: Detect's anchors {anchors.shape} do not match the model's strides {strides}")
-    nc = int(detect.get("nc"))
+    nc = check_count(detect.get("nc"), "Detect.nc", path, MAX_CLASSES)
+    check_anchors(anchors, len(strides), path)
+    check_head_channels(path, detect, nc, anchors.shape[1])
     state_dict = module_state_dict(model)
     meta = {
         "family": "yolov5",
