@@ -226,6 +226,14 @@ def laughing_persistent_id(levels: int) -> bytes:
     return _model(pid + pickle.BINPERSID)
 
 
+def laughing_dict_key(levels: int) -> bytes:
+    """A dict whose key is a tuple that holds the same tuple twice, `levels` deep: hashing it never ends."""
+    body = pickle.EMPTY_TUPLE + _binput(0) + pickle.POP
+    for level in range(1, levels + 1):
+        body += _binget(level - 1) + _binget(level - 1) + pickle.TUPLE2 + _binput(level) + pickle.POP
+    return _model(body + pickle.EMPTY_DICT + _binget(levels) + pickle.NONE + pickle.SETITEM)
+
+
 def memo_put(index: int) -> bytes:
     return _model(pickle.NONE + _binput(index))
 

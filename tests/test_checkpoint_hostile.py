@@ -53,6 +53,10 @@ def _laughs(tmp: Path) -> tuple[Path, str]:
     return hostile.write_zip(tmp / "laughs.pt", pickled=hostile.laughing_persistent_id(60)), "storage key"
 
 
+def _laughing_key(tmp: Path) -> tuple[Path, str]:
+    return hostile.write_zip(tmp / "key.pt", pickled=hostile.laughing_dict_key(60)), "more than 10000 nested tuples"
+
+
 def _shared_tree(tmp: Path) -> tuple[Path, str]:
     return hostile.write_zip(tmp / "tree.pt", pickled=hostile.shared_module_tree(60)), "nested more than 100 deep"
 
@@ -123,17 +127,23 @@ def _truncated(tmp: Path) -> tuple[Path, str]:
     return path, "truncated or corrupt checkpoint"
 
 
+def _truncated_legacy(tmp: Path) -> tuple[Path, str]:
+    path = hostile.write_legacy(tmp / "cut.pth", {"w": hostile.tensor(np.arange(1000, dtype=np.float32))})
+    path.write_bytes(path.read_bytes()[:-100])
+    return path, "truncated or corrupt checkpoint"
+
+
 def _directory(tmp: Path) -> tuple[Path, str]:
     (tmp / "folder.pt").mkdir()
     return tmp / "folder.pt", "is a directory"
 
 
-CASES = {"billion_laughs_pid": _laughs, "shared_module_tree_60": _shared_tree,
+CASES = {"billion_laughs_pid": _laughs, "billion_laughs_dict_key": _laughing_key, "shared_module_tree_60": _shared_tree,
          "shared_module_tree_30": _shallow_shared_tree, "module_cycle": _cycle, "module_chain_100k": _long_chain,
          "module_chain_1k": _deep_chain, "zero_stride": _zero_stride, "overlapping_views": _overlapping_views,
          "legacy_zero_stride": _legacy_zero_stride, "ndarray_1tib": _ndarray, "memo_2_31": _memo,
          "legacy_count_2_40": _legacy_count, "zip_bomb_2gib": _zip_bomb, "yolov5n_nc_2e8": _nc,
-         "truncated": _truncated, "directory": _directory}
+         "truncated": _truncated, "truncated_legacy": _truncated_legacy, "directory": _directory}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -42,6 +42,7 @@ class Limits:
 
     max_pickle_bytes: int = 64 << 20
     max_opcodes: int = 500_000  # yolov5n's pickle has 34k
+    max_hash_work: int = 10_000  # tuples walked to hash one dict key or set member
     max_visits: int = 100_000  # yolov5s: 8k
     max_depth: int = 100
     max_inflation: int = 100  # uncompressed / compressed size of a zip entry above 1 MiB
@@ -337,60 +338,112 @@ def _check_persistent_id(pid: Any) -> None:
         raise _Refused("a storage view that is not (key, offset, size)")
 
 
-def _opcode_args() -> list:
-    """Per opcode byte: how its argument is laid out (pickletools' descriptors), None if no such opcode."""
+def _opcode_table() -> list:
+    """Per opcode byte, None if no such opcode, else (argument layout, items popped before the mark or
+    -1 if it pops no mark, items popped, items pushed), from pickletools' descriptors."""
     table: list = [None] * 256
     for op in pickletools.opcodes:
         n = 0 if op.arg is None else op.arg.n
         lines = 2 if op.arg is not None and op.arg.name == "stringnl_noescape_pair" else 1
-        table[ord(op.code)] = ("lines", lines) if n == pickletools.UP_TO_NEWLINE else n
+        before = [item.name for item in op.stack_before]
+        below_mark = before.index("mark") if "mark" in before else -1
+        layout = ("lines", lines) if n == pickletools.UP_TO_NEWLINE else n
+        table[ord(op.code)] = (layout, below_mark, len(before), len(op.stack_after))
     return table
 
 
-_OPCODE_ARGS = _opcode_args()
+_OPCODES = _opcode_table()
 _LENGTH_BYTES = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
                  pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
-_LONG_BINPUT, _PUT, _STOP = ord(pickle.LONG_BINPUT), ord(pickle.PUT), ord(pickle.STOP)
+_CODE = {name: ord(getattr(pickle, name)) for name in (
+    "LONG_BINPUT", "BINPUT", "PUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET", "STOP", "MARK", "POP", "DUP",
+    "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET")}
+_MEMO_PUTS = {_CODE["PUT"], _CODE["BINPUT"], _CODE["LONG_BINPUT"], _CODE["MEMOIZE"]}
+_MEMO_GETS = {_CODE["GET"], _CODE["BINGET"], _CODE["LONG_BINGET"]}
+_TUPLES = {_CODE["TUPLE1"], _CODE["TUPLE2"], _CODE["TUPLE3"]}
+_HASHES_KEYS = {_CODE["SETITEMS"]: 2, _CODE["DICT"]: 2, _CODE["ADDITEMS"]: 1, _CODE["FROZENSET"]: 1}
+_MEMOIZE, _MARK, _STOP, _POP, _DUP, _TUPLE, _SETITEM = (
+    _CODE[name] for name in ("MEMOIZE", "MARK", "STOP", "POP", "DUP", "TUPLE", "SETITEM"))
 
 
 def _check_opcodes(data: bytes | mmap.mmap, pos: int, limits: Limits) -> None:
-    """One lean pass over the pickle's opcodes from `pos` to STOP, before it runs: at most `max_opcodes`
-    (every opcode makes at most one object), and no memo index above the opcode count (CPython's
-    unpickler sizes its memo by the largest index; a pickler numbers them from 0). pickletools.genops
-    would do, at a tenth of the speed."""
-    end = len(data)
+    """One lean pass over the pickle's opcodes from `pos` to STOP, before it runs. It refuses more than
+    `max_opcodes` (every opcode makes at most one object); a memo index above the opcode count (CPython
+    sizes its memo by the largest index; a pickler numbers them from 0); and a dict key or set member
+    whose hashing would walk more than `max_hash_work` tuples (a tuple's hash is not cached: one holding
+    the same tuple twice, 60 levels deep, would hash for ever inside the unpickler). For that it tracks
+    each stack item's hashing cost: 1, or for a tuple 1 + its items' costs. Written flat for speed."""
+    end, stack, marks, memo = len(data), [], [], {}
+    memo_puts, memo_gets, tuples = _MEMO_PUTS, _MEMO_GETS, _TUPLES
     for count in range(limits.max_opcodes):
         if pos >= end:
             raise _Corrupt("its pickle ends before its STOP opcode")
         op = data[pos]
-        layout = _OPCODE_ARGS[op]
+        entry = _OPCODES[op]
+        if entry is None:
+            raise _Corrupt(f"unknown pickle opcode {op:#04x} at byte {pos}")
+        layout, below_mark, pops, pushes = entry
         pos += 1
-        if layout is None:
-            raise _Corrupt(f"unknown pickle opcode {op:#04x} at byte {pos - 1}")
-        if op == _STOP:
-            return
-        if isinstance(layout, tuple):
-            line_start = pos
+        arg_start = pos
+        if type(layout) is int:
+            if layout >= 0:
+                pos += layout
+            else:
+                width = _LENGTH_BYTES[layout]
+                pos += width + int.from_bytes(data[arg_start:arg_start + width], "little")
+        else:
             for _ in range(layout[1]):
                 pos = data.find(b"\n", pos) + 1
                 if pos == 0:
                     raise _Corrupt("its pickle ends inside an opcode's argument")
-            if op == _PUT and _memo_index_too_large(bytes(data[line_start:pos - 1]), count):
-                raise _Refused(f"its pickle uses memo index {bytes(data[line_start:pos - 1])[:20]!r} after only "
+        if pops > len(stack):
+            raise _Corrupt(f"its pickle pops an empty stack at byte {arg_start - 1}")
+        if op in memo_puts:
+            index = len(memo) if op == _MEMOIZE else _memo_index(op, bytes(data[arg_start:pos]))
+            if index is None or index > count or not stack:
+                raise _Refused(f"its pickle uses memo index {index if index is not None else '?'} after only "
                                f"{count} opcodes")
-        elif layout >= 0:
-            if op == _LONG_BINPUT and int.from_bytes(data[pos:pos + 4], "little") > count:
-                index = int.from_bytes(data[pos:pos + 4], "little")
-                raise _Refused(f"its pickle uses memo index {index} after only {count} opcodes")
-            pos += layout
+            memo[index] = stack[-1]
+        elif op in memo_gets:
+            stack.append(memo.get(_memo_index(op, bytes(data[arg_start:pos])), 1))
+        elif below_mark >= 0:
+            if not marks:
+                raise _Corrupt(f"its pickle has no MARK for the opcode at byte {arg_start - 1}")
+            start = marks.pop()
+            items = stack[start:]
+            del stack[max(0, start - below_mark):]
+            if op in _HASHES_KEYS:
+                _check_hash_work(items[::_HASHES_KEYS[op]], limits)
+            stack.extend([1 + sum(items) if op == _TUPLE else 1] * pushes)
+        elif op == _MARK:
+            marks.append(len(stack))
+        elif op == _STOP:
+            return
+        elif pops == 0:
+            stack.extend([1] * pushes)
         else:
-            width = _LENGTH_BYTES[layout]
-            pos += width + int.from_bytes(data[pos:pos + width], "little")
+            if op == _POP and marks and marks[-1] == len(stack):
+                marks.pop()
+                continue
+            items = stack[-pops:]
+            del stack[-pops:]
+            if op == _SETITEM:
+                _check_hash_work(items[1:2], limits)
+            stack.extend([1 + sum(items) if op in tuples else (items[-1] if op == _DUP else 1)] * pushes)
     raise _Refused(f"its pickle has more than {limits.max_opcodes} opcodes (objects)")
 
 
-def _memo_index_too_large(text: bytes, count: int) -> bool:
-    return not (text.isdigit() and len(text) < 12 and int(text) <= count)
+def _memo_index(op: int, arg: bytes) -> int | None:
+    if op in (_CODE["PUT"], _CODE["GET"]):
+        text = arg.strip()
+        return int(text) if text.isdigit() and len(text) < 12 else None
+    return int.from_bytes(arg, "little")
+
+
+def _check_hash_work(costs: list, limits: Limits) -> None:
+    if costs and max(costs) > limits.max_hash_work:
+        raise _Refused(f"a dict key or set member made of more than {limits.max_hash_work} nested tuples (hashing "
+                       "it would take for ever)")
 
 
 def _unpickle(data: bytes | mmap.mmap, pos: int, source: Path, load_storage: Callable[[tuple], np.ndarray],
