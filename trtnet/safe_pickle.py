@@ -197,8 +197,8 @@ def _tensor_geometry(storage_offset: Any, size: Any, stride: Any) -> tuple[int, 
     if storage_offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
         raise _Refused(f"a tensor with a negative offset, size or stride (size {size}, stride {stride})")
     if any(s == 0 and n > 1 for n, s in zip(size, stride)):
-        raise _Refused(f"a tensor {size} with a zero stride {stride}: one value repeated, which torch.save never "
-                       "needs for weights")
+        raise _Refused(f"a tensor {size} with a zero stride {stride}: one value repeated over many elements, "
+                       "which weights never are (a zero stride is allowed only where the size is 1)")
     return storage_offset, size, stride
 
 
