@@ -289,12 +289,12 @@ def _deflated_zeros(size: int, chunk: int = 1 << 20) -> bytes:
     return first + middle * (size // chunk - 2) + last
 
 
-def write_raw_zip(path: Path, entries: list[tuple[str, bytes, int, int]]) -> Path:
-    """A zip of (name, stored bytes, method, uncompressed size) entries; a compressed entry's CRC is
-    left 0 (a reader that gets as far as checking it has already inflated everything)."""
+def write_raw_zip(path: Path, entries: list[tuple]) -> Path:
+    """A zip of (name, stored bytes, method, uncompressed size[, crc]) entries; a compressed entry's CRC is
+    0 unless given (a reader that gets as far as checking it has already inflated everything)."""
     local, central = b"", b""
-    for name, data, method, size in entries:
-        encoded, crc = name.encode(), zlib.crc32(data) if method == zipfile.ZIP_STORED else 0
+    for name, data, method, size, *given_crc in entries:
+        encoded, crc = name.encode(), zlib.crc32(data) if method == zipfile.ZIP_STORED else sum(given_crc)
         fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0, crc, len(data), size, len(encoded), 0)
         central += (b"PK\x01\x02" + struct.pack("<H", 20) + fields + struct.pack("<HHHII", 0, 0, 0, 0, len(local))
                     + encoded)
@@ -310,3 +310,13 @@ def zip_bomb(path: Path, size: int = 2 << 30) -> Path:
     return write_raw_zip(path, [("archive/data.pkl", pickled, zipfile.ZIP_STORED, len(pickled)),
                                 ("archive/data/0", _deflated_zeros(size), zipfile.ZIP_DEFLATED, size),
                                 ("archive/version", b"3\n", zipfile.ZIP_STORED, 2)])
+
+
+def many_small_bombs(path: Path, entries: int = 2000, size: int = 1 << 20) -> Path:
+    """Many storages of `size` zero bytes each, every one within the per-entry ratio only because it is small."""
+    pickled, _ = object_pickle({f"w{i}": Tensor(Storage(np.zeros(1, np.uint8), str(i), size), 0, (size,), (1,))
+                                for i in range(entries)})
+    zeros, crc = zlib.compress(bytes(size), 9)[2:-4], zlib.crc32(bytes(size))  # raw deflate, as zip holds it
+    return write_raw_zip(path, [("archive/data.pkl", pickled, zipfile.ZIP_STORED, len(pickled))]
+                         + [(f"archive/data/{i}", zeros, zipfile.ZIP_DEFLATED, size, crc) for i in range(entries)]
+                         + [("archive/version", b"3\n", zipfile.ZIP_STORED, 2)])

@@ -71,7 +71,7 @@ def _cycle(tmp: Path) -> tuple[Path, str]:
 
 
 def _long_chain(tmp: Path) -> tuple[Path, str]:
-    return hostile.write_zip(tmp / "chain.pt", pickled=hostile.module_chain(100_000)), "more than 500000 opcodes"
+    return hostile.write_zip(tmp / "chain.pt", pickled=hostile.module_chain(100_000)), "more than 300000 opcodes"
 
 
 def _deep_chain(tmp: Path) -> tuple[Path, str]:
@@ -113,6 +113,10 @@ def _zip_bomb(tmp: Path) -> tuple[Path, str]:
     return hostile.zip_bomb(tmp / "bomb.pt"), "inflates"
 
 
+def _many_small_bombs(tmp: Path) -> tuple[Path, str]:  # 2 GiB from 2000 entries of 1 MiB, 1 kB each
+    return hostile.many_small_bombs(tmp / "bombs.pt"), r"zip entries inflate to \d+ bytes from a \d+-byte file"
+
+
 def _nc(tmp: Path) -> tuple[Path, str]:
     obj = hostile.as_writable(load_pickle(shared("weights", "yolov5n.pt")))
     detect = hostile.module_path(obj["model"], "model", "24")
@@ -142,7 +146,8 @@ CASES = {"billion_laughs_pid": _laughs, "billion_laughs_dict_key": _laughing_key
          "shared_module_tree_30": _shallow_shared_tree, "module_cycle": _cycle, "module_chain_100k": _long_chain,
          "module_chain_1k": _deep_chain, "zero_stride": _zero_stride, "overlapping_views": _overlapping_views,
          "legacy_zero_stride": _legacy_zero_stride, "ndarray_1tib": _ndarray, "memo_2_31": _memo,
-         "legacy_count_2_40": _legacy_count, "zip_bomb_2gib": _zip_bomb, "yolov5n_nc_2e8": _nc,
+         "legacy_count_2_40": _legacy_count, "zip_bomb_2gib": _zip_bomb,
+         "zip_bomb_2000_entries": _many_small_bombs, "yolov5n_nc_2e8": _nc,
          "truncated": _truncated, "truncated_legacy": _truncated_legacy, "directory": _directory}
 
 

@@ -41,7 +41,7 @@ class Limits:
     small enough that the reader refuses a file within a second."""
 
     max_pickle_bytes: int = 64 << 20
-    max_opcodes: int = 500_000  # yolov5n's pickle has 34k
+    max_opcodes: int = 300_000  # yolov5n's pickle has 34k, yolo11s's 53k
     max_hash_work: int = 10_000  # tuples walked to hash one dict key or set member
     max_visits: int = 100_000  # yolov5s: 8k
     max_depth: int = 100
@@ -515,6 +515,10 @@ def _check_zip_entries(path: Path, archive: zipfile.ZipFile, limits: Limits) -> 
     file_size = path.stat().st_size
     if sum(info.compress_size for info in archive.infolist()) > file_size:
         raise _Refused("its zip entries claim more bytes than the file holds (overlapping or corrupt entries)")
+    total = sum(info.file_size for info in archive.infolist())
+    if total > max(1 << 20, limits.max_inflation * file_size):
+        raise _Refused(f"its zip entries inflate to {total} bytes from a {file_size}-byte file (more than "
+                       f"{limits.max_inflation}x: a zip bomb)")
     for info in archive.infolist():
         if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
             raise _Corrupt(f"zip entry {info.filename} is stored with two different sizes")
