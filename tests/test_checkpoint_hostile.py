@@ -71,7 +71,7 @@ def _cycle(tmp: Path) -> tuple[Path, str]:
 
 
 def _long_chain(tmp: Path) -> tuple[Path, str]:
-    return hostile.write_zip(tmp / "chain.pt", pickled=hostile.module_chain(100_000)), "more than 300000 opcodes"
+    return hostile.write_zip(tmp / "chain.pt", pickled=hostile.module_chain(100_000)), "more than 200000 opcodes"
 
 
 def _deep_chain(tmp: Path) -> tuple[Path, str]:

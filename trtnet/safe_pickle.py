@@ -41,7 +41,7 @@ class Limits:
     small enough that the reader refuses a file within a second."""
 
     max_pickle_bytes: int = 64 << 20
-    max_opcodes: int = 300_000  # yolov5n's pickle has 34k, yolo11s's 53k
+    max_opcodes: int = 200_000  # yolov5n's pickle has 34k, yolo11s's 53k
     max_hash_work: int = 10_000  # tuples walked to hash one dict key or set member
     max_visits: int = 100_000  # yolov5s: 8k
     max_depth: int = 100
@@ -374,12 +374,12 @@ def _check_opcodes(data: bytes | mmap.mmap, pos: int, limits: Limits) -> None:
     the same tuple twice, 60 levels deep, would hash for ever inside the unpickler). For that it tracks
     each stack item's hashing cost: 1, or for a tuple 1 + its items' costs. Written flat for speed."""
     end, stack, marks, memo = len(data), [], [], {}
-    memo_puts, memo_gets, tuples = _MEMO_PUTS, _MEMO_GETS, _TUPLES
+    table, lengths, memo_puts, memo_gets, tuples = _OPCODES, _LENGTH_BYTES, _MEMO_PUTS, _MEMO_GETS, _TUPLES
     for count in range(limits.max_opcodes):
         if pos >= end:
             raise _Corrupt("its pickle ends before its STOP opcode")
         op = data[pos]
-        entry = _OPCODES[op]
+        entry = table[op]
         if entry is None:
             raise _Corrupt(f"unknown pickle opcode {op:#04x} at byte {pos}")
         layout, below_mark, pops, pushes = entry
@@ -389,7 +389,7 @@ def _check_opcodes(data: bytes | mmap.mmap, pos: int, limits: Limits) -> None:
             if layout >= 0:
                 pos += layout
             else:
-                width = _LENGTH_BYTES[layout]
+                width = lengths[layout]
                 pos += width + int.from_bytes(data[arg_start:arg_start + width], "little")
         else:
             for _ in range(layout[1]):
