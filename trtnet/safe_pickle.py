@@ -9,13 +9,14 @@ imported — so a checkpoint that asks for `os.system` fails to load and nothing
 
 A hostile file can still ask for time and memory. What the reader bounds, before it spends either
 (`Limits`): every zip entry's size and inflation ratio, and the entries must fit in the file; a legacy
-storage's byte count must fit in what is left of the file; the pickle's memo indices must be below
-its opcode count (CPython sizes the memo by the largest index); tensor views stay inside their
-storage, have no zero stride over more than one element, and together hold at most twice the bytes
-of the storages present; numpy arrays only come from their pickled bytes; persistent ids are
-checked field by field (never printed); and the unpickled object graph is walked once, counting
-every visit of a shared object, so that a cycle, a deep chain or a "billion laughs" tree is refused
-before anything else walks it.
+storage's byte count must fit in what is left of the file; the pickle is scanned before it runs (a
+bounded number of opcodes, memo indices below the opcode count since CPython sizes the memo by the
+largest index, no dict key or set member of deeply shared tuples, whose hashing never ends); tensor
+views stay inside their storage, have no zero stride over more than one element, and together hold
+at most twice the bytes of the storages present; numpy arrays only come from their pickled bytes;
+persistent ids are checked field by field (never printed); and the unpickled object graph is walked
+once, counting every visit of a shared object, so that a cycle, a deep chain or a "billion laughs"
+tree is refused before anything else walks it.
 """
 
 from __future__ import annotations
@@ -515,16 +516,16 @@ def _check_zip_entries(path: Path, archive: zipfile.ZipFile, limits: Limits) -> 
     file_size = path.stat().st_size
     if sum(info.compress_size for info in archive.infolist()) > file_size:
         raise _Refused("its zip entries claim more bytes than the file holds (overlapping or corrupt entries)")
-    total = sum(info.file_size for info in archive.infolist())
-    if total > max(1 << 20, limits.max_inflation * file_size):
-        raise _Refused(f"its zip entries inflate to {total} bytes from a {file_size}-byte file (more than "
-                       f"{limits.max_inflation}x: a zip bomb)")
     for info in archive.infolist():
         if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
             raise _Corrupt(f"zip entry {info.filename} is stored with two different sizes")
         if info.file_size > max(1 << 20, limits.max_inflation * info.compress_size):
             raise _Refused(f"zip entry {info.filename} inflates {info.compress_size} bytes to {info.file_size} "
                            f"(more than {limits.max_inflation}x: a zip bomb)")
+    total = sum(info.file_size for info in archive.infolist())
+    if total > max(1 << 20, limits.max_inflation * file_size):
+        raise _Refused(f"its zip entries inflate to {total} bytes from a {file_size}-byte file (more than "
+                       f"{limits.max_inflation}x: a zip bomb)")
 
 
 def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
