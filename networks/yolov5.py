@@ -28,6 +28,7 @@ from trtnet.checkpoint import (
 )
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
+from trtnet.meta_checks import MAX_CLASSES, check_anchors, check_count, check_head_channels, check_strides
 from trtnet.plugins.postprocess import P5_ANCHORS
 
 FAMILY = "yolov5"
@@ -290,11 +291,13 @@ def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:
 
 def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
     detect = _detect_head(path, model)
-    strides = [int(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
+    strides = check_strides(model.get("stride"), path)
     anchors = np.asarray((detect.get("_buffers") or {}).get("anchors"), dtype=np.float32)
     if anchors.ndim != 3 or anchors.shape[0] != len(strides):
         raise TrtnetError(f"{path}: Detect's anchors {anchors.shape} do not match the model's strides {strides}")
-    nc = int(detect.get("nc"))
+    nc = check_count(detect.get("nc"), "Detect.nc", path, MAX_CLASSES)
+    check_anchors(anchors, len(strides), path)
+    check_head_channels(path, detect, nc, anchors.shape[1])
     state_dict = module_state_dict(model)
     meta = {
         "family": FAMILY,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -76,13 +77,11 @@ def write_labels(path: Path, text: str) -> None:
 
 @pytest.fixture
 def tiny(tmp_path):
-    """root/images/val/{a,b,c,d,e}, root/labels/val/…: one image of each kind the loader handles."""
+    """root/images/val/{a,b,d,e}, root/labels/val/…: one image of each kind the loader keeps or skips."""
     images, labels = tmp_path / "images" / "val", tmp_path / "labels" / "val"
     write_image(images / "a.jpg", 200, 100)
     write_labels(labels / "a.txt", "0 0.5 0.5 0.2 0.4\n3 0.25 0.75 0.1 0.1\n\n")
     write_image(images / "b.png", 64, 64, channels=1)  # grayscale, no label file: background
-    write_image(images / "c.jpg", 50, 80)
-    write_labels(labels / "c.txt", "1 0.5 0.5 0.2 1.3\n")  # coordinate above 1: corrupt
     write_image(images / "d.jpg", 40, 40)
     write_labels(labels / "d.txt", "2 0.5 0.5 0.5 0.5\n2 0.5 0.5 0.5 0.5\n")  # duplicate row
     write_image(images / "e.jpg", 100, 100)
@@ -104,7 +103,7 @@ def test_tiny_dataset(tiny):
     assert d.labels.tolist() == [[2, 0.5, 0.5, 0.5, 0.5]]
     np.testing.assert_allclose(e.labels, [[5, 0.2, 0.4, 0.2, 0.4]], atol=1e-6)
     messages = " | ".join(str(w.message) for w in caught)
-    for expected in ("g.txt", "c.txt", "above 1", "f.jpg", "d.txt: 1 duplicate"):
+    for expected in ("g.txt", "f.jpg", "d.txt: 1 duplicate"):
         assert expected in messages
 
 
@@ -186,3 +185,49 @@ def test_classification_without_index_numbers_wnids_in_sorted_order(tmp_path):
     with pytest.warns(DatasetWarning, match="2 classes"):
         dataset = load_classification_dataset(tmp_path)
     assert [(p.parent.name, label) for p, label in dataset] == [("n01000000", 0), ("n02000000", 1)]
+
+
+# -- label files: empty ones are background images, malformed lines are errors naming file:line ---------
+
+
+def test_empty_label_file_is_a_background_image(tmp_path):
+    write_image(tmp_path / "images" / "a.jpg", 100, 100)
+    write_labels(tmp_path / "labels" / "a.txt", "0 0.3 0.3 0.4 0.4\n")
+    write_image(tmp_path / "images" / "b.jpg", 100, 100)
+    write_labels(tmp_path / "labels" / "b.txt", "")
+    write_image(tmp_path / "images" / "c.jpg", 100, 100)
+    write_labels(tmp_path / "labels" / "c.txt", "\n  \n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # nothing is left out, so nothing to warn about
+        dataset = load_detection_dataset(tmp_path)
+    assert [s.path.name for s in dataset] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [p.name for p in dataset.backgrounds] == ["b.jpg", "c.jpg"]
+    assert dataset.instances == 1
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("0 nan 0.5 0.2 0.2", "not finite"),
+    ("0 0.5 inf 0.2 0.2", "not finite"),
+    ("0 0.5 0.5 0.2 1.3", r"outside \[0, 1\]"),
+    ("0 0.5 -0.1 0.2 0.2", r"outside \[0, 1\]"),
+    ("0 0.5 0.5 0.2", "4 columns"),
+    ("0 0.5 0.5 0.2 0.2 0.1", "6 columns"),
+    ("0 0.5 0.5 0.2 zero", "not a row of numbers"),
+    ("1.5 0.5 0.5 0.2 0.2", "class id 1.5 is not"),
+    ("-1 0.5 0.5 0.2 0.2", "class id -1 is not"),
+    ("80 0.5 0.5 0.2 0.2", "class id 80 is not 0 to 79"),
+    ("1e9 0.5 0.5 0.2 0.2", "class id 1e9 is not 0 to 79"),
+])
+def test_malformed_label_line_is_an_error_naming_file_and_line(tmp_path, line, problem):
+    write_image(tmp_path / "images" / "a.jpg", 100, 100)
+    write_labels(tmp_path / "labels" / "a.txt", f"0 0.5 0.5 0.2 0.2\n\n{line}\n")
+    with pytest.raises(TrtnetError, match=rf"labels{re.escape(os.sep)}a\.txt:3: .*{problem}"):
+        load_detection_dataset(tmp_path, nc=80)
+
+
+def test_class_ids_are_bounded_only_by_the_model(tmp_path):
+    write_image(tmp_path / "images" / "a.jpg", 100, 100)
+    write_labels(tmp_path / "labels" / "a.txt", "200 0.5 0.5 0.2 0.2\n")
+    assert load_detection_dataset(tmp_path).samples[0].classes.tolist() == [200]
+    with pytest.raises(TrtnetError, match=r"a\.txt:1: class id 200 is not 0 to 2, the model's classes"):
+        load_detection_dataset(tmp_path, nc=3)

@@ -8,16 +8,20 @@ Detection (the Ultralytics YOLOv5 layout, read the way its `LoadImagesAndLabels`
 The label file of an image is its path with the last `/images/` component replaced by `/labels/` and the
 suffix by `.txt`; each line is `class cx cy w h`, normalised to the image size (a longer line is a polygon
 `class x1 y1 x2 y2 …`, whose bounding box is used). An image without a label file, or with an empty one,
-is a background image. Label files without an image, unreadable images and images whose labels are
-malformed are left out with a `DatasetWarning`, as the official loader leaves them out.
+is a background image. Label files without an image and unreadable images are left out with a
+`DatasetWarning`, as the official loader leaves them out; a malformed label line (wrong column count, NaN,
+coordinates outside [0, 1], a class id the model does not have) is an error naming file:line, since
+leaving its image out would change the mAP without saying so.
 
 Classification: see `load_classification_dataset`.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import math
 import os
 import re
 import warnings
@@ -109,15 +113,16 @@ def label_path(image_path: str | os.PathLike) -> Path:
     return Path(labels.join(os.fspath(image_path).rsplit(images, 1)).rsplit(".", 1)[0] + ".txt")
 
 
-def load_detection_dataset(data: str | os.PathLike) -> DetectionDataset:
-    """Scan a YOLO-format dataset (root or images folder): sizes, labels, warnings for what is left out."""
+def load_detection_dataset(data: str | os.PathLike, nc: int | None = None) -> DetectionDataset:
+    """Scan a YOLO-format dataset (root or images folder): sizes, labels, warnings for what is left out.
+    `nc`: the model's class count; a label with a class id outside it is refused."""
     images_dir = _images_dir(Path(data))
     image_paths = _image_files(images_dir)
     if not image_paths:
         raise TrtnetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {images_dir}")
     _warn_orphan_labels(image_paths)
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # cv2 decodes without the GIL
-        scanned = list(pool.map(_scan_image, image_paths))
+        scanned = list(pool.map(functools.partial(_scan_image, nc=nc), image_paths))
     for _, notes in scanned:  # warned here, not in the workers, so they come in file order
         for note in notes:
             warnings.warn(note, DatasetWarning, stacklevel=2)
@@ -150,16 +155,13 @@ def _warn_orphan_labels(image_paths: list[Path]) -> None:
                       DatasetWarning, stacklevel=3)
 
 
-def _scan_image(path: Path) -> tuple[DetectionSample | None, list[str]]:
+def _scan_image(path: Path, nc: int | None = None) -> tuple[DetectionSample | None, list[str]]:
     """The sample (None if left out) and the warnings it deserves."""
     image = read_image(path)
     if image is None:
         return None, [f"cannot read image {path}: left out"]
     labels_file = label_path(path)
-    try:
-        labels = read_labels(labels_file)
-    except ValueError as exc:
-        return None, [f"{labels_file}: {exc}; image left out"]
+    labels = read_labels(labels_file, nc)
     unique = np.unique(labels, axis=0)  # the official loader drops duplicate rows too
     notes = []
     if len(unique) < len(labels):
@@ -168,33 +170,45 @@ def _scan_image(path: Path) -> tuple[DetectionSample | None, list[str]]:
     return DetectionSample(path, width, height, unique), notes
 
 
-def read_labels(path: Path) -> np.ndarray:
-    """float32 [n, 5] class, cx, cy, w, h from a YOLO label file ([0, 5] if it is missing or empty).
+def read_labels(path: Path, nc: int | None = None) -> np.ndarray:
+    """float32 [n, 5] class, cx, cy, w, h from a YOLO label file ([0, 5] if it is missing or empty: a
+    background image).
 
-    Raises ValueError for what the official loader calls a corrupt label: wrong column count, negative
-    values, coordinates above 1.
+    Raises TrtnetError naming file:line for a line that is not `class cx cy w h` (or a polygon `class x1
+    y1 x2 y2 x3 y3 …`) with finite coordinates in [0, 1] and a whole class id from 0 to `nc` - 1.
     """
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
-    rows = [line.split() for line in path.read_text(encoding="utf-8").strip().splitlines() if line.strip()]
-    if any(len(row) > 6 for row in rows):  # polygons: class x1 y1 x2 y2 …
-        rows = [[row[0], *_polygon_to_xywh(row[1:])] for row in rows]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if fields:
+            rows.append(_label_row(fields, f"{path}:{number}", nc))
+    return np.array(rows, np.float32).reshape(len(rows), 5)
+
+
+def _label_row(fields: list[str], where: str, nc: int | None) -> list[float]:
+    """One label line, checked before anything is sized from it (a class id of 1e9 must not become 1e9
+    of anything)."""
+    if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+        raise TrtnetError(f"{where}: {len(fields)} columns; a label is `class cx cy w h` (5 columns) or a polygon "
+                          "`class x1 y1 x2 y2 x3 y3 …` (an odd number, at least 7)")
     try:
-        labels = np.array(rows, dtype=np.float32).reshape(len(rows), -1)
-    except ValueError as exc:
-        raise ValueError(f"not a table of numbers ({exc})") from None
-    if not len(labels):
-        return np.zeros((0, 5), np.float32)
-    if labels.shape[1] != 5:
-        raise ValueError(f"labels need 5 columns (class cx cy w h), found {labels.shape[1]}")
-    if (labels < 0).any():
-        raise ValueError("negative label values")
-    if (labels[:, 1:] > 1).any():
-        raise ValueError("box coordinates above 1: labels must be normalised to the image size")
-    return labels
+        values = [float(v) for v in fields]
+    except ValueError:
+        raise TrtnetError(f"{where}: not a row of numbers: {' '.join(fields)[:80]}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise TrtnetError(f"{where}: a label value that is not finite (NaN or Inf): {' '.join(fields)[:80]}")
+    cls = values[0]
+    if not cls.is_integer() or cls < 0 or (nc is not None and cls >= nc):
+        allowed = f"0 to {nc - 1}, the model's classes" if nc is not None else "a whole number from 0"
+        raise TrtnetError(f"{where}: class id {fields[0]} is not {allowed}")
+    if not all(0 <= v <= 1 for v in values[1:]):
+        raise TrtnetError(f"{where}: box coordinates outside [0, 1]: labels must be normalised to the image size")
+    return [cls, *_polygon_to_xywh(values[1:])] if len(values) > 5 else values
 
 
-def _polygon_to_xywh(coords: list[str]) -> list[float]:
+def _polygon_to_xywh(coords: list[float]) -> list[float]:
     xy = np.array(coords, dtype=np.float32).reshape(-1, 2)
     (x1, y1), (x2, y2) = xy.min(0), xy.max(0)
     return [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
