@@ -113,8 +113,12 @@ def candidates(decoded_image: np.ndarray, conf: float, multi_label: bool = False
     official order (anchor order; anchor then class with multi_label), before any sorting."""
     conf = np.float32(conf)
     x = decoded_image[decoded_image[:, 4] > conf]
-    scores = x[:, 5:] * x[:, 4:5]
-    box = xywh2xyxy(x[:, :4])
+    return _scored_rows(xywh2xyxy(x[:, :4]), x[:, 5:] * x[:, 4:5], conf, multi_label)
+
+
+def _scored_rows(box: np.ndarray, scores: np.ndarray, conf: np.float32, multi_label: bool) -> np.ndarray:
+    """Boxes [n, 4] xyxy and class scores [n, nc] → rows (x1, y1, x2, y2, score, class) above `conf`: every
+    (box, class) pair with multi_label, else each box's best class."""
     if multi_label and scores.shape[1] > 1:
         i, j = np.nonzero(scores > conf)
         rows = (box[i], scores[i, j, None], j[:, None].astype(np.float32))
@@ -195,16 +199,7 @@ def candidates_anchor_free(prediction_image: np.ndarray, conf: float, multi_labe
     conf = np.float32(conf)
     x = np.asarray(prediction_image, dtype=np.float32).T
     x = x[x[:, 4:].max(1) > conf]
-    box, scores = xywh2xyxy(x[:, :4]), x[:, 4:]
-    if multi_label and scores.shape[1] > 1:
-        i, j = np.nonzero(scores > conf)
-        rows = (box[i], scores[i, j, None], j[:, None].astype(np.float32))
-    else:
-        j = scores.argmax(1)
-        best = scores[np.arange(len(j)), j]
-        keep = best > conf
-        rows = (box[keep], best[keep, None], j[keep, None].astype(np.float32))
-    return np.concatenate(rows, 1).astype(np.float32, copy=False)
+    return _scored_rows(xywh2xyxy(x[:, :4]), x[:, 4:], conf, multi_label)
 
 
 def non_max_suppression_anchor_free(prediction: np.ndarray, conf: float = 0.25, iou: float = 0.45,
