@@ -1056,3 +1056,13 @@ def test_impossible_nms_settings_are_refused_by_the_kernels_and_the_build(settin
 def test_impossible_nms_settings_are_refused_by_the_detector(sim_detector, settings):
     with pytest.raises(TrtnetError, match="NMS settings"):
         sim_detector(**settings)
+
+
+def test_val_nms_iou_defaults_to_the_family_validator(tmp_path):
+    from trtnet.val import val_iou
+
+    v5 = fake_engine(tmp_path, "yolov5n.fp16")
+    v8 = fake_engine(tmp_path, "yolo11n.fp16", family="yolov8", weights="yolo11n.wts", outputs=["output0"],
+                     head="anchor_free", strides=[8, 16, 32])
+    assert val_iou(str(v5)) == 0.6  # YOLOv5's val.py
+    assert val_iou(str(v8)) == 0.7  # Ultralytics' DetectionValidator
