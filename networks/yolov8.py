@@ -334,11 +334,10 @@ def summary(meta: Mapping) -> str:
 
 def golden_tensor(key: str, meta: Mapping) -> str | None:
     """Our tensor for a key of the official goldens (`raw`, `head_<i>`), for inspect --compare."""
-    detect = f"model.{len(_rows(meta['yaml'])) - 1}"
     if key == "raw":
         return OUTPUT
-    if key.startswith("head_") and key[5:].isdigit():
-        return f"{detect}.level{int(key[5:])}"
+    if key.startswith("head_") and key[5:].isdigit() and meta.get("yaml"):  # weights' metadata, not a sidecar
+        return f"model.{len(_rows(meta['yaml'])) - 1}.level{int(key[5:])}"
     return None
 
 

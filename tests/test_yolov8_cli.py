@@ -144,3 +144,15 @@ def test_torch_model_says_why_without_the_checkpoint_or_the_ultralytics_package(
     model, why = module.torch_model(torch, {"weights": "yolo11n_nc3_syn.wts"}, tmp_path / "e.engine",
                                     str(tmp_path), None)
     assert model is None and "cannot import the ultralytics package" in why
+
+
+def test_golden_keys_map_to_tensors_from_weights_or_engine_metadata():
+    from trtnet.inspection import tensor_for_golden_key
+
+    weights_meta = {"family": "yolov8", "yaml": {"backbone": [[-1, 1, "Conv", [16]]] * 10,
+                                                 "head": [[-1, 1, "Conv", [16]]] * 14}}
+    engine_meta = {"family": "yolov8", "head": "anchor_free", "outputs": ["output0"]}
+    assert tensor_for_golden_key("raw", engine_meta) == tensor_for_golden_key("raw", weights_meta) == "output0"
+    assert tensor_for_golden_key("head_2", weights_meta) == "model.23.level2"
+    assert tensor_for_golden_key("layer_07", weights_meta) == "model.7"
+    assert tensor_for_golden_key("raw_0", {"family": "yolov5"}) == "raw_0"
