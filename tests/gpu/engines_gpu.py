@@ -63,7 +63,8 @@ PLAN = [
 ]
 SESSION = [name for name, _, _ in PLAN[:7]]
 # YOLOv8 / YOLO11 (`--only v8`): 320 numerics (fp32 strict, fp16 error), 640 latency at batch 1 and 32,
-# static 640 batch 1 engines for Detector against the 640 goldens, one dynamic engine (batch 1..32, 128..672).
+# static 640 batch 1 engines (Detector's square letterbox, against the CPU reference executor's `refs`), and
+# dynamic-size engines for the official rect input of golden_<name>_detect640.json.
 V8 = []
 for _m in V8_MODELS:
     V8 += [
@@ -72,14 +73,14 @@ for _m in V8_MODELS:
         (f"{_m}_640_fp16_b1", _m, ["--fp16", "--batch", "1", "--postprocess", "kernels"]),
         (f"{_m}_640_fp16_b32", _m, ["--fp16", "--batch", "32", "--postprocess", "kernels"]),
         (f"{_m}_640_fp32_b1", _m, ["--fp32", "--batch", "1", "--postprocess", "kernels"]),
+        # dynamic size: the official predictor's rect input (640x480 for bus.jpg), as golden_*_detect640 has it
+        (f"{_m}_640_fp16_dyn", _m, ["--fp16", "--min-batch", "1", "--opt-batch", "1", "--max-batch", "8",
+                                    "--min-imgsz", "128", "--max-imgsz", "672", "--postprocess", "kernels"]),
     ]
-V8.append(("yolo11s_syn_640_fp16_dyn", "yolo11s_syn", ["--fp16", "--min-batch", "1", "--opt-batch", "16",
-                                                       "--max-batch", "32", "--min-imgsz", "128", "--max-imgsz",
-                                                       "672", "--postprocess", "kernels"]))
 PLAN += V8
 GROUPS = {"session": SESSION, "v8": [name for name, _, _ in V8]}
 # Reference executor outputs made on the CPU by the `refs` phase (no golden at 640 for the synthetic yolov5s).
-REFS = {"yolov5s_syn_bus640": ("yolov5s_syn", 640)}
+REFS = {"yolov5s_syn_bus640": ("yolov5s_syn", 640), **{f"{m}_bus640": (m, 640) for m in V8_MODELS}}
 # (engine, file of expected outputs: a golden under --data or a `refs` file under --refs)
 NUMERICS = [
     ("yolov5n_640_fp32", GOLDENS["yolov5n"]),
@@ -94,7 +95,9 @@ NUMERICS = [
     ("resnet50_syn_fp32", GOLDENS["resnet50_syn"]),
     ("resnet50_syn_fp16", GOLDENS["resnet50_syn"]),
     ("resnet50_syn_fp16_b32", GOLDENS["resnet50_syn"]),
-] + [(f"{m}_320_{p}", GOLDENS[m]) for m in V8_MODELS for p in ("fp32", "fp16")]
+]
+NUMERICS += [(f"{m}_320_{p}", GOLDENS[m]) for m in V8_MODELS for p in ("fp32", "fp16")]
+NUMERICS += [(f"{m}_640_{p}_b1", f"refs:{m}_bus640") for m in V8_MODELS for p in ("fp32", "fp16")]
 
 
 def run(cmd: list, log: Path) -> tuple[int, float]:
@@ -132,7 +135,7 @@ def expected_outputs(spec: str, data: Path, refs: Path) -> tuple[np.ndarray, dic
     logits, YOLOv8/YOLO11's raw (the engine's output0)."""
     npz = np.load(refs / f"{spec[5:]}.npz" if spec.startswith("refs:") else data / spec)
     x = npz["image"].astype(np.float32) / 255.0 if "image" in npz.files else npz["x"]
-    return x, {k: npz[k].astype(np.float32) for k in npz.files if k.startswith(("raw", "logits"))}
+    return x, {k: npz[k].astype(np.float32) for k in npz.files if k.startswith(("raw", "logits", "output"))}
 
 
 def error_row(value: np.ndarray, ref: np.ndarray) -> dict:
