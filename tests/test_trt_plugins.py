@@ -271,3 +271,12 @@ def test_add_yolo_nms_checks_the_anchor_free_output(tp, anchor_free):
         tp.add_yolo_nms(FakeNetwork(), [SimpleNamespace(shape=(-1, 84, 2100))], anchor_free)
     with pytest.raises(TrtnetError, match=r"one output \[B, 7, N\]"):
         tp.add_yolo_nms(FakeNetwork(), fake_heads(24), anchor_free)
+
+
+def test_build_settings_for_an_anchor_free_family(tp):
+    from trtnet import networks
+    from trtnet.engine_meta import PostprocessSettings, nms_kwargs
+
+    decode = networks.family("yolov8").postprocess_kwargs({"nc": 3, "strides": [8, 16, 32]})
+    settings = tp.YoloNMSSettings(**decode, **nms_kwargs(PostprocessSettings(mode="plugin", conf=0.3)))
+    assert (settings.head, settings.channels, settings.strides, settings.conf) == ("anchor_free", 7, (), 0.3)
