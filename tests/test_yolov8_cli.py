@@ -156,3 +156,31 @@ def test_golden_keys_map_to_tensors_from_weights_or_engine_metadata():
     assert tensor_for_golden_key("head_2", weights_meta) == "model.23.level2"
     assert tensor_for_golden_key("layer_07", weights_meta) == "model.7"
     assert tensor_for_golden_key("raw_0", {"family": "yolov5"}) == "raw_0"
+
+
+class FakeUltralyticsModel:
+    """Stands for ultralytics' DetectionModel in a pickled checkpoint: records the calls torch_model makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name in ("float", "fuse", "eval", "half", "cuda"):
+            return lambda: self.calls.append(name) or self
+        raise AttributeError(name)
+
+
+@requires_torch
+def test_torch_model_loads_the_checkpoint_with_the_ultralytics_package(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    for name in ("ultralytics", "ultralytics.nn", "ultralytics.nn.tasks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    torch.save({"model": FakeUltralyticsModel(), "ema": None}, tmp_path / "yolov8s_syn.pt")
+    engine = tmp_path / "engines" / "yolov8s_syn.fp16.engine"
+    model, why = networks.family("yolov8").torch_model(torch, {"weights": "yolov8s_syn.wts"}, engine,
+                                                       str(tmp_path), None)
+    assert why == "" and model.calls == ["float", "fuse", "eval", "half", "cuda"]
