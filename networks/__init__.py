@@ -14,6 +14,8 @@ optional   DEFINE_OPTIONS: tuple[str, ...] = ()               (build options `de
            output_strides(heads, hw, meta) -> list[int] = []  (input size / head size per output level)
            engine_fields(meta, strides, options) -> dict = {} (family-specific engine sidecar fields)
            summary(meta) -> str                               (gen_wts' one-line description)
+           golden_tensor(key, meta) -> str | None             (inspect --compare: our tensor for a golden's key)
+           VAL_IOU: float = 0.6                               (trtnet.val's default NMS IoU, the official one)
            torch_model(torch, meta, engine_path, weights_dir, official_src) -> (model | None, why_not)
                                                               (bench --compare-torch; default: not available)
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +28,9 @@ INPUT = "images"
 OUTPUT = "output0"
 DEFAULT_IMGSZ = 640
 MODEL_CLASS = "ultralytics.nn.tasks.DetectionModel"
+CHECKPOINTS = f"Ultralytics YOLOv8/YOLO11 detection checkpoints ({MODEL_CLASS} under 'model' or 'ema')"
+HEAD = "anchor_free"  # YoloPostprocess's head kind for this family's output
+VAL_IOU = 0.7  # Ultralytics DetectionValidator's NMS IoU (multi-label, conf 0.001, max_det 300 as YOLOv5's)
 
 
 # -- blocks (ultralytics/nn/modules) -----------------------------------------------------------------
@@ -300,8 +304,45 @@ def _check_classes(meta: dict, nc: int) -> None:
                           f"with {len(names or [])} names — the .json does not belong to these weights")
 
 
-def postprocess_kwargs(meta: dict) -> dict:
-    return {"head": "anchor_free", "nc": int(meta["nc"])}
+def postprocess_kwargs(meta: Mapping) -> dict:
+    """YoloPostprocess's keywords: the boxes are decoded in the network, so no strides or anchors."""
+    return {"head": meta.get("head") or HEAD, "nc": int(meta["nc"])}
+
+
+def output_strides(heads: list, hw: tuple, meta: Mapping) -> list[int]:
+    """The checkpoint's Detect strides (recorded in the sidecar; the anchor-free postprocess needs none)."""
+    strides = [int(s) for s in meta["strides"]]
+    if min(hw) > 0 and len(heads) == 1 and heads[0].shape[2] > 0:
+        cells = sum((hw[0] // s) * (hw[1] // s) for s in strides)
+        if cells != heads[0].shape[2]:
+            raise TrtnetError(f"{OUTPUT} has {heads[0].shape[2]} rows, strides {strides} at {hw} give {cells}")
+    return strides
+
+
+def engine_fields(meta: Mapping, strides: list, options: Mapping) -> dict:
+    nc = int(meta["yaml"]["nc"])
+    return {"nc": nc, "names": list(meta.get("names") or range(nc)), "strides": list(strides), "head": HEAD}
+
+
+def summary(meta: Mapping) -> str:
+    cfg = meta.get("yaml") or {}
+    scale = cfg.get("scale") or next(iter(cfg.get("scales") or {}), "")
+    generation = "YOLO11" if any(str(r[2]).split(".")[-1] in NOT_LEGACY for r in _rows(cfg)) else "YOLOv8"
+    return (f"yolov8 ({generation}{scale}): nc={meta['nc']}, strides {meta['strides']}, reg_max "
+            f"{meta.get('reg_max', 16)}, imgsz {meta['imgsz']}, bn_eps {meta.get('bn_eps')}")
+
+
+def golden_tensor(key: str, meta: Mapping) -> str | None:
+    """Our tensor for a key of the official goldens (`raw`, `head_<i>`), for inspect --compare."""
+    if key == "raw":
+        return OUTPUT
+    if key.startswith("head_") and key[5:].isdigit() and meta.get("yaml"):  # weights' metadata, not a sidecar
+        return f"model.{len(_rows(meta['yaml'])) - 1}.level{int(key[5:])}"
+    return None
+
+
+def _rows(cfg: Mapping) -> list:
+    return list(cfg.get("backbone") or []) + list(cfg.get("head") or [])
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -370,3 +411,24 @@ def _bn_eps(path: Path, model) -> float:
     if len(eps) > 1:
         raise TrtnetError(f"{path}: BatchNorm layers use different eps values {sorted(eps)}; trtnet assumes one")
     return eps.pop() if eps else 1e-3
+
+
+# -- bench --compare-torch / --torch-only ------------------------------------------------------------
+
+
+def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official_src: str | None):
+    """The official Ultralytics model of the engine's checkpoint (.pt in weights_dir or beside the engine),
+    fused, eval, fp16 on the GPU; needs the `ultralytics` package importable (its modules unpickle the .pt)."""
+    stem = Path(meta["weights"]).stem
+    candidates = (Path(weights_dir) / f"{stem}.pt", Path(engine_path).parent / f"{stem}.pt")
+    checkpoint = next((p for p in candidates if p.is_file()), None)
+    if checkpoint is None:
+        return None, f"no {stem}.pt in {weights_dir}/ or beside the engine for the official Ultralytics model"
+    try:
+        import ultralytics.nn.tasks  # noqa: F401  (the classes the checkpoint pickles)
+    except Exception as exc:  # ImportError, or a missing dependency of the package raising anything
+        return None, f"cannot import the ultralytics package ({type(exc).__name__}: {exc})"
+    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)  # our own .pt: full unpickling
+    model = (ckpt.get("ema") or ckpt["model"]) if isinstance(ckpt, dict) else ckpt
+    model = model.float().fuse().eval().half().cuda()
+    return model, ""

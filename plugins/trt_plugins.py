@@ -1,6 +1,7 @@
 """YOLO decode + NMS as one TensorRT IPluginV3 layer ("TrtnetYoloNMS", namespace "trtnet", version 1).
 
-The plugin takes the raw Detect head maps `[B, na*(nc+5), h, w]` (all float32 or all float16) and writes
+The plugin takes the raw YOLOv5 Detect head maps `[B, na*(nc+5), h, w]` (`head="anchors"`) or the one
+YOLOv8/YOLO11 output `[B, 4 + nc, N]` (`head="anchor_free"`), all float32 or all float16, and writes
 `dets [B, max_det, 6]` float32 (x1, y1, x2, y2, conf, cls in input pixels) and `counts [B]` int32. Its
 enqueue runs the same kernels as `--postprocess kernels` (`trtnet.plugins.postprocess.YoloPostprocess`)
 on TensorRT's stream, in the workspace TensorRT hands it.
@@ -21,7 +22,7 @@ import numpy as np
 from trtnet import compat
 from trtnet.compat import python_plugins_supported
 from trtnet.errors import TrtnetError
-from trtnet.plugins.postprocess import NmsSettings
+from trtnet.plugins.postprocess import HEADS, NmsSettings
 
 PLUGIN_NAME = "TrtnetYoloNMS"
 PLUGIN_NAMESPACE = "trtnet"
@@ -57,9 +58,10 @@ _CREATOR_BASES = (_trt.IPluginCreatorV3One,) if python_plugins_supported() else 
 class YoloNMSSettings:
     """Everything the plugin needs; the keyword arguments of `YoloPostprocess`."""
 
-    strides: tuple[int, ...]
-    anchors: tuple[tuple[float, ...], ...]  # per level: na (w, h) pairs, in input pixels
     nc: int
+    strides: tuple[int, ...] = ()  # anchors head only
+    anchors: tuple[tuple[float, ...], ...] = ()  # anchors head, per level: na (w, h) pairs, in input pixels
+    head: str = "anchors"  # one of HEADS: "anchors" (YOLOv5 maps) | "anchor_free" (YOLOv8/YOLO11 [B, 4 + nc, N])
     conf: float = 0.25
     iou: float = 0.45
     max_det: int = 1000
@@ -73,6 +75,18 @@ class YoloNMSSettings:
         self._check()
 
     def _check(self) -> None:
+        if self.head not in HEADS:
+            raise TrtnetError(f"YOLO postprocess: head must be one of {', '.join(HEADS)} (got {self.head!r})")
+        if self.head == "anchor_free":
+            if self.strides or self.anchors:
+                raise TrtnetError("YOLO postprocess: the anchor-free head takes no strides or anchors")
+        else:
+            self._check_anchors()
+        if self.nc < 1 or self.capacity < 1:
+            raise TrtnetError(f"YOLO postprocess: nc ({self.nc}) and capacity ({self.capacity}) must be positive")
+        NmsSettings(self.conf, self.iou, self.max_det, self.multi_label, self.agnostic)  # checks them
+
+    def _check_anchors(self) -> None:
         sizes = {len(level) for level in self.anchors}
         same_pairs_per_level = len(sizes) == 1 and min(sizes) > 0 and min(sizes) % 2 == 0
         if not self.strides or len(self.anchors) != len(self.strides) or not same_pairs_per_level:
@@ -80,18 +94,18 @@ class YoloNMSSettings:
                 f"YOLO postprocess: anchors {list(self.anchors)} do not fit strides {list(self.strides)}: "
                 "give one row of (w, h) pairs per stride, the same number of pairs on every row"
             )
-        if self.nc < 1 or self.capacity < 1:
-            raise TrtnetError(f"YOLO postprocess: nc ({self.nc}) and capacity ({self.capacity}) must be positive")
-        NmsSettings(self.conf, self.iou, self.max_det, self.multi_label, self.agnostic)  # checks them
 
     @property
     def channels(self) -> int:
-        """Channels of each raw head map: na * (nc + 5)."""
+        """Channels of each input: na * (nc + 5) per raw YOLOv5 map, 4 + nc of the anchor-free output."""
+        if self.head == "anchor_free":
+            return 4 + self.nc
         return len(self.anchors[0]) // 2 * (self.nc + 5)
 
     def postprocess_kwargs(self) -> dict[str, Any]:
         return {
-            "strides": list(self.strides), "anchors": [list(a) for a in self.anchors], "nc": self.nc,
+            "head": self.head, "strides": list(self.strides), "anchors": [list(a) for a in self.anchors],
+            "nc": self.nc,
             "conf": self.conf, "iou": self.iou, "max_det": self.max_det, "multi_label": self.multi_label,
             "agnostic": self.agnostic, "capacity": self.capacity,
         }
@@ -101,7 +115,9 @@ class YoloNMSSettings:
 _FIELDS: dict[str, type] = {
     "conf": np.float64, "iou": np.float64, "max_det": np.int32, "agnostic": np.int32,
     "multi_label": np.int32, "capacity": np.int32, "nc": np.int32, "strides": np.int32, "anchors": np.float64,
+    "head": np.int32,  # index into HEADS
 }
+OPTIONAL_FIELDS = {"head": np.asarray([HEADS.index("anchors")], np.int32)}  # engines built before it existed
 
 
 def _field_type(dtype: type) -> Any:
@@ -114,12 +130,13 @@ def settings_to_arrays(settings: YoloNMSSettings) -> dict[str, np.ndarray]:
         "conf": [settings.conf], "iou": [settings.iou], "max_det": [settings.max_det],
         "agnostic": [int(settings.agnostic)], "multi_label": [int(settings.multi_label)],
         "capacity": [settings.capacity], "nc": [settings.nc], "strides": settings.strides,
-        "anchors": [a for level in settings.anchors for a in level],
+        "anchors": [a for level in settings.anchors for a in level], "head": [HEADS.index(settings.head)],
     }
     return {name: np.asarray(values[name], dtype=dtype) for name, dtype in _FIELDS.items()}
 
 
 def settings_from_arrays(arrays: dict[str, np.ndarray]) -> YoloNMSSettings:
+    arrays = {**OPTIONAL_FIELDS, **arrays}
     missing, unknown = sorted(set(_FIELDS) - set(arrays)), sorted(set(arrays) - set(_FIELDS))
     if missing or unknown:
         raise TrtnetError(
@@ -128,9 +145,13 @@ def settings_from_arrays(arrays: dict[str, np.ndarray]) -> YoloNMSSettings:
         )
     a = {name: np.asarray(value).ravel() for name, value in arrays.items()}
     strides = [int(s) for s in a["strides"]]
+    head = int(a["head"][0])
+    if not 0 <= head < len(HEADS):
+        raise TrtnetError(f"{PLUGIN_NAME} field head={head} is not one of 0..{len(HEADS) - 1}: rebuild the engine")
+    anchors = np.asarray(a["anchors"], dtype=np.float64)
     return YoloNMSSettings(
-        strides=strides,
-        anchors=np.asarray(a["anchors"], dtype=np.float64).reshape(len(strides), -1).tolist(),
+        head=HEADS[head], strides=strides,
+        anchors=anchors.reshape(len(strides), -1).tolist() if strides else [],
         nc=int(a["nc"][0]), conf=float(a["conf"][0]), iou=float(a["iou"][0]), max_det=int(a["max_det"][0]),
         multi_label=bool(a["multi_label"][0]), agnostic=bool(a["agnostic"][0]), capacity=int(a["capacity"][0]),
     )
@@ -140,12 +161,13 @@ def _head_dtype(data_type: Any) -> str:
     return {_trt.DataType.FLOAT: "float32", _trt.DataType.HALF: "float16"}[data_type]
 
 
-def _level_shapes(dims_list: Sequence[Any]) -> list[tuple[int, int]]:
-    return [(int(d[2]), int(d[3])) for d in dims_list]
+def _level_shapes(dims_list: Sequence[Any]) -> list[tuple[int, ...]]:
+    """Each input's shape after [B, C]: (h, w) of a YOLOv5 map, (N,) of the anchor-free output."""
+    return [tuple(int(v) for v in tuple(d)[2:]) for d in dims_list]
 
 
 class YoloNMSPlugin(*_PLUGIN_BASES):
-    """Decode + NMS of YOLOv5 heads; TensorRT drives it through the IPluginV3One* capabilities."""
+    """Decode + NMS of YOLO heads; TensorRT drives it through the IPluginV3One* capabilities."""
 
     def __init__(self, settings: YoloNMSSettings, phase: Any = None):
         _require_python_plugins()
@@ -280,6 +302,12 @@ def add_yolo_nms(network, heads: Sequence[Any], settings: YoloNMSSettings) -> tu
 
 
 def _check_heads(heads: Sequence[Any], settings: YoloNMSSettings) -> None:
+    if settings.head == "anchor_free":
+        shape = tuple(heads[0].shape) if len(heads) == 1 else ()
+        if len(shape) != 3 or shape[1] != settings.channels:
+            raise TrtnetError(f"YOLO postprocess: the anchor-free head takes one output [B, {settings.channels}, N] "
+                              f"(4 + nc with nc={settings.nc}), got {[list(h.shape) for h in heads]}")
+        return
     if len(heads) != len(settings.strides):
         raise TrtnetError(f"YOLO postprocess: {len(heads)} head maps for {len(settings.strides)} strides")
     for i, head in enumerate(heads):

@@ -59,8 +59,16 @@ def test_the_json_keys_survive_a_round_trip(sidecar):
 
 
 def test_unknown_keys_are_kept():
+    meta = EngineMeta.from_dict({**OLD_SIDECAR, "future_field": {"a": 1}})
+    assert meta.extra == {"future_field": {"a": 1}} and meta.to_dict()["future_field"] == {"a": 1}
+
+
+def test_head_kind_is_typed_and_optional():
+    assert EngineMeta.from_dict(OLD_SIDECAR).head is None and "head" not in EngineMeta.from_dict(OLD_SIDECAR).to_dict()
     meta = EngineMeta.from_dict({**OLD_SIDECAR, "head": "anchor_free"})
-    assert meta.extra == {"head": "anchor_free"} and meta.to_dict()["head"] == "anchor_free"
+    assert meta.head == "anchor_free" and meta.extra == {} and meta.to_dict()["head"] == "anchor_free"
+    with pytest.raises(TrtnetError, match="field 'head' must be a string"):
+        EngineMeta.from_dict({**OLD_SIDECAR, "head": 1})
 
 
 @pytest.mark.parametrize(("change", "field", "says"), [

@@ -676,10 +676,12 @@ class SimLetterbox:
 class SimPostprocess:
     """plugins.postprocess.YoloPostprocess with the official NumPy decode + NMS in place of the kernels."""
 
-    def __init__(self, *, strides, anchors, nc, conf=0.25, iou=0.45, max_det=1000, multi_label=False,
-                 agnostic=False, capacity=30000):
-        self.strides, self.anchors, self.nc = strides, anchors, nc
+    def __init__(self, *, nc, head="anchors", strides=(), anchors=(), conf=0.25, iou=0.45, max_det=1000,
+                 multi_label=False, agnostic=False, capacity=30000):
+        assert head in ("anchors", "anchor_free") and (head == "anchors") == bool(strides) == bool(anchors)
+        self.head, self.strides, self.anchors, self.nc = head, strides, anchors, nc
         self.conf, self.iou, self.max_det, self.multi_label, self.agnostic = conf, iou, max_det, multi_label, agnostic
+        self.calls = []
 
     def workspace_bytes(self, batch, level_shapes):
         return 64 * batch
@@ -687,19 +689,28 @@ class SimPostprocess:
     def enqueue(self, stream, head_ptrs, head_dtype, batch, level_shapes, workspace_ptr, dets_ptr, counts_ptr):
         from trtnet.plugins import official
 
-        channels = len(self.anchors[0]) // 2 * (self.nc + 5)
+        self.calls.append((len(head_ptrs), head_dtype, batch, [tuple(s) for s in level_shapes]))
 
         def work():
-            heads = [host_view(p, (batch, channels, h, w), head_dtype) for p, (h, w) in zip(head_ptrs, level_shapes)]
             dets = host_view(dets_ptr, (batch, self.max_det, 6), np.float32)
             counts = host_view(counts_ptr, (batch,), np.int32)
             dets[...] = 0
-            for i, cands in enumerate(official.decode(heads, self.strides, self.anchors, self.conf, self.multi_label)):
-                rows = official.nms(cands, self.iou, self.max_det, self.agnostic)
+            for i, rows in enumerate(self.official_rows(official, head_ptrs, head_dtype, batch, level_shapes)):
                 dets[i, : len(rows)] = rows
                 counts[i] = len(rows)
 
         SIM.submit(stream, work)
+
+    def official_rows(self, official, head_ptrs, head_dtype, batch, level_shapes):
+        if self.head == "anchor_free":  # one output [B, 4 + nc, N]; level_shapes [(N,)]
+            (ptr,), ((n,),) = head_ptrs, level_shapes
+            prediction = host_view(ptr, (batch, 4 + self.nc, n), head_dtype).astype(np.float32)
+            return official.non_max_suppression_anchor_free(prediction, self.conf, self.iou, self.max_det,
+                                                            self.multi_label, self.agnostic)
+        channels = len(self.anchors[0]) // 2 * (self.nc + 5)
+        heads = [host_view(p, (batch, channels, h, w), head_dtype) for p, (h, w) in zip(head_ptrs, level_shapes)]
+        return [official.nms(cands, self.iou, self.max_det, self.agnostic)
+                for cands in official.decode(heads, self.strides, self.anchors, self.conf, self.multi_label)]
 
 
 SIM = SimGpu()
@@ -820,6 +831,85 @@ def test_simulated_stream_left_early_frees_the_engine(sim_detector):
         helper.start()
         helper.join(timeout=10)
         assert found == [4]
+
+
+V8_GOLDEN = "golden_yolo11n_nc3_syn_bus320.npz"
+
+
+def anchor_free_output_of_bus(golden):
+    """The official Detect output of bus.jpg for inputs that are its official letterbox, zeros otherwise."""
+    expected = golden["image"][0].astype(np.float32) / 255
+
+    def compute(batch, address):
+        x = host_view(address["images"], (batch, 3, 320, 320), np.float32)
+        out = host_view(address["output0"], (batch, *golden["raw"].shape[1:]), np.float32)
+        for i in range(batch):
+            out[i] = golden["raw"][0] if np.allclose(x[i], expected, atol=1.5 / 255) else 0.0
+
+    return compute
+
+
+@pytest.fixture
+def sim_v8_detector(tmp_path, monkeypatch):
+    """A yolov8-family engine (YOLO11n, 3 classes) as trtnet.build writes its sidecar, on the simulated GPU."""
+    import trtnet.cuda_rt
+    import trtnet.plugins.postprocess
+    import trtnet.plugins.preprocess
+
+    golden = np.load(shared("golden", V8_GOLDEN))
+    made = []
+
+    def postprocess(**kwargs):
+        made.append(SimPostprocess(**kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(trtnet.cuda_rt, "cudart", lambda: SIM.rt)
+    sim = SimEngine(SIM, {"images": (-1, 3, 320, 320), "output0": (-1, 7, 2100)}, anchor_free_output_of_bus(golden))
+    monkeypatch.setattr(compat, "deserialize", lambda plan, logger=None: (None, sim))
+    monkeypatch.setattr(trtnet.plugins.preprocess, "Letterbox", SimLetterbox)
+    monkeypatch.setattr(trtnet.plugins.postprocess, "YoloPostprocess", postprocess)
+    flavour = compat.flavour()
+    engine = fake_engine(tmp_path, "yolo11n_nc3_syn.fp32", family="yolov8", weights="yolo11n_nc3_syn.wts",
+                         imgsz=[320, 320], batch={"min": 1, "opt": 2, "max": 2}, outputs=["output0"],
+                         tensorrt={"flavour": flavour.name, "version": flavour.version}, nc=3, names=["a", "b", "c"],
+                         strides=[8, 16, 32], head="anchor_free",
+                         postprocess={"mode": "kernels", "conf": 0.25, "iou": 0.45, "max_det": 1000,
+                                      "multi_label": False, "agnostic": False})
+
+    def make(**kwargs):
+        return Detector(engine, **kwargs)
+
+    make.path, make.postprocesses = engine, made
+    return make
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_simulated_detector_on_a_yolov8_engine_reproduces_the_official_nms(sim_v8_detector, cuda_graphs):
+    bus = cv2.imread(str(shared("images", "bus.jpg")))
+    rows = np.load(shared("golden", V8_GOLDEN))["det"]
+    assert 0 < len(rows) < 300
+    boxes = official_scale_boxes(rows[:, :4], (320, 320), bus.shape[:2])
+    other = np.full((300, 500, 3), 77, np.uint8)
+    with sim_v8_detector(cuda_graphs=cuda_graphs) as detector:
+        results = detector.detect([bus, other, bus])  # batches 2, 1
+    (post,) = sim_v8_detector.postprocesses
+    assert post.head == "anchor_free" and post.nc == 3 and not post.strides
+    assert {call[3][0] for call in post.calls} == {(2100,)}
+    assert [len(r) for r in results] == [len(rows), 0, len(rows)]
+    for r in (results[0], results[2]):
+        np.testing.assert_allclose(r.boxes, boxes, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(r.scores, rows[:, 4], rtol=1e-6)
+        assert r.names == [["a", "b", "c"][int(c)] for c in rows[:, 5]]
+
+
+def test_simulated_bench_on_a_yolov8_engine(sim_v8_detector, tmp_path):
+    from trtnet import bench
+
+    report = tmp_path / "bench.json"
+    argv = [str(sim_v8_detector.path), "--batch", "1,2", "--iters", "2", "--warmup", "1", "--json", str(report)]
+    assert bench.cli(argv) == 0
+    rows = json.loads(report.read_text(encoding="utf-8"))
+    assert {(r["mode"], r["batch"]) for r in rows} >= {("engine", 1), ("end-to-end", 2)}
 
 
 def imagenet_kernel(qualified, grid, block, args, stream=0, shared=0):
@@ -967,3 +1057,13 @@ def test_impossible_nms_settings_are_refused_by_the_kernels_and_the_build(settin
 def test_impossible_nms_settings_are_refused_by_the_detector(sim_detector, settings):
     with pytest.raises(TrtnetError, match="NMS settings"):
         sim_detector(**settings)
+
+
+def test_val_nms_iou_defaults_to_the_family_validator(tmp_path):
+    from trtnet.val import val_iou
+
+    v5 = fake_engine(tmp_path, "yolov5n.fp16")
+    v8 = fake_engine(tmp_path, "yolo11n.fp16", family="yolov8", weights="yolo11n.wts", outputs=["output0"],
+                     head="anchor_free", strides=[8, 16, 32])
+    assert val_iou(str(v5)) == 0.6  # YOLOv5's val.py
+    assert val_iou(str(v8)) == 0.7  # Ultralytics' DetectionValidator

@@ -118,7 +118,7 @@ def test_fields_round_trip_through_the_creator(tp, trt, settings):
     gc.collect()  # the arrays behind the fields must still be alive
     creator = tp.register()
     assert {f.name for f in fields} == {f.name for f in creator.field_names} == {
-        "conf", "iou", "max_det", "agnostic", "multi_label", "capacity", "nc", "strides", "anchors"}
+        "conf", "iou", "max_det", "agnostic", "multi_label", "capacity", "nc", "strides", "anchors", "head"}
     rebuilt = creator.create_plugin("yolo_nms", fields, trt.TensorRTPhase.RUNTIME)
     assert isinstance(rebuilt, tp.YoloNMSPlugin)
     assert rebuilt.settings == settings  # exact, floats included
@@ -221,3 +221,62 @@ def test_settings_reject_anchors_that_do_not_fit(tp):
         tp.YoloNMSSettings(strides=[8, 16], anchors=P5_ANCHORS, nc=80)
     with pytest.raises(TrtnetError, match="do not fit strides"):
         tp.YoloNMSSettings(strides=[8, 16, 32], anchors=[[10, 13], [30, 61, 62, 45], [116, 90]], nc=80)
+
+
+@pytest.fixture
+def anchor_free(tp):
+    return tp.YoloNMSSettings(head="anchor_free", nc=3, conf=0.001, iou=0.7, max_det=300, multi_label=True)
+
+
+def test_anchor_free_settings_round_trip_through_the_creator(tp, trt, anchor_free):
+    plugin = tp.YoloNMSPlugin(anchor_free)  # owns the arrays behind the fields
+    fields = plugin.get_fields_to_serialize()
+    assert {f.name: f.data.tolist() for f in fields}["head"] == [1]
+    rebuilt = tp.register().create_plugin("yolo_nms", fields, trt.TensorRTPhase.RUNTIME)
+    assert rebuilt.settings == anchor_free
+    assert rebuilt.settings.postprocess_kwargs()["head"] == "anchor_free"
+
+
+def test_engines_serialized_before_the_head_field_decode_anchors(tp, trt, settings):
+    plugin = tp.YoloNMSPlugin(settings)
+    fields = [f for f in plugin.get_fields_to_serialize() if f.name != "head"]
+    rebuilt = tp.register().create_plugin("yolo_nms", trt.PluginFieldCollection(fields), trt.TensorRTPhase.RUNTIME)
+    assert rebuilt.settings == settings and rebuilt.settings.head == "anchors"
+
+
+def test_anchor_free_settings_refuse_strides_and_unknown_heads(tp):
+    with pytest.raises(TrtnetError, match="anchor-free head takes no strides"):
+        tp.YoloNMSSettings(head="anchor_free", nc=3, strides=[8, 16, 32])
+    with pytest.raises(TrtnetError, match="head must be one of"):
+        tp.YoloNMSSettings(head="anchorless", nc=3)
+
+
+def test_anchor_free_workspace_and_enqueue_pass_the_row_count(tp, trt, anchor_free, monkeypatch):
+    host = FakePostprocess()
+    plugin = tp.YoloNMSPlugin(anchor_free)
+    monkeypatch.setattr(plugin, "postprocess", lambda: host)
+    output = tensor_desc(trt, (2, 7, 2100), trt.DataType.FLOAT, max_shape=(4, 7, 8400))
+    assert plugin.get_workspace_size([output], []) == 4096
+    assert host.calls["workspace_bytes"] == (4, [(8400,)])
+    plugin.enqueue([output.desc], [], [11], [21, 22], 31, 41)
+    assert host.calls["enqueue"] == (41, [11], "float32", 2, [(2100,)], 31, 21, 22)
+
+
+def test_add_yolo_nms_checks_the_anchor_free_output(tp, anchor_free):
+    network = FakeNetwork()
+    output = SimpleNamespace(shape=(-1, 7, -1))
+    tp.add_yolo_nms(network, [output], anchor_free)
+    assert network.added[0] == [output]
+    with pytest.raises(TrtnetError, match=r"one output \[B, 7, N\]"):
+        tp.add_yolo_nms(FakeNetwork(), [SimpleNamespace(shape=(-1, 84, 2100))], anchor_free)
+    with pytest.raises(TrtnetError, match=r"one output \[B, 7, N\]"):
+        tp.add_yolo_nms(FakeNetwork(), fake_heads(24), anchor_free)
+
+
+def test_build_settings_for_an_anchor_free_family(tp):
+    from trtnet import networks
+    from trtnet.engine_meta import PostprocessSettings, nms_kwargs
+
+    decode = networks.family("yolov8").postprocess_kwargs({"nc": 3, "strides": [8, 16, 32]})
+    settings = tp.YoloNMSSettings(**decode, **nms_kwargs(PostprocessSettings(mode="plugin", conf=0.3)))
+    assert (settings.head, settings.channels, settings.strides, settings.conf) == ("anchor_free", 7, (), 0.3)

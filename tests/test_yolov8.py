@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import requires_tensorrt, requires_torch, shared
 from trtnet.errors import TrtnetError
-from trtnet.plugins.reference import non_max_suppression_anchor_free
+from trtnet.plugins.official import non_max_suppression_anchor_free
 
 MODELS = ["yolov8s_syn", "yolo11s_syn", "yolo11n_nc3_syn"]
 RANGE_TOL = 1e-3
@@ -164,7 +164,7 @@ def test_anchor_free_nms_multi_label_and_agnostic():
 @requires_torch
 @pytest.mark.parametrize("model", MODELS)
 def test_network_matches_golden_raw_heads_and_layers(model):
-    from trtnet.reference import run_network
+    from trtnet.executor import run_network
 
     g = golden(model)
     _, network = define(read(model))
@@ -194,7 +194,7 @@ def test_fp16_graph_and_batch_of_two():
     These random-weight models amplify fp16 rounding layer by layer (layer 22 is off by 7% of its range),
     and DFL turns a logit error into a bin shift of a whole stride on a few boxes (max 75 px), so the
     bound is on the typical error: median box error 0.35 px (4e-4 of the range), score 99th percentile 6e-3."""
-    from trtnet.reference import run_network
+    from trtnet.executor import run_network
 
     g = golden("yolo11n_nc3_syn")
     ckpt = read("yolo11n_nc3_syn")
@@ -226,7 +226,7 @@ def official_anchors(hw, strides=(8, 16, 32)):
 def test_anchor_points_follow_the_run_time_size():
     """Dynamic height and width: the anchor points come from the level shapes at run time (as Detect makes
     them), so one network serves 320x320 (the golden) and rectangular inputs."""
-    from trtnet.reference import run_network
+    from trtnet.executor import run_network
 
     g = golden("yolo11n_nc3_syn")
     np.testing.assert_array_equal(official_anchors((320, 320))[0], g["anchors"].T)  # the helper is the official

@@ -16,6 +16,8 @@ Per batch size:
 - torch (--compare-torch): the same model in PyTorch fp16 on the same GPU, eager and as a CUDA graph.
   ResNet: torchvision's resnet with the engine's own weights. YOLOv5: the official code (--yolov5-src)
   with the checkpoint (.pt) beside the weights; its forward includes Detect's decode, the engine's not.
+  YOLOv8/YOLO11: the official `ultralytics` package's model of the .pt (in --weights-dir or beside the
+  engine), fused; its forward and the engine both end in the decoded [B, 4 + nc, N] output.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One typed record, `EngineMeta`, checked field by field when it is read, so a hand-edited or foreign sidecar
 gives one TrtnetError naming the file and the field instead of a traceback somewhere later. The JSON keys
-are those of every engine built so far; family-specific fields (`nc`, `names`, `strides`, `anchors`,
+are those of every engine built so far; family-specific fields (`nc`, `names`, `strides`, `anchors`, `head`,
 `num_classes`, `softmax`) are optional typed fields, and keys this version does not know are kept in `extra`.
 """
 
@@ -80,6 +80,7 @@ class EngineMeta:
     names: tuple[str, ...] = ()
     strides: tuple[int, ...] = ()
     anchors: tuple[tuple[float, ...], ...] = ()
+    head: str | None = None  # detect families: YoloPostprocess's head kind ("anchors" when absent)
     num_classes: int | None = None  # classify families
     softmax: bool | None = None
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
@@ -244,8 +245,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "min_imgsz": _optional(_positive), "max_imgsz": _optional(_positive), "target_cc": _list_of(_str),
     "device": _optional(_device), "layers": _int, "engine_bytes": _int, "build_seconds": _number,
     "postprocess": _optional(_postprocess), "nc": _optional(_positive), "names": _list_of(lambda n: str(n)),
-    "strides": _list_of(_positive), "anchors": _anchors, "num_classes": _optional(_positive),
+    "strides": _list_of(_positive), "anchors": _anchors, "head": _optional(_str), "num_classes": _optional(_positive),
     "softmax": _optional(_bool),
 }
-_OMIT_WHEN_NONE = {"postprocess", "nc", "num_classes", "softmax"}
+_OMIT_WHEN_NONE = {"postprocess", "nc", "head", "num_classes", "softmax"}
 _OMIT_WHEN_EMPTY = {"names", "strides", "anchors"}

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from trtnet import compat
+from trtnet import compat, networks
 from trtnet.build import BuildRequest, load_for_build
 from trtnet.cli import parser, run
 from trtnet.network import BatchProfile, define_network
@@ -26,23 +26,36 @@ def golden_input(golden) -> np.ndarray:
     raise SystemExit("the golden holds neither `image` nor `x`")
 
 
-def tensor_for_golden_key(key: str) -> str:
-    """Golden keys → our tensor names: layer_07 → model.7; raw_0, logits, layer1 stay as they are."""
+def tensor_for_golden_key(key: str, meta: Mapping | None = None) -> str:
+    """Golden keys → our tensor names: the family's own (`golden_tensor(key, meta)`, e.g. YOLOv8's `raw` →
+    output0), else layer_07 → model.7; raw_0, logits, layer1 stay as they are."""
+    own = getattr(networks.for_meta(meta), "golden_tensor", None) if meta is not None else None
+    if own is not None and own(key, meta):
+        return own(key, meta)
     if key.startswith("layer_") and key[6:].isdigit():
         return f"model.{int(key[6:])}"
     return key
 
 
-def compare(outputs: dict, golden, keys: Sequence[str]) -> list[tuple]:
+def network_tensor_names(network) -> set:
+    return {network.get_layer(i).get_output(j).name for i in range(network.num_layers)
+            for j in range(network.get_layer(i).num_outputs)}
+
+
+def compare(outputs: dict, golden, tensors: Mapping[str, str]) -> list[tuple]:
+    """(golden key, tensor, max abs err, mean abs err, max err / golden range) for each key → tensor."""
     rows = []
-    for key in keys:
-        ours = outputs.get(tensor_for_golden_key(key))
+    for key, tensor in tensors.items():
+        ours = outputs.get(tensor)
         if ours is None:
             continue
         ref = golden[key].astype(np.float32)
+        if ours.shape != ref.shape:
+            print(f"{key}: ours {list(ours.shape)} and the golden's {list(ref.shape)} differ in shape; skipped")
+            continue
         err = np.abs(ours.astype(np.float32) - ref)
         span = float(ref.max() - ref.min()) or 1.0
-        rows.append((key, tensor_for_golden_key(key), float(err.max()), float(err.mean()), float(err.max()) / span))
+        rows.append((key, tensor, float(err.max()), float(err.mean()), float(err.max()) / span))
     return rows
 
 
@@ -81,10 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if golden is None:
         return 0
     keys = [k for k in golden.files if k not in ("image", "x", "decoded", "det")]
-    outputs = run_network(defined.network, {defined.input_name: x}, keep=[tensor_for_golden_key(k) for k in keys])
-    print(f"\n{'golden':<10} {'tensor':<10} {'max abs err':>12} {'mean abs err':>13} {'max/range':>10}")
-    for key, tensor, mx, mean, rel in compare(outputs, golden, keys):
-        print(f"{key:<10} {tensor:<10} {mx:12.3e} {mean:13.3e} {rel:10.2e}")
+    known = network_tensor_names(defined.network)
+    tensors = {k: tensor_for_golden_key(k, meta) for k in keys}
+    tensors = {k: t for k, t in tensors.items() if t in known}
+    if set(keys) - set(tensors):
+        print(f"not in the network (not compared): {', '.join(sorted(set(keys) - set(tensors)))}")
+    outputs = run_network(defined.network, {defined.input_name: x}, keep=sorted(set(tensors.values())))
+    print(f"\n{'golden':<10} {'tensor':<16} {'max abs err':>12} {'mean abs err':>13} {'max/range':>10}")
+    for key, tensor, mx, mean, rel in compare(outputs, golden, tensors):
+        print(f"{key:<10} {tensor:<16} {mx:12.3e} {mean:13.3e} {rel:10.2e}")
     return 0
 
 

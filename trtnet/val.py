@@ -112,8 +112,18 @@ def engine_predictor(engine: str, task: str, args) -> tuple[Callable, Any]:
         return classifier.pipeline.run, classifier.engine
     from trtnet.api import Detector
 
-    detector = Detector(engine, conf=args.conf, iou=args.iou, max_det=args.max_det, multi_label=True)
+    iou = args.iou if args.iou is not None else val_iou(engine)
+    detector = Detector(engine, conf=args.conf, iou=iou, max_det=args.max_det, multi_label=True)
     return functools.partial(predict_letterboxed, detector.pipeline, args.imgsz), detector.engine
+
+
+def val_iou(engine: str) -> float:
+    """The NMS IoU of the engine family's official validator (`VAL_IOU`: Ultralytics' 0.7), else val.py's 0.6."""
+    from trtnet import networks
+    from trtnet.engine_files import load_metadata, resolve_engine
+
+    family = networks.family(load_metadata(resolve_engine(engine)).family)
+    return float(getattr(family, "VAL_IOU", 0.6))
 
 
 def predict_letterboxed(pipeline, imgsz: int, images: list, shape: tuple) -> list:
@@ -150,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     p.add_argument("--imgsz", type=int, default=640, help="inference size (long side), detect")
     p.add_argument("--batch", type=int, default=16, help="images per batch")
     p.add_argument("--conf", type=float, default=0.001, help="confidence threshold (val.py's)")
-    p.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold (val.py's)")
+    p.add_argument("--iou", type=float, help="NMS IoU threshold (default: the official validator's: YOLOv5 "
+                   "val.py's 0.6, Ultralytics' 0.7 for YOLOv8/YOLO11)")
     p.add_argument("--max-det", type=int, default=300, help="detections kept per image")
     p.add_argument("--square", action="store_true", help="letterbox every batch to imgsz x imgsz "
                    "instead of val.py's per-batch rectangles")

@@ -42,6 +42,16 @@ bench resnet50_fp16_b32_graphs resnet50_syn_fp16_b32 --batch 32 --cuda-graphs
 # torch lives in the machine's own Python, TensorRT in 3.9's: the PyTorch side runs right after, same GPU
 step torch_resnet50_b32 180 env PYTHONPATH="$repo" python3 -m trtnet.bench "$eng/resnet50_syn_fp16_b32.engine" \
     --torch-only --batch 32 --weights-dir "$eng" --json "$out/torch_resnet50_b32.json"
+# YOLOv8 / YOLO11 (engines_gpu.py build --only v8): engine latency at 1 and 32, then the official Ultralytics
+# model in fp16 with a CUDA graph (the ultralytics wheel's folder in $ULTRALYTICS_PATH, installed --no-deps)
+for m in yolov8s_syn yolo11s_syn; do
+    [ -f "$eng/${m}_640_fp16_b1.engine" ] || continue
+    bench "${m}_fp16_b1" "${m}_640_fp16_b1" --batch 1 --cuda-graphs
+    bench "${m}_fp16_b32" "${m}_640_fp16_b32" --batch 32 --cuda-graphs
+    step "torch_${m}" 300 env PYTHONPATH="$repo${ULTRALYTICS_PATH:+:$ULTRALYTICS_PATH}" python3 -m trtnet.bench \
+        "$eng/${m}_640_fp16_b1.engine" --torch-only --batch 1,32 --weights-dir "$data/weights/synthetic" \
+        --json "$out/torch_${m}.json"
+done
 step runtime_tests 400 env TRTNET_SHARED_DATA="$data" TRTNET_GPU_ENGINES="$eng" \
     "$py39" -m pytest -q -ra -p no:cacheprovider "$repo/tests/gpu/test_runtime_gpu.py" ${TRTNET_GPU_PYTEST_K:+-k "$TRTNET_GPU_PYTEST_K"}
 cp "$eng"/*.build.log "$eng"/builds.json "$out/" 2>/dev/null

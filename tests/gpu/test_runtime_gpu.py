@@ -289,6 +289,91 @@ def test_bench_runs(engine, tmp_path):
     assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in modes for b in (1, 4)}
 
 
+# ------------------------------------------------------------------- YOLOv8 / YOLO11 (engines_gpu.py --only v8)
+
+V8_MODELS = ("yolov8s_syn", "yolo11s_syn")
+
+
+def v8_engine(engine_dir: Path, name: str) -> Path:
+    path = engine_dir / f"{name}.engine"
+    if not path.is_file():
+        pytest.skip(f"no {path}: build it with tests/gpu/engines_gpu.py build --only v8 (minutes per engine)")
+    return path
+
+
+def matched_fraction(boxes, scores, classes, want_boxes, want_scores, want_classes, iou=0.9, score_tol=0.02):
+    """Fraction of the wanted detections with one of ours of the same class, IoU >= iou, score within
+    score_tol (each of ours used once), and the worst IoU / score difference of the matched ones."""
+    unmatched, found, worst_iou, worst_score = set(range(len(boxes))), 0, 1.0, 0.0
+    for box, score, cls in zip(want_boxes, want_scores, want_classes):
+        candidates = [i for i in unmatched if classes[i] == cls and abs(scores[i] - score) <= score_tol]
+        ious = [box_iou(boxes[i], box) for i in candidates]
+        if ious and max(ious) >= iou:
+            best = candidates[int(np.argmax(ious))]
+            unmatched.discard(best)
+            found += 1
+            worst_iou, worst_score = min(worst_iou, max(ious)), max(worst_score, abs(scores[best] - score))
+    return found / max(len(want_boxes), 1), worst_iou, worst_score
+
+
+@pytest.mark.parametrize("model", V8_MODELS)
+def test_v8_rect_input_reproduces_the_official_640_detections(engine_dir, model):
+    """The official predictor's own input (rect letterbox: 640x480 for bus.jpg) through a dynamic-size
+    engine and the anchor-free decode + NMS kernels: the golden's boxes in image pixels."""
+    from trtnet.api import Detector
+    from trtnet.plugins.official import letterbox, scale_boxes, to_network_input
+
+    golden = json.loads(shared("golden", f"golden_{model}_detect640.json").read_text(encoding="utf-8"))
+    image = bus()
+    assert golden["network_input_shape_bchw"][2:] == [640, 480]
+    x = to_network_input(letterbox(image, (640, 480))[0])
+    with Detector(v8_engine(engine_dir, f"{model}_640_fp16_dyn"), conf=0.25, iou=0.45, max_det=300) as detector:
+        (rows,) = detector.pipeline.run_letterboxed(x)
+    boxes = scale_boxes((640, 480), rows[:, :4], image.shape[:2])
+    fraction, worst_iou, worst_score = matched_fraction(boxes, rows[:, 4], rows[:, 5].astype(int),
+                                                        np.array(golden["boxes_xyxy"]), golden["scores"],
+                                                        golden["classes"])
+    print(f"{model} fp16 rect 640x480: {len(rows)} detections (golden {len(golden['scores'])}), matched "
+          f"{fraction:.3f}, worst IoU {worst_iou:.4f}, worst score diff {worst_score:.4f}")
+    assert abs(len(rows) - len(golden["scores"])) <= max(2, len(golden["scores"]) // 50)
+    assert fraction >= 0.97  # fp16: a few candidates near conf 0.25 or an NMS tie may flip
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("model", V8_MODELS)
+def test_v8_detector_on_a_static_640_engine_matches_the_reference_executor(engine_dir, model, precision):
+    """Detector's own square letterbox (640x640) on bus.jpg, against the official NMS of the CPU reference
+    executor's output for that input (engines_gpu.py refs → $TRTNET_GPU_REFS/<model>_bus640.npz). The
+    golden's rect input gives other detections entirely on these random-weight models (see RESULTS.md)."""
+    from trtnet.api import Detector
+    from trtnet.plugins.official import non_max_suppression_anchor_free, scale_boxes
+
+    refs = Path(os.environ.get("TRTNET_GPU_REFS", "/tmp/refs")) / f"{model}_bus640.npz"
+    if not refs.is_file():
+        pytest.skip(f"no {refs}: run tests/gpu/engines_gpu.py refs on the CPU first")
+    image = bus()
+    (want,) = non_max_suppression_anchor_free(np.load(refs)["output0"], 0.25, 0.45, 300)
+    want_boxes = scale_boxes((640, 640), want[:, :4], image.shape[:2])
+    with Detector(v8_engine(engine_dir, f"{model}_640_{precision}_b1"), conf=0.25, iou=0.45, max_det=300) as det:
+        result = det.detect(image)[0]
+    fraction, worst_iou, worst_score = matched_fraction(result.boxes, result.scores, result.classes, want_boxes,
+                                                        want[:, 4], want[:, 5].astype(int))
+    print(f"{model} {precision} square 640: {len(result)} detections (reference {len(want)}), matched "
+          f"{fraction:.3f}, worst IoU {worst_iou:.4f}, worst score diff {worst_score:.4f}")
+    assert fraction >= (1.0 if precision == "fp32" else 0.97)
+
+
+@pytest.mark.parametrize("model", V8_MODELS)
+def test_v8_bench_runs(engine_dir, tmp_path, model):
+    from trtnet import bench
+
+    report = tmp_path / "bench.json"
+    argv = [str(v8_engine(engine_dir, f"{model}_640_fp16_b1")), "--batch", "1", "--iters", "5", "--warmup", "1",
+            "--json", str(report)]
+    assert bench.cli(argv) == 0
+    assert {r["mode"] for r in json.loads(report.read_text(encoding="utf-8"))} >= {"engine", "end-to-end"}
+
+
 # ------------------------------------------------------------------------------ ResNet vs torchvision goldens
 
 
