@@ -17,12 +17,12 @@ import numpy as np
 
 from trtnet.checkpoint import (
     Checkpoint,
-    _bn_eps,
-    _model_record,
-    _strip_prefix,
-    _tensor_dict,
-    _to_float32,
+    bn_eps,
+    model_record,
     module_state_dict,
+    strip_prefix,
+    tensor_dict,
+    to_float32,
 )
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
@@ -124,15 +124,15 @@ TORCHVISION_BN_EPS = 1e-5
 
 
 def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:
-    model = _model_record(obj)
+    model = model_record(obj)
     if model is not None:
         if model.class_name == "ResNet":
-            return _checkpoint(path, _to_float32(module_state_dict(model)), _bn_eps(path, model))
+            return _checkpoint(path, to_float32(module_state_dict(model)), bn_eps(path, model))
         return None
-    state_dict = _tensor_dict(obj)
+    state_dict = tensor_dict(obj)
     if state_dict is None:
         return None
-    state_dict = _to_float32(_strip_prefix(state_dict, "module."))
+    state_dict = to_float32(strip_prefix(state_dict, "module."))
     if "conv1.weight" in state_dict and "fc.weight" in state_dict:
         return _checkpoint(path, state_dict, TORCHVISION_BN_EPS)
     return None

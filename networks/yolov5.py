@@ -20,11 +20,11 @@ import numpy as np
 from trtnet.checkpoint import (
     Checkpoint,
     ModuleRecord,
-    _bn_eps,
-    _model_record,
-    _tensor_dict,
-    _to_float32,
+    bn_eps,
+    model_record,
     module_state_dict,
+    tensor_dict,
+    to_float32,
 )
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
@@ -275,12 +275,12 @@ def summary(meta: Mapping) -> str:
 
 
 def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:
-    model = _model_record(obj)
+    model = model_record(obj)
     if model is not None:
         if model.qualname.startswith("models.yolo.") and isinstance(model.get("yaml"), dict):
             return _checkpoint(path, model, obj)
         return None
-    state_dict = _tensor_dict(obj)
+    state_dict = tensor_dict(obj)
     if state_dict is not None and any(k.startswith(("model.0.", "module.model.0.")) for k in state_dict):
         raise TrtnetError(
             f"{path} is a bare YOLOv5 state dict: it lacks the model yaml (depth, width, anchors, classes) "
@@ -309,13 +309,13 @@ def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
         "strides": strides,
         # Detect keeps anchors divided by the stride; times the stride they are the pixels it decodes with.
         "anchors": (anchors * np.asarray(strides, np.float32)[:, None, None]).reshape(len(strides), -1).tolist(),
-        "bn_eps": _bn_eps(path, model),
+        "bn_eps": bn_eps(path, model),
         "imgsz": 1280 if len(strides) > 3 else 640,
         "source_dtype": str(next(iter(state_dict.values())).dtype),
     }
     if isinstance(ckpt, dict):
         meta.update({k: ckpt[k] for k in ("epoch", "date") if isinstance(ckpt.get(k), (int, str))})
-    return Checkpoint(FAMILY, _to_float32(state_dict), meta)
+    return Checkpoint(FAMILY, to_float32(state_dict), meta)
 
 
 def _detect_head(path: Path, model: ModuleRecord) -> ModuleRecord:

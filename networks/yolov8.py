@@ -11,15 +11,16 @@ output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from trtnet.checkpoint import Checkpoint, bn_eps, model_record, module_state_dict, to_float32
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
+from trtnet.meta_checks import MAX_CLASSES, check_count, check_strides
 from trtnet.networks.yolov5 import concat, make_divisible, sppf, upsample
 
 FAMILY = "yolov8"
@@ -350,11 +351,7 @@ def _rows(cfg: Mapping) -> list:
 
 def read_checkpoint(path: Path, obj) -> Any:
     """An Ultralytics DetectionModel checkpoint (`ckpt.get('ema') or ckpt['model']`) → Checkpoint, else None."""
-    from trtnet.checkpoint import Checkpoint, ModuleRecord, module_state_dict
-
-    model = obj if isinstance(obj, ModuleRecord) else None
-    if isinstance(obj, dict):
-        model = next((obj[k] for k in ("ema", "model") if isinstance(obj.get(k), ModuleRecord)), None)
+    model = model_record(obj)
     if model is None or not model.qualname.startswith("ultralytics.nn.tasks."):
         return None
     if model.qualname != MODEL_CLASS or not isinstance(model.get("yaml"), dict):
@@ -363,20 +360,20 @@ def read_checkpoint(path: Path, obj) -> Any:
     head = _detect_head(path, model)
     if head.get("end2end"):
         raise TrtnetError(f"{path}: an end-to-end (NMS-free, one2one) Detect head is not supported yet")
-    nc, reg_max = int(head.get("nc")), int(head.get("reg_max", 16))
-    strides = [float(s) for s in np.asarray(model.get("stride"), dtype=np.float64).reshape(-1)]
-    _check_meta(path, nc, reg_max, strides)  # before anything is sized from them
+    nc, reg_max = head.get("nc"), int(head.get("reg_max", 16))
+    nc = check_count(nc, "Detect.nc", path, MAX_CLASSES)  # before anything is sized from them
+    strides = check_strides(model.get("stride"), path)
+    _check_head(path, reg_max, strides)
     names = _names(path, model.get("names"), nc)
     state_dict = module_state_dict(model)
     meta = {
         "family": FAMILY, "model_class": model.qualname, "yaml": model.get("yaml"), "nc": nc, "names": names,
-        "strides": [int(s) for s in strides], "reg_max": reg_max, "bn_eps": _bn_eps(path, model),
+        "strides": [int(s) for s in strides], "reg_max": reg_max, "bn_eps": _eps(path, model),
         "imgsz": DEFAULT_IMGSZ, "source_dtype": str(next(iter(state_dict.values())).dtype),
     }
     if isinstance(obj, dict):
         meta.update({k: obj[k] for k in ("epoch", "date", "version") if isinstance(obj.get(k), (int, str))})
-    tensors = OrderedDict((k, np.asarray(v, dtype=np.float32, order="C")) for k, v in state_dict.items())
-    return Checkpoint(FAMILY, tensors, meta)
+    return Checkpoint(FAMILY, to_float32(state_dict), meta)
 
 
 def _detect_head(path: Path, model):
@@ -397,20 +394,16 @@ def _names(path: Path, names, nc: int) -> list[str]:
     raise TrtnetError(f"{path}: {nc} classes but names {str(names)[:80]}")
 
 
-def _check_meta(path: Path, nc: int, reg_max: int, strides: list[float]) -> None:
-    if not 1 <= nc <= 100000:
-        raise TrtnetError(f"{path}: class count {nc} is outside 1..100000")
+def _check_head(path: Path, reg_max: int, strides: list[int]) -> None:
     if not 1 <= reg_max <= 64:
         raise TrtnetError(f"{path}: Detect's reg_max {reg_max} is outside 1..64")
-    if not strides or any(s < 1 or s != int(s) or int(s) & (int(s) - 1) for s in strides):
-        raise TrtnetError(f"{path}: strides {strides} are not positive powers of two")
+    if any(s & (s - 1) for s in strides):
+        raise TrtnetError(f"{path}: strides {strides} are not powers of two")
 
 
-def _bn_eps(path: Path, model) -> float:
-    eps = {float(m.get("eps")) for m in model.walk() if m.class_name.startswith("BatchNorm")}
-    if len(eps) > 1:
-        raise TrtnetError(f"{path}: BatchNorm layers use different eps values {sorted(eps)}; trtnet assumes one")
-    return eps.pop() if eps else 1e-3
+def _eps(path: Path, model) -> float:
+    eps = bn_eps(path, model)
+    return 1e-3 if eps is None else eps  # Ultralytics' BatchNorm2d(eps=0.001)
 
 
 # -- bench --compare-torch / --torch-only ------------------------------------------------------------

@@ -39,13 +39,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _held(obj: Any) -> str:
-    model = _model_record(obj)
+    model = model_record(obj)
     if model is not None:
         return f"it holds a {model.qualname}"
-    state_dict = _tensor_dict(obj)
+    state_dict = tensor_dict(obj)
     if state_dict is None:
-        return f"it holds {_describe(obj)}"
-    return f"a state dict with keys {', '.join(list(_strip_prefix(state_dict, 'module.'))[:6])}, …"
+        return f"it holds {describe(obj)}"
+    return f"a state dict with keys {', '.join(list(strip_prefix(state_dict, 'module.'))[:6])}, …"
 
 
 def module_state_dict(module: ModuleRecord, prefix: str = "") -> OrderedDict[str, np.ndarray]:
@@ -63,7 +63,7 @@ def module_state_dict(module: ModuleRecord, prefix: str = "") -> OrderedDict[str
     return out
 
 
-def _model_record(obj: Any) -> ModuleRecord | None:
+def model_record(obj: Any) -> ModuleRecord | None:
     """The pickled model: the object itself, or like the official loader `ckpt.get('ema') or ckpt['model']`."""
     if isinstance(obj, ModuleRecord):
         return obj
@@ -74,7 +74,7 @@ def _model_record(obj: Any) -> ModuleRecord | None:
     return None
 
 
-def _tensor_dict(obj: Any) -> dict | None:
+def tensor_dict(obj: Any) -> dict | None:
     if isinstance(obj, dict):
         for candidate in (obj, obj.get("state_dict"), obj.get("model")):
             if isinstance(candidate, dict) and candidate and all(isinstance(v, np.ndarray) for v in candidate.values()):
@@ -82,24 +82,24 @@ def _tensor_dict(obj: Any) -> dict | None:
     return None
 
 
-def _describe(obj: Any) -> str:
+def describe(obj: Any) -> str:
     if isinstance(obj, dict):
         return f"a dict with keys {', '.join(map(str, list(obj)[:8]))}"
     return f"a {getattr(obj, 'qualname', type(obj).__name__)}"
 
 
-def _strip_prefix(tensors: dict, prefix: str) -> dict:
+def strip_prefix(tensors: dict, prefix: str) -> dict:
     """DataParallel's `module.` prefix, if every key carries it."""
     if all(k.startswith(prefix) for k in tensors):
         return OrderedDict((k[len(prefix):], v) for k, v in tensors.items())
     return tensors
 
 
-def _to_float32(tensors: dict) -> OrderedDict[str, np.ndarray]:
+def to_float32(tensors: dict) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, np.asarray(v, dtype=np.float32, order="C")) for k, v in tensors.items())
 
 
-def _bn_eps(path: Path, model: ModuleRecord) -> float | None:
+def bn_eps(path: Path, model: ModuleRecord) -> float | None:
     eps = {check_eps(m.get("eps"), path) for m in model.walk() if m.class_name.startswith("BatchNorm")}
     if len(eps) > 1:
         raise TrtnetError(f"{path}: BatchNorm layers use different eps values {sorted(eps)}; trtnet assumes one")
