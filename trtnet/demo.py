@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write, sha256_of
 from trtnet.progress import bar
@@ -212,9 +213,9 @@ def write_results(result, image: Path, out: Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------ command
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("demo", "Convert yolov5n, build an fp16 engine and detect on a sample image (on the GPU, or on the "
-                       "CPU when there is none).")
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("demo", "Convert yolov5n, build an fp16 engine and detect on a sample image (on the GPU, "
+                               "or on the CPU when there is none).")
     p.add_argument("--weights", help="a YOLOv5 checkpoint of your own to use instead of the official yolov5n.pt")
     p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
                    help=f"where to fetch yolov5n.pt when no local copy is found: a URL or a path (${URL_ENV})")
@@ -224,7 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="folder for the annotated image and detections.json")
     p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
                    help="where the checkpoint, .wts and engine go ($TRTNET_WEIGHTS)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     weights_dir = Path(args.weights_dir)
     image = sample_image(args.source)
 

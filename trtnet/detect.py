@@ -14,6 +14,7 @@ class were found. Files that cannot be read are skipped with a warning.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.datasets import IMAGE_SUFFIXES
 from trtnet.engine import batched
 from trtnet.errors import TrtnetError
@@ -417,10 +418,15 @@ def results_folder(args) -> Path:
     return increment_path(Path(args.project) / args.name, args.exist_ok)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("detect", "Detect objects with a YOLOv5 engine (or, with --device cpu, its weights on the CPU) "
-                         "in images, folders, videos or a camera.")
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("detect", "Detect objects with a detection engine (or, with --device cpu, its weights on the "
+                                 "CPU) in images, folders, videos or a camera.")
     add_options(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     check_numbers(p, args)
 
