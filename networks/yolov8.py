@@ -11,6 +11,7 @@ output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w
 from __future__ import annotations
 
 import math
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -370,3 +371,35 @@ def _bn_eps(path: Path, model) -> float:
     if len(eps) > 1:
         raise TrtnetError(f"{path}: BatchNorm layers use different eps values {sorted(eps)}; trtnet assumes one")
     return eps.pop() if eps else 1e-3
+
+
+# -- trtnet golden ----------------------------------------------------------------------------------------
+
+
+def official_golden(torch, checkpoint_path: Path, image_chw: np.ndarray, official_src: str | None) -> dict:
+    """The `ultralytics` package on the image, model fused in float32 as its predictor runs it: `raw` (Detect's
+    inference output), `head_i` (per level cat(cv2, cv3) before DFL and sigmoid) and `layer_XX`."""
+    from trtnet.golden import recorded_outputs
+
+    if official_src:
+        sys.path.insert(0, str(Path(official_src).resolve()))
+    try:
+        import ultralytics.nn.tasks  # noqa: F401 - unpickling the checkpoint needs it
+    except ImportError as exc:
+        raise TrtnetError(f"the official Ultralytics code is not importable ({exc}): pip install ultralytics "
+                          "(or put a clone of ultralytics/ultralytics on sys.path)") from exc
+    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).float().fuse().eval()
+    head = model.model[-1]
+    layers = {f"layer_{i:02d}": m for i, m in enumerate(model.model) if m is not head}
+    with recorded_outputs(layers) as kept, torch.no_grad():
+        raw, levels = model(torch.from_numpy(image_chw[None].astype(np.float32) / 255))
+    return {"raw": raw.numpy(), **{f"head_{i}": t.numpy() for i, t in enumerate(levels)},
+            **{k: kept[k] for k in sorted(layers) if k in kept}}
+
+
+def golden_aliases(meta: dict) -> dict:
+    """The golden's Detect outputs → our tensors: `raw` is output0, `head_i` the per-level map of Detect."""
+    rows = meta["yaml"]["backbone"] + meta["yaml"]["head"]
+    detect = f"model.{len(rows) - 1}"
+    return {"raw": OUTPUT, **{f"head_{i}": f"{detect}.level{i}" for i in range(len(meta.get("strides") or []))}}

@@ -16,7 +16,6 @@ from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
 from trtnet.sidecar import PARTNER_KEY, check_partner, find_engine_sidecar
 
-
 # What trtnet.build appends to a model name: .PRECISION, then .SIZE or .LO-HI, then .bBATCH or .bLO-HI (engines
 # built before sizes were in the name have only .PRECISION).
 _QUALIFIERS = r"(\.fp(?:16|32))?(\.\d+(?:-\d+)?)?(\.b\d+(?:-\d+)?)?\.engine"

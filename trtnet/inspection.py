@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trtnet import compat
+from trtnet import compat, networks
 from trtnet.build import BuildRequest, load_for_build
 from trtnet.cli import command_parser, run
 from trtnet.errors import TrtnetError
@@ -48,11 +48,22 @@ def load_golden(path: str | Path):
         raise TrtnetError(f"--compare {path}: not a readable .npz golden ({exc})") from exc
 
 
-def tensor_for_golden_key(key: str) -> str:
-    """Golden keys → our tensor names: layer_07 → model.7; raw_0, logits, layer1 stay as they are."""
+def tensor_for_golden_key(key: str, aliases: Mapping[str, str] | None = None) -> str:
+    """Golden keys → our tensor names: the family's `aliases` (YOLOv8: raw → output0), layer_07 → model.7;
+    raw_0, logits, layer1 stay as they are."""
+    if aliases and key in aliases:
+        return aliases[key]
     if key.startswith("layer_") and key[6:].isdigit():
         return f"model.{int(key[6:])}"
     return key
+
+
+def network_tensor_names(network) -> set[str]:
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        names.update(layer.get_output(j).name for j in range(layer.num_outputs))
+    return names
 
 
 def compared_keys(golden) -> list[str]:
@@ -105,8 +116,7 @@ class Comparison:
     shapes: tuple | None = None  # (golden's, ours) when they differ
 
 
-def compare_one(key: str, ours: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Comparison:
-    tensor = tensor_for_golden_key(key)
+def compare_one(key: str, tensor: str, ours: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Comparison:
     if ours.shape != ref.shape:
         return Comparison(key, tensor, shapes=(list(ref.shape), list(ours.shape)))
     ours, ref = ours.astype(np.float32), ref.astype(np.float32)
@@ -116,24 +126,24 @@ def compare_one(key: str, ours: np.ndarray, ref: np.ndarray, tol: Tolerance) -> 
     return Comparison(key, tensor, float(err.max()), float(err.mean()), rel, tol.passes(ours, ref, rel))
 
 
-def compare(outputs: Mapping[str, np.ndarray], golden, keys: Sequence[str], tol: Tolerance) -> list[Comparison]:
-    """One Comparison per golden key whose tensor the network has."""
+def compare(outputs: Mapping[str, np.ndarray], golden, tensors: Mapping[str, str], tol: Tolerance) -> list[Comparison]:
+    """One Comparison per golden key (→ tensor name in `tensors`) whose tensor is in `outputs`."""
     rows = []
-    for key in keys:
-        ours = outputs.get(tensor_for_golden_key(key))
+    for key, tensor in tensors.items():
+        ours = outputs.get(tensor)
         if ours is not None:
-            rows.append(compare_one(key, np.asarray(ours), golden[key], tol))
+            rows.append(compare_one(key, tensor, np.asarray(ours), golden[key], tol))
     return rows
 
 
 def comparison_table(rows: Sequence[Comparison]) -> str:
-    lines = [f"{'golden':<10} {'tensor':<10} {'max abs err':>12} {'mean abs err':>13} {'max/range':>10}  result"]
+    lines = [f"{'golden':<10} {'tensor':<16} {'max abs err':>12} {'mean abs err':>13} {'max/range':>10}  result"]
     for r in rows:
         if r.shapes:
-            lines.append(f"{r.key:<10} {r.tensor:<10} {'':>12} {'':>13} {'':>10}  FAIL shape: golden {r.shapes[0]}, "
+            lines.append(f"{r.key:<10} {r.tensor:<16} {'':>12} {'':>13} {'':>10}  FAIL shape: golden {r.shapes[0]}, "
                          f"network {r.shapes[1]}")
         else:
-            lines.append(f"{r.key:<10} {r.tensor:<10} {r.max_abs:12.3e} {r.mean_abs:13.3e} {r.rel:10.2e}  "
+            lines.append(f"{r.key:<10} {r.tensor:<16} {r.max_abs:12.3e} {r.mean_abs:13.3e} {r.rel:10.2e}  "
                          f"{'pass' if r.passed else 'FAIL'}")
     return "\n".join(lines)
 
@@ -231,12 +241,16 @@ def print_network(defined) -> None:
         print(f"{info.index:>4}  {info.name[:40]:<40} {info.type[:16]:<16} {shape:<28} {dtype}")
 
 
-def compare_with_golden(defined, golden, golden_path: str, x: np.ndarray, tol: Tolerance) -> int:
+def compare_with_golden(defined, golden, golden_path: str, x: np.ndarray, tol: Tolerance,
+                        aliases: Mapping[str, str]) -> int:
     from trtnet.executor import run_network
 
     keys = compared_keys(golden)
-    outputs = run_network(defined.network, {defined.input_name: x}, keep=[tensor_for_golden_key(k) for k in keys])
-    rows = compare(outputs, golden, keys, tol)
+    present = network_tensor_names(defined.network)
+    tensors = {k: tensor_for_golden_key(k, aliases) for k in keys}
+    tensors = {k: t for k, t in tensors.items() if t in present}
+    outputs = run_network(defined.network, {defined.input_name: x}, keep=sorted(set(tensors.values())))
+    rows = compare(outputs, golden, tensors, tol)
     if not rows:
         raise TrtnetError(f"{golden_path}: none of its keys ({', '.join(keys)}) names an output or layer of this "
                           f"network ({', '.join(defined.output_names)}); see README, Golden files")
@@ -300,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if imgsz != x.shape[2] or x.shape[2] != x.shape[3]:
         raise TrtnetError(f"--compare {args.compare}: its image is {list(x.shape)}; inspect builds a square "
                           f"{imgsz} input (leave --imgsz out to take the golden's)")
-    return compare_with_golden(defined, golden, args.compare, x, tol)
+    return compare_with_golden(defined, golden, args.compare, x, tol, networks.golden_aliases(meta))
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
