@@ -10,8 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 from trtnet import __main__ as top
-from trtnet import __version__
-from trtnet import bench_kernels
+from trtnet import __version__, bench_kernels
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -36,6 +35,7 @@ def test_defaults_that_say_something_are_shown_once():
     text = top.command_module("build").parser().format_help()
     assert "(default: 0.25)" in text  # --conf: appended by the formatter
     assert "--weights-dir" in text and "(default: weights)" in text
+    assert "half precision\n" in text  # not "(default: fp32)": that is the precision's default, not --fp16's
 
 
 def test_version(capsys):

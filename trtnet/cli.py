@@ -18,13 +18,14 @@ PROG = "trtnet"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends `(default: X)` only where it says something: not for None or False, nor when the help already
+    """Appends `(default: X)` only where it says something: not for None, nor for flags, nor when the help already
     names its default."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if default in (None, False, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+        flag = action.nargs == 0  # --fp16 (store_const into `precision`): the default is not this flag's
+        if flag or default in (None, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
             return text
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
