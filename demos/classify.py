@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from trtnet.cli import parser, run  # noqa: E402
+from trtnet.cli import command_parser, run  # noqa: E402
 from trtnet.errors import TrtnetError  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def read_names(path: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("classify", "Top-k ImageNet classes of images with a ResNet engine.")
+    p = command_parser("classify", "Top-k ImageNet classes of images with a ResNet engine.")
     p.prog = "python demos/classify.py"
     p.add_argument("engine", help="engine path or name (resnet50 → weights/resnet50.fp16.224.engine)")
     p.add_argument("images", nargs="+", help="image files")

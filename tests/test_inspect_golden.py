@@ -121,6 +121,35 @@ def test_engine_that_cannot_load_here_shows_its_sidecar_facts(engine, monkeypatc
 
 
 @requires_tensorrt
+def test_engine_that_loads_prints_the_engine_inspectors_layers(engine, monkeypatch, capsys):
+    """No GPU here: TensorRT's deserializer is stood in for; what is checked is that each layer's line comes from
+    the engine inspector, asked in the one-line format."""
+    import trtnet.cuda_rt
+    from trtnet import compat
+
+    asked = []
+
+    class Inspector:
+        def get_layer_information(self, index, fmt):
+            asked.append(fmt)
+            return f"conv layer {index}"
+
+    class Engine:
+        num_layers = 2
+
+        def create_engine_inspector(self):
+            return Inspector()
+
+    monkeypatch.setattr(trtnet.cuda_rt, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(compat, "deserialize", lambda plan, logger=None: (None, Engine()))
+    code, out, err = inspect(capsys, str(engine))
+    assert code == 0, err
+    assert "2 engine layers (TensorRT's engine inspector):" in out
+    assert "   0  conv layer 0\n   1  conv layer 1" in out
+    assert asked == [compat.trt().LayerInformationFormat.ONELINE] * 2
+
+
+@requires_tensorrt
 def test_engine_with_compare_asks_for_the_weights(engine, capsys):
     code, _, err = inspect(capsys, str(engine), "--compare", "g.npz")
     assert code == 2 and "pass the weights" in err
@@ -193,3 +222,16 @@ def test_golden_from_the_ultralytics_package_matches_the_shared_golden(tmp_path,
     for key in [k for k in official.files if k.startswith(("head_", "layer_"))]:
         span = float(official[key].max() - official[key].min())
         np.testing.assert_allclose(ours[key], official[key], rtol=0, atol=1e-4 * span, err_msg=key)
+
+
+def test_engine_meta_types_the_new_provenance_fields():
+    from trtnet.engine_meta import EngineMeta
+
+    base = {"family": "yolov5", "imgsz": [64, 64], "batch": {"min": 1, "opt": 1, "max": 1},
+            "input": {"name": "images"}, "outputs": ["raw_0"], "tensorrt": {"flavour": "tensorrt", "version": "10"}}
+    old = EngineMeta.from_dict(base)  # an engine built before these fields loads as it did
+    assert old.built_at is None and "built_at" not in old.to_dict()
+    new = EngineMeta.from_dict({**base, "built_at": "2026-12-02T05:00:00+00:00", "checkpoint_sha256": "ab" * 32})
+    assert new.to_dict()["built_at"] == "2026-12-02T05:00:00+00:00" and new.checkpoint_sha256 == "ab" * 32
+    with pytest.raises(TrtnetError, match="field 'weights_sha256' must be a string"):
+        EngineMeta.from_dict({**base, "weights_sha256": 5})

@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
 def parser() -> argparse.ArgumentParser:
     p = command_parser("bench", "Latency and throughput of an engine (engine only and end to end), optionally vs "
-                        "PyTorch. `python -m trtnet.bench kernels --help`: the pre/post-processing kernels.")
+                        "PyTorch. `trtnet bench kernels --help`: the pre/post-processing kernels.")
     p.add_argument("engine", help="engine path or name (yolov5n → weights/yolov5n.fp16.640.engine), or 'kernels'")
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (within the engine's profile)")
     p.add_argument("--iters", type=int, default=200, help="timed runs per measurement")
