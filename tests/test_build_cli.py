@@ -184,3 +184,14 @@ def test_resnet_rejects_postprocess(tmp_path, capsys):
     code, err = run_build(capsys, "resnet18_syn", "--weights-dir", str(tmp_path), "--postprocess", "kernels")
     assert code != 0 and "--postprocess applies to detectors only (yolov5" in err, err
     assert engines(tmp_path) == []
+
+
+def test_a_build_tensorrt_refuses_points_to_verbose(weights_dir, monkeypatch, capsys):
+    from trtnet import compat
+
+    monkeypatch.setattr(compat, "build_serialized", lambda builder, network, config: None)
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64")
+    assert code == 2 and "TensorRT could not build the engine" in err and "run with --verbose" in err
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64", "--verbose")
+    assert code == 2 and "TensorRT could not build the engine" in err and "run with --verbose" not in err
+    assert engines(weights_dir) == []

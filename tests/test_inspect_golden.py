@@ -182,6 +182,9 @@ def test_golden_writes_the_documented_npz_with_any_model(tmp_path, monkeypatch, 
     assert written["raw_0"].dtype == np.float32 and written["raw_0"].shape == (1, 255, 40, 40)
     official = np.load(shared("golden", "golden_yolov5n_bus320.npz"))["image"]  # the official letterbox's
     assert written["image"].dtype == np.uint8 and np.array_equal(written["image"], official)
+    monkeypatch.setenv("YOLOV5_SRC", "from-env")
+    assert golden.cli([*argv[:3], "-o", str(tmp_path / "two.npz")]) == 0
+    assert seen["src"] == "from-env" and (tmp_path / "two.npz").is_file()
 
 
 @requires_torch
