@@ -376,6 +376,14 @@ def official_golden(torch, checkpoint_path: Path, image_chw: np.ndarray, officia
     with recorded_outputs({**{f"raw_{i}": conv for i, conv in enumerate(head.m)}, **layers}) as kept, \
             torch.no_grad():
         decoded = model(torch.from_numpy(image_chw[None].astype(np.float32) / 255))[0]
-        det = non_max_suppression(decoded, 0.25, 0.45, max_det=1000)[0]
+        det = official_nms(non_max_suppression, decoded)
     return {**{k: kept[k] for k in sorted(kept) if k.startswith("raw_")}, "decoded": decoded.numpy(),
             "det": det.numpy(), **{k: kept[k] for k in sorted(layers) if k in kept}}
+
+
+def official_nms(non_max_suppression, decoded):
+    """The official NMS at detect.py's settings; v5.0's has no max_det (it keeps at most 300)."""
+    import inspect
+
+    takes_max_det = "max_det" in inspect.signature(non_max_suppression).parameters
+    return non_max_suppression(decoded, 0.25, 0.45, **({"max_det": 1000} if takes_max_det else {}))[0]

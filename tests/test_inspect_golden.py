@@ -238,3 +238,58 @@ def test_engine_meta_types_the_new_provenance_fields():
     assert new.to_dict()["built_at"] == "2026-12-02T05:00:00+00:00" and new.checkpoint_sha256 == "ab" * 32
     with pytest.raises(TrtnetError, match="field 'weights_sha256' must be a string"):
         EngineMeta.from_dict({**base, "weights_sha256": 5})
+
+
+def _tiny_yolov5_like(torch):
+    """A stand-in for a YOLOv5 DetectionModel: `.model` layers, the last a Detect with 1x1 convs `m`."""
+    nn = torch.nn
+
+    class Detect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = nn.ModuleList([nn.Conv2d(4, 6, 1)])
+
+        def forward(self, x):
+            raw = self.m[0](x)
+            return raw.flatten(2).transpose(1, 2).sigmoid(), [raw]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), Detect())
+
+        def forward(self, x):
+            return self.model(x)
+
+    torch.manual_seed(0)
+    return Model()
+
+
+@requires_torch
+def test_yolov5_official_golden_collects_raw_maps_layers_and_nms(tmp_path, monkeypatch):
+    """The family's hook logic with the official code stood in for (no yolov5 repo here): raw_i is each Detect
+    conv's output, layer_XX each top-level layer's, decoded the model's first output, det the official NMS's."""
+    import types
+
+    import torch
+
+    from trtnet.networks import yolov5
+
+    model = _tiny_yolov5_like(torch)
+    monkeypatch.setitem(sys.modules, "models", types.ModuleType("models"))
+    monkeypatch.setitem(sys.modules, "models.yolo", types.ModuleType("models.yolo"))
+    utils_general = types.ModuleType("utils.general")
+    utils_general.non_max_suppression = lambda pred, conf, iou, max_det=300: [torch.full((1, 6), float(max_det))]
+    monkeypatch.setitem(sys.modules, "utils", types.ModuleType("utils"))
+    monkeypatch.setitem(sys.modules, "utils.general", utils_general)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: {"model": model, "ema": None})
+    image = np.random.default_rng(0).integers(0, 255, (3, 16, 16), dtype=np.uint8)
+    out = yolov5.official_golden(torch, tmp_path / "x.pt", image, None)
+    assert list(out) == ["raw_0", "decoded", "det", "layer_00", "layer_01"]
+    x = torch.from_numpy(image[None].astype(np.float32) / 255)
+    with torch.no_grad():
+        first = model.model[0](x)
+        raw = model.model[2].m[0](model.model[1](first))
+    np.testing.assert_array_equal(out["layer_00"], first.numpy())
+    np.testing.assert_array_equal(out["raw_0"], raw.numpy())
+    assert out["decoded"].shape == (1, 64, 6) and out["det"].tolist() == [[1000.0] * 6]
