@@ -1,6 +1,6 @@
 """Classify images with a trtnet ResNet engine and print the top 5 classes with their names.
 
-    python demos/classify.py weights/resnet50.fp16.engine cat.jpg dog.jpg
+    python demos/classify.py weights/resnet50.fp16.224.engine cat.jpg dog.jpg
     python demos/classify.py resnet50 photos/*.jpg --names imagenet_classes.txt --topk 3
 
 Class names come from --names (a text file with one name per line, or imagenet_class_index.json),
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from trtnet.cli import parser, run  # noqa: E402
+from trtnet.cli import command_parser, run  # noqa: E402
 from trtnet.errors import TrtnetError  # noqa: E402
 
 
@@ -31,9 +31,9 @@ def read_names(path: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("classify", "Top-k ImageNet classes of images with a ResNet engine.")
+    p = command_parser("classify", "Top-k ImageNet classes of images with a ResNet engine.")
     p.prog = "python demos/classify.py"
-    p.add_argument("engine", help="engine path or name (resnet50 → weights/resnet50.fp16.engine)")
+    p.add_argument("engine", help="engine path or name (resnet50 → weights/resnet50.fp16.224.engine)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--names", help="class names: text file (one per line) or imagenet_class_index.json")

@@ -1,7 +1,7 @@
 """Detect objects with a trtnet YOLOv5 engine: the same as `python -m trtnet.detect`.
 
     python demos/detect.py yolov5n ../shared/data/images/ --out runs/detect
-    python demos/detect.py weights/yolov5s.fp16.engine video.mp4 --conf 0.4
+    python demos/detect.py weights/yolov5s.fp16.640.engine video.mp4 --conf 0.4
     python demos/detect.py yolov5n 0 --show          # camera 0
 
 The Python API underneath, for your own programs:

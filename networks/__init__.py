@@ -14,10 +14,16 @@ optional   DEFINE_OPTIONS: tuple[str, ...] = ()               (build options `de
            output_strides(heads, hw, meta) -> list[int] = []  (input size / head size per output level)
            engine_fields(meta, strides, options) -> dict = {} (family-specific engine sidecar fields)
            summary(meta) -> str                               (gen_wts' one-line description)
-           golden_tensor(key, meta) -> str | None             (inspect --compare: our tensor for a golden's key)
            VAL_IOU: float = 0.6                               (trtnet.val's default NMS IoU, the official one)
            torch_model(torch, meta, engine_path, weights_dir, official_src) -> (model | None, why_not)
                                                               (bench --compare-torch; default: not available)
+           golden_aliases(meta) -> {golden key: tensor name}     (golden keys that are not `layer_XX` → model.XX
+                                                              nor the tensor's own name, e.g. raw → output0)
+           official_golden(torch, checkpoint_path, image_chw, official_src) -> {key: ndarray}
+                                                              (trtnet golden: the official code's outputs on the
+                                                              uint8 RGB [3,H,W] image, keys as in README's Golden
+                                                              files; a TrtnetError saying what to install when
+                                                              that code is not importable)
 """
 
 from __future__ import annotations
@@ -123,3 +129,17 @@ def torch_model(meta: Mapping, engine_path, weights_dir: str, official_src: str 
     if not torch.cuda.is_available():
         return None, "torch has no CUDA here (a CPU-only build?)"
     return load(torch, dict(meta), engine_path, weights_dir, official_src)
+
+
+def official_golden(meta: Mapping, torch, checkpoint_path, image_chw, official_src: str | None) -> dict:
+    """The official code's outputs for `trtnet golden`, through the checkpoint's family."""
+    module = for_meta(meta)
+    run = getattr(module, "official_golden", None)
+    if run is None:
+        raise TrtnetError(f"trtnet golden cannot run the {module.FAMILY} family's official code (not provided)")
+    return run(torch, checkpoint_path, image_chw, official_src)
+
+
+def golden_aliases(meta: Mapping) -> dict:
+    aliases = getattr(for_meta(meta), "golden_aliases", None)
+    return dict(aliases(meta)) if aliases else {}

@@ -354,3 +354,39 @@ def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official
         return None, f"cannot import the official YOLOv5 code from {official_src}: {exc}"
     model = attempt_load(str(checkpoint), device=torch.device("cuda"), fuse=True)
     return model.half().eval(), ""
+
+
+# -- trtnet golden ----------------------------------------------------------------------------------------
+
+
+def official_golden(torch, checkpoint_path: Path, image_chw: np.ndarray, official_src: str | None) -> dict:
+    """The official YOLOv5 code (`official_src` or sys.path) on the image, model unfused in float32: `raw_i`
+    (each Detect conv before reshape/sigmoid), `decoded`, `det` (official NMS 0.25/0.45) and `layer_XX`."""
+    from trtnet.golden import recorded_outputs
+
+    if official_src:
+        sys.path.insert(0, str(Path(official_src).resolve()))
+    try:
+        import models.yolo  # noqa: F401 - unpickling the checkpoint needs it
+        from utils.general import non_max_suppression
+    except ImportError as exc:
+        raise TrtnetError(f"the official YOLOv5 code is not importable ({exc}): git clone https://github.com/"
+                          "ultralytics/yolov5 and pass --yolov5-src DIR (or set YOLOV5_SRC)") from exc
+    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).float().eval()
+    head = model.model[-1]
+    layers = {f"layer_{i:02d}": m for i, m in enumerate(model.model) if m is not head}
+    with recorded_outputs({**{f"raw_{i}": conv for i, conv in enumerate(head.m)}, **layers}) as kept, \
+            torch.no_grad():
+        decoded = model(torch.from_numpy(image_chw[None].astype(np.float32) / 255))[0]
+        det = official_nms(non_max_suppression, decoded)
+    return {**{k: kept[k] for k in sorted(kept) if k.startswith("raw_")}, "decoded": decoded.numpy(),
+            "det": det.numpy(), **{k: kept[k] for k in sorted(layers) if k in kept}}
+
+
+def official_nms(non_max_suppression, decoded):
+    """The official NMS at detect.py's settings; v5.0's has no max_det (it keeps at most 300)."""
+    import inspect
+
+    takes_max_det = "max_det" in inspect.signature(non_max_suppression).parameters
+    return non_max_suppression(decoded, 0.25, 0.45, **({"max_det": 1000} if takes_max_det else {}))[0]

@@ -11,6 +11,7 @@ output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -333,15 +334,6 @@ def summary(meta: Mapping) -> str:
             f"{meta.get('reg_max', 16)}, imgsz {meta['imgsz']}, bn_eps {meta.get('bn_eps')}")
 
 
-def golden_tensor(key: str, meta: Mapping) -> str | None:
-    """Our tensor for a key of the official goldens (`raw`, `head_<i>`), for inspect --compare."""
-    if key == "raw":
-        return OUTPUT
-    if key.startswith("head_") and key[5:].isdigit() and meta.get("yaml"):  # weights' metadata, not a sidecar
-        return f"model.{len(_rows(meta['yaml'])) - 1}.level{int(key[5:])}"
-    return None
-
-
 def _rows(cfg: Mapping) -> list:
     return list(cfg.get("backbone") or []) + list(cfg.get("head") or [])
 
@@ -425,3 +417,34 @@ def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official
     model = (ckpt.get("ema") or ckpt["model"]) if isinstance(ckpt, dict) else ckpt
     model = model.float().fuse().eval().half().cuda()
     return model, ""
+
+
+# -- trtnet golden ----------------------------------------------------------------------------------------
+
+
+def official_golden(torch, checkpoint_path: Path, image_chw: np.ndarray, official_src: str | None) -> dict:
+    """The `ultralytics` package on the image, model fused in float32 as its predictor runs it: `raw` (Detect's
+    inference output), `head_i` (per level cat(cv2, cv3) before DFL and sigmoid) and `layer_XX`."""
+    from trtnet.golden import recorded_outputs
+
+    if official_src:
+        sys.path.insert(0, str(Path(official_src).resolve()))
+    try:
+        import ultralytics.nn.tasks  # noqa: F401 - unpickling the checkpoint needs it
+    except ImportError as exc:
+        raise TrtnetError(f"the official Ultralytics code is not importable ({exc}): pip install ultralytics "
+                          "(or put a clone of ultralytics/ultralytics on sys.path)") from exc
+    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).float().fuse().eval()
+    head = model.model[-1]
+    layers = {f"layer_{i:02d}": m for i, m in enumerate(model.model) if m is not head}
+    with recorded_outputs(layers) as kept, torch.no_grad():
+        raw, levels = model(torch.from_numpy(image_chw[None].astype(np.float32) / 255))
+    return {"raw": raw.numpy(), **{f"head_{i}": t.numpy() for i, t in enumerate(levels)},
+            **{k: kept[k] for k in sorted(layers) if k in kept}}
+
+
+def golden_aliases(meta: dict) -> dict:
+    """The golden's Detect outputs → our tensors: `raw` is output0, `head_i` the per-level map of Detect."""
+    detect = f"model.{len(_rows(meta['yaml'])) - 1}"
+    return {"raw": OUTPUT, **{f"head_{i}": f"{detect}.level{i}" for i in range(len(meta.get("strides") or []))}}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -42,8 +44,8 @@ def test_build_writes_engine_and_metadata(weights_dir, capsys):
     code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "320",
                           "--fp16", "--min-batch", "1", "--opt-batch", "2", "--max-batch", "4")
     assert code == 0, err
-    engine = weights_dir / "yolov5n.fp16.engine"
-    meta = json.loads((weights_dir / "yolov5n.fp16.engine.json").read_text(encoding="utf-8"))
+    engine = weights_dir / "yolov5n.fp16.320.b1-4.engine"
+    meta = json.loads((weights_dir / "yolov5n.fp16.320.b1-4.engine.json").read_text(encoding="utf-8"))
     assert engine.stat().st_size == meta["engine_bytes"] > 1_000_000
     assert meta["family"] == "yolov5" and meta["precision"] == "fp16" and meta["imgsz"] == [320, 320]
     assert meta["batch"] == {"min": 1, "opt": 2, "max": 4}
@@ -51,6 +53,46 @@ def test_build_writes_engine_and_metadata(weights_dir, capsys):
     assert meta["outputs"] == ["raw_0", "raw_1", "raw_2"]
     assert meta["postprocess"]["mode"] == "none"
     assert meta["tensorrt"]["flavour"] in ("tensorrt", "tensorrt-rtx")
+    assert meta["weights_sha256"] == hashlib.sha256((weights_dir / "yolov5n.wts").read_bytes()).hexdigest()
+    assert meta["checkpoint"] == "yolov5n.pt"
+    assert meta["checkpoint_sha256"] == hashlib.sha256(shared("weights", "yolov5n.pt").read_bytes()).hexdigest()
+    built_at = datetime.fromisoformat(meta["built_at"])
+    assert built_at.utcoffset() == timedelta(0)
+    assert abs((datetime.now(timezone.utc) - built_at).total_seconds()) < 600
+
+
+def test_builds_of_other_sizes_sit_side_by_side_and_a_name_then_needs_qualifying(weights_dir, capsys):
+    from trtnet.engine_files import resolve_engine
+    from trtnet.errors import TrtnetError
+
+    for size in ("64", "96"):
+        code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", size)
+        assert code == 0, err
+    assert engines(weights_dir) == ["yolov5n.fp32.64.engine", "yolov5n.fp32.96.engine"]
+    with pytest.raises(TrtnetError, match="names 2 engines"):
+        resolve_engine("yolov5n", weights_dir)
+    assert resolve_engine("yolov5n.fp32.96", weights_dir).name == "yolov5n.fp32.96.engine"
+
+
+def test_verbose_shows_tensorrts_own_log(weights_dir, capsys):
+    quiet_code, quiet = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64")
+    code, verbose = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64", "--batch", "2",
+                              "--verbose")
+    assert quiet_code == code == 0, verbose
+    assert verbose.count("[TensorRT]") > quiet.count("[TensorRT]") + 10, verbose[-2000:]
+    assert (weights_dir / "yolov5n.fp32.64.b2.engine").is_file()
+
+
+@pytest.mark.parametrize(("size", "lo", "hi", "batch", "expected"), [
+    (640, None, None, (1, 1, 1), "m.fp16.640.engine"),
+    (640, None, None, (32, 32, 32), "m.fp16.640.b32.engine"),
+    (640, 128, 672, (1, 1, 1), "m.fp16.128-672.engine"),
+    (640, None, 672, (1, 8, 32), "m.fp16.640-672.b1-32.engine"),
+])
+def test_default_engine_name(size, lo, hi, batch, expected):
+    from trtnet.network import BatchProfile
+
+    assert build_cmd.default_engine_name("m", "fp16", size, lo, hi, BatchProfile(*batch)) == expected
 
 
 def test_wrong_json_for_wts(weights_dir, capsys):
@@ -142,3 +184,14 @@ def test_resnet_rejects_postprocess(tmp_path, capsys):
     code, err = run_build(capsys, "resnet18_syn", "--weights-dir", str(tmp_path), "--postprocess", "kernels")
     assert code != 0 and "--postprocess applies to detectors only (yolov5" in err, err
     assert engines(tmp_path) == []
+
+
+def test_a_build_tensorrt_refuses_points_to_verbose(weights_dir, monkeypatch, capsys):
+    from trtnet import compat
+
+    monkeypatch.setattr(compat, "build_serialized", lambda builder, network, config: None)
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64")
+    assert code == 2 and "TensorRT could not build the engine" in err and "run with --verbose" in err
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64", "--verbose")
+    assert code == 2 and "TensorRT could not build the engine" in err and "run with --verbose" not in err
+    assert engines(weights_dir) == []

@@ -136,7 +136,8 @@ def test_demo_without_a_gpu_detects_on_the_cpu(tmp_path, monkeypatch, capsys):
             "--source", str(shared("images", "bus.jpg"))]
     assert demo.cli(argv) == 0
     printed = capsys.readouterr().out
-    assert {"yolov5n.wts", "yolov5n.json", "yolov5n.fp16.engine", "yolov5n.fp16.engine.json"} <= set(leftovers(weights))
+    assert {"yolov5n.wts", "yolov5n.json", "yolov5n.fp16.640.engine", "yolov5n.fp16.640.engine.json"} <= \
+        set(leftovers(weights))
     assert "running the same network on the CPU" in printed and "this ran on the CPU" in printed
     assert 'pip install -e ".[trt-cu12]"' in printed and "a few minutes" not in printed
     assert leftovers(out) == ["bus.jpg", "detections.json"]
@@ -184,7 +185,7 @@ def test_demo_takes_a_checkpoint_of_your_own(tmp_path, monkeypatch, capsys):
             "--source", str(shared("images", "zidane.jpg"))]
     assert demo.cli(argv) == 0
     assert "your checkpoint; not checked" in capsys.readouterr().out
-    assert {"mine.wts", "mine.fp16.engine"} <= set(leftovers(tmp_path / "weights"))
+    assert {"mine.wts", "mine.fp16.640.engine"} <= set(leftovers(tmp_path / "weights"))
     assert leftovers(tmp_path / "out") == ["detections.json", "zidane.jpg"]
     assert demo.cli(["--weights", str(tmp_path / "nope.pt")]) == 2
 

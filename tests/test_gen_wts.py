@@ -123,7 +123,7 @@ def run_module(*args: str, cwd) -> subprocess.CompletedProcess:
 def test_help(tmp_path):
     result = run_module("--help", cwd=tmp_path)
     assert result.returncode == 0
-    assert "usage: python -m trtnet.gen_wts" in result.stdout and "--format {wts,safetensors}" in result.stdout
+    assert "usage: trtnet gen_wts" in result.stdout and "--format {wts,safetensors}" in result.stdout
 
 
 class Calls:

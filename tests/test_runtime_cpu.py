@@ -65,11 +65,27 @@ def test_split_batch(count, smallest, largest, expected):
 # ------------------------------------------------------------------------------------------ engines and metadata
 
 
-def test_engine_name_prefers_fp16_then_fp32(tmp_path):
+def test_engine_name_finds_the_one_engine_of_a_model(tmp_path):
+    (tmp_path / "yolov5n6.fp16.640.engine").write_bytes(b"x")  # another model whose name starts alike
+    (tmp_path / "yolov5n.fp16.128-672.b1-32.engine").write_bytes(b"x")
+    assert resolve_engine("yolov5n", tmp_path) == tmp_path / "yolov5n.fp16.128-672.b1-32.engine"
+
+
+def test_engine_name_of_an_older_build_still_resolves(tmp_path):
     (tmp_path / "yolov5n.fp32.engine").write_bytes(b"x")
     assert resolve_engine("yolov5n", tmp_path) == tmp_path / "yolov5n.fp32.engine"
-    (tmp_path / "yolov5n.fp16.engine").write_bytes(b"x")
-    assert resolve_engine("yolov5n", tmp_path) == tmp_path / "yolov5n.fp16.engine"
+
+
+def test_engine_name_fitting_several_engines_lists_them(tmp_path):
+    for name in ("yolov5n.fp16.320.engine", "yolov5n.fp16.640.engine", "yolov5n.fp32.640.engine"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(TrtnetError, match=r"names 3 engines .*yolov5n\.fp16\.320\.engine, yolov5n\.fp16\.640"
+                                          r"\.engine, yolov5n\.fp32\.640\.engine"):
+        resolve_engine("yolov5n", tmp_path)
+    with pytest.raises(TrtnetError, match="names 2 engines"):
+        resolve_engine("yolov5n.fp16", tmp_path)
+    assert resolve_engine("yolov5n.fp16.640", tmp_path) == tmp_path / "yolov5n.fp16.640.engine"
+    assert resolve_engine("yolov5n.fp32", tmp_path) == tmp_path / "yolov5n.fp32.640.engine"
 
 
 def test_missing_engine_says_how_to_build(tmp_path):
@@ -389,7 +405,7 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0
-    assert f"python -m trtnet.{command}" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"usage: trtnet {command} ")
 
 
 # ------------------------------------------------------------------------------------------ ImageNet preprocessing

@@ -1,42 +1,62 @@
-"""`python -m trtnet` lists the sub-commands; `python -m trtnet COMMAND …` runs one."""
+"""`trtnet` (or `python -m trtnet`): one argparse parser, a sub-command per command module.
+
+`trtnet --version`, `trtnet --help` lists the commands, `trtnet COMMAND --help` describes one; each command also
+runs as `python -m trtnet.COMMAND`. The sub-parsers are the command modules' own `parser()`s, so both ways take
+exactly the same options.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from collections.abc import Sequence
+
+from trtnet import __version__
+from trtnet.cli import PROG, HelpFormatter
 
 COMMANDS = {
     "gen_wts": "checkpoint (.pt/.pth) → tensorrtx-format .wts (+ .json) or .safetensors",
     "build": "weights → TensorRT engine (fp32/fp16, static or dynamic batch, postprocess)",
-    "inspect": "print a network layer by layer; run it on the CPU and compare with a golden",
-    "detect": "run a YOLOv5 engine on images, folders, videos or a camera",
-    "bench": "latency and throughput of an engine (and of its kernels), optionally vs PyTorch",
+    "inspect": "a network or engine layer by layer; compare with a golden (.npz) per output and layer",
+    "golden": "run the official model code on an image and write a golden .npz for inspect --compare",
+    "detect": "run a detection engine (or its weights on the CPU) on images, folders, videos or a camera",
+    "bench": "latency and throughput of an engine (`bench kernels`: of the pre/post-processing kernels)",
     "val": "COCO mAP of a detection engine / top-1 of a classifier on a dataset",
-    "demo": "download yolov5n, convert, build and detect on a sample image",
+    "demo": "convert yolov5n, build, and detect on a sample image (GPU, or CPU when there is none)",
 }
 MODULES = {"inspect": "inspection"}  # a command whose module is named otherwise (`inspect` would shadow the stdlib)
 
 
-def usage() -> str:
-    width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
-    return (
-        "usage: python -m trtnet COMMAND [ARGS…]   (or python -m trtnet.COMMAND)\n\n"
-        f"commands:\n{rows}\n\n`python -m trtnet COMMAND --help` describes each one."
-    )
+def command_module(command: str):
+    return importlib.import_module(f"trtnet.{MODULES.get(command, command)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    command, rest = argv[0].replace("-", "_"), argv[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(f"trtnet.{MODULES.get(command, command)}")
-    return module.cli(rest)
+def top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="PyTorch checkpoints → TensorRT engines without ONNX.",
+                                formatter_class=HelpFormatter,
+                                epilog=f"`{PROG} COMMAND --help` describes each command.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}", help="print the version")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+    for command, summary in COMMANDS.items():
+        own = command_module(command).parser()
+        aliases = [command.replace("_", "-")] if "_" in command else []
+        sub.add_parser(command, aliases=aliases, parents=[own], conflict_handler="resolve", help=summary,
+                       description=own.description, formatter_class=HelpFormatter)
+    return p
+
+
+def canonical(command: str) -> str:
+    return command.replace("-", "_")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "kernels"]:  # bench's second command: its own parser
+        return command_module("bench").cli(argv[1:])
+    args = top_parser().parse_args(argv)  # --help, --version, unknown commands and option errors end here
+    return command_module(canonical(args.command)).cli(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """trtnet's Python API: `Detector` for YOLOv5 engines, `Classifier` for ResNet engines.
 
     import trtnet
-    with trtnet.Detector("yolov5n") as det:                 # weights/yolov5n.fp16.engine (or .fp32)
+    with trtnet.Detector("yolov5n") as det:                 # its one engine in weights/ (yolov5n.fp16.640.engine)
         for r in det.detect(["bus.jpg", image_bgr]):
             print(r.boxes, r.scores, r.classes, r.labels)
             cv2.imwrite("out.jpg", r.draw())

@@ -22,6 +22,7 @@ Per batch size:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from trtnet import networks
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.errors import TrtnetError
 
 E2E_IMAGE_HW = (1080, 810)
@@ -279,9 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["kernels"]:
         return kernels_main(argv[1:])
-    p = parser("bench", "Latency and throughput of an engine (engine only and end to end), optionally vs "
-                        "PyTorch. `python -m trtnet.bench kernels --help`: the pre/post-processing kernels.")
-    p.add_argument("engine", help="engine path or name (yolov5n → weights/yolov5n.fp16.engine), or 'kernels'")
+    p = parser()
+    args = p.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        p.error("--iters must be at least 1 and --warmup at least 0")
+    return run_bench(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("bench", "Latency and throughput of an engine (engine only and end to end), optionally vs "
+                        "PyTorch. `trtnet bench kernels --help`: the pre/post-processing kernels.")
+    p.add_argument("engine", help="engine path or name (yolov5n → weights/yolov5n.fp16.640.engine), or 'kernels'")
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (within the engine's profile)")
     p.add_argument("--iters", type=int, default=200, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=20, help="untimed runs first")
@@ -292,10 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     p.add_argument("--yolov5-src", dest="official_src",
                    help="folder of the official ultralytics/yolov5 code (for --compare-torch)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (- = stdout)")
-    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
-    args = p.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0:
-        p.error("--iters must be at least 1 and --warmup at least 0")
+    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
+                   help="where engine names are looked up ($TRTNET_WEIGHTS)")
+    return p
+
+
+def run_bench(args) -> int:
     timings = bench_torch_only(args) if args.torch_only else bench_engine(args)
     if args.json == "-":
         print(json.dumps([asdict(t) for t in timings], indent=1))

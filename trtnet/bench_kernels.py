@@ -249,11 +249,15 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
 
 
-def main(argv: Sequence[str] | None = None) -> int | None:
-    p = cli.parser("bench kernels", "letterbox / decode + NMS kernels vs cv2, PyTorch and torchvision (GPU)")
+def parser():
+    p = cli.command_parser("bench kernels", "letterbox / decode + NMS kernels vs cv2, PyTorch and torchvision (GPU)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes")
     p.add_argument("--iters", type=int, default=100, help="timed iterations per case")
     p.add_argument("--warmup", type=int, default=10, help="untimed iterations first")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int | None:
+    args = parser().parse_args(argv)
     print(format_table(bench_kernels(args.batch, args.iters, args.warmup)))
     return 0

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -14,16 +15,17 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from trtnet import __version__, compat, networks
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.engine_meta import EngineMeta, PostprocessSettings, nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.interrupts import BuildInterrupts
-from trtnet.network import BatchProfile, DefinedNetwork, define_network
-from trtnet.sidecar import engine_sidecar_path, with_partner
+from trtnet.network import BatchProfile, DefinedNetwork, default_imgsz, define_network
+from trtnet.sidecar import engine_sidecar_path, file_sha256, with_partner
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
 
@@ -46,6 +48,7 @@ class BuildRequest:
     arch: str | None = None
     nc: int | None = None
     weights_dir: str = "weights"
+    verbose: bool = False  # TensorRT's own log at verbose level
 
 
 @dataclass
@@ -57,11 +60,26 @@ class BuildResult:
     seconds: float
 
 
-def engine_paths(req: BuildRequest, weights_path: Path) -> tuple[Path, Path]:
+def default_engine_name(stem: str, precision: str, imgsz: int, min_imgsz: int | None, max_imgsz: int | None,
+                        batch: BatchProfile) -> str:
+    """`NAME.PRECISION.SIZE[.bBATCH].engine`: what tells engines of one model apart, so a build for one input
+    size or batch never replaces another's. SIZE is `lo-hi` for a dynamic size; BATCH is the static batch when
+    above 1, `lo-hi` for a dynamic one (yolov5s.fp16.640.engine, yolov5s.fp16.640.b32.engine,
+    yolov5n.fp16.128-672.engine)."""
+    size = str(imgsz)
+    if min_imgsz is not None or max_imgsz is not None:
+        size = f"{min_imgsz or imgsz}-{max_imgsz or imgsz}"
+    batches = f".b{batch.min}-{batch.max}" if batch.dynamic else (f".b{batch.max}" if batch.max > 1 else "")
+    return f"{stem}.{precision}.{size}{batches}.engine"
+
+
+def engine_paths(req: BuildRequest, weights_path: Path, meta: dict) -> tuple[Path, Path]:
     """The engine (`-o`, a file ending in .engine or an existing folder) and its metadata `NAME.engine.json`."""
-    engine = Path(req.output) if req.output else Path(req.weights_dir) / f"{weights_path.stem}.{req.precision}.engine"
+    name = default_engine_name(weights_path.stem, req.precision, req.imgsz or default_imgsz(meta), req.min_imgsz,
+                               req.max_imgsz, req.batch)
+    engine = Path(req.output) if req.output else Path(req.weights_dir) / name
     if engine.suffix != ".engine" and engine.is_dir():
-        engine = engine / f"{weights_path.stem}.{req.precision}.engine"
+        engine = engine / name
     if engine.is_dir():
         raise TrtnetError(f"-o {engine}: a directory of that name exists; give the engine another name")
     if engine.suffix != ".engine":
@@ -134,7 +152,7 @@ def _build(req: BuildRequest, log, interrupts: BuildInterrupts) -> BuildResult:
     weights_path, tensors, meta = load_for_build(req)
     if req.postprocess.mode != "none" and networks.for_meta(meta).TASK != "detect":
         raise TrtnetError(f"--postprocess applies to detectors only ({', '.join(networks.of_task('detect'))})")
-    engine_path, meta_path = engine_paths(req, weights_path)
+    engine_path, meta_path = engine_paths(req, weights_path, meta)
     cache_path = timing_cache_path(req, engine_path)
     refuse_overwriting_inputs([engine_path, meta_path, cache_path], build_inputs(weights_path))
     refuse_overwriting_inputs([engine_path, meta_path], [cache_path])
@@ -143,7 +161,16 @@ def _build(req: BuildRequest, log, interrupts: BuildInterrupts) -> BuildResult:
     t = compat.trt()
     logger = compat.Logger()
     logger.errors.clear()
-    builder = t.Builder(logger)
+    logger.verbose = req.verbose
+    try:
+        return _build_with(req, log, interrupts, t.Builder(logger), logger, weights_path, tensors, meta,
+                           engine_path, meta_path, cache_path)
+    finally:
+        logger.verbose = False  # one process-wide logger (TensorRT keeps the first): quiet again for what follows
+
+
+def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, logger, weights_path: Path, tensors,
+                meta: dict, engine_path: Path, meta_path: Path, cache_path: Path) -> BuildResult:
     defined = define_network(builder, tensors, meta, precision=req.precision, batch=req.batch,
                              imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path),
                              min_imgsz=req.min_imgsz, max_imgsz=req.max_imgsz)
@@ -159,8 +186,9 @@ def _build(req: BuildRequest, log, interrupts: BuildInterrupts) -> BuildResult:
         config = compat.builder_config(builder, options, progress.monitor())
         plan = compat.build_serialized(builder, defined.network, config)
     if plan is None:
-        why = "; ".join(logger.errors[-3:]) or "no reason given (run with --verbose)"
-        raise TrtnetError(f"TensorRT could not build the engine: {why}")
+        why = "; ".join(logger.errors[-3:]) or "no reason given"
+        hint = "" if req.verbose else " (run with --verbose for TensorRT's full log)"
+        raise TrtnetError(f"TensorRT could not build the engine: {why}{hint}")
     with atomic_write(engine_path, expected_bytes=len(plan)) as f:
         f.write(plan)
     cache = compat.serialized_timing_cache(config)
@@ -224,6 +252,10 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
         "layers": defined.network.num_layers,
         "engine_bytes": size,
         "build_seconds": round(seconds, 2),
+        "built_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "weights_sha256": file_sha256(weights_path),
+        "checkpoint": meta.get("source"),
+        "checkpoint_sha256": meta.get("source_sha256"),
     }
     family = networks.family(defined.family)
     if family.TASK == "detect":
@@ -321,8 +353,8 @@ def check_sizes(args) -> None:
         raise TrtnetError(f"--workspace {args.workspace}: must be a positive number of GiB")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("build", "Build a TensorRT engine from trtnet weights (.wts + .json, or .safetensors).")
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("build", "Build a TensorRT engine from trtnet weights (.wts + .json, or .safetensors).")
     p.add_argument("weights", help="a name in --weights-dir (yolov5s → weights/yolov5s.wts) or a path")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="half precision")
@@ -350,11 +382,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--softmax", action="store_true", help="ResNet: also output softmax probabilities")
     p.add_argument("--target-cc", default="", help="TensorRT-RTX: compute capabilities to build for, e.g. 8.6,8.9")
     p.add_argument("--arch", help="architecture for weights without metadata, e.g. yolov5s or resnet50")
-    p.add_argument("--nc", type=int, help="class count with --arch")
+    p.add_argument("--nc", type=int, help="class count with --arch (default: the family's, e.g. 80)")
     p.add_argument("--timing-cache", help="timing cache file (default: timing.cache beside the engine)")
-    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"))
-    p.add_argument("-o", "--output", help="engine path (default: <weights-dir>/<name>.<precision>.engine)")
-    args = p.parse_args(argv)
+    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
+                   help="where names are looked up and engines written ($TRTNET_WEIGHTS)")
+    p.add_argument("-o", "--output", help="engine path, or an existing folder for it (default: "
+                   "<weights-dir>/<name>.<precision>.<size>[.b<batch>].engine, e.g. yolov5s.fp16.640.engine)")
+    p.add_argument("--verbose", action="store_true", help="show TensorRT's own log (verbose level)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     check_sizes(args)
     req = BuildRequest(
         weights=args.weights, precision=args.precision, imgsz=args.imgsz, min_imgsz=args.min_imgsz,
@@ -365,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         postprocess=PostprocessSettings(mode=args.postprocess, conf=args.conf, iou=args.iou, max_det=args.max_det,
                                         multi_label=args.multi_label, agnostic=args.agnostic),
         softmax=args.softmax, output=args.output, timing_cache=args.timing_cache, arch=args.arch, nc=args.nc,
-        weights_dir=args.weights_dir,
+        weights_dir=args.weights_dir, verbose=args.verbose,
     )
     result = build(req)
     print(f"wrote {result.engine} ({result.engine_bytes / 1e6:.1f} MB, {result.layers} layers, "

@@ -1,4 +1,9 @@
-"""What every `python -m trtnet.<command>` shares: argument parsing and error reporting."""
+"""What every `trtnet <command>` shares: argument parsing and error reporting.
+
+Each command module has `parser()` (its options) and `main(argv)`; `trtnet/__main__.py` builds the top-level
+`trtnet` parser with one sub-command per module from those parsers. Usage lines read `trtnet COMMAND …` whichever
+way the command was started (`trtnet build`, `python -m trtnet build`, `python -m trtnet.build` run the same code).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,26 @@ from typing import Callable
 
 from trtnet.errors import TrtnetError
 
+PROG = "trtnet"
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        prog=f"python -m trtnet.{prog}",
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends `(default: X)` only where it says something: not for None, nor for flags, nor when the help already
+    names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        flag = action.nargs == 0  # --fp16 (store_const into `precision`): the default is not this flag's
+        if flag or default in (None, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def command_parser(command: str, description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"{PROG} {command}", description=description,
+                                   formatter_class=HelpFormatter, add_help=add_help)
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

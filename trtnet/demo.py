@@ -5,8 +5,8 @@
    atomically). The official file is always checked against its sha256; offline, the message says which
    file to place where.
 2. `python -m trtnet.gen_wts` → weights/yolov5n.wts + .json (skipped when up to date).
-3. `python -m trtnet.build yolov5n --fp16 --postprocess kernels` (skipped when an engine for this
-   TensorRT is up to date).
+3. `python -m trtnet.build yolov5n --fp16 --postprocess kernels` → weights/yolov5n.fp16.640.engine (skipped
+   when an engine for this TensorRT is up to date).
 4. Detection on `--source` (default: bus.jpg from ../shared/data/images when present): the annotated
    image and detections.json go to --out. On an NVIDIA GPU the engine runs; without one, the same network
    runs on the CPU (`trtnet.cpu`, NumPy, fp32) from the weights of step 2, and the demo says so.
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write, sha256_of
 from trtnet.progress import bar
@@ -155,16 +156,19 @@ def engine_is_current(engine: Path, wts: Path) -> bool:
 
 def ensure_engine(wts: Path, weights_dir: Path) -> Path:
     from trtnet import compat
-    from trtnet.build import BuildRequest, PostprocessSettings, build
+    from trtnet.build import BuildRequest, PostprocessSettings, build, engine_paths
+    from trtnet.weights import sidecar_path
 
-    engine = weights_dir / f"{wts.stem}.fp16.engine"
+    request = BuildRequest(weights=str(wts), precision="fp16", weights_dir=str(weights_dir),
+                           postprocess=PostprocessSettings(mode="kernels"))
+    meta = json.loads(sidecar_path(wts).read_text(encoding="utf-8"))  # gen_wts wrote it in the step before
+    engine, _ = engine_paths(request, wts, meta)  # the name build gives it: yolov5n.fp16.640.engine
     if engine_is_current(engine, wts):
         say(f"using {engine}")
         return engine
     # No time promised: TensorRT-RTX builds in about a second on a CPU, TensorRT on a GPU can take minutes.
     say(f"building {engine} (fp16) with {compat.flavour()}; progress below")
-    result = build(BuildRequest(weights=str(wts), precision="fp16", weights_dir=str(weights_dir),
-                                postprocess=PostprocessSettings(mode="kernels")), log=say)
+    result = build(request, log=say)
     say(f"wrote {result.engine} ({result.engine_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s")
     return result.engine
 
@@ -212,9 +216,9 @@ def write_results(result, image: Path, out: Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------ command
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("demo", "Convert yolov5n, build an fp16 engine and detect on a sample image (on the GPU, or on the "
-                       "CPU when there is none).")
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("demo", "Convert yolov5n, build an fp16 engine and detect on a sample image (on the GPU, "
+                               "or on the CPU when there is none).")
     p.add_argument("--weights", help="a YOLOv5 checkpoint of your own to use instead of the official yolov5n.pt")
     p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
                    help=f"where to fetch yolov5n.pt when no local copy is found: a URL or a path (${URL_ENV})")
@@ -224,7 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="folder for the annotated image and detections.json")
     p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
                    help="where the checkpoint, .wts and engine go ($TRTNET_WEIGHTS)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     weights_dir = Path(args.weights_dir)
     image = sample_image(args.source)
 

@@ -1,7 +1,7 @@
 """`python -m trtnet.detect`: run a YOLOv5 engine on images, folders, globs, videos or a camera.
 
     python -m trtnet.detect yolov5n bus.jpg zidane.jpg
-    python -m trtnet.detect weights/yolov5s.fp16.engine photos/ clip.mp4 --out runs/detect --conf 0.4
+    python -m trtnet.detect weights/yolov5s.fp16.640.engine photos/ clip.mp4 --out runs/detect --conf 0.4
     python -m trtnet.detect yolov5n 0 --show            # camera 0
 
     python -m trtnet.detect --device cpu yolov5n bus.jpg  # no GPU: the same network on the CPU, from the weights
@@ -14,6 +14,7 @@ class were found. Files that cannot be read are skipped with a warning.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.datasets import IMAGE_SUFFIXES
 from trtnet.engine import batched
 from trtnet.errors import TrtnetError
@@ -345,7 +346,7 @@ def _video_writer(path: Path, fps: float, shape: tuple) -> cv2.VideoWriter:
 
 def add_options(p) -> None:
     p.add_argument("model", metavar="ENGINE_OR_WEIGHTS",
-                   help="an engine path, or a name in --weights-dir (yolov5n → weights/yolov5n.fp16.engine); with "
+                   help="an engine path, or a name in --weights-dir (yolov5n → weights/yolov5n.fp16.640.engine); with "
                         "--device cpu a weights file (.pt, .wts, .safetensors) or name (yolov5n → weights/yolov5n.wts)")
     p.add_argument("source", nargs="+", help="image or video files, folders, glob patterns, camera index (0)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
@@ -417,10 +418,15 @@ def results_folder(args) -> Path:
     return increment_path(Path(args.project) / args.name, args.exist_ok)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("detect", "Detect objects with a YOLOv5 engine (or, with --device cpu, its weights on the CPU) "
-                         "in images, folders, videos or a camera.")
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("detect", "Detect objects with a detection engine (or, with --device cpu, its weights on the "
+                                 "CPU) in images, folders, videos or a camera.")
     add_options(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     check_numbers(p, args)
 

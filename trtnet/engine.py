@@ -1,6 +1,6 @@
 """Run a trtnet engine by tensor name: contexts, streams, buffers and CUDA graphs.
 
-    engine = Engine("weights/yolov5n.fp16.engine")      # or just "yolov5n"
+    engine = Engine("weights/yolov5n.fp16.640.engine")      # or just "yolov5n"
     outputs = engine.infer(x)                          # host arrays in, host arrays out
 
 - Name-based I/O (`set_input_shape`, `set_tensor_address`, `execute_async_v3`: TensorRT >= 8.5).

@@ -16,22 +16,37 @@ from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
 from trtnet.sidecar import PARTNER_KEY, check_partner, find_engine_sidecar
 
+# What trtnet.build appends to a model name: .PRECISION, then .SIZE or .LO-HI, then .bBATCH or .bLO-HI (engines
+# built before sizes were in the name have only .PRECISION).
+_QUALIFIERS = r"(\.fp(?:16|32))?(\.\d+(?:-\d+)?)?(\.b\d+(?:-\d+)?)?\.engine"
+
 
 def resolve_engine(engine: str | Path, weights_dir: str | Path = "weights") -> Path:
-    """An engine path, or a model name: `yolov5n` → weights/yolov5n.fp16.engine, else .fp32.engine."""
+    """An engine path, or a name in `weights_dir`: the model (`yolov5n`) or the model with some of the qualifiers
+    trtnet.build names engines with (`yolov5n.fp16`, `yolov5n.fp16.640`). A name that fits several engines is
+    refused with the list, rather than one picked silently (a 320 engine where 640 was meant)."""
     path = Path(engine)
     if path.suffix == ".engine" or path.parent != Path("."):
         if not path.is_file():
             raise TrtnetError(f"{path}: no such engine file (build one with python -m trtnet.build)")
         return path
-    for precision in ("fp16", "fp32"):
-        candidate = Path(weights_dir) / f"{engine}.{precision}.engine"
-        if candidate.is_file():
-            return candidate
-    raise TrtnetError(
-        f"no engine named {engine!r} in {weights_dir}/ ({engine}.fp16.engine or {engine}.fp32.engine): "
-        f"build one with python -m trtnet.build {engine} --fp16, or pass the engine's path"
-    )
+    found = engines_named(str(engine), Path(weights_dir))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise TrtnetError(f"no engine named {engine!r} in {weights_dir}/ (looked for {engine}.*.engine): build one "
+                          f"with python -m trtnet.build {engine} --fp16, or pass the engine's path")
+    raise TrtnetError(f"{engine!r} names {len(found)} engines in {weights_dir}/: "
+                      f"{', '.join(p.name for p in found)}; pass one of them (its path, or its name without "
+                      f"'.engine', e.g. {found[0].name[:-len('.engine')]})")
+
+
+def engines_named(name: str, weights_dir: Path) -> list[Path]:
+    """Engines in `weights_dir` whose file name is `name` plus build qualifiers, in name order."""
+    pattern = re.compile(re.escape(name) + _QUALIFIERS)
+    if not weights_dir.is_dir():
+        return []
+    return sorted(p for p in weights_dir.iterdir() if pattern.fullmatch(p.name) and p.is_file())
 
 
 def load_metadata(engine_path: Path) -> EngineMeta:

@@ -75,6 +75,10 @@ class EngineMeta:
     layers: int = 0
     engine_bytes: int = 0
     build_seconds: float = 0.0
+    built_at: str | None = None  # UTC ISO 8601, e.g. 2026-12-02T05:40:00+00:00
+    weights_sha256: str | None = None  # of the weights file built from
+    checkpoint: str | None = None  # the checkpoint those weights came from (gen_wts' "source")
+    checkpoint_sha256: str | None = None  # its sha256 (gen_wts' "source_sha256")
     postprocess: PostprocessSettings | None = None  # detect families
     nc: int | None = None  # detect families: class count
     names: tuple[str, ...] = ()
@@ -244,9 +248,12 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "tensorrt": _tensorrt, "trtnet_version": _str, "weights": _str, "precision": _str, "tf32": _bool,
     "min_imgsz": _optional(_positive), "max_imgsz": _optional(_positive), "target_cc": _list_of(_str),
     "device": _optional(_device), "layers": _int, "engine_bytes": _int, "build_seconds": _number,
+    "built_at": _optional(_str), "weights_sha256": _optional(_str), "checkpoint": _optional(_str),
+    "checkpoint_sha256": _optional(_str),
     "postprocess": _optional(_postprocess), "nc": _optional(_positive), "names": _list_of(lambda n: str(n)),
     "strides": _list_of(_positive), "anchors": _anchors, "head": _optional(_str), "num_classes": _optional(_positive),
     "softmax": _optional(_bool),
 }
-_OMIT_WHEN_NONE = {"postprocess", "nc", "head", "num_classes", "softmax"}
+_OMIT_WHEN_NONE = {"postprocess", "nc", "head", "num_classes", "softmax", "built_at", "weights_sha256", "checkpoint",
+                   "checkpoint_sha256"}
 _OMIT_WHEN_EMPTY = {"names", "strides", "anchors"}

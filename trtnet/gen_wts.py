@@ -5,6 +5,7 @@ Reads the checkpoint without torch and without running its pickle (see trtnet.ch
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from trtnet import networks
 from trtnet.checkpoint import Checkpoint, read_checkpoint
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.errors import TrtnetError
 from trtnet.weights import FORMATS, SUFFIXES, check_finite, weights_meta, write_safetensors, write_sidecar, write_wts
 
@@ -64,13 +65,17 @@ def summary(meta: dict) -> str:
     return networks.summary(meta)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser("gen_wts", "PyTorch checkpoint → tensorrtx-format .wts (+ .json) or .safetensors, without torch")
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("gen_wts", "PyTorch checkpoint → tensorrtx-format .wts (+ .json) or .safetensors, without torch")
     p.add_argument("checkpoint", help="YOLOv5 .pt or torchvision ResNet .pth checkpoint")
     p.add_argument("-o", "--output", default=DEFAULT_DIR, help="output folder, or file ending in .wts/.safetensors")
     p.add_argument("--format", choices=FORMATS, help="output format; unset: -o's suffix decides, else wts")
     p.add_argument("--name", help="output file name without suffix; unset: the checkpoint's stem")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     done = convert(args.checkpoint, args.output, args.format, args.name)
     values = sum(v.size for v in done.checkpoint.state_dict.values())
     also = f" and {done.sidecar}" if done.sidecar else ""

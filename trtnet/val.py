@@ -15,6 +15,7 @@ the batch shape, lose about 1.2 points of mAP@0.5:0.95 and 2 of mAP@0.5.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from trtnet.cli import parser, run
+from trtnet.cli import command_parser, run
 from trtnet.datasets import (
     ClassificationDataset,
     DetectionDataset,
@@ -150,13 +151,14 @@ def to_image_pixels(rows: list, images: list, shape: tuple, ratio_pads: list) ->
             for r, image, ratio_pad in zip(rows, images, ratio_pads)]
 
 
-def main(argv: Sequence[str] | None = None) -> int | None:
-    p = parser("val", "COCO mAP of a YOLOv5 engine, or top-1/top-5 of a ResNet engine, on a dataset.")
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("val", "COCO mAP of a YOLOv5 engine, or top-1/top-5 of a ResNet engine, on a dataset.")
     p.add_argument("engine", help="the TensorRT engine to evaluate (path or name in weights/)")
     p.add_argument("--data", required=True,
                    help="detect: YOLO dataset root (images/, labels/) or images folder; "
                         "classify: folder of images in class sub-folders or named <wnid>_…")
-    p.add_argument("--task", choices=("detect", "classify"), default="detect")
+    p.add_argument("--task", choices=("detect", "classify"), default="detect",
+                   help="detect: COCO mAP of a detector; classify: top-1/top-5 of a classifier")
     p.add_argument("--imgsz", type=int, default=640, help="inference size (long side), detect")
     p.add_argument("--batch", type=int, default=16, help="images per batch")
     p.add_argument("--conf", type=float, default=0.001, help="confidence threshold (val.py's)")
@@ -168,7 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     p.add_argument("--class-index", help="classify: JSON {wnid: index} or imagenet_class_index.json")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--verbose", action="store_true", help="per-class rows, progress, pycocotools output")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int | None:
+    args = parser().parse_args(argv)
 
     predict, engine = engine_predictor(args.engine, args.task, args)
     if args.task == "detect":
