@@ -365,7 +365,8 @@ def int8_options(args) -> Int8Options | None:
         return None
     defaults = Int8Options()
     return Int8Options(
-        calib=args.calib, calib_images=args.calib_images or defaults.calib_images,
+        calib=args.calib,
+        calib_images=defaults.calib_images if args.calib_images is None else args.calib_images,
         calib_method=args.calib_method or defaults.calib_method, calib_cache=args.calib_cache,
         keep=tuple(k for k in (args.int8_keep or "").split(",") if k), mode=args.int8_mode or defaults.mode,
         calib_device=args.calib_device,

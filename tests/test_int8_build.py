@@ -1,0 +1,227 @@
+"""`python -m trtnet.build --int8` end to end on the CPU (calibration with the reference executor, TensorRT-RTX
+builds), its contradicting options, the calibration-file rebuild, ResNet INT8 with ImageNet preprocessing,
+and the GPU calibration pass's host side."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import requires_tensorrt, requires_torch, shared
+from trtnet import build as build_cmd
+from trtnet import gen_wts
+
+pytestmark = requires_tensorrt
+
+
+@pytest.fixture(scope="module")
+def yolov5n_weights(tmp_path_factory):
+    out = tmp_path_factory.mktemp("weights")
+    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out / "yolov5n.wts")]) == 0
+    return out
+
+
+@pytest.fixture()
+def weights_dir(tmp_path, yolov5n_weights):
+    for f in yolov5n_weights.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+def run_build(capsys, *args):
+    code = build_cmd.cli([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def coco128():
+    return shared("coco128", "images")
+
+
+# -- contradictions: one clear error before anything is read or written --------------------------
+@pytest.mark.parametrize("args, message", [
+    (("--calib-method", "entropy"), "--calib-method applies to INT8 builds: add --int8"),
+    (("--fp16", "--calib", "x"), "--calib applies to INT8 builds"),
+    (("--int8", "--int8-mode", "implicit", "--calib-method", "percentile"), "implicit calibrates with TensorRT"),
+    (("--int8", "--int8-keep", "auto,model.2"), "auto and none stand alone"),
+    (("--int8", "--calib-images", "0"), "--calib-images 0: must be at least 1"),
+])
+def test_contradicting_int8_options_fail_before_reading_anything(tmp_path, capsys, args, message):
+    code, text = run_build(capsys, tmp_path / "absent.wts", "--weights-dir", tmp_path, *args)
+    assert code == 2
+    assert message in text
+    assert "absent.wts" not in text  # refused before the weights were looked for
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_with_fp32_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_cmd.cli(["yolov5n", "--int8", "--fp32"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_implicit_int8_on_tensorrt_rtx_is_refused_before_reading(tmp_path, capsys):
+    from trtnet import compat
+
+    if not compat.flavour().is_rtx:
+        pytest.skip("TensorRT with calibrators here")
+    code, text = run_build(capsys, tmp_path / "absent.wts", "--int8", "--int8-mode", "implicit")
+    assert code == 2
+    assert "--int8-mode implicit" in text and "no INT8 calibrators" in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_calibration_folder_writes_nothing(weights_dir, capsys):
+    before = sorted(p.name for p in weights_dir.iterdir())
+    code, text = run_build(capsys, "yolov5n", "--weights-dir", weights_dir, "--int8",
+                           "--calib", weights_dir / "nothing-here", "--imgsz", "64")
+    assert code == 2 and "no such folder" in text
+    assert sorted(p.name for p in weights_dir.iterdir()) == before
+
+
+def test_api_refuses_int8_options_on_a_float_build(tmp_path):
+    from trtnet.errors import TrtnetError
+    from trtnet.quant.options import Int8Options
+
+    with pytest.raises(TrtnetError, match="INT8 options given for a fp16 build"):
+        build_cmd.build(build_cmd.BuildRequest(str(tmp_path / "absent.wts"), precision="fp16",
+                                               int8=Int8Options(calib="x")))
+
+
+def test_calib_device_defaults_to_cpu_without_a_gpu():
+    from trtnet.quant.options import Int8Options
+
+    try:
+        from trtnet import cuda_rt
+
+        gpu = cuda_rt.gpu_unavailable_reason() is None
+    except Exception:
+        gpu = False
+    assert Int8Options().checked().calib_device == ("gpu" if gpu else "cpu")
+
+
+# -- the acceptance line, and a rebuild from the calibration file -------------------------------
+@pytest.mark.slow
+@requires_torch
+def test_int8_yolov5n_build_writes_engine_and_calibration_then_rebuilds_from_it(weights_dir, capsys, monkeypatch):
+    from trtnet.engine_meta import EngineMeta
+    from trtnet.quant.calibration_file import read_calibration
+
+    code, text = run_build(capsys, weights_dir / "yolov5n.wts", "--int8", "--calib", coco128(),
+                           "--calib-images", "8", "--imgsz", "320", "--calib-device", "cpu")
+    assert code == 0, text
+    engine = weights_dir / "yolov5n.int8.engine"
+    calib_path = weights_dir / "yolov5n.int8.calib.json"
+    meta = EngineMeta.from_dict(json.loads((weights_dir / "yolov5n.int8.engine.json").read_text()))
+    assert engine.stat().st_size == meta.engine_bytes > 1_000_000
+    assert meta.precision == "int8" and meta.int8.mode == "explicit" and meta.int8.images == 8
+    assert meta.int8.calibration == calib_path.name and meta.int8.keep == ()
+    calibration = read_calibration(calib_path)
+    assert calibration.images.count == 8 and calibration.method == "entropy"
+    assert len(calibration.amax) == 60 and all(v > 0 for v in calibration.amax.values())  # 60 conv inputs
+
+    import trtnet.quant.options as options
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("the rebuild calibrated again")
+
+    monkeypatch.setattr(options, "calibrate", no_calibration)
+    code, text = run_build(capsys, weights_dir / "yolov5n.wts", "--int8", "--calib-cache", calib_path,
+                           "--imgsz", "320", "--int8-keep", "raw_0,model.0", "-o", weights_dir / "again.engine")
+    assert code == 0, text
+    again = json.loads((weights_dir / "again.engine.json").read_text())
+    assert again["int8"]["keep"] == ["model.0", "raw_0"] and again["int8"]["images"] == 8
+
+
+@requires_torch
+def test_calibration_file_of_other_weights_is_refused_at_build(weights_dir, capsys, tmp_path):
+    from trtnet.quant.calibration_file import CalibrationFile, ImagesUsed
+
+    other = tmp_path / "other.calib.json"
+    CalibrationFile("0" * 64, "entropy", {"images": 1.0}, ImagesUsed(1)).write(other)
+    code, text = run_build(capsys, weights_dir / "yolov5n.wts", "--int8", "--calib-cache", other, "--imgsz", "64")
+    assert code == 2 and "made for another network" in text
+    assert not list(weights_dir.glob("*.engine"))
+
+
+# -- ResNet: ImageNet preprocessing through the family hook --------------------------------------
+def test_resnet_calibrates_with_imagenet_preprocessing_and_yolo_with_letterbox():
+    from trtnet import networks
+
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[..., 2] = 255  # pure red in BGR
+    x = networks.calibration_preprocess({"family": "resnet"}, 64)(image)
+    assert x.shape == (1, 3, 64, 64) and x.dtype == np.float32
+    # red after ImageNet normalisation: (1 - 0.485) / 0.229 in R, (0 - mean) / std in G and B
+    np.testing.assert_allclose(x[0, :, 10, 10], [(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225], rtol=1e-5)
+    y = networks.calibration_preprocess({"family": "yolov5"}, 64)(image)
+    assert y.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(y[0, :, 0, 0], 114 / 255, rtol=1e-6)  # letterbox padding (400x300 → 64x48)
+    np.testing.assert_allclose(y[0, :, 32, 32], [1, 0, 0])
+
+
+def test_imagenet_preprocessing_crops_the_centre():
+    from trtnet.quant.calibrate import imagenet_preprocess
+
+    image = np.zeros((256, 512, 3), np.uint8)
+    image[:, 192:320] = 255  # a white band in the middle: the 128-pixel centre crop of a 256-high image
+    x = imagenet_preprocess(128)(image)
+    white = (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(x[0, :, 64, 0], white, rtol=1e-5)
+    np.testing.assert_allclose(x[0, :, 64, 127], white, rtol=1e-5)
+
+
+@pytest.mark.slow
+@requires_torch
+def test_resnet18_int8_build_on_the_cpu(tmp_path, capsys):
+    from trtnet.quant.calibration_file import read_calibration
+
+    assert gen_wts.cli([str(shared("synthetic", "resnet18_syn.pth")), "-o", str(tmp_path / "resnet18.wts")]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(p.name for p in coco128().rglob("*.jpg"))[:3]:
+        shutil.copy(next(coco128().rglob(name)), images / name)
+    code, text = run_build(capsys, tmp_path / "resnet18.wts", "--int8", "--calib", images, "--calib-images", "3",
+                           "--imgsz", "64", "--calib-method", "percentile", "--calib-device", "cpu")
+    assert code == 0, text
+    meta = json.loads((tmp_path / "resnet18.int8.engine.json").read_text())
+    assert meta["family"] == "resnet" and meta["int8"]["method"] == "percentile"
+    calibration = read_calibration(tmp_path / "resnet18.int8.calib.json")
+    assert calibration.images.count == 3
+    # ImageNet normalisation puts the network input's range well beyond [0, 1] (letterbox would not)
+    assert calibration.amax["input"] > 1.5
+
+
+# -- the GPU calibration pass's host side ---------------------------------------------------------
+@requires_torch
+def test_gpu_pass_marks_every_quantizable_tensor_but_the_input_and_feeds_the_same_histograms(tmp_path):
+    from trtnet import compat
+    from trtnet.checkpoint import read_checkpoint
+    from trtnet.executor import run_network
+    from trtnet.network import BatchProfile, define_network
+    from trtnet.quant import calibrate as c
+    from trtnet.quant.gpu_calibration import calibration_engine_meta, feeds_and_outputs, mark_calibration_outputs
+
+    ckpt = read_checkpoint(shared("weights", "yolov5n.pt"))
+    builder = compat.trt().Builder(compat.Logger())
+    defined = define_network(builder, ckpt.state_dict, ckpt.meta, precision="fp32", imgsz=64,
+                             batch=BatchProfile(2, 2, 2))
+    names = list(dict.fromkeys(c.quantizable_tensors(defined.network).values()))
+    marked = mark_calibration_outputs(defined.network, names)
+    assert sorted(marked) == sorted(set(names) - {"images"})
+    meta = calibration_engine_meta(defined, 2)
+    assert meta["batch"] == {"min": 2, "opt": 2, "max": 2} and set(marked) <= set(meta["outputs"])
+
+    def engine_like(x):  # what Engine.infer returns: the network's outputs only
+        outputs = run_network(defined.network, {"images": x}, keep=marked)
+        return feeds_and_outputs("images", x, {n: outputs[n] for n in meta["outputs"]})
+
+    paths = sorted(coco128().rglob("*.jpg"))[:2]
+    stats, _ = c.collect_histograms(engine_like, c.CalibrationImages(paths, 2, c.letterbox_preprocess(64)), names, 2)
+    amax = stats.amax("max")
+    assert set(amax) == set(names)
+    assert 0.9 < amax["images"] <= 1.0  # letterboxed pixels in [0, 1]
