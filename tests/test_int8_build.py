@@ -184,7 +184,8 @@ def test_imagenet_preprocessing_crops_the_centre():
 def test_resnet18_int8_build_on_the_cpu(tmp_path, capsys):
     from trtnet.quant.calibration_file import read_calibration
 
-    assert gen_wts.cli([str(shared("weights", "synthetic", "resnet18_syn.pth")), "-o", str(tmp_path / "resnet18.wts")]) == 0
+    source = shared("weights", "synthetic", "resnet18_syn.pth")
+    assert gen_wts.cli([str(source), "-o", str(tmp_path / "resnet18.wts")]) == 0
     images = tmp_path / "images"
     images.mkdir()
     for name in sorted(p.name for p in coco128().rglob("*.jpg"))[:3]:

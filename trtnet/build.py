@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -336,6 +337,7 @@ def check_sizes(args) -> None:
 
 def add_int8_arguments(p) -> None:
     g = p.add_argument_group("INT8 (with --int8)")
+    g.argument_default = argparse.SUPPRESS  # absent unless given: no "(default: None)" in --help
     g.add_argument("--calib", metavar="DIR_OR_GLOB", help="calibration images: a folder (searched recursively) "
                                                           "or a glob, e.g. ../shared/data/coco128/images")
     g.add_argument("--calib-images", type=int, metavar="N", help="calibration images used (default 256)")
@@ -358,6 +360,7 @@ INT8_ARGUMENTS = ("calib", "calib_images", "calib_method", "calib_cache", "int8_
 
 def int8_options(args) -> Int8Options | None:
     """Int8Options from the command line; INT8 options without --int8 are an error."""
+    args = argparse.Namespace(**{**dict.fromkeys(INT8_ARGUMENTS), **vars(args)})
     given = [a for a in INT8_ARGUMENTS if getattr(args, a) is not None]
     if args.precision != "int8":
         if given:

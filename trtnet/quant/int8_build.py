@@ -64,7 +64,8 @@ def _explicit_network(builder, options, tensors, meta, engine_path, log, **defin
     from trtnet.network import define_network
     from trtnet.quant.options import explicit_plan
 
-    plan, calibration, path = explicit_plan(options, tensors, meta, _imgsz(meta, define_kwargs), engine_path, log)
+    plan, calibration, path = explicit_plan(options, tensors, meta, _imgsz(meta, define_kwargs), engine_path, log,
+                                            define_kwargs.get("source"))
     with quantizing(plan):
         defined = define_network(builder, tensors, meta, precision="fp16", **define_kwargs)
     record = {"mode": "explicit", "calibration": _relative(path, engine_path), "method": calibration.method,

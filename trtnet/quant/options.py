@@ -64,6 +64,12 @@ def default_device() -> str:
         return "cpu"
 
 
+def report_beside_weights(weights_path: str | os.PathLike) -> Path:
+    """Where `python -m trtnet.quant sensitivity` writes its report by default."""
+    weights_path = Path(weights_path)
+    return weights_path.with_name(weights_path.stem + ".sensitivity.json")
+
+
 def sensitivity_path(calibration_path: str | os.PathLike) -> Path:
     """Where `--int8-keep auto` finds (or writes) the sensitivity report: beside the calibration file."""
     path = Path(calibration_path)
@@ -78,15 +84,18 @@ def default_calibration_path(engine_path: str | os.PathLike) -> Path:
 
 
 def explicit_plan(options: Int8Options, tensors: Mapping[str, np.ndarray], meta: Mapping, imgsz: int,
-                  engine_path: str | os.PathLike, log=print) -> tuple[QuantPlan, CalibrationFile, Path]:
+                  engine_path: str | os.PathLike, log=print,
+                  weights_path: str | os.PathLike | None = None) -> tuple[QuantPlan, CalibrationFile, Path]:
     """The Q/DQ plan for these weights and the calibration file it comes from: an existing --calib-cache is
     read (its network hash must match: a rebuild needs no calibration pass); otherwise the network is
     calibrated on --calib and the result written (atomically) to --calib-cache, or beside the engine.
-    With --int8-keep auto, the groups to keep come from the sensitivity report beside the calibration file
-    (measured on the calibration images and written there when missing)."""
+    With --int8-keep auto, the groups to keep come from the sensitivity report beside the weights
+    (`python -m trtnet.quant sensitivity` writes it there) or beside the calibration file (measured on the
+    calibration images and written there when neither exists)."""
     options = options.checked()
     calibration, path = calibration_for(options, tensors, meta, imgsz, engine_path, log)
-    keep = auto_keep_groups(options, tensors, meta, imgsz, calibration, path, log) if options.auto_keep \
+    reports = ([report_beside_weights(weights_path)] if weights_path else []) + [sensitivity_path(path)]
+    keep = auto_keep_groups(options, tensors, meta, imgsz, calibration, reports, log) if options.auto_keep \
         else options.keep
     return quant_plan(calibration, keep), calibration, path
 
@@ -114,10 +123,12 @@ AUTO_IMAGES = 8  # calibration images the build's own sensitivity measurement us
 
 
 def auto_keep_groups(options: Int8Options, tensors: Mapping[str, np.ndarray], meta: Mapping, imgsz: int,
-                     calibration: CalibrationFile, calibration_path: Path, log=print) -> tuple:
+                     calibration: CalibrationFile, reports: Sequence[Path], log=print) -> tuple:
+    """The groups to keep in fp16: from the first existing report of `reports`, else measured and written
+    to the last of them."""
     from trtnet.quant.sensitivity import auto_keep, read_report
 
-    path = sensitivity_path(calibration_path)
+    path = next((r for r in reports if r.exists()), reports[-1])
     net_hash = network_hash(tensors, meta)
     if path.exists():
         report = read_report(path, net_hash)
