@@ -231,3 +231,22 @@ def test_gpu_pass_marks_every_quantizable_tensor_but_the_input_and_feeds_the_sam
     amax = stats.amax("max")
     assert set(amax) == set(names)
     assert 0.9 < amax["images"] <= 1.0  # letterboxed pixels in [0, 1]
+
+
+@pytest.mark.slow
+@requires_torch
+def test_int8_keep_auto_uses_the_sensitivity_report_beside_the_weights(weights_dir, capsys):
+    from trtnet.quant.calibration_file import network_hash
+    from trtnet.quant.sensitivity import rank
+    from trtnet.weights import load_weights
+
+    weights = load_weights(weights_dir / "yolov5n.wts")
+    errors = {"model.0": 0.5, "raw_2": 0.3, **{f"model.{i}": 0.01 for i in range(1, 10)}}
+    rank(errors, {}, 4, network_hash(weights.tensors, weights.meta)).write(weights_dir / "yolov5n.sensitivity.json")
+    code, text = run_build(capsys, weights_dir / "yolov5n.wts", "--int8", "--calib", coco128(), "--calib-images", "1",
+                           "--imgsz", "64", "--int8-keep", "auto", "--calib-device", "cpu",
+                           "--weights-dir", weights_dir)
+    assert code == 0, text
+    assert "keeping in fp16: model.0, raw_2" in text
+    meta = json.loads((weights_dir / "yolov5n.int8.engine.json").read_text())
+    assert meta["int8"]["keep"] == ["model.0", "raw_2"]
