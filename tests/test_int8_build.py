@@ -309,3 +309,37 @@ def test_gpu_calibration_pass_through_the_simulated_cuda_runtime(monkeypatch):
         # every value of the 3 images counted once (the padding row of the last batch of 2 left out); the bins
         # differ (the first batch sets the bin width), so entropy amax is not compared
         assert gpu.histograms[name].counts.sum() == cpu.histograms[name].counts.sum(), name
+
+
+@requires_torch
+def test_implicit_mode_defines_an_fp32_network_and_feeds_the_calibrator_letterboxed_batches(tmp_path, monkeypatch):
+    """The implicit path's host side with TensorRT's calibrator and the device upload stood in for."""
+    from trtnet import compat
+    from trtnet.checkpoint import read_checkpoint
+    from trtnet.network import BatchProfile
+    from trtnet.quant import implicit, int8_build
+    from trtnet.quant.options import Int8Options
+
+    made = {}
+
+    def calibrator(batches, batch_size, cache_path, upload):
+        made.update(batches=[b.copy() for b in implicit.fixed_batches(batches, batch_size)], cache=cache_path,
+                    batch=batch_size)
+        return "calibrator"
+
+    monkeypatch.setattr(implicit, "entropy_calibrator", calibrator)
+    monkeypatch.setattr(int8_build, "device_uploader", lambda: (None, None))
+    monkeypatch.setattr(compat, "create_weakly_typed_network", lambda builder: builder.create_network(0))  # RTX
+    ckpt = read_checkpoint(shared("weights", "yolov5n.pt"))
+    builder = compat.trt().Builder(compat.Logger())
+    options = Int8Options(calib=str(coco128()), calib_images=4, mode="implicit")
+    network = int8_build.define_int8_network(builder, options, ckpt.state_dict, ckpt.meta,
+                                             tmp_path / "yolov5n.int8.engine", print,
+                                             batch=BatchProfile(1, 2, 4), imgsz=64)
+    assert network.calibrator == "calibrator" and made["cache"] == tmp_path / "yolov5n.int8.calib.cache"
+    assert made["batch"] == 2 and [b.shape for b in made["batches"]] == [(2, 3, 64, 64)] * 2  # opt batch
+    assert network.defined.graph.dtype == np.float32  # TensorRT picks the precisions (INT8 + FP16 flags)
+    layers = [network.defined.network.get_layer(i).type.name for i in range(network.defined.network.num_layers)]
+    assert "QUANTIZE" not in layers
+    assert network.record == {"mode": "implicit", "calibration": "yolov5n.int8.calib.cache", "method": "entropy",
+                              "images": 4, "keep": []}
