@@ -7,14 +7,16 @@ import sys
 
 COMMANDS = {
     "gen_wts": "checkpoint (.pt/.pth) → tensorrtx-format .wts (+ .json) or .safetensors",
-    "build": "weights → TensorRT engine (fp32/fp16, static or dynamic batch, postprocess)",
+    "build": "weights → TensorRT engine (fp32/fp16/int8, static or dynamic batch, postprocess)",
+    "quant": "INT8: sensitivity of each layer group to quantization (what --int8-keep auto keeps in fp16)",
     "inspect": "print a network layer by layer; run it on the CPU and compare with a golden",
     "detect": "run a YOLOv5 engine on images, folders, videos or a camera",
     "bench": "latency and throughput of an engine (and of its kernels), optionally vs PyTorch",
     "val": "COCO mAP of a detection engine / top-1 of a classifier on a dataset",
     "demo": "download yolov5n, convert, build and detect on a sample image",
 }
-MODULES = {"inspect": "inspection"}  # a command whose module is named otherwise (`inspect` would shadow the stdlib)
+# a command whose module is named otherwise (`inspect` would shadow the stdlib)
+MODULES = {"inspect": "inspection", "quant": "quant.__main__"}
 
 
 def usage() -> str:

@@ -23,8 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("sensitivity", help="per layer group: the output error when that group alone is INT8")
     s.add_argument("weights", help="a name in --weights-dir or a path (as trtnet.build takes it)")
     s.add_argument("--calib", required=True, help="calibration images: a folder (searched recursively) or a glob")
-    s.add_argument("--images", type=int, default=8, help="images the errors are measured on")
-    s.add_argument("--calib-images", type=int, default=256, help="images calibrated on (without --calib-cache)")
+    s.add_argument("--images", type=int, default=8, help="images the errors are measured on (default 8)")
+    s.add_argument("--calib-images", type=int, default=256,
+                   help="images calibrated on without --calib-cache (default 256)")
     s.add_argument("--calib-method", default="entropy", choices=("entropy", "percentile", "minmax", "max"))
     s.add_argument("--calib-cache", metavar="FILE", help="an existing calibration file to use (default: calibrate)")
     s.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
