@@ -343,3 +343,13 @@ def test_implicit_mode_defines_an_fp32_network_and_feeds_the_calibrator_letterbo
     assert "QUANTIZE" not in layers
     assert network.record == {"mode": "implicit", "calibration": "yolov5n.int8.calib.cache", "method": "entropy",
                               "images": 4, "keep": []}
+
+
+def test_gpu_calibration_without_a_gpu_is_refused_before_reading(tmp_path, capsys):
+    from trtnet.cuda_rt import gpu_unavailable_reason
+
+    if gpu_unavailable_reason() is None:
+        pytest.skip("a GPU is usable here")
+    code, text = run_build(capsys, tmp_path / "absent.wts", "--int8", "--calib", tmp_path, "--calib-device", "gpu")
+    assert code == 2 and "--calib-device gpu:" in text and "use --calib-device cpu" in text
+    assert list(tmp_path.iterdir()) == []
