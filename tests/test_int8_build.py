@@ -353,3 +353,19 @@ def test_gpu_calibration_without_a_gpu_is_refused_before_reading(tmp_path, capsy
     code, text = run_build(capsys, tmp_path / "absent.wts", "--int8", "--calib", tmp_path, "--calib-device", "gpu")
     assert code == 2 and "--calib-device gpu:" in text and "use --calib-device cpu" in text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_meta_types_the_int8_record_and_names_a_broken_one():
+    from trtnet.engine_meta import EngineMeta, Int8Record
+    from trtnet.errors import TrtnetError
+
+    base = {"family": "yolov5", "imgsz": [320, 320], "batch": {"min": 1, "opt": 1, "max": 1},
+            "input": {"name": "images"}, "outputs": ["raw_0"], "tensorrt": {"flavour": "tensorrt", "version": "8.5"},
+            "precision": "int8"}
+    record = {"mode": "explicit", "calibration": "y.calib.json", "method": "entropy", "images": 8, "keep": ["raw_0"]}
+    meta = EngineMeta.from_dict({**base, "int8": record})
+    assert meta.int8 == Int8Record("explicit", "y.calib.json", "entropy", 8, ("raw_0",))
+    assert meta.to_dict()["int8"] == record
+    assert "int8" not in EngineMeta.from_dict(base).to_dict()
+    with pytest.raises(TrtnetError, match="field 'int8'.*images"):
+        EngineMeta.from_dict({**base, "int8": {**record, "images": "eight"}}, "x.engine.json")
