@@ -411,7 +411,8 @@ def test_executor_quantizes_per_channel_along_the_axis():
 @pytest.mark.parametrize("changes, message", [
     (dict(mode="implicit", calib_method="percentile"), "implicit calibrates with TensorRT's entropy"),
     (dict(mode="implicit", keep=("model.2",)), "--int8-keep applies to --int8-mode explicit"),
-    (dict(keep=("auto",)), "--int8-keep auto needs the sensitivity report"),
+    (dict(keep=("auto", "model.2")), "auto and none stand alone"),
+    (dict(calib_device="tpu"), "--calib-device tpu: use cpu or gpu"),
     (dict(mode="fast"), "--int8-mode fast"),
     (dict(calib_images=0), "--calib-images 0"),
     (dict(calib_method="kl"), "--calib-method kl"),
@@ -460,6 +461,22 @@ def test_without_images_or_an_existing_file_int8_is_refused(tmp_path):
         explicit_plan(Int8Options(calib_cache=str(tmp_path / "absent.json")), TENSORS, META, 320, tmp_path / "e.engine")
     with pytest.raises(TrtnetError, match="--int8: no calibration images"):
         explicit_plan(Int8Options(), TENSORS, META, 320, tmp_path / "e.engine")
+
+
+def test_auto_keep_needs_a_report_or_images_to_measure_one(tmp_path, monkeypatch):
+    from trtnet.quant import options
+    from trtnet.quant.sensitivity import rank
+
+    monkeypatch.setattr(options, "calibrate", _no_calibration)
+    path = tmp_path / "e.calib.json"
+    _calibration(network_hash=network_hash(TENSORS, META)).write(path)
+    auto = options.Int8Options(calib_cache=str(path), keep=("auto",))
+    with pytest.raises(TrtnetError, match="--int8-keep auto: no sensitivity report .*e.sensitivity.json"):
+        options.explicit_plan(auto, TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None)
+    errors = {"model.0": 1.0, "model.1": 0.01, "model.2": 0.01}
+    rank(errors, {}, 2, network_hash(TENSORS, META)).write(tmp_path / "e.sensitivity.json")
+    plan, _, _ = options.explicit_plan(auto, TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None)
+    assert plan.keep_float == {"model.0"}
 
 
 def test_calibration_is_written_beside_the_engine(tmp_path, monkeypatch):

@@ -17,7 +17,8 @@ from trtnet.cli import PROG, HelpFormatter
 
 COMMANDS = {
     "gen_wts": "checkpoint (.pt/.pth) → tensorrtx-format .wts (+ .json) or .safetensors",
-    "build": "weights → TensorRT engine (fp32/fp16, static or dynamic batch, postprocess)",
+    "build": "weights → TensorRT engine (fp32/fp16/int8, static or dynamic batch, postprocess)",
+    "quant": "INT8: sensitivity of each layer group to quantization (what --int8-keep auto keeps in fp16)",
     "inspect": "a network or engine layer by layer; compare with a golden (.npz) per output and layer",
     "golden": "run the official model code on an image and write a golden .npz for inspect --compare",
     "detect": "run a detection engine (or its weights on the CPU) on images, folders, videos or a camera",
@@ -25,7 +26,8 @@ COMMANDS = {
     "val": "COCO mAP of a detection engine / top-1 of a classifier on a dataset",
     "demo": "convert yolov5n, build, and detect on a sample image (GPU, or CPU when there is none)",
 }
-MODULES = {"inspect": "inspection"}  # a command whose module is named otherwise (`inspect` would shadow the stdlib)
+# a command whose module is named otherwise (`inspect` would shadow the stdlib)
+MODULES = {"inspect": "inspection", "quant": "quant.__main__"}
 
 
 def command_module(command: str):

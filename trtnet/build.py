@@ -25,6 +25,8 @@ from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.interrupts import BuildInterrupts
 from trtnet.network import BatchProfile, DefinedNetwork, default_imgsz, define_network
+from trtnet.quant.int8_build import check_int8_request, configure_int8, define_int8_network
+from trtnet.quant.options import Int8Options
 from trtnet.sidecar import engine_sidecar_path, file_sha256, with_partner
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
@@ -49,6 +51,7 @@ class BuildRequest:
     nc: int | None = None
     weights_dir: str = "weights"
     verbose: bool = False  # TensorRT's own log at verbose level
+    int8: Int8Options | None = None  # with precision "int8" (None: Int8Options() defaults)
 
 
 @dataclass
@@ -149,6 +152,7 @@ def _build(req: BuildRequest, log, interrupts: BuildInterrupts) -> BuildResult:
     if req.postprocess.mode not in POSTPROCESS_MODES:
         raise TrtnetError(f"--postprocess {req.postprocess.mode}: one of {', '.join(POSTPROCESS_MODES)}")
     _check_postprocess_mode(req.postprocess.mode)
+    int8 = check_int8_request(req.precision, req.int8)
     weights_path, tensors, meta = load_for_build(req)
     if req.postprocess.mode != "none" and networks.for_meta(meta).TASK != "detect":
         raise TrtnetError(f"--postprocess applies to detectors only ({', '.join(networks.of_task('detect'))})")
@@ -164,26 +168,33 @@ def _build(req: BuildRequest, log, interrupts: BuildInterrupts) -> BuildResult:
     logger.verbose = req.verbose
     try:
         return _build_with(req, log, interrupts, t.Builder(logger), logger, weights_path, tensors, meta,
-                           engine_path, meta_path, cache_path)
+                           engine_path, meta_path, cache_path, int8)
     finally:
         logger.verbose = False  # one process-wide logger (TensorRT keeps the first): quiet again for what follows
 
 
 def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, logger, weights_path: Path, tensors,
-                meta: dict, engine_path: Path, meta_path: Path, cache_path: Path) -> BuildResult:
-    defined = define_network(builder, tensors, meta, precision=req.precision, batch=req.batch,
-                             imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path),
-                             min_imgsz=req.min_imgsz, max_imgsz=req.max_imgsz)
+                meta: dict, engine_path: Path, meta_path: Path, cache_path: Path, int8) -> BuildResult:
+    define_kwargs = dict(batch=req.batch, imgsz=req.imgsz, softmax=req.softmax, source=str(weights_path),
+                         min_imgsz=req.min_imgsz, max_imgsz=req.max_imgsz)
+    if int8:
+        int8_network = define_int8_network(builder, int8, tensors, meta, engine_path, log, **define_kwargs)
+        defined = int8_network.defined
+    else:
+        defined = define_network(builder, tensors, meta, precision=req.precision, **define_kwargs)
     if req.postprocess.mode == "plugin":
         append_plugin_postprocess(defined, meta, req.postprocess)
     options = compat.BuildOptions(
-        precision=req.precision, tf32=req.tf32, workspace_gib=req.workspace_gib, target_cc=tuple(req.target_cc),
+        precision="fp16" if int8 else req.precision, int8=bool(int8) and int8.mode == "explicit",
+        tf32=req.tf32, workspace_gib=req.workspace_gib, target_cc=tuple(req.target_cc),
         timing_cache=cache_path.read_bytes() if cache_path.exists() else b"", profiles=defined.profiles(req.batch),
     )
     log(f"building {weights_path.name}: {defined.family} {req.precision} input {list(defined.input_shape)} "
         f"batch {req.batch} with {compat.flavour()} ({defined.network.num_layers} layers)")
     with BuildProgress(cancelled=interrupts.requested) as progress, interrupts.deferred():
         config = compat.builder_config(builder, options, progress.monitor())
+        if int8:
+            configure_int8(config, int8_network)
         plan = compat.build_serialized(builder, defined.network, config)
     if plan is None:
         why = "; ".join(logger.errors[-3:]) or "no reason given"
@@ -196,6 +207,8 @@ def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, lo
         with atomic_write(cache_path) as f:
             f.write(cache)
     metadata = engine_metadata(req, defined, meta, weights_path, progress.seconds, len(plan))
+    if int8:
+        metadata["int8"] = int8_network.record
     with atomic_write(meta_path, "w") as f:  # after the engine: it records the engine's sha256
         json.dump(with_partner(metadata, engine_path), f, indent=1)
     return BuildResult(engine_path, meta_path, defined.network.num_layers, len(plan), progress.seconds)
@@ -353,6 +366,47 @@ def check_sizes(args) -> None:
         raise TrtnetError(f"--workspace {args.workspace}: must be a positive number of GiB")
 
 
+def add_int8_arguments(p) -> None:
+    g = p.add_argument_group("INT8 (with --int8)")
+    g.argument_default = argparse.SUPPRESS  # absent unless given: no "(default: None)" in --help
+    g.add_argument("--calib", metavar="DIR_OR_GLOB", help="calibration images: a folder (searched recursively) "
+                                                          "or a glob, e.g. ../shared/data/coco128/images")
+    g.add_argument("--calib-images", type=int, metavar="N", help="calibration images used (default 256)")
+    g.add_argument("--calib-method", choices=("entropy", "percentile", "minmax", "max"),
+                   help="activation ranges: entropy (KL, the default), percentile (99.99) or minmax")
+    g.add_argument("--calib-cache", metavar="FILE",
+                   help="calibration file: read when it exists (no calibration pass), else written "
+                        "(default: NAME.calib.json beside the engine; implicit: TensorRT's cache)")
+    g.add_argument("--int8-keep", metavar="auto|none|LAYER,...",
+                   help="layers or modules kept in fp16: auto (the most quantization-sensitive, "
+                        "measured), none (the default), or names such as model.24,raw_0")
+    g.add_argument("--int8-mode", choices=("explicit", "implicit"),
+                   help="explicit Q/DQ (the default, every TensorRT) or implicit (TensorRT's calibrator, 8.x/10.x)")
+    g.add_argument("--calib-device", choices=("cpu", "gpu"),
+                   help="where calibration runs (default gpu when one is usable, else cpu)")
+
+
+INT8_ARGUMENTS = ("calib", "calib_images", "calib_method", "calib_cache", "int8_keep", "int8_mode", "calib_device")
+
+
+def int8_options(args) -> Int8Options | None:
+    """Int8Options from the command line; INT8 options without --int8 are an error."""
+    args = argparse.Namespace(**{**dict.fromkeys(INT8_ARGUMENTS), **vars(args)})
+    given = [a for a in INT8_ARGUMENTS if getattr(args, a) is not None]
+    if args.precision != "int8":
+        if given:
+            raise TrtnetError(f"--{given[0].replace('_', '-')} applies to INT8 builds: add --int8")
+        return None
+    defaults = Int8Options()
+    return Int8Options(
+        calib=args.calib,
+        calib_images=defaults.calib_images if args.calib_images is None else args.calib_images,
+        calib_method=args.calib_method or defaults.calib_method, calib_cache=args.calib_cache,
+        keep=tuple(k for k in (args.int8_keep or "").split(",") if k), mode=args.int8_mode or defaults.mode,
+        calib_device=args.calib_device,
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = command_parser("build", "Build a TensorRT engine from trtnet weights (.wts + .json, or .safetensors).")
     p.add_argument("weights", help="a name in --weights-dir (yolov5s → weights/yolov5s.wts) or a path")
@@ -360,6 +414,8 @@ def parser() -> argparse.ArgumentParser:
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="half precision")
     prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
                       help="strict fp32 (TF32 off; the default)")
+    prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                      help="INT8 (Q/DQ from a calibration; fp16 where not quantized)")
     p.set_defaults(precision="fp32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 math in fp32 layers (faster, ~1e-2 error)")
     p.add_argument("--imgsz", type=int, help="square input size (default: the model's, e.g. 640 / 224)")
@@ -389,6 +445,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="engine path, or an existing folder for it (default: "
                    "<weights-dir>/<name>.<precision>.<size>[.b<batch>].engine, e.g. yolov5s.fp16.640.engine)")
     p.add_argument("--verbose", action="store_true", help="show TensorRT's own log (verbose level)")
+    add_int8_arguments(p)
     return p
 
 
@@ -404,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         postprocess=PostprocessSettings(mode=args.postprocess, conf=args.conf, iou=args.iou, max_det=args.max_det,
                                         multi_label=args.multi_label, agnostic=args.agnostic),
         softmax=args.softmax, output=args.output, timing_cache=args.timing_cache, arch=args.arch, nc=args.nc,
-        weights_dir=args.weights_dir, verbose=args.verbose,
+        weights_dir=args.weights_dir, verbose=args.verbose, int8=int8_options(args),
     )
     result = build(req)
     print(f"wrote {result.engine} ({result.engine_bytes / 1e6:.1f} MB, {result.layers} layers, "

@@ -57,6 +57,17 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class Int8Record:
+    """How an INT8 engine was quantized (trtnet.quant.int8_build)."""
+
+    mode: str  # explicit | implicit
+    calibration: str  # the calibration file (explicit: trtnet JSON; implicit: TensorRT's cache)
+    method: str  # entropy | percentile | max
+    images: int  # images the ranges were calibrated on (implicit with an existing cache: 0)
+    keep: tuple[str, ...] = ()  # layers / modules left in fp16
+
+
+@dataclass(frozen=True)
 class EngineMeta:
     family: str  # a networks/ FAMILY
     imgsz: tuple[int, int]  # (h, w): the static size, or the size a dynamic range is tuned for
@@ -87,6 +98,7 @@ class EngineMeta:
     head: str | None = None  # detect families: YoloPostprocess's head kind ("anchors" when absent)
     num_classes: int | None = None  # classify families
     softmax: bool | None = None
+    int8: Int8Record | None = None  # INT8 engines
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @classmethod
@@ -239,6 +251,12 @@ def _device(value: Any) -> dict:
     return dict(value)
 
 
+def _int8(value: Any) -> Int8Record:
+    v = _object(value, ("mode", "calibration", "method", "images"))
+    return Int8Record(_str(v["mode"]), _str(v["calibration"]), _str(v["method"]), _int(v["images"]),
+                      _list_of(_str)(v.get("keep", [])))
+
+
 def _anchors(value: Any) -> tuple:
     return _list_of(_list_of(_number))(value)
 
@@ -252,8 +270,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "checkpoint_sha256": _optional(_str),
     "postprocess": _optional(_postprocess), "nc": _optional(_positive), "names": _list_of(lambda n: str(n)),
     "strides": _list_of(_positive), "anchors": _anchors, "head": _optional(_str), "num_classes": _optional(_positive),
-    "softmax": _optional(_bool),
+    "softmax": _optional(_bool), "int8": _optional(_int8),
 }
-_OMIT_WHEN_NONE = {"postprocess", "nc", "head", "num_classes", "softmax", "built_at", "weights_sha256", "checkpoint",
-                   "checkpoint_sha256"}
+_OMIT_WHEN_NONE = {"postprocess", "nc", "head", "num_classes", "softmax", "int8", "built_at", "weights_sha256",
+                   "checkpoint", "checkpoint_sha256"}
 _OMIT_WHEN_EMPTY = {"names", "strides", "anchors"}

@@ -69,7 +69,7 @@ def default_imgsz(meta: Mapping) -> int:
 def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, meta: Mapping, *, precision: str = "fp32",
                    batch: BatchProfile = BatchProfile(), imgsz: int | tuple[int, int] | None = None,
                    softmax: bool = False, source: str = "weights", min_imgsz: int | None = None,
-                   max_imgsz: int | None = None) -> DefinedNetwork:
+                   max_imgsz: int | None = None, weakly_typed: bool = False) -> DefinedNetwork:
     """Define the network that `meta` describes with `tensors` in a new INetworkDefinition.
 
     With `min_imgsz` and/or `max_imgsz`, height and width are dynamic from `min_imgsz` to `max_imgsz`
@@ -80,7 +80,7 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     top = (size, size) if isinstance(size, int) else tuple(size)
     min_imgsz, max_imgsz = size_range(top, min_imgsz, max_imgsz)
     hw = (-1, -1) if min_imgsz is not None else top
-    network = compat.create_network(builder)
+    network = compat.create_weakly_typed_network(builder) if weakly_typed else compat.create_network(builder)
     store = tensors if isinstance(tensors, WeightStore) else WeightStore(tensors, source)
     g = Graph(network, store, compat.compute_dtype(precision), bn_eps=float(meta.get("bn_eps", 1e-5)))
     family.define(g, dict(meta), batch.check().dim, hw, **networks.define_options(family, {"softmax": softmax}))

@@ -9,6 +9,7 @@ as outputs, and finishes with the same `TensorHistograms.calibration`.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import time
@@ -49,6 +50,26 @@ def find_images(source: str | os.PathLike) -> tuple[list[Path], Path | None]:
     if not images:
         raise TrtnetError(f"--calib {source}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return images, root
+
+
+def imagenet_preprocess(imgsz: int | tuple[int, int], resize: int = 256) -> Preprocess:
+    """ImageNet inference preprocessing, as trtnet's GPU kernel does it (torchvision Resize(resize),
+    CenterCrop(imgsz), RGB, [0, 1], normalised by the ImageNet mean and std)."""
+    import cv2
+
+    from trtnet.plugins.preprocess import IMAGENET_MEAN, IMAGENET_STD, imagenet_geometry
+
+    out_h, out_w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    mean = np.array(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.array(IMAGENET_STD, np.float32)[:, None, None]
+
+    def preprocess(image_bgr: np.ndarray) -> np.ndarray:
+        new_h, new_w, top, left = imagenet_geometry(*image_bgr.shape[:2], resize, min(out_h, out_w))
+        resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        crop = resized[top:top + out_h, left:left + out_w, ::-1].transpose(2, 0, 1).astype(np.float32) / 255
+        return ((crop - mean) / std)[None].astype(np.float32)
+
+    return preprocess
 
 
 def letterbox_preprocess(imgsz: int | tuple[int, int]) -> Preprocess:
@@ -153,30 +174,58 @@ def calibrate(tensors: Mapping[str, np.ndarray], meta: Mapping, images: str | os
               percentile: float = DEFAULT_PERCENTILE, device: str = "cpu", batch: int = 1,
               preprocess: Preprocess | None = None) -> CalibrationRun:
     """Calibrate the network of `tensors` + `meta` on up to `count` images of `images` (a folder,
-    searched recursively, or a glob). `device` is where the reference executor runs ("cpu"; a torch
-    device). `preprocess` defaults to the YOLO letterbox at `imgsz`."""
-    from trtnet import compat
-    from trtnet.executor import run_network
-    from trtnet.network import default_imgsz, define_network
+    searched recursively, or a glob). `device`: "gpu" runs an fp32 TensorRT engine of the network
+    (trtnet.quant.gpu_calibration); anything else is the torch device the reference executor runs on
+    ("cpu"). `preprocess` defaults to the family's inference preprocessing at `imgsz`."""
+    from trtnet import networks
+    from trtnet.network import default_imgsz
 
     method = canonical_method(method)
     if count < 1:
         raise TrtnetError(f"--calib-images {count}: must be at least 1")
     size = imgsz or default_imgsz(meta)
     paths, root = find_images(images)
-    loader = CalibrationImages(paths, count, preprocess or letterbox_preprocess(size), f"--calib {images}")
-    builder = compat.trt().Builder(compat.Logger())
-    defined = define_network(builder, tensors, meta, precision="fp32", imgsz=size)
-    names = list(dict.fromkeys(quantizable_tensors(defined.network).values()))
+    loader = CalibrationImages(paths, count, preprocess or networks.calibration_preprocess(meta, size),
+                               f"--calib {images}")
+    if device == "gpu":
+        from trtnet.quant.gpu_calibration import engine_pass
+
+        network_pass = engine_pass(tensors, meta, size, batch)
+    else:
+        network_pass = executor_pass(tensors, meta, size, device)
+    with network_pass as (names, infer):
+        stats, per_image = collect_histograms(infer, loader, names, batch)
+    start = time.perf_counter()
+    calib = stats.calibration(network_hash(tensors, meta), method, ImagesUsed.of(loader.used, root), percentile,
+                              {"imgsz": size, "device": device})
+    return CalibrationRun(calib, per_image, time.perf_counter() - start)
+
+
+Infer = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # a [N, 3, H, W] batch → tensors by name
+
+
+def collect_histograms(infer: Infer, loader: CalibrationImages, names: Sequence[str],
+                       batch: int = 1) -> tuple[TensorHistograms, float]:
+    """Every batch of `loader` through `infer`, the `names` tensors into histograms; and the seconds per image."""
     stats = TensorHistograms(names)
     start = time.perf_counter()
     for x in loader.batches(batch):
-        stats.add(run_network(defined.network, {defined.input_name: x}, keep=names, device=device))
-    per_image = (time.perf_counter() - start) / len(loader.used)
-    start = time.perf_counter()
-    calib = stats.calibration(network_hash(tensors, meta), method, ImagesUsed.of(loader.used, root), percentile,
-                              {"imgsz": size})
-    return CalibrationRun(calib, per_image, time.perf_counter() - start)
+        stats.add(infer(x))
+    return stats, (time.perf_counter() - start) / len(loader.used)
+
+
+@contextlib.contextmanager
+def executor_pass(tensors: Mapping[str, np.ndarray], meta: Mapping, imgsz: int,
+                  device: str = "cpu") -> Iterator[tuple[list[str], Infer]]:
+    """(quantizable tensor names, infer) through the fp32 network definition on the reference executor."""
+    from trtnet import compat
+    from trtnet.executor import run_network
+    from trtnet.network import define_network
+
+    builder = compat.trt().Builder(compat.Logger())
+    defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz)
+    names = list(dict.fromkeys(quantizable_tensors(defined.network).values()))
+    yield names, lambda x: run_network(defined.network, {defined.input_name: x}, keep=names, device=device)
 
 
 def quant_plan(calibration: CalibrationFile, keep_float: Iterable[str] = ()) -> QuantPlan:
