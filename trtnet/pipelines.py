@@ -203,7 +203,7 @@ class DetectPipeline:
             try:
                 for runs, chunk in enumerate(batched(images, batch)):
                     run_as = max(len(chunk), self.engine.min_batch)
-                    if in_flight and self._input_hw(chunk) != in_flight[-1].input_hw:  # buffers may move
+                    if in_flight and self.input_hw(chunk) != in_flight[-1].input_hw:  # buffers may move
                         while in_flight:
                             yield from self._collect(in_flight.popleft())
                     in_flight.append(self._submit(worker, chunk, run_as, slot=runs % depth))
@@ -218,7 +218,7 @@ class DetectPipeline:
     def _submit(self, worker: Worker, images: Sequence[np.ndarray], batch: int, slot: Any) -> _InFlight:
         """Queue upload, letterbox, engine, decode + NMS and the download of the results (in `slot`)."""
         engine = self.engine
-        hw = self._input_hw(images) if self.rect_stride else None
+        hw = self.input_hw(images) if self.rect_stride else None
         shapes = worker.prepare(batch, hw)
         input_ptr = worker.ptr(engine.input_name)
         state = worker.state_of(self, DetectState)
@@ -231,7 +231,7 @@ class DetectPipeline:
         run = self._queue_engine(worker, batch, len(images), shapes, slot)
         return dataclasses.replace(run, image_shapes=tuple(im.shape[:2] for im in images))
 
-    def _input_hw(self, images: Sequence[np.ndarray]) -> tuple[int, int]:
+    def input_hw(self, images: Sequence[np.ndarray]) -> tuple[int, int]:
         """The letterboxed input's (h, w) for a batch of `images` (rect: their smallest common shape)."""
         if not self.rect_stride:
             return self.engine.imgsz
