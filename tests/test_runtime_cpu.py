@@ -900,7 +900,7 @@ def test_simulated_detector_on_a_yolov8_engine_reproduces_the_official_nms(sim_v
     for r in (results[0], results[2]):
         np.testing.assert_allclose(r.boxes, boxes, rtol=1e-5, atol=1e-3)
         np.testing.assert_allclose(r.scores, rows[:, 4], rtol=1e-6)
-        assert r.names == [["a", "b", "c"][int(c)] for c in rows[:, 5]]
+        assert r.labels == [["a", "b", "c"][int(c)] for c in rows[:, 5]]
 
 
 def test_rect_on_a_static_engine_names_the_rebuild_flags(sim_v8_detector):
