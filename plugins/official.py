@@ -17,10 +17,15 @@ MAX_NMS = 30000  # official cap on the candidates that enter NMS (the highest sc
 # ---------------------------------------------------------------- letterbox
 
 
-def letterbox_geometry(h: int, w: int, new_shape,
-                       scaleup: bool = True) -> tuple[float, tuple[int, int], tuple[int, int, int, int]]:
+def letterbox_geometry(h: int, w: int, new_shape, scaleup: bool = True, *, auto: bool = False, stride: int = 32,
+                       canvas: tuple[int, int] | None = None,
+                       ) -> tuple[float, tuple[int, int], tuple[int, int, int, int]]:
     """Official letterbox sizes: (ratio, (new_w, new_h), (top, bottom, left, right)); without `scaleup`
     the ratio is capped at 1 (val.py's loader pads its already resized images only).
+
+    `auto` is the official `auto=True` (Ultralytics' predictor with rect): the image is scaled as for
+    `new_shape` but padded only up to a multiple of `stride`. `canvas` (h, w) pads into that shape instead
+    (a batch's common input: the image scaled as for `new_shape`, centred in the canvas).
 
     Python's round() (half to even) on purpose: it is what the official code calls. A side that rounds
     to 0 pixels is kept at 1 (the official code would crash in cv2.resize).
@@ -30,21 +35,36 @@ def letterbox_geometry(h: int, w: int, new_shape,
     if not scaleup:
         r = min(r, 1.0)
     new_w, new_h = max(1, int(round(w * r))), max(1, int(round(h * r)))
+    if canvas is not None:
+        out_h, out_w = canvas
+    elif auto:
+        out_h, out_w = new_h + (out_h - new_h) % stride, new_w + (out_w - new_w) % stride
     dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
     return r, (new_w, new_h), (top, bottom, left, right)
 
 
-def letterbox(img_bgr: np.ndarray, new_shape, color: int = 114, scaleup: bool = True):
-    """Official `letterbox(im, new_shape, color, auto=False, scaleFill=False, scaleup)`.
+def letterboxed_shape(h: int, w: int, new_shape, stride: int = 32, scaleup: bool = True) -> tuple[int, int]:
+    """The (h, w) the official `auto=True` letterbox gives an h x w image: scaled to fit `new_shape`, padded
+    up to a multiple of `stride` (bus.jpg, 1080 x 810, at 640: 640 x 480)."""
+    _, (new_w, new_h), (top, bottom, left, right) = letterbox_geometry(h, w, new_shape, scaleup, auto=True,
+                                                                       stride=stride)
+    return new_h + top + bottom, new_w + left + right
+
+
+def letterbox(img_bgr: np.ndarray, new_shape, color: int = 114, scaleup: bool = True, *, auto: bool = False,
+              stride: int = 32, canvas: tuple[int, int] | None = None):
+    """Official `letterbox(im, new_shape, color, auto, scaleFill=False, scaleup, stride)` (auto: Ultralytics'
+    `LetterBox(auto=True)`, padded only to a multiple of `stride`; `canvas`: see `letterbox_geometry`).
 
     Returns (img, (r, r), (dw, dh)) like the official function: the resized, padded uint8 HWC image.
     """
     import cv2  # only the letterbox reference needs OpenCV
 
     h, w = img_bgr.shape[:2]
-    r, (new_w, new_h), (top, bottom, left, right) = letterbox_geometry(h, w, new_shape, scaleup)
+    r, (new_w, new_h), (top, bottom, left, right) = letterbox_geometry(h, w, new_shape, scaleup, auto=auto,
+                                                                       stride=stride, canvas=canvas)
     if (w, h) != (new_w, new_h):
         img_bgr = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     img = cv2.copyMakeBorder(img_bgr, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(color,) * 3)

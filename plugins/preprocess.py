@@ -5,7 +5,9 @@
 
 Letterbox's output is NCHW RGB / 255 at the engine size, equal to the official `letterbox(im, (out_h,
 out_w), auto=False)` (cv2 INTER_LINEAR, border 114) + BGR→RGB + /255; see letterbox.cu for how close to
-cv2. `ImagenetPreprocess` is torchvision's Resize(256) + CenterCrop + Normalize for the classifiers
+cv2. Given a smaller `out_hw` (`rect_input_hw`: the official `auto=True` shape), each image is scaled as
+for the engine size and centred in that canvas.
+`ImagenetPreprocess` is torchvision's Resize(256) + CenterCrop + Normalize for the classifiers
 (classify_preprocess.cu). Both queue on `stream` without synchronising: the per-image parameters travel
 as kernel arguments.
 """
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 
 from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
-from trtnet.plugins.official import letterbox_geometry, scale_boxes
+from trtnet.plugins.official import letterbox_geometry, letterboxed_shape, scale_boxes
 
 MAX_IMAGES = 64  # letterbox.cu, classify_preprocess.cu: images per launch
 DTYPES = {"float32": 0, "float16": 1}
@@ -45,45 +47,58 @@ def boxes_to_image(boxes, input_hw: tuple[int, int], image_hw: tuple[int, int]):
     return scale_boxes(input_hw, boxes, image_hw)
 
 
+def rect_input_hw(image_hws: Sequence[tuple[int, int]], imgsz: tuple[int, int], stride: int,
+                  size_range: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The smallest input (h, w) holding every image letterboxed as the official `auto=True` does (scaled to
+    fit `imgsz`, padded to a multiple of `stride`): the largest of their rectangular shapes (for a batch of
+    one shape, exactly Ultralytics' batch). Sides below `size_range`'s smallest grow to it (more padding)."""
+    shapes = [letterboxed_shape(h, w, imgsz, stride) for h, w in image_hws]
+    smallest = -(-size_range[0] // stride) * stride if size_range else 1
+    return max(smallest, max(s[0] for s in shapes)), max(smallest, max(s[1] for s in shapes))
+
+
 class Letterbox:
-    """Official YOLOv5 letterbox (auto=False, scaleup=True) to a fixed (out_h, out_w), batched on the GPU."""
+    """Official YOLOv5 letterbox (auto=False, scaleup=True) to a fixed (out_h, out_w), batched on the GPU;
+    given `out_hw`, images scaled as for (out_h, out_w) and centred in that smaller canvas (rect)."""
 
     def __init__(self, out_h: int, out_w: int, dtype: str = "float32"):
         if dtype not in DTYPES:
             raise TrtnetError(f"letterbox output dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.out_h, self.out_w, self.dtype = int(out_h), int(out_w), dtype
 
-    def geometry(self, h: int, w: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    def geometry(self, h: int, w: int, out_hw: tuple[int, int] | None = None,
+                 ) -> tuple[float, tuple[int, int], tuple[int, int]]:
         """(ratio, (pad_left, pad_top), (new_w, new_h)) of an h x w image: how to map boxes back."""
-        r, (new_w, new_h), (top, _, left, _) = letterbox_geometry(h, w, (self.out_h, self.out_w))
+        r, (new_w, new_h), (top, _, left, _) = letterbox_geometry(h, w, (self.out_h, self.out_w), canvas=out_hw)
         return r, (left, top), (new_w, new_h)
 
-    def output_bytes(self, batch: int) -> int:
-        return batch * 3 * self.out_h * self.out_w * (2 if self.dtype == "float16" else 4)
+    def output_bytes(self, batch: int, out_hw: tuple[int, int] | None = None) -> int:
+        out_h, out_w = out_hw or (self.out_h, self.out_w)
+        return batch * 3 * out_h * out_w * (2 if self.dtype == "float16" else 4)
 
     def enqueue(self, stream: int, images: Sequence[int], heights: Sequence[int], widths: Sequence[int],
-                out_ptr: int, pitches: Sequence[int] | None = None) -> None:
+                out_ptr: int, pitches: Sequence[int] | None = None, out_hw: tuple[int, int] | None = None) -> None:
         """Letterbox images[i] (device address of an h x w x 3 uint8 BGR image whose rows are pitches[i]
-        bytes apart, default 3*w) into batch item i of `out_ptr` [len(images), 3, out_h, out_w]."""
+        bytes apart, default 3*w) into batch item i of `out_ptr` [len(images), 3, out_h, out_w] (or out_hw)."""
         n = len(images)
+        out_h, out_w = out_hw or (self.out_h, self.out_w)
         pitches = [3 * int(w) for w in widths] if pitches is None else pitches
         if not (len(heights) == len(widths) == len(pitches) == n):
             raise TrtnetError(f"letterbox: {n} images but {len(heights)} heights, {len(widths)} widths, "
                               f"{len(pitches)} pitches")
         for first in range(0, n, MAX_IMAGES):
             count = min(MAX_IMAGES, n - first)
-            batch = Batch(out=int(out_ptr), first=first, out_h=self.out_h, out_w=self.out_w,
-                          half=DTYPES[self.dtype])
+            batch = Batch(out=int(out_ptr), first=first, out_h=out_h, out_w=out_w, half=DTYPES[self.dtype])
             for i in range(count):
                 j = first + i
-                batch.image[i] = self._image(images[j], int(heights[j]), int(widths[j]), int(pitches[j]))
-            grid = (math.ceil(self.out_w / 32), math.ceil(self.out_h / 8), count)
+                batch.image[i] = self._image(images[j], int(heights[j]), int(widths[j]), int(pitches[j]), out_hw)
+            grid = (math.ceil(out_w / 32), math.ceil(out_h / 8), count)
             cuda.launch("letterbox.letterbox", grid, (32, 8), [batch], stream)
 
-    def _image(self, src: int, h: int, w: int, pitch: int) -> Image:
+    def _image(self, src: int, h: int, w: int, pitch: int, out_hw: tuple[int, int] | None) -> Image:
         if h < 1 or w < 1 or pitch < 3 * w:
             raise TrtnetError(f"letterbox: bad image {h}x{w} with row pitch {pitch} bytes (need >= {3 * w})")
-        _, (left, top), (new_w, new_h) = self.geometry(h, w)
+        _, (left, top), (new_w, new_h) = self.geometry(h, w, out_hw)
         # cv2.resize: scale = 1 / (dst / src), in double
         return Image(src=int(src), h=h, w=w, pitch=pitch, new_w=new_w, new_h=new_h, left=left, top=top,
                      scale_x=1.0 / (new_w / w), scale_y=1.0 / (new_h / h))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import requires_tensorrt, shared
+from tests.conftest import requires_tensorrt, requires_torch, shared
 from trtnet.errors import TrtnetError
 
 pytestmark = requires_tensorrt
@@ -97,3 +97,28 @@ def test_weights_are_found_by_name_and_missing_ones_named(tmp_path):
         read_weights("yolov5x", tmp_path)
     with pytest.raises(TrtnetError, match="no such checkpoint"):
         read_weights(tmp_path / "other.pt", tmp_path)
+
+
+def matched_golden_detect640(result, name: str) -> float:
+    """The share of an Ultralytics 640 golden's boxes (golden_<name>_detect640.json: `predict(imgsz=640)`,
+    rect letterbox) that `result` has too: same class, IoU >= 0.9, score within 0.02."""
+    golden = json.loads(shared("golden", f"golden_{name}_detect640.json").read_text(encoding="utf-8"))
+    assert golden["settings"]["rect"] and result.shape == tuple(golden["orig_shape_hw"])
+    found = 0
+    for box, score, cls in zip(golden["boxes_xyxy"], golden["scores"], golden["classes"]):
+        same = [i for i in range(len(result)) if int(result.classes[i]) == cls
+                and abs(float(result.scores[i]) - score) <= 0.02]
+        found += any(box_iou(result.boxes[i], box) >= 0.9 for i in same)
+    return found / len(golden["boxes_xyxy"])
+
+
+@requires_torch  # YOLO11's chunk/attention layers run on the torch executor
+def test_cpu_detector_rect_reproduces_the_ultralytics_640_predict():
+    from trtnet.cpu import CpuDetector
+
+    with CpuDetector(shared("weights", "synthetic", "yolo11n_nc3_syn.pt"), max_det=300, rect=True) as detector:
+        assert detector.input_hw(np.zeros((1080, 810, 3), np.uint8)) == (640, 480)
+        result = detector.detect(shared("images", "bus.jpg"))[0]
+    assert len(result) == 70  # the golden's n_det
+    assert matched_golden_detect640(result, "yolo11n_nc3_syn") == 1.0
+

@@ -81,6 +81,35 @@ def test_letterbox_geometry_follows_the_official_rounding():
     assert ref.letterbox_geometry(10000, 5, 640)[1] == (1, 640)
 
 
+def test_auto_letterbox_pads_only_to_the_stride_like_ultralytics_predictor():
+    # Ultralytics LetterBox(640, auto=True, stride=32): bus.jpg (810x1080) → 480x640 input, no padding at all
+    assert ref.letterbox_geometry(1080, 810, 640, auto=True) == (640 / 1080, (480, 640), (0, 0, 0, 0))
+    assert ref.letterboxed_shape(1080, 810, 640) == (640, 480)
+    # zidane.jpg (1280x720): 640x360, dh = (640 - 360) % 32 = 24 → 12 above and below, a 384x640 input
+    assert ref.letterbox_geometry(720, 1280, 640, auto=True) == (0.5, (640, 360), (12, 12, 0, 0))
+    assert ref.letterboxed_shape(720, 1280, 640) == (384, 640)
+    # 480x500 at 640: r 1.28 → 640x614 (round(614.4)), dh 26 % 32 = 26 → 13 and 13
+    assert ref.letterbox_geometry(480, 500, 640, auto=True) == (1.28, (640, 614), (13, 13, 0, 0))
+    # stride 64 (P6): 360 → 384, padding 24 → 12 and 12; 100x99 at 64, stride 32: 63 wide → 64 (0 and 1)
+    assert ref.letterboxed_shape(720, 1280, 640, stride=64) == (384, 640)
+    assert ref.letterbox_geometry(100, 99, 64, auto=True) == (0.64, (63, 64), (0, 0, 0, 1))
+
+
+def test_canvas_letterbox_scales_for_the_size_and_centres_in_the_canvas():
+    # a batch's common shape: bus scaled as for 640 (480x640) and centred in 640x640 = the square letterbox
+    assert ref.letterbox_geometry(1080, 810, 640, canvas=(640, 640)) == ref.letterbox_geometry(1080, 810, 640)
+    # zidane (640x360) in a 416x640 canvas: 56 rows of padding, 28 above and below
+    assert ref.letterbox_geometry(720, 1280, 640, canvas=(416, 640)) == (0.5, (640, 360), (28, 28, 0, 0))
+
+
+@requires_cv2
+def test_auto_letterbox_image_is_the_official_one():
+    image = np.random.default_rng(1).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    boxed, ratio, (dw, dh) = ref.letterbox(image, 640, auto=True)
+    assert boxed.shape == (384, 640, 3) and ratio == (0.5, 0.5) and (dw, dh) == (0.0, 12.0)
+    assert (boxed[:12] == 114).all() and (boxed[-12:] == 114).all() and not (boxed[12:-12] == 114).all()
+
+
 @requires_cv2
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (8000, 10), (10, 8000), (720, 1280)])
 def test_letterbox_output_has_the_network_size(shape):

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import requires_torch, shared
+from tests.conftest import requires_tensorrt, requires_torch, shared
 from trtnet import compat, detect
 from trtnet.api import Classification, Detector, detections_from_rows, load_image, softmax, to_bgr, top_k
 from trtnet.engine import split_batch
@@ -674,17 +674,18 @@ class SimLetterbox:
     def __init__(self, out_h, out_w, dtype="float32"):
         self.out_h, self.out_w, self.dtype = out_h, out_w, dtype
 
-    def output_bytes(self, batch):
-        return batch * 3 * self.out_h * self.out_w * np.dtype(self.dtype).itemsize
+    def output_bytes(self, batch, out_hw=None):
+        out_h, out_w = out_hw or (self.out_h, self.out_w)
+        return batch * 3 * out_h * out_w * np.dtype(self.dtype).itemsize
 
-    def enqueue(self, stream, images, heights, widths, out_ptr, pitches=None):
+    def enqueue(self, stream, images, heights, widths, out_ptr, pitches=None, out_hw=None):
         from trtnet.plugins.official import letterbox, to_network_input
 
         def work():
-            out = host_view(out_ptr, (len(images), 3, self.out_h, self.out_w), self.dtype)
+            out = host_view(out_ptr, (len(images), 3, *(out_hw or (self.out_h, self.out_w))), self.dtype)
             for i, (ptr, h, w) in enumerate(zip(images, heights, widths)):
                 image = host_view(ptr, (h, w, 3), np.uint8)
-                out[i] = to_network_input(letterbox(image, (self.out_h, self.out_w))[0])[0]
+                out[i] = to_network_input(letterbox(image, (self.out_h, self.out_w), canvas=out_hw)[0])[0]
 
         SIM.submit(stream, work)
 
@@ -916,6 +917,114 @@ def test_simulated_detector_on_a_yolov8_engine_reproduces_the_official_nms(sim_v
         np.testing.assert_allclose(r.boxes, boxes, rtol=1e-5, atol=1e-3)
         np.testing.assert_allclose(r.scores, rows[:, 4], rtol=1e-6)
         assert r.labels == [["a", "b", "c"][int(c)] for c in rows[:, 5]]
+
+
+def test_rect_on_a_static_engine_names_the_rebuild_flags(sim_v8_detector):
+    with pytest.raises(TrtnetError, match=r"takes 320x320 inputs only: rect needs .*--min-imgsz/--max-imgsz"):
+        sim_v8_detector(rect=True)
+
+
+class SimDynamicEngine(SimEngine):
+    """A dynamic-size anchor-free 'engine' (input [-1, 3, -1, -1]): `compute(x)` gives output0 for the input x
+    of the shape the context was set to; the input shapes it ran at are kept in `ran_at`."""
+
+    def __init__(self, gpu: SimGpu, nc: int, compute):
+        super().__init__(gpu, {"images": (-1, 3, -1, -1), "output0": (-1, 4 + nc, -1)}, compute)
+        self.ran_at: list[tuple] = []
+
+    def create_execution_context(self):
+        return SimDynamicContext(self)
+
+
+class SimDynamicContext(SimContext):
+    def set_input_shape(self, name, shape):
+        self.shape = tuple(shape)
+        return super().set_input_shape(name, shape)
+
+    def get_tensor_shape(self, name):
+        b, _, h, w = self.shape
+        return self.shape if name == "images" else (b, self.engine.shapes[name][1], anchor_points(h, w))
+
+    def execute_async_v3(self, stream):
+        shape, address, engine = self.shape, dict(self.address), self.engine
+        out_shape = self.get_tensor_shape("output0")
+
+        def run():
+            engine.ran_at.append(shape)
+            host_view(address["output0"], out_shape, np.float32)[...] = engine.compute(
+                host_view(address["images"], shape, np.float32).copy())
+
+        engine.gpu.submit(stream, run)
+        return True
+
+
+@pytest.fixture
+def sim_dynamic_v8(tmp_path, monkeypatch):
+    """make(compute, **Detector kwargs): a dynamic-size (32..640) YOLO11n (3 classes) engine on the simulated GPU."""
+    import trtnet.cuda_rt
+    import trtnet.plugins.postprocess
+    import trtnet.plugins.preprocess
+
+    monkeypatch.setattr(trtnet.cuda_rt, "cudart", lambda: SIM.rt)
+    monkeypatch.setattr(trtnet.plugins.preprocess, "Letterbox", SimLetterbox)
+    monkeypatch.setattr(trtnet.plugins.postprocess, "YoloPostprocess", SimPostprocess)
+    flavour = compat.flavour()
+    engine = fake_engine(tmp_path, "yolo11n_nc3_syn.fp32", family="yolov8", weights="yolo11n_nc3_syn.wts",
+                         imgsz=[640, 640], min_imgsz=32, max_imgsz=640, batch={"min": 1, "opt": 2, "max": 2},
+                         outputs=["output0"], tensorrt={"flavour": flavour.name, "version": flavour.version}, nc=3,
+                         names=["a", "b", "c"], strides=[8, 16, 32], head="anchor_free",
+                         postprocess={"mode": "kernels", "conf": 0.25, "iou": 0.45, "max_det": 300,
+                                      "multi_label": False, "agnostic": False})
+
+    def make(compute, **kwargs):
+        sim = SimDynamicEngine(SIM, 3, compute)
+        monkeypatch.setattr(compat, "deserialize", lambda plan, logger=None: (None, sim))
+        detector = Detector(engine, max_det=300, **kwargs)
+        detector.sim = sim
+        return detector
+
+    return make
+
+
+def anchor_points(h: int, w: int) -> int:
+    """Anchor-free output columns at strides 8, 16, 32: h·w/64 · (1 + 1/4 + 1/16)."""
+    return h * w // 64 * 21 // 16
+
+
+def no_detections(x):
+    return np.zeros((x.shape[0], 7, anchor_points(*x.shape[2:])), np.float32)
+
+
+def test_simulated_rect_runs_each_batch_at_its_smallest_shape(sim_dynamic_v8):
+    bus = cv2.imread(str(shared("images", "bus.jpg")))  # 810x1080 → 480x640 at 640
+    zidane = cv2.imread(str(shared("images", "zidane.jpg")))  # 1280x720 → 640x384
+    with sim_dynamic_v8(no_detections, rect=True) as detector:
+        detector.detect([bus, bus])
+        detector.detect([bus, zidane])  # one shape per batch: the largest of theirs
+        results = list(detector.stream([bus, zidane, zidane, bus], batch=1, depth=2))
+        ran_at = detector.sim.ran_at
+    assert ran_at == [(2, 3, 640, 480), (2, 3, 640, 640), (1, 3, 640, 480), (1, 3, 384, 640), (1, 3, 384, 640),
+                      (1, 3, 640, 480)]
+    assert [r.shape for r in results] == [(1080, 810), (720, 1280), (720, 1280), (1080, 810)]
+    with sim_dynamic_v8(no_detections) as detector:  # rect is opt-in: the square engine size by default
+        detector.detect([bus, zidane])
+        assert detector.sim.ran_at == [(2, 3, 640, 640)]
+
+
+@requires_tensorrt
+@requires_torch  # YOLO11's chunk/attention layers run on the torch executor
+def test_simulated_rect_detector_reproduces_the_ultralytics_640_predict(sim_dynamic_v8):
+    """Detector(rect=True).detect(bus.jpg) end to end (GPU plumbing simulated, the network run by the CPU
+    executor at the size the pipeline chose) against the official `predict(imgsz=640)` of YOLO11n."""
+    from tests.test_cpu import matched_golden_detect640
+    from trtnet.cpu import define_cpu_network
+
+    network = define_cpu_network(shared("weights", "synthetic", "yolo11n_nc3_syn.pt"), 640, dynamic=True)
+    with sim_dynamic_v8(lambda x: network.run(x)[0], rect=True) as detector:
+        result = detector.detect(shared("images", "bus.jpg"))[0]
+        assert detector.sim.ran_at == [(1, 3, 640, 480)]
+    assert len(result) == 70 and result.shape == (1080, 810)
+    assert matched_golden_detect640(result, "yolo11n_nc3_syn") == 1.0
 
 
 def test_simulated_bench_on_a_yolov8_engine(sim_v8_detector, tmp_path):

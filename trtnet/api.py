@@ -332,19 +332,22 @@ class Detector(_Model):
     `conf`, `iou`, `max_det`, `multi_label`, `agnostic` are the NMS settings (official defaults). An engine
     built with `--postprocess plugin` has them baked in; a different `conf` above the built one is applied
     afterwards, anything else draws a warning.
+
+    `rect=True` (engines built with --min-imgsz/--max-imgsz) letterboxes each batch to its smallest shape
+    instead of the engine's square, as Ultralytics' predictor does (bus.jpg at 640: 640x480).
     """
 
     task = "detect"
 
     def __init__(self, engine: str | Path, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
                  multi_label: bool = False, agnostic: bool = False, cuda_graphs: bool = False,
-                 weights_dir: str | Path = "weights"):
+                 weights_dir: str | Path = "weights", rect: bool = False):
         from trtnet.pipelines import DetectPipeline
         from trtnet.plugins.postprocess import NmsSettings
 
         self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)  # refused before loading
         super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
-        self.pipeline = DetectPipeline(self.engine, self.settings)
+        self.pipeline = DetectPipeline(self.engine, self.settings, rect=rect)
 
     @property
     def imgsz(self) -> tuple[int, int]:

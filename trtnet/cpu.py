@@ -210,6 +210,8 @@ class CpuNetwork:
     postprocess: dict  # the family's YoloPostprocess keywords (head kind, strides, anchors, nc)
     names: list[str]
     source: str
+    strides: tuple[int, ...] = ()
+    size_range: tuple[int, int] | None = None  # (smallest, largest) side when defined for dynamic sizes
 
     def run(self, image: np.ndarray) -> list[np.ndarray]:
         """The network's outputs, in the order it marks them: with NumPy where it runs every layer type,
@@ -251,7 +253,8 @@ def read_weights(weights: str | os.PathLike, weights_dir: str | os.PathLike = "w
 
 
 def define_cpu_network(weights: str | os.PathLike, imgsz: int = 640,
-                       weights_dir: str | os.PathLike = "weights") -> CpuNetwork:
+                       weights_dir: str | os.PathLike = "weights", dynamic: bool = False) -> CpuNetwork:
+    """The fp32 network for the CPU at `imgsz`; `dynamic`: for any input size from 32 to `imgsz` (rect)."""
     from trtnet import compat
     from trtnet.network import define_network
 
@@ -260,25 +263,32 @@ def define_cpu_network(weights: str | os.PathLike, imgsz: int = 640,
     if family.TASK != "detect":
         raise TrtnetError(f"{source} is a {family.FAMILY} {family.TASK} model: the CPU detector runs detectors")
     builder = compat.trt().Builder(compat.Logger())
-    defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz, source=source)
+    sizes = {"min_imgsz": 32, "max_imgsz": imgsz} if dynamic else {}
+    defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz, source=source, **sizes)
     post = family.postprocess_kwargs({**meta, "strides": list(defined.strides) or meta.get("strides")})
     count = int(meta.get("nc") or 0)
     names = [str(n) for n in meta.get("names") or range(count)]
+    span = (defined.min_imgsz, defined.max_imgsz) if dynamic else None
     return CpuNetwork(defined.network, (builder, defined), defined.input_name, tuple(defined.imgsz), post, names,
-                      source)
+                      source, tuple(int(s) for s in defined.strides), span)
 
 
 class CpuDetector:
     """`trtnet.Detector` on the CPU: a weights file or name in, the same `Detections` out (boxes in
-    original-image pixels). Runs the fp32 network with NumPy; settings as `Detector`'s."""
+    original-image pixels). Runs the fp32 network with NumPy; settings as `Detector`'s. `rect=True`: each
+    image letterboxed to its smallest stride-multiple shape (Ultralytics' `LetterBox(auto=True)`), the
+    network defined once for dynamic sizes."""
 
     def __init__(self, weights: str | os.PathLike, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
                  multi_label: bool = False, agnostic: bool = False, imgsz: int = 640,
-                 weights_dir: str | os.PathLike = "weights"):
+                 weights_dir: str | os.PathLike = "weights", rect: bool = False):
         from trtnet.plugins.postprocess import NmsSettings
 
         self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)
-        self.model = define_cpu_network(weights, imgsz, weights_dir)
+        self.model = define_cpu_network(weights, imgsz, weights_dir, dynamic=rect)
+        if rect and not self.model.strides:
+            raise TrtnetError(f"{self.model.source}: the network has no strides, so rect cannot pad to their multiple")
+        self.rect = rect
         self.names = self.model.names
 
     max_batch = 1  # images run one at a time; a batch is a loop
@@ -287,11 +297,19 @@ class CpuDetector:
     def imgsz(self) -> tuple[int, int]:
         return self.model.imgsz
 
+    def input_hw(self, image: np.ndarray) -> tuple[int, int]:
+        """The letterboxed input's (h, w) for `image`: the network size, or with rect its smallest shape."""
+        if not self.rect:
+            return self.imgsz
+        from trtnet.plugins.preprocess import rect_input_hw
+
+        return rect_input_hw([image.shape[:2]], self.imgsz, max(self.model.strides), self.model.size_range)
+
     def rows(self, image: np.ndarray) -> np.ndarray:
-        """Decode + NMS rows [k, 6] (x1, y1, x2, y2, score, class) in network-input pixels."""
+        """Decode + NMS rows [k, 6] (x1, y1, x2, y2, score, class) in network-input pixels (`input_hw`)."""
         from trtnet.plugins import official
 
-        boxed, _, _ = official.letterbox(image, self.imgsz)
+        boxed, _, _ = official.letterbox(image, self.imgsz, canvas=self.input_hw(image))
         outputs = self.model.run(official.to_network_input(boxed))
         return official.postprocess(outputs, **self.model.postprocess, **nms_kwargs(self.settings))[0]
 
@@ -304,7 +322,7 @@ class CpuDetector:
         for image, path in zip(images, paths):
             rows = self.rows(image)
             shape = tuple(int(v) for v in image.shape[:2])
-            boxes = scale_boxes(self.imgsz, rows[:, :4], shape) if len(rows) else np.zeros((0, 4), np.float32)
+            boxes = scale_boxes(self.input_hw(image), rows[:, :4], shape) if len(rows) else np.zeros((0, 4), np.float32)
             results.append(Detections(boxes, rows[:, 4].copy(), rows[:, 5].astype(np.int64), self.names, shape,
                                       path, image))
         return results

@@ -352,6 +352,9 @@ def add_options(p) -> None:
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="gpu: the TensorRT engine; cpu: the same network run with NumPy on the CPU, from the weights")
     p.add_argument("--imgsz", type=int, default=640, help="--device cpu: network input size")
+    p.add_argument("--rect", action="store_true",
+                   help="letterbox each batch to its smallest stride-multiple shape, as Ultralytics' predictor "
+                        "(GPU: an engine built with --min-imgsz/--max-imgsz)")
     p.add_argument("--conf", type=float, default=0.25, help="score threshold")
     p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=1000, help="detections kept per image")
@@ -397,13 +400,13 @@ def open_detector(args):
         from trtnet.cpu import CpuDetector
 
         return CpuDetector(args.model, args.conf, args.iou, args.max_det, agnostic=args.agnostic, imgsz=args.imgsz,
-                           weights_dir=args.weights_dir)
+                           weights_dir=args.weights_dir, rect=args.rect)
     from trtnet.api import Detector
     from trtnet.cuda_rt import gpu_unavailable_reason
 
     try:
         return Detector(args.model, args.conf, args.iou, args.max_det, agnostic=args.agnostic,
-                        cuda_graphs=args.cuda_graphs, weights_dir=args.weights_dir)
+                        cuda_graphs=args.cuda_graphs, weights_dir=args.weights_dir, rect=args.rect)
     except TrtnetError as exc:
         reason = gpu_unavailable_reason()
         if reason:  # whatever failed first, say that this machine cannot run an engine and what can

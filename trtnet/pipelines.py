@@ -135,9 +135,13 @@ class DetectPipeline:
     """GPU letterbox → detection engine → decode + NMS → per image rows (x1, y1, x2, y2, score, class) with
     the boxes in the image's pixels (the letterbox undone, as the official `scale_boxes`). Decode + NMS
     run as the kernels after the engine on the same stream, unless the engine holds them as a plugin
-    (`--postprocess plugin`) and outputs `dets`/`counts` itself."""
+    (`--postprocess plugin`) and outputs `dets`/`counts` itself.
 
-    def __init__(self, engine: Engine, settings: NmsSettings | None = None):
+    `rect` (engines built with a dynamic size): each batch is letterboxed to its smallest shape, as
+    Ultralytics' predictor does (`LetterBox(auto=True)`: scaled to fit the engine size, padded only to a
+    multiple of the largest stride; a batch of several shapes takes the largest of theirs)."""
+
+    def __init__(self, engine: Engine, settings: NmsSettings | None = None, rect: bool = False):
         from trtnet.plugins.preprocess import Letterbox
 
         settings = settings or NmsSettings()
@@ -146,6 +150,7 @@ class DetectPipeline:
         self.settings = settings
         h, w = engine.imgsz
         self.letterbox = Letterbox(h, w, engine.inputs[engine.input_name].dtype.name)
+        self.rect_stride = _rect_stride(engine) if rect else None
         self.in_engine = meta.postprocess_in_engine
         if self.in_engine:
             self._check_plugin_settings(meta.postprocess)
@@ -198,6 +203,9 @@ class DetectPipeline:
             try:
                 for runs, chunk in enumerate(batched(images, batch)):
                     run_as = max(len(chunk), self.engine.min_batch)
+                    if in_flight and self.input_hw(chunk) != in_flight[-1].input_hw:  # buffers may move
+                        while in_flight:
+                            yield from self._collect(in_flight.popleft())
                     in_flight.append(self._submit(worker, chunk, run_as, slot=runs % depth))
                     worker.uploaded.synchronize()  # the caller may now reuse the images' memory
                     if len(in_flight) == depth:
@@ -210,17 +218,27 @@ class DetectPipeline:
     def _submit(self, worker: Worker, images: Sequence[np.ndarray], batch: int, slot: Any) -> _InFlight:
         """Queue upload, letterbox, engine, decode + NMS and the download of the results (in `slot`)."""
         engine = self.engine
-        shapes = worker.prepare(batch)
+        hw = self.input_hw(images) if self.rect_stride else None
+        shapes = worker.prepare(batch, hw)
         input_ptr = worker.ptr(engine.input_name)
         state = worker.state_of(self, DetectState)
         pointers = stage_images(worker, state.uploads, images, slot)
         self.letterbox.enqueue(worker.stream.handle, pointers, [im.shape[0] for im in images],
-                               [im.shape[1] for im in images], input_ptr)
+                               [im.shape[1] for im in images], input_ptr, out_hw=hw)
         if batch > len(images):  # padding rows: zeros, their results are dropped
-            done = self.letterbox.output_bytes(len(images))
-            cuda_rt.fill(input_ptr + done, 0, self.letterbox.output_bytes(batch) - done, worker.stream)
+            done = self.letterbox.output_bytes(len(images), hw)
+            cuda_rt.fill(input_ptr + done, 0, self.letterbox.output_bytes(batch, hw) - done, worker.stream)
         run = self._queue_engine(worker, batch, len(images), shapes, slot)
         return dataclasses.replace(run, image_shapes=tuple(im.shape[:2] for im in images))
+
+    def input_hw(self, images: Sequence[np.ndarray]) -> tuple[int, int]:
+        """The letterboxed input's (h, w) for a batch of `images` (rect: their smallest common shape)."""
+        if not self.rect_stride:
+            return self.engine.imgsz
+        from trtnet.plugins.preprocess import rect_input_hw
+
+        engine = self.engine
+        return rect_input_hw([im.shape[:2] for im in images], engine.imgsz, self.rect_stride, engine.size_range)
 
     def run_letterboxed(self, x: np.ndarray) -> list[np.ndarray]:
         """Rows per image, boxes in network-input pixels, for inputs letterboxed elsewhere (float32
@@ -297,6 +315,17 @@ class _InFlight:
     @property
     def dets_bytes(self) -> int:
         return self.count * self.max_det * DETECTION_ROW * 4
+
+
+def _rect_stride(engine: Engine) -> int:
+    """The largest stride of an engine that can run rectangular inputs; TrtnetError for any other."""
+    if engine.size_range is None:
+        h, w = engine.imgsz
+        raise TrtnetError(f"{engine.path.name} takes {h}x{w} inputs only: rect needs an engine built with a dynamic "
+                          "size (rebuild with --min-imgsz/--max-imgsz)")
+    if not engine.meta.strides:
+        raise TrtnetError(f"{engine.path.name}'s metadata lists no strides: rect cannot pad to their multiple")
+    return max(engine.meta.strides)
 
 
 def _queue_download(worker: Worker, pipeline: DetectPipeline, slot: Any, count: int, max_det: int, dets_ptr: int,

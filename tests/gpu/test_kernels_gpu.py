@@ -103,6 +103,20 @@ def test_letterbox_within_one_level_of_official(out_hw):
     print(f"letterbox {out_hw}: name → (max diff in levels, exact fraction)", worst)
 
 
+def test_rect_letterbox_within_one_level_of_the_official_auto_letterbox():
+    """Letterbox(640, 640) into a smaller canvas (`out_hw`): Ultralytics' LetterBox(640, auto=True) input."""
+    cv2 = cv2_or_skip()
+    for name, hw in (("bus.jpg", (640, 480)), ("zidane.jpg", (384, 640))):
+        image = cv2.imread(str(data("images", name)))
+        lb = Letterbox(640, 640)
+        buffer = on_gpu(image)
+        out = torch.full((1, 3, *hw), -1.0, dtype=torch.float32, device="cuda")
+        lb.enqueue(stream(), [buffer.data_ptr()], [image.shape[0]], [image.shape[1]], out.data_ptr(), out_hw=hw)
+        torch.cuda.synchronize()
+        want = ref.to_network_input(ref.letterbox(image, 640, auto=True)[0])
+        assert want.shape[2:] == hw and np.abs(out.cpu().numpy() - want).max() <= 1 / 255 + 1e-6, name
+
+
 def test_letterbox_bus320_equals_the_golden_input_exactly():
     cv2 = cv2_or_skip()
     image = cv2.imread(str(data("images", "bus.jpg")))

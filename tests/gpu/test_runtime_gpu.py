@@ -318,24 +318,23 @@ def matched_fraction(boxes, scores, classes, want_boxes, want_scores, want_class
 
 @pytest.mark.parametrize("model", V8_MODELS)
 def test_v8_rect_input_reproduces_the_official_640_detections(engine_dir, model):
-    """The official predictor's own input (rect letterbox: 640x480 for bus.jpg) through a dynamic-size
-    engine and the anchor-free decode + NMS kernels: the golden's boxes in image pixels."""
+    """Detector(rect=True) on bus.jpg, end to end: the GPU letterbox to the official predictor's rect input
+    (640x480), a dynamic-size engine, the anchor-free decode + NMS kernels, boxes in image pixels: the golden's."""
     from trtnet.api import Detector
-    from trtnet.plugins.official import letterbox, scale_boxes, to_network_input
 
     golden = json.loads(shared("golden", f"golden_{model}_detect640.json").read_text(encoding="utf-8"))
     image = bus()
     assert golden["network_input_shape_bchw"][2:] == [640, 480]
-    x = to_network_input(letterbox(image, (640, 480))[0])
-    with Detector(v8_engine(engine_dir, f"{model}_640_fp16_dyn"), conf=0.25, iou=0.45, max_det=300) as detector:
-        (rows,) = detector.pipeline.run_letterboxed(x)
-    boxes = scale_boxes((640, 480), rows[:, :4], image.shape[:2])
-    fraction, worst_iou, worst_score = matched_fraction(boxes, rows[:, 4], rows[:, 5].astype(int),
+    with Detector(v8_engine(engine_dir, f"{model}_640_fp16_dyn"), conf=0.25, iou=0.45, max_det=300,
+                  rect=True) as detector:
+        assert detector.pipeline.input_hw([image]) == (640, 480)
+        result = detector.detect(image)[0]
+    fraction, worst_iou, worst_score = matched_fraction(result.boxes, result.scores, result.classes,
                                                         np.array(golden["boxes_xyxy"]), golden["scores"],
                                                         golden["classes"])
-    print(f"{model} fp16 rect 640x480: {len(rows)} detections (golden {len(golden['scores'])}), matched "
+    print(f"{model} fp16 rect 640x480: {len(result)} detections (golden {len(golden['scores'])}), matched "
           f"{fraction:.3f}, worst IoU {worst_iou:.4f}, worst score diff {worst_score:.4f}")
-    assert abs(len(rows) - len(golden["scores"])) <= max(2, len(golden["scores"]) // 50)
+    assert abs(len(result) - len(golden["scores"])) <= max(2, len(golden["scores"]) // 50)
     assert fraction >= 0.97  # fp16: a few candidates near conf 0.25 or an NMS tie may flip
 
 
