@@ -312,3 +312,28 @@ def test_device_image_from_a_cuda_array_interface():
     image.__cuda_array_interface__ = {"shape": (4, 5, 4), "typestr": "|u1", "data": (1, False)}
     with pytest.raises(TrtnetError, match="takes HxWx3 uint8"):
         image_decoding.DeviceImage.of(image)
+
+
+# ------------------------------------------------------------------------------------------ GPU scripts
+
+
+def test_stream_profiler_runs_on_the_simulator_and_restores_what_it_wraps(sim_detector):  # noqa: F811
+    import importlib.util
+    from pathlib import Path
+
+    from trtnet import cuda_rt, engine, pipelines
+
+    spec = importlib.util.spec_from_file_location("profile_stream", Path(__file__).parent / "gpu" / "profile_stream.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    originals = (engine.Worker.enqueue, pipelines.stage_images, cuda_rt.Event.synchronize)
+    with sim_detector() as detector:
+        row = profile.profile_stream(detector, frames=6, batch=1, depth=2, pinned=False)
+        assert "_submit" not in vars(detector.pipeline)  # the timeline's wrapper is gone
+    assert (engine.Worker.enqueue, pipelines.stage_images, cuda_rt.Event.synchronize) == originals
+    assert row["gpu"]["runs"] == 6 and row["worker"].startswith("shared")
+    calls = row["host_calls"]
+    assert calls["Worker.enqueue"]["count"] == 6 and calls["Letterbox.enqueue"]["count"] == 6
+    assert calls["Event.synchronize(uploaded: frame reusable)"]["count"] == 6
+    assert calls["Event.synchronize(done: results landed)"]["count"] == 6
+    assert calls["Event.record"]["count"] == 12  # uploaded and done per run: the profiler's own are not counted
