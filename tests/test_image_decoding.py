@@ -337,3 +337,16 @@ def test_stream_profiler_runs_on_the_simulator_and_restores_what_it_wraps(sim_de
     assert calls["Event.synchronize(uploaded: frame reusable)"]["count"] == 6
     assert calls["Event.synchronize(done: results landed)"]["count"] == 6
     assert calls["Event.record"]["count"] == 12  # uploaded and done per run: the profiler's own are not counted
+
+
+def test_val_reader_gives_the_dataset_pixels_through_the_file_decoder(monkeypatch):
+    from trtnet.datasets import load_detection_dataset
+    from trtnet.val import dataset_reader
+
+    monkeypatch.setattr(image_decoding, "nvimgcodec_module", lambda: None)  # OpenCV, whatever is installed
+    dataset = load_detection_dataset(shared("coco128"))
+    assert dataset_reader(dataset, "cpu") is None  # val's default: dataset.read, as before
+    read = dataset_reader(dataset, "auto")
+    indices = [5, 0, 17]
+    for image, i in zip(read(indices), indices):
+        np.testing.assert_array_equal(image, dataset.read(i))
