@@ -3,7 +3,10 @@
 # (b) a profile of the static engines' streamed path against the dynamic one's, (c) JPEGs decoded on the GPU:
 # bench --files, detect on a folder and val's mAP with each decoder. Every log and JSON goes to $1.
 #
-#   TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng tests/gpu/perf_gpu.sh $OUT
+#   TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng tests/gpu/perf_gpu.sh $OUT [a] [b] [c]
+#
+# The parts (default all three, about 10 minutes together; name some to split them across device commands):
+# a = the batch-1 table, b = batch 32 and the profiles, c = the decoders.
 #
 # Before: `engines_gpu.py build --only yolov5n_640_fp16,yolov5s_syn_640_fp16_b1,yolov5s_syn_640_fp16_b32` (its
 # .wts files and engines in $TRTNET_GPU_ENGINES); this script builds the static yolov5n batch-1 engine itself.
@@ -46,7 +49,12 @@ s_b32=$eng/yolov5s_syn_640_fp16_b32.engine
 [ -f "$n_b1" ] || step build_yolov5n_b1 900 "$py39" -m trtnet.build yolov5n --weights-dir "$eng" --fp16 --batch 1 \
     --postprocess kernels -o "$n_b1" --timing-cache "$eng/yolov5n_640_fp16_b1.timing"
 
+parts=${*:2}
+parts=${parts:-a b c}
+want() { [[ " $parts " == *" $1 "* ]]; }
+
 # (a) the issue's table: engine / end to end / e2e pinned / streamed at batch 1, with and without CUDA graphs
+part_a() {
 for e in "$dyn" "$n_b1" "$s_b1"; do
     name=$(basename "$e" .engine)
     step "table_${name}_graphs" 240 "$py39" -m trtnet.bench "$e" --batch 1 --iters 1000 --warmup 100 --cuda-graphs \
@@ -54,6 +62,17 @@ for e in "$dyn" "$n_b1" "$s_b1"; do
     step "table_${name}_eager" 240 "$py39" -m trtnet.bench "$e" --batch 1 --iters 1000 --warmup 100 \
         --json "$out/table_${name}_eager.json"
 done
+}
+
+# (b) batch 32 from pageable frames (the 84 MB host copy) and from pinned ones, static and dynamic; then where the
+# streamed path serialises at batch 1
+part_b() {
+step table_yolov5s_b32_graphs 300 "$py39" -m trtnet.bench "$s_b32" --batch 32 --iters 200 --warmup 20 --cuda-graphs \
+    --json "$out/table_yolov5s_b32_graphs.json"
+step table_yolov5n_dyn_b32_graphs 300 "$py39" -m trtnet.bench "$dyn" --batch 32 --iters 200 --warmup 20 --cuda-graphs \
+    --json "$out/table_yolov5n_dyn_b32_graphs.json"
+step profile_stream_b32 600 "$py39" "$repo/tests/gpu/profile_stream.py" "$s_b32" "$dyn" --batch 32 --cuda-graphs \
+    --variants --frames 60 --json "$out/profile_stream_b32.json"
 
 # (b) where the streamed path serialises: host timers per call + CUDA-event timeline per run, each engine with
 # graphs on, then graphs off, depth 1 and 3, pinned frames (--variants); the eager host cost of one call
@@ -69,7 +88,10 @@ if command -v nsys >/dev/null; then  # the CUDA API and kernel timeline of the s
         "$py39" "$repo/tests/gpu/profile_stream.py" "$n_b1" --cuda-graphs --frames 300 --json "$out/nsys_run.json"
 fi
 
+}
+
 # (c) JPEG files → boxes, OpenCV vs nvImageCodec, batch 32, beside the engine alone (the ceiling)
+part_c() {
 step files_yolov5n_dyn_b32 600 "$py39" -m trtnet.bench "$dyn" --files "$images" --batch 32 --decode both --iters 40 \
     --warmup 2 --cuda-graphs --json "$out/files_yolov5n_dyn_b32.json"
 step files_yolov5s_b32 600 "$py39" -m trtnet.bench "$s_b32" --files "$images" --batch 32 --decode both --iters 40 \
@@ -105,4 +127,9 @@ print(report)
 EOF
 step val_compare 30 "$py39" -c "import json; c, g = (json.load(open('$out/val_' + d + '.json'))['metrics'] \
 for d in ('cpu', 'gpu')); print({k: (c[k], g[k], round(g[k] - c[k], 5)) for k in c})"
-echo "perf_gpu done" | tee -a "$out/steps.txt"
+}
+
+for part in a b c; do
+    if want $part; then "part_$part"; fi
+done
+echo "perf_gpu done ($parts)" | tee -a "$out/steps.txt"
