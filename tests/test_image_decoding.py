@@ -350,3 +350,19 @@ def test_val_reader_gives_the_dataset_pixels_through_the_file_decoder(monkeypatc
     indices = [5, 0, 17]
     for image, i in zip(read(indices), indices):
         np.testing.assert_array_equal(image, dataset.read(i))
+
+
+def test_a_decoder_that_cannot_start_leaves_auto_on_opencv_and_fails_gpu(gpu_files, monkeypatch):
+    def refuse(**kwargs):
+        raise RuntimeError("Internal error - Could not create decoder. Code: 8")
+
+    monkeypatch.setattr(FAKE_NVIMGCODEC, "Decoder", refuse)
+    make, folder, bus = gpu_files
+    with FileDecoder("auto") as decoder:
+        assert not decoder.uses_gpu
+        file = decoder.decode([str(folder / "1.jpg")]).files[0]
+    assert file.choice == DecoderChoice("cpu", "nvImageCodec could not start (RuntimeError: Internal error - Could "
+                                               "not create decoder. Code: 8)")
+    np.testing.assert_array_equal(file.image, bus)
+    with pytest.raises(TrtnetError, match=r"--decode gpu: nvImageCodec could not start"):
+        FileDecoder("gpu")

@@ -4,6 +4,7 @@
     python -m trtnet.bench weights/resnet50.fp16.engine --compare-torch --json bench.json
     python -m trtnet.bench yolov5s --compare-torch --yolov5-src ~/yolov5
     python -m trtnet.bench kernels              # the pre/post-processing kernels alone
+    python -m trtnet.bench yolov5n --files DIR --batch 32 --decode both   # JPEG files → boxes (trtnet.bench_files)
 
 Per batch size:
 - engine: the engine alone on device buffers, timed with CUDA events (p50/p99 of --iters runs after

@@ -219,7 +219,17 @@ class FileDecoder:
         self.stream: cuda_rt.Stream | None = None
         self._reusable: dict[Any, list] = {}  # slot → nvImageCodec Images to decode into again
         if self._codec is not None:
+            self._start_gpu()
+
+    def _start_gpu(self) -> None:
+        """Make the nvImageCodec decoder now; where it cannot start, "auto" decodes with OpenCV, "gpu" fails."""
+        try:
             self._gpu()
+        except Exception as exc:  # nvImageCodec raises RuntimeError("Internal error - Could not create decoder…")
+            self.unavailable = f"nvImageCodec could not start ({type(exc).__name__}: {exc})"
+            self._codec = self._decoder = None
+            if self.mode == "gpu":
+                raise TrtnetError(f"--decode gpu: {self.unavailable}") from exc
 
     @property
     def uses_gpu(self) -> bool:
