@@ -366,3 +366,12 @@ def test_a_decoder_that_cannot_start_leaves_auto_on_opencv_and_fails_gpu(gpu_fil
     np.testing.assert_array_equal(file.image, bus)
     with pytest.raises(TrtnetError, match=r"--decode gpu: nvImageCodec could not start"):
         FileDecoder("gpu")
+
+
+def test_simulated_opencv_batches_do_not_overwrite_a_staged_upload_in_flight(gpu_files):
+    make, folder, _ = gpu_files
+    bus, grey = str(folder / "3.png"), str(folder / "2.jpg")  # two OpenCV-decoded images per batch: staged
+    paths = [bus, grey, grey, bus, bus, bus, grey, grey]
+    with make() as detector:
+        counts = [len(r) for _, r, _ in detector.detect_files(paths, batch=2, decode="cpu", keep_images=False)]
+    assert counts == [4, 0, 0, 4, 4, 4, 0, 0]

@@ -231,7 +231,8 @@ class DetectPipeline:
         in_flight: deque[tuple[DecodedBatch, _InFlight | None]] = deque()
         with self.engine.checkout() as worker:
             try:
-                for decoded in batches:
+                for decoded in batches:  # the next batch was decoded while the GPU ran this one
+                    worker.uploaded.synchronize()  # the last upload has left the pinned staging buffer
                     in_flight.append((decoded, self._submit_decoded(worker, decoded, mark or _no_mark)))
                     if len(in_flight) == depth:
                         yield from self._collect_decoded(*in_flight.popleft())
