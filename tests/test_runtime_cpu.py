@@ -679,12 +679,15 @@ class SimLetterbox:
         return batch * 3 * out_h * out_w * np.dtype(self.dtype).itemsize
 
     def enqueue(self, stream, images, heights, widths, out_ptr, pitches=None, out_hw=None):
+        """Image i's rows are pitches[i] bytes apart (default 3 * width), as letterbox.cu reads them."""
         from trtnet.plugins.official import letterbox, to_network_input
+
+        pitches = pitches or [3 * w for w in widths]
 
         def work():
             out = host_view(out_ptr, (len(images), 3, *(out_hw or (self.out_h, self.out_w))), self.dtype)
-            for i, (ptr, h, w) in enumerate(zip(images, heights, widths)):
-                image = host_view(ptr, (h, w, 3), np.uint8)
+            for i, (ptr, h, w, pitch) in enumerate(zip(images, heights, widths, pitches)):
+                image = np.ascontiguousarray(host_view(ptr, (h, pitch), np.uint8)[:, : 3 * w]).reshape(h, w, 3)
                 out[i] = to_network_input(letterbox(image, (self.out_h, self.out_w), canvas=out_hw)[0])[0]
 
         SIM.submit(stream, work)

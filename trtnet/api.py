@@ -366,6 +366,26 @@ class Detector(_Model):
         return [detections_from_rows(r, image, self.names, path)
                 for r, image, path in zip(rows, images, paths)]
 
+    def detect_files(self, paths: Iterable[str | os.PathLike], batch: int | None = None, decode: str = "auto",
+                     keep_images: bool = True) -> Iterator[tuple[str, Detections | None, str]]:
+        """(path, Detections, "") per image file, in order, or (path, None, why) for one that cannot be read.
+        JPEGs are decoded on the GPU by nvImageCodec where `decode` ("auto", "gpu", "cpu") allows, straight
+        into the letterbox (trtnet.image_decoding), the next batch's decode overlapping this one's engine run;
+        `keep_images` copies GPU-decoded pixels back to the host for `Detections.draw`/`crop`."""
+        from trtnet.image_decoding import DeviceImage, FileDecoder, iter_decoded
+
+        batch = max(1, min(int(batch or self.max_batch), self.max_batch))
+        with FileDecoder(decode) as decoder:
+            for file, rows in self.pipeline.stream_decoded(iter_decoded(decoder, paths, batch)):
+                if rows is None:
+                    yield file.path, None, file.error
+                    continue
+                image = file.image
+                if isinstance(image, DeviceImage):
+                    image = image.download(decoder.stream) if keep_images else None
+                result = detections_from_rows(rows, file.image, self.names, file.path)
+                yield file.path, replace(result, image=image), ""
+
     def stream(self, images: Iterable[ImageLike], batch: int = 1, depth: int = 2) -> Iterator[Detections]:
         """`detect` for a stream of images (video frames, a camera, many files): one `Detections` per image,
         in order, while the next `batch` of images is uploaded and queued as the GPU runs the previous one.

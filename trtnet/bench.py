@@ -4,6 +4,7 @@
     python -m trtnet.bench weights/resnet50.fp16.engine --compare-torch --json bench.json
     python -m trtnet.bench yolov5s --compare-torch --yolov5-src ~/yolov5
     python -m trtnet.bench kernels              # the pre/post-processing kernels alone
+    python -m trtnet.bench yolov5n --files DIR --batch 32 --decode both   # JPEG files → boxes (trtnet.bench_files)
 
 Per batch size:
 - engine: the engine alone on device buffers, timed with CUDA events (p50/p99 of --iters runs after
@@ -49,6 +50,7 @@ class Timing:
     mean_ms: float
     images_per_s: float
     note: str = ""
+    stages: dict | None = None  # files mode: per stage mean ms and share (trtnet.bench_files)
 
     @classmethod
     def of(cls, mode: str, batch: int, samples_ms: Sequence[float], note: str = "") -> Timing:
@@ -229,7 +231,12 @@ def bench_engine(args) -> list[Timing]:
                 continue
             timings.append(Timing.of("engine", batch, measure(engine_step(engine, batch), args.iters, args.warmup),
                                      "cuda graph" if args.cuda_graphs else ""))
-            timings += end_to_end_timings(model, batch, args)
+            if getattr(args, "files", None):
+                from trtnet.bench_files import file_timings
+
+                timings += file_timings(model, args.files, batch, args.decode, args.iters, args.warmup)
+            else:
+                timings += end_to_end_timings(model, batch, args)
             if torch_model_ is not None:
                 timings += torch_timings(torch_model_, (batch, 3, *engine.imgsz), args)
     return timings
@@ -301,6 +308,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--yolov5-src", dest="official_src",
                    help="folder of the official ultralytics/yolov5 code (for --compare-torch)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (- = stdout)")
+    p.add_argument("--files", metavar="DIR", help="image files → boxes instead of the end-to-end rows: images/s and "
+                   "time per stage, per decoder (--iters batches, the folder cycled; see trtnet.bench_files)")
+    p.add_argument("--decode", choices=("cpu", "gpu", "both"), default="both",
+                   help="--files: OpenCV on the CPU, nvImageCodec on the GPU, or both")
     p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
                    help="where engine names are looked up ($TRTNET_WEIGHTS)")
     return p

@@ -268,24 +268,41 @@ class Outputs:
         return "\n".join(lines)
 
 
-def run_images(detector, sources: list[Source], outputs: Outputs, batch: int) -> None:
+def detected_images(detector, sources: list[Source], outputs: Outputs, batch: int,
+                    decode: str = "cpu") -> Iterator[tuple[Source, object]]:
+    """(source, Detections) per readable image; unreadable ones are counted as skipped with a warning.
+    With `decode` other than "cpu" (a GPU detector) JPEGs are decoded on the GPU (Detector.detect_files)."""
+    if decode != "cpu" and hasattr(detector, "detect_files"):
+        by_path = {s.location: s for s in sources}
+        files = detector.detect_files(track([s.location for s in sources], "images", unit="img"), batch, decode,
+                                      keep_images=outputs.annotating or outputs.options.save_crop)
+        for path, result, error in files:
+            if result is None:
+                warn(f"skipping {path}: {error}")
+                outputs.skipped += 1
+            else:
+                yield by_path[path], result
+        return
     for group in batched(iter(track(sources, "images", unit="img")), batch):
         loaded = [(s, read_image_or_warn(s.location)) for s in group]
         outputs.skipped += sum(image is None for _, image in loaded)
         loaded = [(s, image) for s, image in loaded if image is not None]
-        if not loaded:
+        if loaded:
+            yield from zip((s for s, _ in loaded),
+                           detector.detect_loaded([image for _, image in loaded], [s.location for s, _ in loaded]))
+
+
+def run_images(detector, sources: list[Source], outputs: Outputs, batch: int, decode: str = "cpu") -> None:
+    for source, result in detected_images(detector, sources, outputs, batch, decode):
+        outputs.images += 1
+        target = outputs.unique_path(source.name)  # names labels and crops too: a/bus.jpg, b/bus.jpg
+        result = outputs.add(result, stem=target.stem)
+        if not outputs.annotating:
             continue
-        results = detector.detect_loaded([image for _, image in loaded], [s.location for s, _ in loaded])
-        for (source, _), result in zip(loaded, results):
-            outputs.images += 1
-            target = outputs.unique_path(source.name)  # names labels and crops too: a/bus.jpg, b/bus.jpg
-            result = outputs.add(result, stem=target.stem)
-            if not outputs.annotating:
-                continue
-            annotated = outputs.draw(result)
-            if outputs.save and not cv2.imwrite(str(target), annotated):
-                warn(f"could not write the annotated {source.name} to {outputs.out}")
-            outputs.display("trtnet", annotated)
+        annotated = outputs.draw(result)
+        if outputs.save and not cv2.imwrite(str(target), annotated):
+            warn(f"could not write the annotated {source.name} to {outputs.out}")
+        outputs.display("trtnet", annotated)
 
 
 def run_stream(detector, source: Source, outputs: Outputs, batch: int, vid_stride: int = 1) -> None:
@@ -376,6 +393,8 @@ def add_options(p) -> None:
     p.add_argument("--line-width", type=int, help="box line width in pixels (default: from the image size)")
     p.add_argument("--vid-stride", type=int, default=1, help="videos and cameras: use every n-th frame")
     p.add_argument("--cuda-graphs", action="store_true", help="replay engine + NMS as CUDA graphs")
+    p.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="image files: JPEGs decoded on the GPU by nvImageCodec (auto: where installed) or by OpenCV")
     p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
                    help="where names are looked up ($TRTNET_WEIGHTS)")
 
@@ -445,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs = Outputs(results_folder(args), options=save_options(args))
         images = [s for s in sources if s.kind == "image"]
         if images:
-            run_images(detector, images, outputs, batch)
+            run_images(detector, images, outputs, batch, args.decode)
         for source in (s for s in sources if s.kind != "image"):
             run_stream(detector, source, outputs, batch, args.vid_stride)
     if outputs.show:

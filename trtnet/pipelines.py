@@ -13,7 +13,7 @@ import functools
 import os
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +24,7 @@ from trtnet import cuda_rt, networks
 from trtnet.engine import Engine, FallbackWarning, Worker, batched, iter_chunks, pad_batch
 from trtnet.engine_meta import DETECTION_ROW, nms_kwargs
 from trtnet.errors import TrtnetError
+from trtnet.image_decoding import DecodedBatch, DecodedFile
 from trtnet.plugins.postprocess import NmsSettings
 
 
@@ -88,6 +89,17 @@ def stage_images(worker: Worker, uploads: Uploads, images: Sequence[np.ndarray],
     worker.uploaded.record(worker.upload_stream)
     worker.stream.wait(worker.uploaded)
     return [device.ptr + offset for offset in offsets]
+
+
+def image_pointers(worker: Worker, uploads: Uploads, images: Sequence, slot: Any = 0) -> tuple[list[int], list[int]]:
+    """Device addresses and row pitches of `images`: host arrays are staged (`stage_images`), images
+    already in device memory (`image_decoding.DeviceImage`, decoded there) are read where they are."""
+    host = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
+    staged = dict(zip(host, stage_images(worker, uploads, [images[i] for i in host], slot))) if host else {}
+    on_device = {i: (image.ptr, image.pitch) for i, image in enumerate(images) if i not in staged}
+    pointers = [staged[i] if i in staged else on_device[i][0] for i in range(len(images))]
+    pitches = [3 * images[i].shape[1] if i in staged else on_device[i][1] for i in range(len(images))]
+    return pointers, pitches
 
 
 @functools.lru_cache(maxsize=1)
@@ -215,20 +227,63 @@ class DetectPipeline:
             finally:
                 worker.stream.synchronize()  # an abandoned stream leaves no work on the buffers
 
-    def _submit(self, worker: Worker, images: Sequence[np.ndarray], batch: int, slot: Any) -> _InFlight:
-        """Queue upload, letterbox, engine, decode + NMS and the download of the results (in `slot`)."""
+    def stream_decoded(self, batches: Iterable[DecodedBatch], depth: int = 2,
+                       mark: StageMark | None = None) -> Iterator[tuple[DecodedFile, np.ndarray | None]]:
+        """(file, rows) per file of batches from `image_decoding.FileDecoder` (rows None for a file that could
+        not be decoded), in order, with up to `depth` batches on the GPU at once: the decode of the next
+        batch (its `ready` event orders it) overlaps this one's engine run. Batch k must use slot k % depth
+        (`image_decoding.iter_decoded`). `mark(stage, stream)` is called after each stage is queued (for
+        the bench's per-stage CUDA events). Holds the engine's worker as `stream` does."""
+        if depth < 1:
+            raise TrtnetError(f"depth must be at least 1, got {depth}")
+        in_flight: deque[tuple[DecodedBatch, _InFlight | None]] = deque()
+        with self.engine.checkout() as worker:
+            try:
+                for decoded in batches:  # the next batch was decoded while the GPU ran this one
+                    worker.uploaded.synchronize()  # the last upload has left the pinned staging buffer
+                    in_flight.append((decoded, self._submit_decoded(worker, decoded, mark or _no_mark)))
+                    if len(in_flight) == depth:
+                        yield from self._collect_decoded(*in_flight.popleft())
+                while in_flight:
+                    yield from self._collect_decoded(*in_flight.popleft())
+            finally:
+                worker.stream.synchronize()
+
+    def _submit_decoded(self, worker: Worker, decoded: DecodedBatch, mark: StageMark) -> _InFlight | None:
+        images = [f.image for f in decoded.decoded]
+        if not images:
+            return None
+        if len(images) > self.engine.max_batch:
+            raise TrtnetError(f"a decoded batch of {len(images)} images; {self.engine.path.name} takes at most "
+                              f"{self.engine.max_batch}")
+        if decoded.ready is not None:
+            worker.stream.wait(decoded.ready)
+        return self._submit(worker, images, max(len(images), self.engine.min_batch), decoded.slot, mark)
+
+    def _collect_decoded(self, decoded: DecodedBatch, run: _InFlight | None):
+        rows = iter(self._collect(run) if run is not None else [])
+        for file in decoded.files:
+            yield file, (next(rows) if file.image is not None else None)
+
+    def _submit(self, worker: Worker, images: Sequence, batch: int, slot: Any,
+                mark: StageMark | None = None) -> _InFlight:
+        """Queue upload, letterbox, engine, decode + NMS and the download of the results (in `slot`).
+        `images`: host arrays, or `image_decoding.DeviceImage`s already on the device."""
+        mark = mark or _no_mark
         engine = self.engine
         hw = self.input_hw(images) if self.rect_stride else None
         shapes = worker.prepare(batch, hw)
         input_ptr = worker.ptr(engine.input_name)
         state = worker.state_of(self, DetectState)
-        pointers = stage_images(worker, state.uploads, images, slot)
+        pointers, pitches = image_pointers(worker, state.uploads, images, slot)
+        mark("upload", worker.upload_stream)
         self.letterbox.enqueue(worker.stream.handle, pointers, [im.shape[0] for im in images],
-                               [im.shape[1] for im in images], input_ptr, out_hw=hw)
+                               [im.shape[1] for im in images], input_ptr, pitches, out_hw=hw)
         if batch > len(images):  # padding rows: zeros, their results are dropped
             done = self.letterbox.output_bytes(len(images), hw)
             cuda_rt.fill(input_ptr + done, 0, self.letterbox.output_bytes(batch, hw) - done, worker.stream)
-        run = self._queue_engine(worker, batch, len(images), shapes, slot)
+        mark("letterbox", worker.stream)
+        run = self._queue_engine(worker, batch, len(images), shapes, slot, mark)
         return dataclasses.replace(run, image_shapes=tuple(im.shape[:2] for im in images))
 
     def input_hw(self, images: Sequence[np.ndarray]) -> tuple[int, int]:
@@ -256,18 +311,29 @@ class DetectPipeline:
         return rows
 
     def _queue_engine(self, worker: Worker, batch: int, count: int, shapes: Mapping[str, tuple],
-                      slot: Any) -> _InFlight:
+                      slot: Any, mark: StageMark | None = None) -> _InFlight:
         """The engine on its filled input (and decode + NMS after it in `kernels` mode), then the download
         of the first `count` images' rows. Graphs are keyed by input size, which engines built with
         --min-imgsz vary."""
         hw = tuple(shapes[self.engine.input_name][2:])
+        mark = mark or _no_mark
         if self.in_engine:
             worker.enqueue(batch, key=("engine", hw))
-            return _queue_download(worker, self, slot, count, shapes["dets"][1], worker.ptr("dets"),
-                                   worker.ptr("counts"), hw)
+            mark("engine+nms", worker.stream)
+            return _download_marked(mark, worker, _queue_download(worker, self, slot, count, shapes["dets"][1],
+                                                                  worker.ptr("dets"), worker.ptr("counts"), hw))
         dets_ptr, counts_ptr, then = self._postprocess(worker, batch, shapes)
+        if mark is not _no_mark and not self.engine.cuda_graphs:  # an event cannot be recorded inside a capture
+            nms = then
+
+            def then() -> None:
+                mark("engine", worker.stream)
+                nms()
+
         worker.enqueue(batch, then=then, key=("nms", hw))
-        return _queue_download(worker, self, slot, count, self.settings.max_det, dets_ptr, counts_ptr, hw)
+        mark("engine+nms" if self.engine.cuda_graphs else "nms", worker.stream)
+        return _download_marked(mark, worker, _queue_download(worker, self, slot, count, self.settings.max_det,
+                                                              dets_ptr, counts_ptr, hw))
 
     def _postprocess(self, worker: Worker, batch: int, shapes: Mapping[str, tuple]):
         """Buffers for decode + NMS at `batch` and the work to queue after the engine."""
@@ -299,6 +365,18 @@ class DetectPipeline:
         if run.image_shapes:
             rows = [rows_to_image(r, run.input_hw, hw) for r, hw in zip(rows, run.image_shapes)]
         return rows
+
+
+StageMark = Callable[[str, cuda_rt.Stream], None]  # (stage just queued, the stream it was queued on)
+
+
+def _no_mark(stage: str, stream: cuda_rt.Stream) -> None:
+    pass
+
+
+def _download_marked(mark: StageMark, worker: Worker, run: _InFlight) -> _InFlight:
+    mark("download", worker.stream)
+    return run
 
 
 @dataclass(frozen=True)

@@ -60,17 +60,19 @@ def evaluate_detection(
     max_det: int = 300,
     verbose: bool = False,
     check_shapes: Callable[[np.ndarray], None] | None = None,
+    read: Callable[[list], list] | None = None,
 ) -> DetectionMetrics:
     """Run `predict` over the dataset in val.py's batches and score the detections. `check_shapes` sees
     every batch's (height, width) before the first batch runs (e.g. to refuse an engine that cannot
-    take them)."""
+    take them). `read` maps a batch's sample indices to their BGR images (default: `dataset.read`)."""
     order, shapes = val_batches(dataset, imgsz, batch, stride, pad, rect)
     if check_shapes is not None:
         check_shapes(shapes)
     detections: list = [None] * len(dataset)
     for b, (height, width) in enumerate(tqdm(shapes, desc="val", unit="batch", disable=not verbose)):
         indices = order[b * batch:(b + 1) * batch]
-        outputs = predict([dataset.read(i) for i in indices], (int(height), int(width)))
+        images = read(list(indices)) if read is not None else [dataset.read(i) for i in indices]
+        outputs = predict(images, (int(height), int(width)))
         if len(outputs) != len(indices):
             raise ValueError(f"predict returned {len(outputs)} results for a batch of {len(indices)} images")
         for i, output in zip(indices, outputs):
@@ -86,6 +88,17 @@ def val_batches(dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, st
     if rect:
         return batch_shapes([(s.width, s.height) for s in dataset], imgsz, stride, pad, batch)
     return np.arange(len(dataset)), np.full(((len(dataset) + batch - 1) // batch, 2), imgsz)
+
+
+def dataset_reader(dataset: DetectionDataset, decode: str) -> Callable[[list], list] | None:
+    """Batch reads through trtnet.image_decoding (GPU decode, pixels back to the host for val's letterbox);
+    None for "cpu", which keeps `dataset.read`."""
+    if decode == "cpu":
+        return None
+    from trtnet.image_decoding import FileDecoder, host_images
+
+    decoder = FileDecoder(decode)
+    return lambda indices: host_images(decoder, [dataset.samples[i].path for i in indices])
 
 
 def check_engine_takes(engine, shapes: np.ndarray) -> None:
@@ -168,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--square", action="store_true", help="letterbox every batch to imgsz x imgsz "
                    "instead of val.py's per-batch rectangles")
     p.add_argument("--class-index", help="classify: JSON {wnid: index} or imagenet_class_index.json")
+    p.add_argument("--decode", choices=("cpu", "gpu", "auto"), default="cpu",
+                   help="detect: decode JPEGs by OpenCV, or on the GPU by nvImageCodec (the letterbox stays val.py's)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--verbose", action="store_true", help="per-class rows, progress, pycocotools output")
     return p
@@ -185,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int | None:
                   f"{args.imgsz}x{args.imgsz} (build with --min-imgsz 128 --max-imgsz {args.imgsz + 32} for "
                   "val.py's rectangular batches)", file=sys.stderr)
         metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=rect, max_det=args.max_det,
-                                     verbose=args.verbose, check_shapes=functools.partial(check_engine_takes, engine))
+                                     verbose=args.verbose, check_shapes=functools.partial(check_engine_takes, engine),
+                                     read=dataset_reader(dataset, args.decode))
         print(metrics.to_table(per_class=args.verbose))
     else:
         dataset = load_classification_dataset(args.data, args.class_index)

@@ -1,0 +1,360 @@
+"""Image files → pixels: the per-file decoder choice, the OpenCV path, and the GPU path on the CPU simulator of
+test_runtime_cpu with a stand-in for nvImageCodec (decodes with OpenCV into simulated device memory, on the
+stream it is given, rows padded to a pitch); the bench's files mode and `detect --decode` on top of it."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import shared
+from tests.test_runtime_cpu import SIM, SimLetterbox, expected_bus, host_view, sim_detector  # noqa: F401
+from trtnet import image_decoding
+from trtnet.errors import TrtnetError
+from trtnet.image_decoding import DecoderChoice, FileDecoder, StreamHeader, decoder_for
+
+RGB_JPEG = StreamHeader("jpeg", 64, 48, 3, 8)
+
+
+def jpeg_bytes(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", image)
+    assert ok
+    return data.tobytes()
+
+
+def coloured(h: int = 48, w: int = 64) -> np.ndarray:
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, : w // 2] = (255, 0, 0)  # blue left half (BGR): a swapped channel order shows
+    image[h // 2:, :, 2] = 200
+    return image
+
+
+# ------------------------------------------------------------------------------------------ the choice
+
+
+@pytest.mark.parametrize(("header", "data_change", "expected"), [
+    (RGB_JPEG, None, ("gpu", "8-bit 3-channel JPEG")),
+    (RGB_JPEG, "png", ("cpu", "not a JPEG")),
+    (RGB_JPEG, "truncate", ("cpu", "truncated JPEG (no end marker)")),
+    (RGB_JPEG, "pad", ("gpu", "8-bit 3-channel JPEG")),  # zero bytes after the end marker are common
+    (None, None, ("cpu", "nvImageCodec cannot parse its header")),
+    (StreamHeader("jpeg", 64, 48, 1, 8), None, ("cpu", "grayscale JPEG")),
+    (StreamHeader("jpeg", 64, 48, 4, 8), None, ("cpu", "CMYK/YCCK JPEG")),
+    (StreamHeader("jpeg", 64, 48, 3, 12), None, ("cpu", "12-bit JPEG")),
+    (StreamHeader("jpeg", 0, 48, 3, 8), None, ("cpu", "JPEG header gives 0x48 pixels")),
+    (StreamHeader("jpeg2k", 64, 48, 3, 8), None, ("cpu", "nvImageCodec reads it as jpeg2k, not JPEG")),
+])
+def test_decoder_for(header, data_change, expected):
+    data = jpeg_bytes(coloured())
+    if data_change == "png":
+        data = cv2.imencode(".png", coloured())[1].tobytes()
+    elif data_change == "truncate":
+        data = data[: len(data) // 2]
+    elif data_change == "pad":
+        data += b"\x00" * 7
+    assert decoder_for(data, header) == DecoderChoice(*expected)
+
+
+def test_decoder_for_says_why_the_gpu_is_not_used():
+    why = "nvImageCodec is not installed: pip install ..."
+    assert decoder_for(jpeg_bytes(coloured()), RGB_JPEG, why) == DecoderChoice("cpu", why)
+
+
+def test_gpu_decode_unavailable_names_the_missing_package(monkeypatch):
+    monkeypatch.setattr(image_decoding, "nvimgcodec_module", lambda: None)
+    reason = image_decoding.gpu_decode_unavailable()
+    assert "nvImageCodec is not installed" in reason and "gpu-decode-cu12" in reason
+    with pytest.raises(TrtnetError, match=r"--decode gpu: nvImageCodec is not installed"):
+        FileDecoder("gpu")
+    with pytest.raises(TrtnetError, match="--decode fast: choose one of auto, gpu, cpu"):
+        FileDecoder("fast")
+    old = types.SimpleNamespace(__version__="0.4.0", SampleFormat=types.SimpleNamespace(I_RGB=1))
+    monkeypatch.setattr(image_decoding, "nvimgcodec_module", lambda: old)
+    assert "nvImageCodec 0.4.0 cannot decode to BGR" in image_decoding.gpu_decode_unavailable()
+
+
+def test_real_nvimgcodec_headers_lead_to_the_expected_choice(tmp_path):
+    codec = image_decoding.nvimgcodec_module()
+    if codec is None:
+        pytest.skip("nvidia-nvimgcodec is not installed (the gpu-decode extras)")
+    gray = jpeg_bytes(coloured()[..., 0])
+    assert decoder_for(gray, image_decoding.read_header(codec, gray)).reason == "grayscale JPEG"
+    colour = jpeg_bytes(coloured())
+    assert image_decoding.read_header(codec, colour) == StreamHeader("jpeg", 64, 48, 3, 8)
+    assert image_decoding.read_header(codec, b"garbage") is None
+
+
+# ------------------------------------------------------------------------------------------ OpenCV
+
+
+def mixed_folder(tmp_path):
+    """A JPEG, a PNG, a grayscale JPEG, an empty file, a corrupt one, and a truncated JPEG."""
+    files = {}
+    for name, data in {
+        "a.jpg": jpeg_bytes(coloured()), "b.png": cv2.imencode(".png", coloured(30, 20))[1].tobytes(),
+        "c.jpg": jpeg_bytes(coloured()[..., 1]), "d.jpg": b"", "e.jpg": b"not an image",
+        "f.jpg": jpeg_bytes(coloured(40, 40))[:300],
+    }.items():
+        (tmp_path / name).write_bytes(data)
+        files[name] = str(tmp_path / name)
+    return files
+
+
+def test_cpu_decoder_gives_what_imread_gives_and_names_bad_files(tmp_path):
+    files = mixed_folder(tmp_path)
+    with FileDecoder("cpu") as decoder:
+        batch = decoder.decode(list(files.values()))
+    by_name = {f.path.rsplit("/", 1)[-1]: f for f in batch.files}
+    for name in ("a.jpg", "b.png", "c.jpg"):
+        np.testing.assert_array_equal(by_name[name].image, cv2.imread(files[name], cv2.IMREAD_COLOR))
+        assert by_name[name].choice == DecoderChoice("cpu", "--decode cpu") and not by_name[name].on_gpu
+    assert by_name["d.jpg"].image is None and by_name["d.jpg"].error == "empty file"
+    assert by_name["e.jpg"].image is None and "not an image OpenCV can read" in by_name["e.jpg"].error
+    assert [f.path for f in batch.failed] == [files["d.jpg"], files["e.jpg"]] or \
+        cv2.imread(files["f.jpg"]) is None  # OpenCV decodes what a truncated JPEG holds, as imread does
+    assert batch.ready is None
+
+
+# ------------------------------------------------------------------------------------------ GPU, simulated
+
+PITCH_PAD = 64  # the stand-in pads each row, as a decoder may: the letterbox must use the pitch
+
+
+class FakeCodeStream:
+    def __init__(self, data: bytes):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise RuntimeError("cannot parse")
+        self.data = data
+        self.codec_name = "jpeg" if data.startswith(b"\xff\xd8") else "png"
+        self.height, self.width = image.shape[:2]
+        self.num_channels = 1 if image.ndim == 2 else image.shape[2]
+        self.precision = 8
+
+
+class FakeImage:
+    def __init__(self, h, w):
+        self.pitch = 3 * w + PITCH_PAD
+        self.ptr = SIM.alloc(h * self.pitch)[1]
+        self.h, self.w = h, w
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": (self.h, self.w, 3), "typestr": "|u1", "data": (self.ptr, False),
+                "strides": (self.pitch, 3, 1), "version": 3}
+
+
+class FakeDecoder:
+    """Decodes with OpenCV on `cuda_stream` (the work runs when the simulator reaches it); a file whose
+    bytes hold b"FAILME" it cannot decode (None, as nvImageCodec reports a failure)."""
+
+    decoded = 0
+
+    def __init__(self, **kwargs):
+        assert kwargs["backends"][0].kind == "HW_GPU_ONLY"  # the hardware JPEG engines first
+
+    def decode(self, streams, params=None, cuda_stream=0, images=None):
+        assert params.sample_format == "I_BGR" and cuda_stream
+        out = []
+        for s in streams:
+            if b"FAILME" in s.data:
+                out.append(None)
+                continue
+            image = FakeImage(s.height, s.width)
+
+            def work(image=image, data=s.data):
+                pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+                rows = host_view(image.ptr, (image.h, image.pitch), np.uint8)
+                rows[:, : 3 * image.w] = pixels.reshape(image.h, -1)
+
+            SIM.submit(cuda_stream, work)
+            FakeDecoder.decoded += 1
+            out.append(image)
+        return out
+
+
+FAKE_NVIMGCODEC = types.SimpleNamespace(
+    __version__="0.9.0", CodeStream=FakeCodeStream, Decoder=FakeDecoder,
+    SampleFormat=types.SimpleNamespace(I_BGR="I_BGR"), ColorSpec=types.SimpleNamespace(SRGB="SRGB"),
+    BackendKind=types.SimpleNamespace(HW_GPU_ONLY="HW_GPU_ONLY", GPU_ONLY="GPU_ONLY", HYBRID_CPU_GPU="HYBRID"),
+    Backend=lambda kind: types.SimpleNamespace(kind=kind), DecodeParams=lambda **kw: types.SimpleNamespace(**kw),
+)
+
+
+@pytest.fixture
+def gpu_files(sim_detector, tmp_path, monkeypatch):  # noqa: F811
+    """The simulated detector with the nvImageCodec stand-in, and a folder: bus.jpg twice, a flat grey
+    JPEG, bus as PNG (OpenCV's), a JPEG the stand-in fails on (OpenCV decodes it), an unreadable file."""
+    import trtnet.plugins.preprocess
+
+    monkeypatch.setattr(image_decoding, "nvimgcodec_module", lambda: FAKE_NVIMGCODEC)
+    monkeypatch.setattr(trtnet.plugins.preprocess, "Letterbox", SimLetterbox)
+    bus = cv2.imread(str(shared("images", "bus.jpg")))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    data = shared("images", "bus.jpg").read_bytes()
+    grey = jpeg_bytes(np.full((300, 500, 3), 77, np.uint8))
+    fails = grey[:2] + b"\xff\xfe\x00\x08FAILME" + grey[2:]  # a JPEG comment segment the stand-in refuses
+    for name, content in (("1.jpg", data), ("2.jpg", grey), ("3.png", cv2.imencode(".png", bus)[1].tobytes()),
+                          ("4.jpg", fails), ("5.jpg", b"junk"), ("6.jpg", data)):
+        (folder / name).write_bytes(content)
+    return sim_detector, folder, bus
+
+
+def test_simulated_gpu_decode_feeds_the_letterbox_without_host_pixels(gpu_files):
+    make, folder, bus = gpu_files
+    _, boxes = expected_bus(bus)
+    paths = sorted(str(p) for p in folder.iterdir())
+    with make() as detector:
+        results = list(detector.detect_files(paths, batch=2, decode="gpu", keep_images=False))
+    assert [r[0] for r in results] == paths
+    counts = [len(r[1]) if r[1] is not None else None for r in results]
+    assert counts == [4, 0, 4, 0, None, 4]
+    for _, result, _ in (results[0], results[2], results[5]):
+        np.testing.assert_allclose(result.boxes, boxes, rtol=1e-5, atol=1e-3)
+        assert result.shape == bus.shape[:2]
+    assert results[0][1].image is None and results[5][1].image is None  # decoded on the GPU: no host pixels
+    np.testing.assert_array_equal(results[2][1].image, bus)  # the PNG: OpenCV's pixels
+    assert "not an image OpenCV can read" in results[4][2]
+
+
+def test_simulated_gpu_decode_says_which_decoder_took_each_file(gpu_files):
+    make, folder, _ = gpu_files
+    paths = sorted(str(p) for p in folder.iterdir())
+    with FileDecoder("auto") as decoder:
+        assert decoder.uses_gpu
+        batch = decoder.decode(paths)
+        reasons = [(f.choice.decoder, f.choice.reason) for f in batch.files]
+        assert reasons == [("gpu", "8-bit 3-channel JPEG"), ("gpu", "8-bit 3-channel JPEG"), ("cpu", "not a JPEG"),
+                           ("cpu", "nvImageCodec could not decode it"), ("cpu", "not a JPEG"),
+                           ("gpu", "8-bit 3-channel JPEG")]
+        assert [f.on_gpu for f in batch.files] == [True, True, False, False, False, True]
+        assert batch.ready is not None
+        downloaded = image_decoding.host_images(decoder, [paths[0], paths[1]])
+    np.testing.assert_array_equal(downloaded[0], cv2.imread(paths[0]))
+    assert downloaded[1].shape == (300, 500, 3)
+
+
+def test_simulated_detect_files_keeps_pixels_for_drawing(gpu_files):
+    make, folder, bus = gpu_files
+    with make() as detector:
+        path, result, _ = next(detector.detect_files([str(folder / "1.jpg")], decode="gpu"))
+    np.testing.assert_array_equal(result.image, bus)
+    assert result.draw().shape == bus.shape
+
+
+def test_simulated_detect_cli_decodes_on_the_gpu(gpu_files, tmp_path, monkeypatch, capsys):
+    from trtnet import detect
+
+    make, folder, _ = gpu_files
+    before = FakeDecoder.decoded
+    out = tmp_path / "out"
+    assert detect.cli([str(make.path), str(folder), "--decode", "gpu", "--out", str(out), "--batch", "2"]) == 0
+    records = json.loads((out / "detections.json").read_text(encoding="utf-8"))
+    assert [len(r["detections"]) for r in records] == [4, 0, 4, 0, 4]
+    assert FakeDecoder.decoded - before == 3  # 1.jpg, 2.jpg, 6.jpg (4.jpg failed there, went to OpenCV)
+    assert (out / "1.jpg").exists() and "skipping" in capsys.readouterr().err
+
+
+def test_simulated_bench_files_mode(gpu_files, tmp_path, capsys):
+    from trtnet import bench
+
+    make, folder, _ = gpu_files
+    report = tmp_path / "bench.json"
+    argv = [str(make.path), "--files", str(folder), "--batch", "2", "--iters", "4", "--warmup", "1",
+            "--json", str(report)]
+    assert bench.cli(argv) == 0
+    rows = json.loads(report.read_text(encoding="utf-8"))
+    assert [(r["mode"], r["batch"]) for r in rows] == [("engine", 2), ("files cpu", 2), ("files gpu", 2)]
+    cpu, gpu = rows[1], rows[2]
+    assert "0/" in cpu["note"] and "decoded on the GPU" in gpu["note"] and "0/" not in gpu["note"]
+    assert set(cpu["stages"]["mean_ms"]) == {"read (host)", "decode (host)", "upload", "letterbox", "engine", "nms",
+                                             "download"}
+    assert "decode" in gpu["stages"]["mean_ms"] and "decode (host)" not in gpu["stages"]["mean_ms"]
+    assert abs(sum(gpu["stages"]["share"].values()) - 1) < 1e-6 and gpu["stages"]["batches"] == 3
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "files gpu" in capsys.readouterr().out
+
+
+def test_bench_files_mode_refuses_a_folder_without_images(sim_detector, tmp_path, capsys):  # noqa: F811
+    from trtnet import bench
+
+    (tmp_path / "empty").mkdir()
+    assert bench.cli([str(sim_detector.path), "--files", str(tmp_path / "empty"), "--batch", "1"]) == 2
+    assert f"--files {tmp_path / 'empty'}: no image files in it" in capsys.readouterr().err
+
+
+def test_device_image_from_a_cuda_array_interface():
+    image = types.SimpleNamespace(__cuda_array_interface__={"shape": (4, 5, 3), "typestr": "|u1",
+                                                            "data": (1234, False), "strides": None})
+    assert image_decoding.DeviceImage.of(image) == image_decoding.DeviceImage(1234, 4, 5, 15)
+    image.__cuda_array_interface__ = {"shape": (4, 5, 4), "typestr": "|u1", "data": (1, False)}
+    with pytest.raises(TrtnetError, match="takes HxWx3 uint8"):
+        image_decoding.DeviceImage.of(image)
+
+
+# ------------------------------------------------------------------------------------------ GPU scripts
+
+
+def test_stream_profiler_runs_on_the_simulator_and_restores_what_it_wraps(sim_detector):  # noqa: F811
+    import importlib.util
+    from pathlib import Path
+
+    from trtnet import cuda_rt, engine, pipelines
+
+    spec = importlib.util.spec_from_file_location("profile_stream", Path(__file__).parent / "gpu" / "profile_stream.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    originals = (engine.Worker.enqueue, pipelines.stage_images, cuda_rt.Event.synchronize)
+    with sim_detector() as detector:
+        row = profile.profile_stream(detector, frames=6, batch=1, depth=2, pinned=False)
+        assert "_submit" not in vars(detector.pipeline)  # the timeline's wrapper is gone
+    assert (engine.Worker.enqueue, pipelines.stage_images, cuda_rt.Event.synchronize) == originals
+    assert row["gpu"]["runs"] == 6 and row["worker"].startswith("shared")
+    calls = row["host_calls"]
+    assert calls["Worker.enqueue"]["count"] == 6 and calls["Letterbox.enqueue"]["count"] == 6
+    assert calls["Event.synchronize(uploaded: frame reusable)"]["count"] == 6
+    assert calls["Event.synchronize(done: results landed)"]["count"] == 6
+    assert calls["Event.record"]["count"] == 12  # uploaded and done per run: the profiler's own are not counted
+
+
+def test_val_reader_gives_the_dataset_pixels_through_the_file_decoder(monkeypatch):
+    from trtnet.datasets import load_detection_dataset
+    from trtnet.val import dataset_reader
+
+    monkeypatch.setattr(image_decoding, "nvimgcodec_module", lambda: None)  # OpenCV, whatever is installed
+    dataset = load_detection_dataset(shared("coco128"))
+    assert dataset_reader(dataset, "cpu") is None  # val's default: dataset.read, as before
+    read = dataset_reader(dataset, "auto")
+    indices = [5, 0, 17]
+    for image, i in zip(read(indices), indices):
+        np.testing.assert_array_equal(image, dataset.read(i))
+
+
+def test_a_decoder_that_cannot_start_leaves_auto_on_opencv_and_fails_gpu(gpu_files, monkeypatch):
+    def refuse(**kwargs):
+        raise RuntimeError("Internal error - Could not create decoder. Code: 8")
+
+    monkeypatch.setattr(FAKE_NVIMGCODEC, "Decoder", refuse)
+    make, folder, bus = gpu_files
+    with FileDecoder("auto") as decoder:
+        assert not decoder.uses_gpu
+        file = decoder.decode([str(folder / "1.jpg")]).files[0]
+    assert file.choice == DecoderChoice("cpu", "nvImageCodec could not start (RuntimeError: Internal error - Could "
+                                               "not create decoder. Code: 8)")
+    np.testing.assert_array_equal(file.image, bus)
+    with pytest.raises(TrtnetError, match=r"--decode gpu: nvImageCodec could not start"):
+        FileDecoder("gpu")
+
+
+def test_simulated_opencv_batches_do_not_overwrite_a_staged_upload_in_flight(gpu_files):
+    make, folder, _ = gpu_files
+    bus, grey = str(folder / "3.png"), str(folder / "2.jpg")  # two OpenCV-decoded images per batch: staged
+    paths = [bus, grey, grey, bus, bus, bus, grey, grey]
+    with make() as detector:
+        counts = [len(r) for _, r, _ in detector.detect_files(paths, batch=2, decode="cpu", keep_images=False)]
+    assert counts == [4, 0, 0, 4, 4, 4, 0, 0]

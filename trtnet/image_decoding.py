@@ -1,0 +1,329 @@
+"""Image files → pixels for the GPU pipelines: JPEGs decoded on the GPU by nvImageCodec, the rest by OpenCV.
+
+    decoder = FileDecoder("auto")                        # "gpu": nvImageCodec or an error; "cpu": OpenCV only
+    batch = decoder.decode(["a.jpg", "b.png"])           # a DecodedBatch: per file its pixels and why there
+    for rows, file in pipeline.stream_decoded(...)       # trtnet.pipelines: letterbox straight from them
+
+A JPEG goes file bytes → nvImageCodec (nvJPEG; the hardware JPEG engines first where the GPU has them) →
+an interleaved BGR uint8 image in device memory, whose address the letterbox kernel reads: no host
+decode, no host copy of pixels. `decoder_for` decides per file, from its bytes and header only, and says
+why: OpenCV (`cv2.imdecode`, the same pixels `trtnet.datasets.read_image` gives) decodes what is not a
+plain 8-bit 3-channel JPEG (PNG, grayscale, CMYK/YCCK, 12-bit, a truncated file: nvImageCodec fills a cut
+JPEG with grey where OpenCV decodes what is there) and every file when nvImageCodec or a GPU is missing.
+A file nvImageCodec fails on is decoded by OpenCV afterwards. Both decoders apply the EXIF orientation.
+
+GPU decodes run on the decoder's own stream; `DecodedBatch.ready` is the event the pipeline's stream waits
+for, so the decode of the next batch overlaps the engine run of this one. The decoded images are reused
+per `slot` (one per run in flight), as the pipelines reuse their upload buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trtnet import cuda_rt
+from trtnet.errors import TrtnetError
+
+MODES = ("auto", "gpu", "cpu")
+JPEG_START = b"\xff\xd8"
+JPEG_END = b"\xff\xd9"
+INSTALL_HINT = 'pip install "trtnet[gpu-decode-cu12]" (or gpu-decode-cu13, matching the trt-cuXX extra)'
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """What nvImageCodec's parser says about an encoded file before decoding it."""
+
+    codec: str  # "jpeg", "png", …
+    width: int
+    height: int
+    channels: int
+    precision: int  # bits per sample
+
+
+@dataclass(frozen=True)
+class DecoderChoice:
+    decoder: str  # "gpu" | "cpu"
+    reason: str
+
+
+def decoder_for(data: bytes, header: StreamHeader | None, gpu_unavailable: str | None = None) -> DecoderChoice:
+    """Which decoder takes this file, and why. GPU only for a complete 8-bit 3-channel JPEG; everything
+    else goes to OpenCV, whose pixels are the reference (see the module docstring)."""
+    if gpu_unavailable:
+        return DecoderChoice("cpu", gpu_unavailable)
+    if not data.startswith(JPEG_START):
+        return DecoderChoice("cpu", "not a JPEG")
+    if not data.rstrip(b"\x00\r\n ").endswith(JPEG_END):
+        return DecoderChoice("cpu", "truncated JPEG (no end marker)")
+    if header is None:
+        return DecoderChoice("cpu", "nvImageCodec cannot parse its header")
+    if header.codec.lower() != "jpeg":
+        return DecoderChoice("cpu", f"nvImageCodec reads it as {header.codec}, not JPEG")
+    if header.width < 1 or header.height < 1:
+        return DecoderChoice("cpu", f"JPEG header gives {header.width}x{header.height} pixels")
+    if header.channels == 1:
+        return DecoderChoice("cpu", "grayscale JPEG")
+    if header.channels == 4:
+        return DecoderChoice("cpu", "CMYK/YCCK JPEG")
+    if header.channels != 3:
+        return DecoderChoice("cpu", f"JPEG with {header.channels} channels")
+    if header.precision != 8:
+        return DecoderChoice("cpu", f"{header.precision}-bit JPEG")
+    return DecoderChoice("gpu", "8-bit 3-channel JPEG")
+
+
+def nvimgcodec_module() -> Any:
+    """nvidia.nvimgcodec, or None when it is not installed."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return None
+    return nvimgcodec
+
+
+def gpu_decode_unavailable() -> str | None:
+    """Why JPEGs cannot be decoded on the GPU here (no nvImageCodec, too old, no GPU), or None if they can."""
+    codec = nvimgcodec_module()
+    if codec is None:
+        return f"nvImageCodec is not installed: {INSTALL_HINT}"
+    if not hasattr(getattr(codec, "SampleFormat", None), "I_BGR"):
+        return f"nvImageCodec {getattr(codec, '__version__', '?')} cannot decode to BGR: {INSTALL_HINT}"
+    return cuda_rt.gpu_unavailable_reason()
+
+
+def read_header(codec: Any, data: bytes) -> StreamHeader | None:
+    """The header of `data` as nvImageCodec parses it, None if it cannot."""
+    try:
+        stream = codec.CodeStream(data)
+        return StreamHeader(str(stream.codec_name), int(stream.width), int(stream.height), int(stream.num_channels),
+                            int(stream.precision))
+    except Exception:  # nvImageCodec raises its own RuntimeErrors on data it cannot parse
+        return None
+
+
+# ------------------------------------------------------------------------------------------ decoded images
+
+
+@dataclass(frozen=True)
+class DeviceImage:
+    """An HxWx3 uint8 BGR image in device memory, rows `pitch` bytes apart; `owner` keeps the memory alive."""
+
+    ptr: int
+    height: int
+    width: int
+    pitch: int
+    owner: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, 3
+
+    @classmethod
+    def of(cls, image: Any) -> DeviceImage:
+        """From anything with a `__cuda_array_interface__` of HxWx3 uint8 (an nvImageCodec Image)."""
+        face = image.__cuda_array_interface__
+        h, w, c = (int(s) for s in face["shape"])
+        if c != 3 or face["typestr"] != "|u1":
+            raise TrtnetError(f"decoded image is {face['typestr']} {h}x{w}x{c}; the letterbox takes HxWx3 uint8")
+        strides = face.get("strides")
+        return cls(int(face["data"][0]), h, w, int(strides[0]) if strides else 3 * w, image)
+
+    def download(self, stream: cuda_rt.Stream) -> np.ndarray:
+        """A host copy (for drawing and for val's CPU letterbox), after the work queued on `stream`."""
+        rows = np.empty((self.height, self.pitch), np.uint8)
+        cuda_rt.copy_to_host(rows.ctypes.data, self.ptr, rows.nbytes, stream)
+        stream.synchronize()
+        return np.ascontiguousarray(rows[:, : 3 * self.width].reshape(self.height, self.width, 3))
+
+
+@dataclass
+class DecodedFile:
+    path: str
+    choice: DecoderChoice
+    image: Any = None  # np.ndarray (OpenCV) or DeviceImage (nvImageCodec); None when unreadable
+    error: str = ""
+
+    @property
+    def on_gpu(self) -> bool:
+        return isinstance(self.image, DeviceImage)
+
+
+@dataclass
+class DecodedBatch:
+    """A batch of files decoded: per file its pixels (or its error), the event after which the GPU-decoded
+    ones are complete (None: none were), and host time spent reading and decoding."""
+
+    files: list[DecodedFile]
+    ready: cuda_rt.Event | None = None
+    read_ms: float = 0.0
+    decode_ms: float = 0.0
+    slot: Any = 0
+
+    @property
+    def decoded(self) -> list[DecodedFile]:
+        return [f for f in self.files if f.image is not None]
+
+    @property
+    def failed(self) -> list[DecodedFile]:
+        return [f for f in self.files if f.image is None]
+
+
+def read_bytes(path: str) -> bytes | str:
+    """The file's bytes, or why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    return data if data else "empty file"
+
+
+def cpu_decode(data: bytes) -> np.ndarray | None:
+    """OpenCV's BGR pixels of encoded `data` (as `cv2.imread(path, IMREAD_COLOR)`), None if it cannot."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return image if image is not None and image.size else None
+
+
+@functools.lru_cache(maxsize=1)
+def _io_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="trtnet-decode")
+
+
+class FileDecoder:
+    """Decodes batches of image files: JPEGs on the GPU (nvImageCodec) where `mode` allows, the rest with
+    OpenCV on a thread pool. `mode`: "auto" (GPU where available), "gpu" (an error where it is not),
+    "cpu" (OpenCV only)."""
+
+    def __init__(self, mode: str = "auto", device: int = 0, cpu_threads: int = 1):
+        if mode not in MODES:
+            raise TrtnetError(f"--decode {mode}: choose one of {', '.join(MODES)}")
+        self.mode = mode
+        self.unavailable = "--decode cpu" if mode == "cpu" else gpu_decode_unavailable()
+        if mode == "gpu" and self.unavailable:
+            raise TrtnetError(f"--decode gpu: {self.unavailable}")
+        self.device, self.cpu_threads = device, cpu_threads
+        self._codec = None if self.unavailable else nvimgcodec_module()
+        self._decoder: Any = None
+        self._params: Any = None
+        self.stream: cuda_rt.Stream | None = None
+        self._reusable: dict[Any, list] = {}  # slot → nvImageCodec Images to decode into again
+        if self._codec is not None:
+            self._start_gpu()
+
+    def _start_gpu(self) -> None:
+        """Make the nvImageCodec decoder now; where it cannot start, "auto" decodes with OpenCV, "gpu" fails."""
+        try:
+            self._gpu()
+        except Exception as exc:  # nvImageCodec raises RuntimeError("Internal error - Could not create decoder…")
+            self.unavailable = f"nvImageCodec could not start ({type(exc).__name__}: {exc})"
+            self._codec = self._decoder = None
+            if self.mode == "gpu":
+                raise TrtnetError(f"--decode gpu: {self.unavailable}") from exc
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self._codec is not None
+
+    def choose(self, data: bytes) -> DecoderChoice:
+        header = read_header(self._codec, data) if self._codec is not None else None
+        return decoder_for(data, header, self.unavailable)
+
+    def decode(self, paths: Sequence[str | os.PathLike], slot: Any = 0) -> DecodedBatch:
+        """Decode `paths`; the GPU part is queued on `self.stream` (complete once `ready` has)."""
+        start = time.perf_counter()
+        datas = list(_io_pool().map(read_bytes, [os.fspath(p) for p in paths]))
+        read_ms = (time.perf_counter() - start) * 1000.0
+        files = [DecodedFile(os.fspath(p), self.choose(d) if isinstance(d, bytes) else DecoderChoice("cpu", d),
+                             error="" if isinstance(d, bytes) else d) for p, d in zip(paths, datas)]
+        gpu = [i for i, f in enumerate(files) if f.choice.decoder == "gpu"]
+        ready = self._decode_on_gpu(files, [datas[i] for i in gpu], gpu, slot) if gpu else None
+        cpu = [i for i, f in enumerate(files) if f.image is None and not f.error]
+        for i, image in zip(cpu, _io_pool().map(cpu_decode, [datas[i] for i in cpu])):
+            files[i].image = image
+            if image is None:
+                files[i].error = "not an image OpenCV can read (empty, corrupt or another format)"
+        decode_ms = (time.perf_counter() - start) * 1000.0 - read_ms
+        return DecodedBatch(files, ready, read_ms, decode_ms, slot)
+
+    def _decode_on_gpu(self, files: list[DecodedFile], datas: list[bytes], where: list[int],
+                       slot: Any) -> cuda_rt.Event | None:
+        """nvImageCodec over `datas` (files[where]) into this slot's images; a file it fails on is left for
+        OpenCV with the reason changed. The event after the decodes, None when none succeeded."""
+        codec, decoder, params = self._gpu()
+        streams = [codec.CodeStream(d) for d in datas]
+        reuse = self._reusable.get(slot, [])
+        kwargs = {"images": reuse[: len(streams)]} if len(reuse) >= len(streams) else {}
+        images = decoder.decode(streams, params=params, cuda_stream=self.stream.handle, **kwargs)
+        kept = []
+        for i, image in zip(where, images):
+            if image is None:
+                files[i].choice = DecoderChoice("cpu", "nvImageCodec could not decode it")
+                continue
+            files[i].image = DeviceImage.of(image)
+            kept.append(image)
+        if len(kept) == len(streams) and len(kept) > len(reuse):
+            self._reusable[slot] = kept
+        if not kept:
+            return None
+        ready = cuda_rt.Event(timing=False)
+        ready.record(self.stream)
+        return ready
+
+    def _gpu(self) -> tuple[Any, Any, Any]:
+        """nvImageCodec, its decoder and parameters, made on first use: the hardware JPEG engines first,
+        then CUDA, then the hybrid CPU+GPU decoder (with no list it picks the hybrid one)."""
+        codec = self._codec
+        if self._decoder is None:
+            kinds = codec.BackendKind
+            backends = [codec.Backend(kind) for kind in (kinds.HW_GPU_ONLY, kinds.GPU_ONLY, kinds.HYBRID_CPU_GPU)]
+            # fancy upsampling: the chroma upsampling libjpeg-turbo (OpenCV) does, so pixels stay close to it
+            self._decoder = codec.Decoder(device_id=self.device, max_num_cpu_threads=self.cpu_threads,
+                                          backends=backends, options=":fancy_upsampling=1")
+            self._params = codec.DecodeParams(apply_exif_orientation=True, color_spec=codec.ColorSpec.SRGB,
+                                              allow_any_depth=False, sample_format=codec.SampleFormat.I_BGR)
+            self.stream = cuda_rt.Stream()
+        return codec, self._decoder, self._params
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+            self.stream.close()
+        self._reusable.clear()
+        self._decoder = None
+
+    def __enter__(self) -> FileDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_decoded(decoder: FileDecoder, paths: Iterable[str | os.PathLike], batch: int,
+                 depth: int = 2) -> Iterator[DecodedBatch]:
+    """`paths` decoded `batch` at a time, in order; the slot of batch k is k % depth (see
+    `DetectPipeline.stream_decoded`, which keeps `depth` batches in flight)."""
+    from trtnet.engine import batched
+
+    for k, chunk in enumerate(batched(paths, batch)):
+        yield decoder.decode(chunk, slot=k % depth)
+
+
+def host_images(decoder: FileDecoder, paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
+    """`paths` decoded (JPEGs on the GPU where `decoder` allows) and brought to the host as BGR arrays: for
+    preprocessing that runs on the CPU (val's official rectangular letterbox), so that only the decoder
+    differs. TrtnetError naming a file that cannot be decoded."""
+    batch = decoder.decode(paths)
+    for file in batch.failed:
+        raise TrtnetError(f"{file.path}: {file.error}")
+    return [f.image.download(decoder.stream) if f.on_gpu else f.image for f in batch.files]
