@@ -12,6 +12,7 @@ COMMANDS = {
     "detect": "run a YOLOv5 engine on images, folders, videos or a camera",
     "bench": "latency and throughput of an engine (and of its kernels), optionally vs PyTorch",
     "val": "COCO mAP of a detection engine / top-1 of a classifier on a dataset",
+    "serve": "serve engines on Triton (PyTriton): HTTP/gRPC, dynamic batching, many instances and GPUs",
     "demo": "download yolov5n, convert, build and detect on a sample image",
 }
 MODULES = {"inspect": "inspection"}  # a command whose module is named otherwise (`inspect` would shadow the stdlib)
