@@ -428,8 +428,8 @@ def run_bench(args) -> None:
 # ------------------------------------------------------------------------------------------ export
 
 
-PYTHON_MODEL = '''"""Triton Python-backend model written by `trtnet serve --export-repo`: trtnet.serve's request handling
-on trtnet.Detector / Classifier, one instance per GPU instance Triton gives it."""
+PYTHON_MODEL = '''"""Triton Python-backend model written by `trtnet serve --export-repo`: trtnet.serve's request
+handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives)."""
 import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -441,7 +441,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        settings = ServeSettings(target=args["model_repository"] + "/" + args["model_version"] + "/model.engine",
+        engine = args["model_repository"] + "/" + args["model_version"] + "/" + params["engine"]
+        settings = ServeSettings(target=engine,
                                  conf=float(params["conf"]), iou=float(params["iou"]),
                                  max_det=int(params["max_det"]), topk=int(params["topk"]))
         self.outputs = [o["name"] for o in config["output"]]
@@ -465,7 +466,8 @@ class TritonPythonModel:
 '''
 
 
-def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: bool, names: Sequence[str]) -> str:
+def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: bool, names: Sequence[str],
+                 engine_file: str) -> str:
     """A Python-backend config.pbtxt with the same inputs and outputs as the PyTriton model."""
     def tensor(n: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
         extra = ", optional: true" if optional else ""
@@ -482,7 +484,7 @@ def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: boo
     else:
         outs = [tensor("topk_ids", "TYPE_INT32", [k]), tensor("topk_scores", "TYPE_FP32", [k]),
                 tensor("error", "TYPE_STRING", [1])]
-    params = {"conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
+    params = {"engine": engine_file, "conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
               NAMES_PARAMETER: json.dumps([str(n) for n in names])}
     param_text = "\n".join(f'  {{ key: "{key}", value: {{ string_value: {json.dumps(str(v))} }} }}'
                            for key, v in params.items())
@@ -495,7 +497,7 @@ def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: boo
 
 
 def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
-    """DIR/NAME/{config.pbtxt, 1/model.py, 1/model.engine, 1/model.engine.json}: a Triton model repository
+    """DIR/NAME/{config.pbtxt, 1/model.py, 1/ENGINE, 1/ENGINE.json}: a Triton model repository
     for the stock Triton image (Python backend; trtnet must be installed in the image)."""
     from trtnet import networks
     from trtnet.engine_files import find_engine_sidecar, load_metadata, resolve_engine
@@ -508,11 +510,13 @@ def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
     if version.exists():
         raise TrtnetError(f"--export-repo {folder}: {name}/1 exists already; choose another folder")
     version.mkdir(parents=True)
-    shutil.copyfile(engine, version / "model.engine")
-    shutil.copyfile(find_engine_sidecar(engine), version / "model.engine.json")
+    sidecar = find_engine_sidecar(engine)
+    shutil.copyfile(engine, version / engine.name)  # names kept: the sidecar names its engine
+    shutil.copyfile(sidecar, version / sidecar.name)
     (version / "model.py").write_text(PYTHON_MODEL)
     max_batch = min(settings.max_batch, meta.batch.max)
-    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, meta.class_names))
+    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, meta.class_names,
+                                                                   engine.name))
     return version.parent
 
 
