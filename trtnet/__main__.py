@@ -24,6 +24,7 @@ COMMANDS = {
     "detect": "run a detection engine (or its weights on the CPU) on images, folders, videos or a camera",
     "bench": "latency and throughput of an engine (`bench kernels`: of the pre/post-processing kernels)",
     "val": "COCO mAP of a detection engine / top-1 of a classifier on a dataset",
+    "serve": "serve engines on Triton (PyTriton): HTTP/gRPC, dynamic batching, many instances and GPUs",
     "demo": "convert yolov5n, build, and detect on a sample image (GPU, or CPU when there is none)",
 }
 # a command whose module is named otherwise (`inspect` would shadow the stdlib)

@@ -299,10 +299,11 @@ class _Model:
 
     task = ""  # the networks/ TASK of the engines it runs
 
-    def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
+    def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights",
+                 device: int | None = None):
         from trtnet.engine import Engine
 
-        self.engine = Engine(engine, weights_dir=weights_dir, cuda_graphs=cuda_graphs)
+        self.engine = Engine(engine, weights_dir=weights_dir, cuda_graphs=cuda_graphs, device=device)
         task = networks.family(self.engine.meta.family).TASK
         if task != self.task:
             other = "Classifier" if task == "classify" else "Detector"
@@ -341,12 +342,12 @@ class Detector(_Model):
 
     def __init__(self, engine: str | Path, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
                  multi_label: bool = False, agnostic: bool = False, cuda_graphs: bool = False,
-                 weights_dir: str | Path = "weights", rect: bool = False):
+                 weights_dir: str | Path = "weights", rect: bool = False, device: int | None = None):
         from trtnet.pipelines import DetectPipeline
         from trtnet.plugins.postprocess import NmsSettings
 
         self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)  # refused before loading
-        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
+        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir, device=device)
         self.pipeline = DetectPipeline(self.engine, self.settings, rect=rect)
 
     @property
@@ -409,8 +410,9 @@ class Classifier(_Model):
 
     task = "classify"
 
-    def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights"):
-        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
+    def __init__(self, engine: str | Path, *, cuda_graphs: bool = False, weights_dir: str | Path = "weights",
+                 device: int | None = None):
+        super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir, device=device)
         from trtnet.pipelines import ClassifyPipeline
 
         self.pipeline = ClassifyPipeline(self.engine)

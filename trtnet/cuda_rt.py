@@ -92,6 +92,14 @@ def device_identity(device: int = 0) -> dict:
     return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def use_device(device: int) -> None:
+    """Make `device` this thread's current CUDA device (the runtime's current device is per thread)."""
+    err, count = cudart().cudaGetDeviceCount()
+    if int(err) == 0 and not 0 <= device < count:
+        raise TrtnetError(f"device {device}: this machine has {count} GPU(s) (0..{count - 1})")
+    check(cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
 def device_properties(device: int | None = None) -> dict:
     """Name, compute capability and memory of `device` (default: the current one)."""
     rt = cudart()

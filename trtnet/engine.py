@@ -85,11 +85,14 @@ def io_specs(trt_engine: Any) -> tuple[dict[str, TensorSpec], dict[str, TensorSp
 class Engine:
     """A deserialized engine with its metadata; `worker()` is this thread's execution context."""
 
-    def __init__(self, engine: str | Path, *, weights_dir: str | Path = "weights", cuda_graphs: bool = False):
+    def __init__(self, engine: str | Path, *, weights_dir: str | Path = "weights", cuda_graphs: bool = False,
+                 device: int | None = None):
         self.path = resolve_engine(engine, weights_dir)
         self.meta = load_metadata(self.path)
         check_tensorrt(self.meta, compat.flavour())
         require_gpu(self.path.name)
+        self.device_index = device  # None: the thread's current device
+        self.use_device()
         self.device = cuda_rt.device_properties()
         check_device(self.meta, compat.flavour(), self.device)
         if self.meta.postprocess_in_engine:
@@ -109,6 +112,11 @@ class Engine:
     @property
     def family(self) -> str:
         return self.meta.family
+
+    def use_device(self) -> None:
+        """Make this engine's GPU current on the calling thread (every thread that touches the engine)."""
+        if self.device_index is not None:
+            cuda_rt.use_device(self.device_index)
 
     @property
     def input_name(self) -> str:
@@ -160,6 +168,7 @@ class Engine:
     @contextmanager
     def checkout(self) -> Iterator[Worker]:
         """The worker for one call, held by this thread until the block ends (thread-safe)."""
+        self.use_device()
         if not self.one_context:
             yield self.worker()
             return
@@ -236,6 +245,7 @@ class Worker:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        engine.use_device()
         self.context = engine.trt_engine.create_execution_context()
         if self.context is None:
             raise TrtnetError(

@@ -1,0 +1,158 @@
+"""trtnet.serve's request handling, settings and multi-device layout, without PyTriton or a GPU."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from trtnet import cuda_rt, serve
+from trtnet.api import Detections
+from trtnet.engine import Engine
+from trtnet.errors import TrtnetError
+
+NAMES = ["person", "bus", "car"]
+
+
+def detections(boxes, scores, classes, shape=(100, 200)) -> Detections:
+    return Detections(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32),
+                      np.asarray(classes, np.int64), NAMES, shape)
+
+
+def test_devices_are_cpu_or_distinct_gpu_indices():
+    assert serve.parse_devices("cpu") == ("cpu",)
+    assert serve.parse_devices("0, 1,3") == (0, 1, 3)
+    for bad in ("", "gpu0", "0,0", "-1"):
+        with pytest.raises(TrtnetError, match="--devices"):
+            serve.parse_devices(bad)
+
+
+def test_model_names_drop_the_file_suffix_and_odd_characters():
+    assert serve.model_name("weights/yolov5n.fp16.engine") == "yolov5n.fp16"
+    assert serve.model_name("/data/yolov5n.pt") == "yolov5n"
+    assert serve.model_name("my model.wts") == "my_model"
+
+
+def test_instances_are_made_per_device_for_any_number_of_devices():
+    opened = []
+
+    def opener(settings, device):
+        opened.append(device)
+        return f"runner{len(opened)}"
+
+    settings = serve.ServeSettings("yolov5n.fp16.engine", devices=(0, 1, 2), instances=2)
+    runners = serve.open_runners(settings, opener)
+    assert opened == [0, 0, 1, 1, 2, 2]
+    assert len(set(runners)) == 6
+
+
+def test_an_engine_takes_its_device_on_every_thread_that_uses_it(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(cuda_rt, "use_device", chosen.append)
+    engine = object.__new__(Engine)  # the device logic only: no engine file, no GPU
+    engine.device_index = 1
+    engine.use_device()
+    engine.device_index = None
+    engine.use_device()
+    assert chosen == [1]
+
+
+def test_use_device_refuses_an_index_the_machine_lacks(monkeypatch):
+    calls = []
+
+    class FakeRuntime:
+        def cudaGetDeviceCount(self):
+            return 0, 2
+
+        def cudaSetDevice(self, device):
+            calls.append(device)
+            return (0,)
+
+    monkeypatch.setattr(cuda_rt, "cudart", FakeRuntime)
+    monkeypatch.setattr(cuda_rt, "check", lambda result, what="": result)
+    cuda_rt.use_device(1)
+    assert calls == [1]
+    with pytest.raises(TrtnetError, match="device 2: this machine has 2 GPU"):
+        cuda_rt.use_device(2)
+
+
+def test_encoded_images_decode_and_undecodable_ones_become_errors():
+    ok, png = cv2.imencode(".png", np.full((8, 6, 3), 7, np.uint8))
+    assert ok
+    request = {"image": np.array([[png.tobytes()], [b"not an image"], [b""]], dtype=object)}
+    decoded = serve.request_images(request)
+    assert decoded[0].shape == (8, 6, 3) and int(decoded[0][0, 0, 0]) == 7
+    assert isinstance(decoded[1], TrtnetError) and "OpenCV can decode" in str(decoded[1])
+    assert isinstance(decoded[2], TrtnetError)
+
+
+def test_raw_pixels_must_be_uint8_hxwx3():
+    good = serve.request_images({"pixels": np.zeros((2, 5, 4, 3), np.uint8)})
+    assert [x.shape for x in good] == [(5, 4, 3), (5, 4, 3)]
+    for bad in (np.zeros((1, 5, 4, 3), np.float32), np.zeros((1, 5, 4, 4), np.uint8)):
+        errors = serve.request_images({"pixels": bad})
+        assert len(errors) == 1 and isinstance(errors[0], TrtnetError)
+    assert isinstance(serve.request_images({"conf": np.ones((1, 1))})[0], TrtnetError)
+
+
+def test_outputs_are_padded_to_max_det_with_a_count_and_errors_per_image():
+    found = detections([[1, 2, 3, 4], [5, 6, 7, 8]], [0.9, 0.5], [1, 0])
+    out = serve.detection_outputs([found, TrtnetError("broken")], max_det=3)
+    assert out["boxes"].shape == (2, 3, 4) and out["count"][:, 0].tolist() == [2, 0]
+    assert out["boxes"][0, 1].tolist() == [5, 6, 7, 8] and out["classes"][0].tolist() == [1, 0, -1]
+    assert out["shape"][0].tolist() == [100, 200]
+    assert out["error"][:, 0].tolist() == [b"", b"broken"]
+    assert [r["count"].shape for r in serve.split_rows(out, [1, 1])] == [(1, 1), (1, 1)]
+
+
+def test_request_options_narrow_the_detections():
+    found = detections([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]], [0.9, 0.6, 0.4], [0, 0, 2])
+    assert serve.narrowed(found, serve.Overrides(conf=0.5)).scores.tolist() == pytest.approx([0.9, 0.6])
+    assert serve.narrowed(found, serve.Overrides(classes=(2,))).classes.tolist() == [2]
+    # boxes 0 and 1 overlap with IoU 0.81: an iou of 0.5 keeps the better one; 0.9 keeps both
+    assert len(serve.narrowed(found, serve.Overrides(iou=0.5))) == 2
+    assert len(serve.narrowed(found, serve.Overrides(iou=0.9))) == 3
+
+
+def test_requests_give_one_option_row_per_image():
+    request = {"image": np.zeros((2, 1), object), "conf": np.array([[0.3], [0.7]], np.float32),
+               "classes": np.array([[0, 2], [1, 1]], np.int32)}
+    options = serve.request_overrides(request, 2)
+    assert [o.conf for o in options] == pytest.approx([0.3, 0.7])
+    assert [o.classes for o in options] == [(0, 2), (1, 1)] and options[0].iou is None
+
+
+def test_one_bad_image_does_not_fail_the_others_in_a_batch():
+    class Runner:
+        names = NAMES
+
+        def detect_loaded(self, images):
+            return [detections([[0, 0, 1, 1]], [0.8], [1], image.shape[:2]) for image in images]
+
+    infer = serve.infer_function(Runner(), serve.ServeSettings("x", max_det=4))
+    ok, jpg = cv2.imencode(".jpg", np.zeros((20, 30, 3), np.uint8))
+    requests = [{"image": np.array([[b"junk"]], object)}, {"image": np.array([[jpg.tobytes()]], object)},
+                {"pixels": np.zeros((1, 9, 7, 3), np.uint8), "conf": np.array([[0.9]], np.float32)}]
+    bad, good, filtered = infer(requests)
+    assert bad["error"][0, 0] and bad["count"][0, 0] == 0
+    assert good["error"][0, 0] == b"" and good["count"][0, 0] == 1 and good["shape"][0].tolist() == [20, 30]
+    assert filtered["count"][0, 0] == 0 and filtered["shape"][0].tolist() == [9, 7]
+
+
+def test_the_batcher_never_exceeds_the_engines_batch_profile():
+    class WithEngine:
+        class engine:
+            max_batch = 8
+
+    settings = serve.ServeSettings("x", max_batch=32)
+    assert serve.batch_bound(settings, WithEngine()) == 8
+    assert serve.batch_bound(settings, object()) == 32
+
+
+def test_cli_refusals_name_the_option(capsys):
+    assert serve.cli(["--devices", "cpu"]) == 2
+    assert "give an engine" in capsys.readouterr().err
+    assert serve.cli(["x.engine", "--instances", "0"]) == 2
+    assert "--instances 0" in capsys.readouterr().err
+    assert serve.cli(["yolov5n", "--devices", "cpu", "--export-repo", "repo"]) == 2
+    assert "--export-repo" in capsys.readouterr().err

@@ -1,0 +1,583 @@
+"""`python -m trtnet.serve`: serve engines behind NVIDIA Triton Inference Server through PyTriton.
+
+    python -m trtnet.serve weights/yolov5n.fp16.engine --instances 2 --devices 0,1
+    python -m trtnet.serve yolov5n --devices cpu --imgsz 320        # no GPU: weights run with NumPy
+    python -m trtnet.serve --bench http://127.0.0.1:8000 --concurrency 1,8,32 --requests 1000
+    python -m trtnet.serve weights/yolov5n.fp16.engine --export-repo model_repository
+
+One Triton model per engine (named after its file: yolov5n.fp16), `--instances` model instances per device,
+Triton's dynamic batcher in front; HTTP (KServe v2), gRPC, health and Prometheus metrics are Triton's.
+PyTriton needs numpy < 2, so the server runs in its own environment (`make serve-env`, README "Serving").
+
+Detection models take `image` (encoded JPEG/PNG/... bytes, [N, 1]) or `pixels` (uint8 BGR, [N, H, W, 3]),
+optionally `conf`, `iou` ([N, 1] float32) and `classes` ([N, K] int32), and answer `boxes` [N, max_det, 4]
+(x1, y1, x2, y2 in image pixels), `scores`, `classes`, `count` (valid rows), `shape` (image h, w) and `error`
+(empty, or why that image got no result: one bad image does not fail the others batched with it).
+Classifiers answer `topk_ids` and `topk_scores`. Class names are the model config's `class_names` parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from trtnet.cli import command_parser, run
+from trtnet.errors import TrtnetError
+
+Device = Union[int, str]  # a GPU index, or "cpu"
+NAMES_PARAMETER = "class_names"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    target: str  # an engine (path or name); with devices ("cpu",) a weights file or name
+    devices: tuple[Device, ...] = (0,)
+    instances: int = 1
+    max_batch: int = 32
+    max_queue_delay_us: int = 500
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 300
+    topk: int = 5
+    imgsz: int = 640  # the CPU path's network input size (engines have theirs built in)
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    weights_dir: str = "weights"
+
+
+def parse_devices(text: str) -> tuple[Device, ...]:
+    """`cpu`, or comma-separated GPU indices (`0,1`)."""
+    if text.strip().lower() == "cpu":
+        return ("cpu",)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise TrtnetError(f"--devices {text!r}: give `cpu` or GPU indices such as 0 or 0,1")
+    if len(set(parts)) != len(parts):
+        raise TrtnetError(f"--devices {text!r}: a GPU is named twice (use --instances for more per GPU)")
+    return tuple(int(p) for p in parts)
+
+
+def model_name(target: str) -> str:
+    """The Triton model name of an engine or weights file: its file name without .engine/.pt/... ."""
+    name = Path(target).name
+    for suffix in (".engine", ".pt", ".pth", ".wts", ".safetensors"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "model"
+
+
+# ------------------------------------------------------------------------------------------ runners
+
+
+def engine_task(target: str, weights_dir: str) -> str:
+    """`detect` or `classify`: what the engine's family does (from its metadata, before loading it)."""
+    from trtnet import networks
+    from trtnet.engine_files import load_metadata, resolve_engine
+
+    return networks.family(load_metadata(resolve_engine(target, weights_dir)).family).TASK
+
+
+def open_runner(settings: ServeSettings, device: Device):
+    """A Detector / Classifier on GPU `device`, or a CpuDetector for "cpu"; refuses what cannot run there."""
+    s = settings
+    if device == "cpu":
+        from trtnet.cpu import CpuDetector
+
+        return CpuDetector(s.target, s.conf, s.iou, s.max_det, imgsz=s.imgsz, weights_dir=s.weights_dir)
+    from trtnet.api import Classifier, Detector
+
+    if engine_task(s.target, s.weights_dir) == "classify":
+        return Classifier(s.target, weights_dir=s.weights_dir, device=int(device))
+    return Detector(s.target, s.conf, s.iou, s.max_det, weights_dir=s.weights_dir, device=int(device))
+
+
+def open_runners(settings: ServeSettings, opener: Callable = open_runner) -> list:
+    """`instances` runners per device, device by device (each one a Triton model instance)."""
+    return [opener(settings, device) for device in settings.devices for _ in range(settings.instances)]
+
+
+def batch_bound(settings: ServeSettings, runner) -> int:
+    """The dynamic batcher's max_batch_size: --max-batch, no more than the engine's batch profile."""
+    engine = getattr(runner, "engine", None)
+    return min(settings.max_batch, engine.max_batch) if engine is not None else settings.max_batch
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+
+def decode_image(encoded: Any) -> np.ndarray:
+    """BGR uint8 from encoded image bytes; TrtnetError when OpenCV cannot decode them."""
+    import cv2
+
+    data = bytes(encoded) if not isinstance(encoded, bytes) else encoded
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise TrtnetError(f"image of {len(data)} bytes: not an image OpenCV can decode (JPEG, PNG, BMP, ...)")
+    return image
+
+
+def request_images(request: Any) -> list[np.ndarray | TrtnetError]:
+    """The images of one request (a mapping of input name → array with the batch first), or the error
+    of each one that cannot be used."""
+    if "image" in request:
+        out: list[np.ndarray | TrtnetError] = []
+        for row in np.asarray(request["image"]).reshape(len(request["image"]), -1):
+            try:
+                out.append(decode_image(row[0]))
+            except TrtnetError as exc:
+                out.append(exc)
+        return out
+    if "pixels" in request:
+        pixels = np.asarray(request["pixels"])
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3 or 0 in pixels.shape:
+            error = TrtnetError(f"pixels {pixels.dtype} {list(pixels.shape)}: send uint8 [N, H, W, 3] BGR")
+            return [error] * max(len(pixels), 1)
+        return list(pixels)
+    return [TrtnetError("the request has neither `image` (encoded bytes) nor `pixels` (uint8 HxWx3)")]
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """One image's request options: they narrow the server's settings (conf above --conf, iou below --iou)."""
+
+    conf: float | None = None
+    iou: float | None = None
+    classes: tuple[int, ...] | None = None
+
+
+def request_overrides(request: Any, count: int) -> list[Overrides]:
+    def column(name: str) -> list:
+        if name not in request:
+            return [None] * count
+        values = np.asarray(request[name]).reshape(count, -1)
+        return [tuple(int(v) for v in row) if name == "classes" else float(row[0]) for row in values]
+
+    return [Overrides(c, i, k) for c, i, k in zip(column("conf"), column("iou"), column("classes"))]
+
+
+def narrowed(detections, options: Overrides):
+    """The detections that the request's own conf, iou and classes keep."""
+    from trtnet.plugins.official import MAX_WH, greedy_nms
+
+    if options.conf is not None:
+        detections = detections[detections.scores >= options.conf]
+    if options.classes is not None:
+        detections = detections.of_classes(options.classes)
+    if options.iou is not None and len(detections):
+        order = np.argsort(-detections.scores, kind="stable")
+        detections = detections[order]
+        offset = detections.classes[:, None].astype(np.float32) * np.float32(MAX_WH)
+        detections = detections[greedy_nms(detections.boxes + offset, options.iou)]
+    return detections
+
+
+# ------------------------------------------------------------------------------------------ responses
+
+
+def detection_outputs(results: Sequence, max_det: int) -> dict[str, np.ndarray]:
+    """Padded output arrays for a list of `Detections` or errors (one per image)."""
+    n = len(results)
+    out = {
+        "boxes": np.zeros((n, max_det, 4), np.float32), "scores": np.zeros((n, max_det), np.float32),
+        "classes": np.full((n, max_det), -1, np.int32), "count": np.zeros((n, 1), np.int32),
+        "shape": np.zeros((n, 2), np.int32), "error": np.full((n, 1), b"", dtype=object),
+    }
+    for i, result in enumerate(results):
+        if isinstance(result, Exception):
+            out["error"][i, 0] = str(result).encode()
+            continue
+        k = min(len(result), max_det)
+        out["boxes"][i, :k], out["scores"][i, :k] = result.boxes[:k], result.scores[:k]
+        out["classes"][i, :k], out["count"][i, 0] = result.classes[:k], k
+        out["shape"][i] = result.shape
+    return out
+
+
+def classification_outputs(results: Sequence, topk: int) -> dict[str, np.ndarray]:
+    n = len(results)
+    out = {"topk_ids": np.full((n, topk), -1, np.int32), "topk_scores": np.zeros((n, topk), np.float32),
+           "error": np.full((n, 1), b"", dtype=object)}
+    for i, result in enumerate(results):
+        if isinstance(result, Exception):
+            out["error"][i, 0] = str(result).encode()
+            continue
+        k = min(len(result.classes), topk)
+        out["topk_ids"][i, :k], out["topk_scores"][i, :k] = result.classes[:k], result.scores[:k]
+    return out
+
+
+def split_rows(outputs: dict[str, np.ndarray], counts: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Per-request slices of the arrays of all images of a batch."""
+    starts = np.cumsum([0, *counts])
+    return [{k: v[a:b] for k, v in outputs.items()} for a, b in zip(starts[:-1], starts[1:])]
+
+
+def run_images(runner, images: list, settings: ServeSettings) -> list:
+    """Results (or errors) for decoded images: every good image of the batch in one call to the runner."""
+    good = [i for i, x in enumerate(images) if not isinstance(x, Exception)]
+    results = list(images)
+    if not good:
+        return results
+    from trtnet.api import to_bgr
+
+    try:
+        loaded = [to_bgr(images[i]) for i in good]
+        if hasattr(runner, "detect_loaded"):
+            done = runner.detect_loaded(loaded)
+        else:
+            done = runner.classify(loaded, settings.topk)
+    except TrtnetError as exc:  # one error for the images of this call; the server keeps serving
+        done = [exc] * len(good)
+    for i, result in zip(good, done):
+        results[i] = result
+    return results
+
+
+def infer_function(runner, settings: ServeSettings) -> Callable[[list], list[dict]]:
+    """The PyTriton callable of one model instance: a dynamic batch of requests in, one dict per request out."""
+    detect = hasattr(runner, "detect_loaded")
+
+    def infer(requests: list) -> list[dict]:
+        per_request = [request_images(r) for r in requests]
+        images = [x for xs in per_request for x in xs]
+        results = run_images(runner, images, settings)
+        if not detect:
+            return split_rows(classification_outputs(results, settings.topk), [len(x) for x in per_request])
+        options = [o for r, xs in zip(requests, per_request) for o in request_overrides(r, len(xs))]
+        results = [r if isinstance(r, Exception) else narrowed(r, o) for r, o in zip(results, options)]
+        return split_rows(detection_outputs(results, settings.max_det), [len(x) for x in per_request])
+
+    return infer
+
+
+# ------------------------------------------------------------------------------------------ Triton
+
+
+def tensors(detect: bool, settings: ServeSettings) -> tuple[list, list]:
+    from pytriton.model_config import Tensor
+
+    inputs = [Tensor(name="image", dtype=bytes, shape=(1,), optional=True),
+              Tensor(name="pixels", dtype=np.uint8, shape=(-1, -1, 3), optional=True)]
+    if not detect:
+        return inputs, [Tensor(name="topk_ids", dtype=np.int32, shape=(settings.topk,)),
+                        Tensor(name="topk_scores", dtype=np.float32, shape=(settings.topk,)),
+                        Tensor(name="error", dtype=bytes, shape=(1,))]
+    inputs += [Tensor(name="conf", dtype=np.float32, shape=(1,), optional=True),
+               Tensor(name="iou", dtype=np.float32, shape=(1,), optional=True),
+               Tensor(name="classes", dtype=np.int32, shape=(-1,), optional=True)]
+    m = settings.max_det
+    return inputs, [Tensor(name="boxes", dtype=np.float32, shape=(m, 4)),
+                    Tensor(name="scores", dtype=np.float32, shape=(m,)),
+                    Tensor(name="classes", dtype=np.int32, shape=(m,)),
+                    Tensor(name="count", dtype=np.int32, shape=(1,)),
+                    Tensor(name="shape", dtype=np.int32, shape=(2,)),
+                    Tensor(name="error", dtype=bytes, shape=(1,))]
+
+
+def triton_config(settings: ServeSettings):
+    from pytriton.triton import TritonConfig
+
+    gpu = settings.devices != ("cpu",)
+    return TritonConfig(http_address=settings.host, http_port=settings.http_port, grpc_address=settings.host,
+                        grpc_port=settings.grpc_port, metrics_address=settings.host,
+                        metrics_port=settings.metrics_port, allow_gpu_metrics=gpu)
+
+
+def security_config():
+    """PyTriton restricts some endpoints to a random token by default; statistics (read-only: what the
+    batcher did, per model) stay open for monitoring and `--bench`; loading/unloading models stays closed."""
+    from pytriton.triton import TritonSecurityConfig
+
+    return TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
+
+
+def publish_names(triton, name: str, names: Sequence[str]) -> None:
+    """Class names as the model config parameter `class_names` (JSON list). PyTriton has no public hook for
+    config parameters: this adds one to the backend parameters of the config it generates (pytriton 0.7)."""
+    for model in triton._model_manager.models:
+        if model.model_name == name:
+            config = model._get_triton_model_config()
+            config.backend_parameters[NAMES_PARAMETER] = json.dumps([str(n) for n in names])
+
+
+def use_this_libpython() -> None:
+    """Triton's Python-backend stub links `libpython3.X.so` from the loader path: on pyenv/conda interpreters
+    that is the system's, another patch release than our stdlib (the stub then fails on import). Put our
+    interpreter's own library first for the processes PyTriton starts."""
+    import os
+    import sysconfig
+
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and sysconfig.get_config_var("Py_ENABLE_SHARED") and Path(libdir).is_dir():
+        paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *(p for p in paths if p != libdir)])
+
+
+def serve(settings: ServeSettings, opener: Callable = open_runner,
+          started: Callable[[], None] | None = None) -> None:
+    """Load every instance (refusing what cannot run), start Triton, serve until SIGINT/SIGTERM."""
+    try:
+        from pytriton.model_config import DynamicBatcher, ModelConfig
+        from pytriton.triton import Triton
+    except ImportError as exc:
+        raise TrtnetError(f"trtnet.serve needs PyTriton ({exc}): make serve-env, then run it with "
+                          ".venv-serve/bin/python -m trtnet.serve") from None
+    runners = open_runners(settings, opener)
+    use_this_libpython()
+    name, first = model_name(settings.target), runners[0]
+    inputs, outputs = tensors(hasattr(first, "detect_loaded"), settings)
+    batcher = DynamicBatcher(max_queue_delay_microseconds=settings.max_queue_delay_us)
+    config = ModelConfig(max_batch_size=batch_bound(settings, first), batcher=batcher)
+    triton = Triton(config=triton_config(settings), security_config=security_config())
+    try:
+        triton.bind(model_name=name, infer_func=[infer_function(r, settings) for r in runners],
+                    inputs=inputs, outputs=outputs, config=config, strict=True)
+        publish_names(triton, name, first.names)  # before run(): the config is written when the model loads
+        triton.run()
+        print(f"serving {name} ({len(runners)} instance(s) on {','.join(map(str, settings.devices))}): "
+              f"http {settings.host}:{settings.http_port}, grpc {settings.host}:{settings.grpc_port}, "
+              f"metrics {settings.host}:{settings.metrics_port}", flush=True)
+        if started is not None:
+            started()
+        triton.serve()
+    finally:
+        triton.stop()
+        for runner in runners:
+            runner.close()
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: tuple[float, ...]
+
+    @property
+    def throughput(self) -> float:
+        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def row(self) -> str:
+        return (f"{self.concurrency:>11} {self.requests:>8} {self.throughput:>10.1f} {self.percentile(50):>8.1f} "
+                f"{self.percentile(99):>8.1f} {self.errors:>6}")
+
+
+BENCH_HEADER = f"{'concurrency':>11} {'requests':>8} {'images/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+
+
+def bench(url: str, images: Sequence[str | np.ndarray], concurrency: int, requests: int,
+          model: str | None = None) -> BenchResult:
+    """`requests` single-image detections spread over `concurrency` threads (a client each)."""
+    from trtnet.client import Client
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        with Client(url, model=model) as client:
+            for i in iter(lambda: next(counter, None), None):
+                start = time.perf_counter()
+                try:
+                    client.detect(images[i % len(images)])
+                except TrtnetError:
+                    with lock:
+                        errors[0] += 1
+                    continue
+                with lock:
+                    latencies.append((time.perf_counter() - start) * 1e3)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return BenchResult(concurrency, requests, errors[0], time.perf_counter() - start, tuple(latencies))
+
+
+def run_bench(args) -> None:
+    images = args.images or [str(p) for p in sorted(Path(args.bench_images).glob("*.jpg"))]
+    if not images:
+        raise TrtnetError(f"--bench: no images (--images, or *.jpg in {args.bench_images})")
+    print(BENCH_HEADER)
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        print(bench(args.bench, images, concurrency, args.requests, args.model).row(), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+PYTHON_MODEL = '''"""Triton Python-backend model written by `trtnet serve --export-repo`: trtnet.serve's request
+handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives)."""
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trtnet.serve import ServeSettings, infer_function, open_runner
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        engine = args["model_repository"] + "/" + args["model_version"] + "/" + params["engine"]
+        settings = ServeSettings(target=engine,
+                                 conf=float(params["conf"]), iou=float(params["iou"]),
+                                 max_det=int(params["max_det"]), topk=int(params["topk"]))
+        self.outputs = [o["name"] for o in config["output"]]
+        self.runner = open_runner(settings, int(args.get("model_instance_device_id") or 0))
+        self.infer = infer_function(self.runner, settings)
+
+    def execute(self, requests):
+        inputs = []
+        for request in requests:
+            named = {}
+            for name in ("image", "pixels", "conf", "iou", "classes"):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    named[name] = tensor.as_numpy()
+            inputs.append(named)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
+                for out in self.infer(inputs)]
+
+    def finalize(self):
+        self.runner.close()
+'''
+
+
+def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: bool, names: Sequence[str],
+                 engine_file: str) -> str:
+    """A Python-backend config.pbtxt with the same inputs and outputs as the PyTriton model."""
+    def tensor(n: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
+        extra = ", optional: true" if optional else ""
+        return f'  {{ name: "{n}", data_type: {dtype}, dims: [{", ".join(map(str, dims))}]{extra} }}'
+
+    ins = [tensor("image", "TYPE_STRING", [1], True), tensor("pixels", "TYPE_UINT8", [-1, -1, 3], True)]
+    m, k = settings.max_det, settings.topk
+    if detect:
+        ins += [tensor("conf", "TYPE_FP32", [1], True), tensor("iou", "TYPE_FP32", [1], True),
+                tensor("classes", "TYPE_INT32", [-1], True)]
+        outs = [tensor("boxes", "TYPE_FP32", [m, 4]), tensor("scores", "TYPE_FP32", [m]),
+                tensor("classes", "TYPE_INT32", [m]), tensor("count", "TYPE_INT32", [1]),
+                tensor("shape", "TYPE_INT32", [2]), tensor("error", "TYPE_STRING", [1])]
+    else:
+        outs = [tensor("topk_ids", "TYPE_INT32", [k]), tensor("topk_scores", "TYPE_FP32", [k]),
+                tensor("error", "TYPE_STRING", [1])]
+    params = {"engine": engine_file, "conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
+              NAMES_PARAMETER: json.dumps([str(n) for n in names])}
+    param_text = "\n".join(f'  {{ key: "{key}", value: {{ string_value: {json.dumps(str(v))} }} }}'
+                           for key, v in params.items())
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+            f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}\n"
+            f"instance_group [ {{ count: {settings.instances}, kind: KIND_GPU }} ]\n"
+            f"input [\n{(',' + chr(10)).join(ins)}\n]\n"
+            f"output [\n{(',' + chr(10)).join(outs)}\n]\n"
+            f"parameters [\n{(',' + chr(10)).join(param_text.splitlines())}\n]\n")
+
+
+def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
+    """DIR/NAME/{config.pbtxt, 1/model.py, 1/ENGINE, 1/ENGINE.json}: a Triton model repository
+    for the stock Triton image (Python backend; trtnet must be installed in the image)."""
+    from trtnet import networks
+    from trtnet.engine_files import find_engine_sidecar, load_metadata, resolve_engine
+
+    engine = resolve_engine(settings.target, settings.weights_dir)
+    meta = load_metadata(engine)
+    detect = networks.family(meta.family).TASK == "detect"
+    name = model_name(str(engine))
+    version = Path(folder) / name / "1"
+    if version.exists():
+        raise TrtnetError(f"--export-repo {folder}: {name}/1 exists already; choose another folder")
+    version.mkdir(parents=True)
+    sidecar = find_engine_sidecar(engine)
+    shutil.copyfile(engine, version / engine.name)  # names kept: the sidecar names its engine
+    shutil.copyfile(sidecar, version / sidecar.name)
+    (version / "model.py").write_text(PYTHON_MODEL)
+    max_batch = min(settings.max_batch, meta.batch.max)
+    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, meta.class_names,
+                                                                   engine.name))
+    return version.parent
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def parser():
+    p = command_parser("serve", "serve engines (or, with --devices cpu, weights) on Triton through PyTriton")
+    p.add_argument("target", nargs="?", help="engine path or name; with --devices cpu a weights file or name")
+    p.add_argument("--http-port", type=int, default=8000, help="Triton HTTP/REST (KServe v2) port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per device")
+    p.add_argument("--devices", default="0", help="GPU indices (0,1,...) or cpu")
+    p.add_argument("--max-batch", type=int, default=32, help="dynamic batcher's largest batch (≤ the engine's)")
+    p.add_argument("--max-queue-delay-us", type=int, default=500, help="how long the batcher waits to fill")
+    p.add_argument("--conf", type=float, default=0.25, help="NMS confidence threshold (requests may raise it)")
+    p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (requests may lower it)")
+    p.add_argument("--max-det", type=int, default=300, help="detections per image (outputs are padded to it)")
+    p.add_argument("--topk", type=int, default=5, help="classifiers: classes per image")
+    p.add_argument("--imgsz", type=int, default=640, help="--devices cpu: network input size")
+    p.add_argument("--weights-dir", default="weights", help="where names are looked up")
+    p.add_argument("--export-repo", metavar="DIR", help="write a Triton model repository for the engine and exit")
+    p.add_argument("--bench", metavar="URL", help="drive a running server: throughput and latency")
+    p.add_argument("--concurrency", default="1,8,32", help="--bench: concurrent clients, comma-separated")
+    p.add_argument("--requests", type=int, default=1000, help="--bench: requests per concurrency")
+    p.add_argument("--model", help="--bench: model name (default: the server's only model)")
+    p.add_argument("--images", nargs="+", help="--bench: image files to send")
+    p.add_argument("--bench-images", default="../shared/data/images", help="--bench: folder of *.jpg otherwise")
+    return p
+
+
+def settings_from(args) -> ServeSettings:
+    if not args.target:
+        raise TrtnetError("give an engine (or, with --devices cpu, weights) to serve, or --bench URL")
+    for option in ("instances", "max_batch", "max_det", "topk"):
+        if getattr(args, option) < 1:
+            raise TrtnetError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
+    return ServeSettings(args.target, parse_devices(args.devices), args.instances, args.max_batch,
+                         args.max_queue_delay_us, args.conf, args.iou, args.max_det, args.topk, args.imgsz,
+                         args.host, args.http_port, args.grpc_port, args.metrics_port, args.weights_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.bench:
+        run_bench(args)
+        return 0
+    settings = settings_from(args)
+    if args.export_repo:
+        if settings.devices == ("cpu",):
+            raise TrtnetError("--export-repo exports an engine; --devices cpu models are served with PyTriton only")
+        print(f"wrote {export_repo(replace(settings), args.export_repo)}")
+        return 0
+    serve(settings)
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
