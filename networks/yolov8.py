@@ -445,6 +445,10 @@ def official_golden(torch, checkpoint_path: Path, image_chw: np.ndarray, officia
 
 
 def golden_aliases(meta: dict) -> dict:
-    """The golden's Detect outputs → our tensors: `raw` is output0, `head_i` the per-level map of Detect."""
-    detect = f"model.{len(_rows(meta['yaml'])) - 1}"
-    return {"raw": OUTPUT, **{f"head_{i}": f"{detect}.level{i}" for i in range(len(meta.get("strides") or []))}}
+    """The golden's Detect outputs → our tensors: `raw` is output0, `head_i` the per-level map of Detect (named
+    from the yaml: weights' metadata has it, an engine's sidecar does not, and its engine has no such tensor)."""
+    aliases = {"raw": OUTPUT}
+    if meta.get("yaml"):
+        detect = f"model.{len(_rows(meta['yaml'])) - 1}"
+        aliases.update({f"head_{i}": f"{detect}.level{i}" for i in range(len(meta.get("strides") or []))})
+    return aliases

@@ -157,6 +157,8 @@ def test_golden_keys_map_to_tensors_through_the_family():
     assert tensor_for_golden_key("head_2", aliases) == "model.23.level2"
     assert tensor_for_golden_key("layer_07", aliases) == "model.7"
     assert tensor_for_golden_key("raw_0", networks.golden_aliases({"family": "yolov5"})) == "raw_0"
+    engine_meta = {"family": "yolov8", "head": "anchor_free", "outputs": ["output0"]}  # a sidecar: no yaml
+    assert networks.golden_aliases(engine_meta) == {"raw": "output0"}
 
 
 class FakeUltralyticsModel:

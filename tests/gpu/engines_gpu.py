@@ -152,6 +152,7 @@ def anchor_free_rows(value: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def check_all(data: Path, out: Path, refs: Path, report: Path) -> dict:
+    from trtnet import networks
     from trtnet.engine import Engine
     from trtnet.inspection import tensor_for_golden_key
 
@@ -166,7 +167,7 @@ def check_all(data: Path, out: Path, refs: Path, report: Path) -> dict:
             meta = engine.meta.to_dict()
         row = {"against": spec}
         for key, ref in expected.items():
-            value = outputs[tensor_for_golden_key(key, meta)].astype(np.float32)
+            value = outputs[tensor_for_golden_key(key, networks.golden_aliases(meta))].astype(np.float32)
             saved[f"{name}/{key}"] = value
             row[key] = error_row(value, ref)
             if meta.get("head") == "anchor_free":
