@@ -115,9 +115,9 @@ def test_int8_yolov5n_build_writes_engine_and_calibration_then_rebuilds_from_it(
                            "--calib-images", "8", "--imgsz", "320", "--calib-device", "cpu",
                            "--weights-dir", weights_dir)
     assert code == 0, text
-    engine = weights_dir / "yolov5n.int8.engine"
-    calib_path = weights_dir / "yolov5n.int8.calib.json"
-    meta = EngineMeta.from_dict(json.loads((weights_dir / "yolov5n.int8.engine.json").read_text()))
+    engine = weights_dir / "yolov5n.int8.320.engine"  # build's default name: NAME.PRECISION.SIZE
+    calib_path = weights_dir / "yolov5n.int8.320.calib.json"
+    meta = EngineMeta.from_dict(json.loads((weights_dir / "yolov5n.int8.320.engine.json").read_text()))
     assert engine.stat().st_size == meta.engine_bytes > 1_000_000
     assert meta.precision == "int8" and meta.int8.mode == "explicit" and meta.int8.images == 8
     assert meta.int8.calibration == calib_path.name and meta.int8.keep == ()
@@ -194,9 +194,9 @@ def test_resnet18_int8_build_on_the_cpu(tmp_path, capsys):
                            "--imgsz", "64", "--calib-method", "percentile", "--calib-device", "cpu",
                            "--weights-dir", tmp_path)
     assert code == 0, text
-    meta = json.loads((tmp_path / "resnet18.int8.engine.json").read_text())
+    meta = json.loads((tmp_path / "resnet18.int8.64.engine.json").read_text())
     assert meta["family"] == "resnet" and meta["int8"]["method"] == "percentile"
-    calibration = read_calibration(tmp_path / "resnet18.int8.calib.json")
+    calibration = read_calibration(tmp_path / "resnet18.int8.64.calib.json")
     assert calibration.images.count == 3
     # ImageNet normalisation puts the network input's range well beyond [0, 1] (letterbox would not)
     assert calibration.amax["input"] > 1.5
@@ -248,7 +248,7 @@ def test_int8_keep_auto_uses_the_sensitivity_report_beside_the_weights(weights_d
                            "--weights-dir", weights_dir)
     assert code == 0, text
     assert "keeping in fp16: model.0, raw_2" in text
-    meta = json.loads((weights_dir / "yolov5n.int8.engine.json").read_text())
+    meta = json.loads((weights_dir / "yolov5n.int8.64.engine.json").read_text())
     assert meta["int8"]["keep"] == ["model.0", "raw_2"]
 
 
