@@ -13,6 +13,7 @@ import pytest
 from tests.test_datasets import write_image, write_labels
 from trtnet import val
 from trtnet.datasets import load_detection_dataset
+from trtnet.engine_meta import EngineMeta
 
 pytest.importorskip("pycocotools")
 
@@ -46,7 +47,10 @@ def test_false_positive_on_an_empty_label_file_image_halves_the_map(tmp_path):
 
 class FakeEngine:
     def __init__(self, nc: int):
-        self.meta = {"family": "yolov5", "nc": nc}
+        self.meta = EngineMeta.from_dict({  # the typed sidecar the real Engine has, not a dict
+            "family": "yolov5", "nc": nc, "imgsz": [128, 128], "batch": {"min": 1, "opt": 1, "max": 2},
+            "input": {"name": "images", "dtype": "float32"}, "outputs": ["raw_0"],
+            "tensorrt": {"flavour": "tensorrt-rtx", "version": "1.7"}}, "fake.engine.json")
         self.path = Path("fake.engine")
         self.size_range = None  # static: val letterboxes every batch to --imgsz
 

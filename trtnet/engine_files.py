@@ -18,7 +18,7 @@ from trtnet.sidecar import PARTNER_KEY, check_partner, find_engine_sidecar
 
 # What trtnet.build appends to a model name: .PRECISION, then .SIZE or .LO-HI, then .bBATCH or .bLO-HI (engines
 # built before sizes were in the name have only .PRECISION).
-_QUALIFIERS = r"(\.fp(?:16|32))?(\.\d+(?:-\d+)?)?(\.b\d+(?:-\d+)?)?\.engine"
+_QUALIFIERS = r"(\.(?:fp16|fp32|int8))?(\.\d+(?:-\d+)?)?(\.b\d+(?:-\d+)?)?\.engine"
 
 
 def resolve_engine(engine: str | Path, weights_dir: str | Path = "weights") -> Path:

@@ -43,9 +43,12 @@ def golden_input(golden) -> np.ndarray:
 
 def load_golden(path: str | Path):
     try:
-        return np.load(path)
+        golden = np.load(path)
     except (OSError, ValueError) as exc:
         raise TrtnetError(f"--compare {path}: not a readable .npz golden ({exc})") from exc
+    if not isinstance(golden, np.lib.npyio.NpzFile):
+        raise TrtnetError(f"--compare {path}: a single array, not an .npz golden of named outputs (see README)")
+    return golden
 
 
 def tensor_for_golden_key(key: str, aliases: Mapping[str, str] | None = None) -> str:
@@ -294,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             raise TrtnetError(f"--compare runs the network on the CPU from its weights: pass the weights "
                               f"{args.model} was built from (see its sidecar: trtnet inspect {args.model})")
-        return inspect_engine(Path(args.model), args.quiet)
+        from trtnet.engine_files import resolve_engine
+
+        return inspect_engine(resolve_engine(args.model, args.weights_dir), args.quiet)
     tol = tolerance_of(args)
     _, tensors, meta = load_for_build(BuildRequest(args.model, weights_dir=args.weights_dir, arch=args.arch,
                                                    nc=args.nc))

@@ -143,16 +143,12 @@ def _shapes(v: Any) -> bool:
     return isinstance(v, dict) and all(_shape(s) for s in v.values())
 
 
-def _imgsz(v: Any) -> bool:
-    return _positive_int(v) or (isinstance(v, list) and len(v) == 2 and all(_positive_int(d) for d in v))
-
-
 def _anchors(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(a, list) and all(_is_number(x) for x in a) for a in v)
 
 
 def _names(v: Any) -> bool:
-    return isinstance(v, (list, dict))
+    return isinstance(v, list) and all(isinstance(n, str) for n in v)
 
 
 WEIGHTS_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -162,11 +158,11 @@ WEIGHTS_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "yaml": ("an object (the model's yaml)", lambda v: isinstance(v, dict)),
     "nc": ("a positive integer", _positive_int),
     "num_classes": ("a positive integer", _positive_int),
-    "names": ("a list or an object of class names", _names),
+    "names": ("a list of class names", _names),
     "strides": ("a list of positive integers", lambda v: isinstance(v, list) and all(_whole_positive(s) for s in v)),
     "anchors": ("a list of lists of numbers", _anchors),
     "bn_eps": ("a positive number", lambda v: _is_number(v) and v > 0),
-    "imgsz": ("a positive integer or [h, w]", _imgsz),
+    "imgsz": ("a positive integer (the square input size)", _positive_int),
 }
 
 

@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
     predict, engine = engine_predictor(args.engine, args.task, args)
     if args.task == "detect":
-        dataset = load_detection_dataset(args.data, nc=engine.meta.get("nc"))
+        dataset = load_detection_dataset(args.data, nc=engine.meta.nc)
         rect = not args.square and engine.size_range is not None
         if not args.square and not rect:
             print(f"{engine.path.name} has a static input size: every batch is letterboxed to "
