@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -36,6 +37,30 @@ requires_tensorrt = pytest.mark.skipif(
     not (has_module("tensorrt") or has_module("tensorrt_rtx") or has_module("tensorrt_rtx_bindings")),
     reason="no TensorRT flavour installed (extra: rtx)",
 )
+
+
+@functools.cache
+def gpu_unavailable_reason() -> str | None:
+    """Why the GPU tests cannot run here (no NVIDIA GPU, or no TensorRT that runs engines); None when they can.
+    Asked only by the modules that need a GPU, once."""
+    from trtnet import compat
+    from trtnet.cuda_rt import gpu_unavailable_reason as no_cuda_reason
+    from trtnet.errors import TrtnetError
+
+    reason = no_cuda_reason()
+    if reason:
+        return reason
+    try:
+        compat.trt()
+    except TrtnetError as exc:
+        return str(exc)
+    return None
+
+
+def requires_gpu() -> list[pytest.MarkDecorator]:
+    """A GPU test module's `pytestmark`: marked `gpu`, skipped with the reason when no GPU can run engines."""
+    reason = gpu_unavailable_reason()
+    return [pytest.mark.gpu, pytest.mark.skipif(reason is not None, reason=f"needs an NVIDIA GPU: {reason}")]
 
 
 # The checkpoints in ../shared/data/weights, by the names the tests use.
