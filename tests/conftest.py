@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,21 @@ CHECKPOINTS = {
     "resnet18_syn": ("synthetic", "resnet18_syn.pth"),
     "resnet50_syn": ("synthetic", "resnet50_syn.pth"),
 }
+
+
+@pytest.fixture(scope="module")
+def yolov5n_weights(tmp_path_factory) -> Path:
+    """A folder with yolov5n.wts + yolov5n.json, converted once per test module (gen_wts of the shared yolov5n.pt)."""
+    from trtnet import gen_wts
+
+    out = tmp_path_factory.mktemp("weights")
+    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture()
+def weights_dir(tmp_path, yolov5n_weights) -> Path:
+    """A fresh copy of yolov5n_weights in the test's own tmp_path, for tests that write beside the weights."""
+    for f in yolov5n_weights.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
