@@ -362,20 +362,16 @@ def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official
 def official_golden(torch, checkpoint_path: Path, image_chw: np.ndarray, official_src: str | None) -> dict:
     """The official YOLOv5 code (`official_src` or sys.path) on the image, model unfused in float32: `raw_i`
     (each Detect conv before reshape/sigmoid), `decoded`, `det` (official NMS 0.25/0.45) and `layer_XX`."""
-    from trtnet.golden import recorded_outputs
+    from trtnet.golden import official_model, recorded_outputs, top_level_layers
 
-    if official_src:
-        sys.path.insert(0, str(Path(official_src).resolve()))
-    try:
-        import models.yolo  # noqa: F401 - unpickling the checkpoint needs it
-        from utils.general import non_max_suppression
-    except ImportError as exc:
-        raise TrtnetError(f"the official YOLOv5 code is not importable ({exc}): git clone https://github.com/"
-                          "ultralytics/yolov5 and pass --yolov5-src DIR (or set YOLOV5_SRC)") from exc
-    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
-    model = (ckpt.get("ema") or ckpt["model"]).float().eval()
+    # models.yolo: the classes the checkpoint pickles
+    model = official_model(torch, checkpoint_path, official_src, ("models.yolo", "utils.general"),
+                           "the official YOLOv5 code", "git clone https://github.com/ultralytics/yolov5 and pass "
+                           "--yolov5-src DIR (or set YOLOV5_SRC)")
+    from utils.general import non_max_suppression
+
     head = model.model[-1]
-    layers = {f"layer_{i:02d}": m for i, m in enumerate(model.model) if m is not head}
+    layers = top_level_layers(model)
     with recorded_outputs({**{f"raw_{i}": conv for i, conv in enumerate(head.m)}, **layers}) as kept, \
             torch.no_grad():
         decoded = model(torch.from_numpy(image_chw[None].astype(np.float32) / 255))[0]

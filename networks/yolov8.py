@@ -11,7 +11,6 @@ output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -425,19 +424,13 @@ def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official
 def official_golden(torch, checkpoint_path: Path, image_chw: np.ndarray, official_src: str | None) -> dict:
     """The `ultralytics` package on the image, model fused in float32 as its predictor runs it: `raw` (Detect's
     inference output), `head_i` (per level cat(cv2, cv3) before DFL and sigmoid) and `layer_XX`."""
-    from trtnet.golden import recorded_outputs
+    from trtnet.golden import official_model, recorded_outputs, top_level_layers
 
-    if official_src:
-        sys.path.insert(0, str(Path(official_src).resolve()))
-    try:
-        import ultralytics.nn.tasks  # noqa: F401 - unpickling the checkpoint needs it
-    except ImportError as exc:
-        raise TrtnetError(f"the official Ultralytics code is not importable ({exc}): pip install ultralytics "
-                          "(or put a clone of ultralytics/ultralytics on sys.path)") from exc
-    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
-    model = (ckpt.get("ema") or ckpt["model"]).float().fuse().eval()
-    head = model.model[-1]
-    layers = {f"layer_{i:02d}": m for i, m in enumerate(model.model) if m is not head}
+    # ultralytics.nn.tasks: the classes the checkpoint pickles
+    model = official_model(torch, checkpoint_path, official_src, ("ultralytics.nn.tasks",),
+                           "the official Ultralytics code", "pip install ultralytics (or put a clone of "
+                           "ultralytics/ultralytics on sys.path)", fuse=True)
+    layers = top_level_layers(model)
     with recorded_outputs(layers) as kept, torch.no_grad():
         raw, levels = model(torch.from_numpy(image_chw[None].astype(np.float32) / 255))
     return {"raw": raw.numpy(), **{f"head_{i}": t.numpy() for i, t in enumerate(levels)},

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,30 @@ requires_tensorrt = pytest.mark.skipif(
 )
 
 
+@functools.cache
+def gpu_unavailable_reason() -> str | None:
+    """Why the GPU tests cannot run here (no NVIDIA GPU, or no TensorRT that runs engines); None when they can.
+    Asked only by the modules that need a GPU, once."""
+    from trtnet import compat
+    from trtnet.cuda_rt import gpu_unavailable_reason as no_cuda_reason
+    from trtnet.errors import TrtnetError
+
+    reason = no_cuda_reason()
+    if reason:
+        return reason
+    try:
+        compat.trt()
+    except TrtnetError as exc:
+        return str(exc)
+    return None
+
+
+def requires_gpu() -> list[pytest.MarkDecorator]:
+    """A GPU test module's `pytestmark`: marked `gpu`, skipped with the reason when no GPU can run engines."""
+    reason = gpu_unavailable_reason()
+    return [pytest.mark.gpu, pytest.mark.skipif(reason is not None, reason=f"needs an NVIDIA GPU: {reason}")]
+
+
 # The checkpoints in ../shared/data/weights, by the names the tests use.
 CHECKPOINTS = {
     "yolov5n": ("yolov5n.pt",),
@@ -47,3 +73,21 @@ CHECKPOINTS = {
     "resnet18_syn": ("synthetic", "resnet18_syn.pth"),
     "resnet50_syn": ("synthetic", "resnet50_syn.pth"),
 }
+
+
+@pytest.fixture(scope="module")
+def yolov5n_weights(tmp_path_factory) -> Path:
+    """A folder with yolov5n.wts + yolov5n.json, converted once per test module (gen_wts of the shared yolov5n.pt)."""
+    from trtnet import gen_wts
+
+    out = tmp_path_factory.mktemp("weights")
+    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture()
+def weights_dir(tmp_path, yolov5n_weights) -> Path:
+    """A fresh copy of yolov5n_weights in the test's own tmp_path, for tests that write beside the weights."""
+    for f in yolov5n_weights.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path

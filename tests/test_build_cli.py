@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,20 +14,6 @@ from trtnet import build as build_cmd
 from trtnet import gen_wts
 
 pytestmark = requires_tensorrt
-
-
-@pytest.fixture(scope="module")
-def yolov5n_weights(tmp_path_factory):
-    out = tmp_path_factory.mktemp("weights")
-    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out)]) == 0
-    return out
-
-
-@pytest.fixture()
-def weights_dir(tmp_path, yolov5n_weights):
-    for f in yolov5n_weights.iterdir():
-        shutil.copy(f, tmp_path / f.name)
-    return tmp_path
 
 
 def engines(directory):

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import requires_tensorrt, requires_torch, shared
-from trtnet import gen_wts, golden, inspection, networks
+from trtnet import golden, inspection, networks
 from trtnet.errors import TrtnetError
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("weights")
-    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out)]) == 0
-    return out
 
 
 def inspect(capsys, *argv):
@@ -56,9 +49,9 @@ def test_shapes_that_differ_are_reported_not_raised():
 
 
 @requires_tensorrt
-def test_compare_passes_every_output_and_layer_of_the_official_golden(weights_dir, capsys):
+def test_compare_passes_every_output_and_layer_of_the_official_golden(yolov5n_weights, capsys):
     golden_path = shared("golden", "golden_yolov5n_bus320.npz")
-    code, out, err = inspect(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--quiet", "--compare",
+    code, out, err = inspect(capsys, "yolov5n", "--weights-dir", str(yolov5n_weights), "--quiet", "--compare",
                              str(golden_path), "--max-rel", "1e-3")
     assert code == 0, err
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("raw_", "layer_"))}
@@ -68,17 +61,17 @@ def test_compare_passes_every_output_and_layer_of_the_official_golden(weights_di
 
 
 @requires_tensorrt
-def test_compare_beyond_tolerance_fails_with_exit_1(weights_dir, capsys):
+def test_compare_beyond_tolerance_fails_with_exit_1(yolov5n_weights, capsys):
     golden_path = shared("golden", "golden_yolov5n_bus320.npz")
-    code, out, _ = inspect(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--quiet", "--compare",
+    code, out, _ = inspect(capsys, "yolov5n", "--weights-dir", str(yolov5n_weights), "--quiet", "--compare",
                            str(golden_path), "--rtol", "1e-6", "--atol", "1e-6")
     assert code == 1
     assert "FAILED: raw_0, raw_1, raw_2" in out  # the fp32 CPU run is ~2e-5 off the golden's raw maps
 
 
 @requires_tensorrt
-def test_golden_of_another_model_is_a_shape_error_naming_both_shapes(weights_dir, capsys):
-    code, _, err = inspect(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--quiet", "--compare",
+def test_golden_of_another_model_is_a_shape_error_naming_both_shapes(yolov5n_weights, capsys):
+    code, _, err = inspect(capsys, "yolov5n", "--weights-dir", str(yolov5n_weights), "--quiet", "--compare",
                            str(shared("golden", "golden_yolov5s_syn_bus320.npz")))
     assert code == 2
     assert "does not fit this network: layer_00 is [1, 32, 160, 160] in the golden but model.0 is " \
@@ -87,11 +80,13 @@ def test_golden_of_another_model_is_a_shape_error_naming_both_shapes(weights_dir
 
 
 @requires_tensorrt
-def test_bad_tolerance_and_bad_golden_are_clear_errors(weights_dir, tmp_path, capsys):
-    code, _, err = inspect(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--compare", "g.npz", "--atol", "-1")
+def test_bad_tolerance_and_bad_golden_are_clear_errors(yolov5n_weights, tmp_path, capsys):
+    code, _, err = inspect(capsys, "yolov5n", "--weights-dir", str(yolov5n_weights), "--compare", "g.npz",
+                           "--atol", "-1")
     assert code == 2 and "--atol -1.0: must be a non-negative number" in err
     (tmp_path / "g.npz").write_bytes(b"not a zip")
-    code, _, err = inspect(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--compare", str(tmp_path / "g.npz"))
+    code, _, err = inspect(capsys, "yolov5n", "--weights-dir", str(yolov5n_weights), "--compare",
+                           str(tmp_path / "g.npz"))
     assert code == 2 and "not a readable .npz golden" in err
 
 
@@ -99,11 +94,11 @@ def test_bad_tolerance_and_bad_golden_are_clear_errors(weights_dir, tmp_path, ca
 
 
 @pytest.fixture(scope="module")
-def engine(weights_dir):
+def engine(yolov5n_weights):
     from trtnet import build
 
-    assert build.cli(["yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64"]) == 0
-    return weights_dir / "yolov5n.fp32.64.engine"
+    assert build.cli(["yolov5n", "--weights-dir", str(yolov5n_weights), "--imgsz", "64"]) == 0
+    return yolov5n_weights / "yolov5n.fp32.64.engine"
 
 
 @requires_tensorrt

@@ -17,20 +17,6 @@ from trtnet import gen_wts
 pytestmark = requires_tensorrt
 
 
-@pytest.fixture(scope="module")
-def yolov5n_weights(tmp_path_factory):
-    out = tmp_path_factory.mktemp("weights")
-    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out / "yolov5n.wts")]) == 0
-    return out
-
-
-@pytest.fixture()
-def weights_dir(tmp_path, yolov5n_weights):
-    for f in yolov5n_weights.iterdir():
-        shutil.copy(f, tmp_path / f.name)
-    return tmp_path
-
-
 def run_build(capsys, *args):
     code = build_cmd.cli([str(a) for a in args])
     out = capsys.readouterr()

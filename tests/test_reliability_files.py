@@ -50,18 +50,11 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def yolov5n_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("yolov5n")
-    assert gen_wts.cli([str(shared("weights", "yolov5n.pt")), "-o", str(out)]) == 0
-    return out
-
-
 @pytest.fixture()
-def w(tmp_path, yolov5n_dir) -> Path:
+def w(tmp_path, yolov5n_weights) -> Path:
     """A fresh folder with yolov5n.wts and yolov5n.json."""
     folder = tmp_path / "w"
-    shutil.copytree(yolov5n_dir, folder)
+    shutil.copytree(yolov5n_weights, folder)
     return folder
 
 

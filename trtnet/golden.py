@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -60,6 +61,29 @@ def recorded_outputs(modules: Mapping[str, object]) -> Iterator[dict[str, np.nda
     finally:
         for handle in handles:
             handle.remove()
+
+
+def official_model(torch, checkpoint_path: str | Path, official_src: str | None, modules: Sequence[str],
+                   code: str, hint: str, fuse: bool = False):
+    """The checkpoint's model through its official code, float32, eval (fused when `fuse`): `official_src` goes
+    first on sys.path, `modules` (what unpickling needs, and what the caller uses) must import, else a
+    TrtnetError '`code` is not importable (why): `hint`'. The .pt is fully unpickled: only for trusted files."""
+    if official_src:
+        sys.path.insert(0, str(Path(official_src).resolve()))
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    except ImportError as exc:
+        raise TrtnetError(f"{code} is not importable ({exc}): {hint}") from exc
+    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).float()
+    return (model.fuse() if fuse else model).eval()
+
+
+def top_level_layers(model) -> dict[str, object]:
+    """`layer_XX` → each top-level layer of `model.model` but the last (the head), as the goldens key them."""
+    head = model.model[-1]
+    return {f"layer_{i:02d}": m for i, m in enumerate(model.model) if m is not head}
 
 
 def write_golden(path: str | Path, image_chw: np.ndarray, outputs: Mapping[str, np.ndarray]) -> Path:

@@ -13,12 +13,7 @@ py39="$repo/tests/gpu/py39.sh"
 mkdir -p "$out"
 cd /tmp  # not the checkout: its networks/ and plugins/ folders would shadow trtnet's mapping
 
-step() {  # step NAME SECONDS COMMAND…: run with a time limit, log to $out/NAME.log, report exit and time
-    local name=$1 limit=$2 start=$SECONDS
-    shift 2
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
-    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-}
+. "$repo/tests/gpu/steps.sh"  # step NAME SECONDS COMMAND…
 
 step check 120 "$py39" "$repo/tests/gpu/engines_gpu.py" check --data "$data" --out "$eng" \
     --refs "${TRTNET_GPU_REFS:-/tmp/refs}" --report "$out/check.json"

@@ -23,12 +23,7 @@ images="$data/coco128/images"
 mkdir -p "$out" "$eng"
 cd /tmp  # not the checkout: its networks/ and plugins/ folders would shadow trtnet's mapping
 
-step() {  # step NAME SECONDS COMMAND…: run with a time limit, log to $out/NAME.log, report exit and time
-    local name=$1 limit=$2 start=$SECONDS
-    shift 2
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
-    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-}
+. "$repo/tests/gpu/steps.sh"  # step NAME SECONDS COMMAND…
 build() {  # build NAME WEIGHTS ARGS…  → $eng/NAME.engine (+ .json, + NAME.calib.json for INT8)
     local name=$1 weights=$2
     shift 2

@@ -27,12 +27,7 @@ images="$data/coco128/images/train2017"
 mkdir -p "$out"
 cd /tmp  # not the checkout: its networks/ and plugins/ folders would shadow trtnet's mapping
 
-step() {  # step NAME SECONDS COMMAND…: run with a time limit, log to $out/NAME.log, report exit and time
-    local name=$1 limit=$2 start=$SECONDS
-    shift 2
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
-    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-}
+. "$repo/tests/gpu/steps.sh"  # step NAME SECONDS COMMAND…
 
 # The nvImageCodec wheel ships a regular nvidia/__init__.py; made a path-extending one, `nvidia.nvimgcodec`
 # (in /tmp/site39) and the payload's own nvidia.* packages import side by side.

@@ -16,12 +16,7 @@ V8_ENGINES=$(for m in yolov8s_syn yolo11s_syn; do printf '%s,' "${m}_320_fp32" "
     "${m}_640_fp16_b32" "${m}_640_fp16_dyn"; done)
 cd /tmp  # not the checkout: its networks/ and plugins/ folders would shadow trtnet's mapping
 
-step() {  # step OUT NAME SECONDS COMMAND…
-    local out=$1 name=$2 limit=$3 start=$SECONDS
-    shift 3
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
-    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-}
+. "$repo/tests/gpu/steps.sh"  # step NAME SECONDS COMMAND…, logs in $out (set by the measure phases)
 
 case $1 in
 build-v8)
@@ -49,15 +44,15 @@ measure-v8)
     out=$2 ul=$3
     mkdir -p "$out"
     export TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng TRTNET_GPU_REFS=/tmp/data/refs
-    step "$out" check 300 "$py39" "$repo/tests/gpu/engines_gpu.py" check --data /tmp/data --out /tmp/eng \
+    step check 300 "$py39" "$repo/tests/gpu/engines_gpu.py" check --data /tmp/data --out /tmp/eng \
         --refs /tmp/data/refs --report "$out/check.json"
-    step "$out" runtime_v8 400 "$py39" -m pytest -q -ra -p no:cacheprovider "$repo/tests/gpu/test_runtime_gpu.py" -k v8
+    step runtime_v8 400 "$py39" -m pytest -q -ra -p no:cacheprovider "$repo/tests/gpu/test_runtime_gpu.py" -k v8
     for m in yolov8s_syn yolo11s_syn; do
-        step "$out" "bench_${m}_b1" 200 "$py39" -m trtnet.bench "/tmp/eng/${m}_640_fp16_b1.engine" --batch 1 \
+        step "bench_${m}_b1" 200 "$py39" -m trtnet.bench "/tmp/eng/${m}_640_fp16_b1.engine" --batch 1 \
             --cuda-graphs --json "$out/bench_${m}_b1.json"
-        step "$out" "bench_${m}_b32" 200 "$py39" -m trtnet.bench "/tmp/eng/${m}_640_fp16_b32.engine" --batch 32 \
+        step "bench_${m}_b32" 200 "$py39" -m trtnet.bench "/tmp/eng/${m}_640_fp16_b32.engine" --batch 32 \
             --cuda-graphs --json "$out/bench_${m}_b32.json"
-        step "$out" "torch_${m}" 300 env PYTHONPATH="$repo:$ul" python3 -m trtnet.bench \
+        step "torch_${m}" 300 env PYTHONPATH="$repo:$ul" python3 -m trtnet.bench \
             "/tmp/eng/${m}_640_fp16_b1.engine" --torch-only --batch 1,32 --weights-dir /tmp/data/weights/synthetic \
             --json "$out/torch_${m}.json"
     done ;;
@@ -65,11 +60,11 @@ measure-int8)
     out=$2 data2=$3
     mkdir -p "$out"
     for e in yolov5n_fp16_b16 yolov5n_int8_entropy_b16 yolov5n_int8_percentile_b16; do
-        step "$out" "val_$e" 300 "$py39" -m trtnet.val "/tmp/eng8/$e.engine" --data "$data2/coco128" --square \
+        step "val_$e" 300 "$py39" -m trtnet.val "/tmp/eng8/$e.engine" --data "$data2/coco128" --square \
             --batch 16 --json "$out/val_$e.json"
     done
     for e in yolov5s_syn_fp16_b32 yolov5s_syn_int8_b32; do
-        step "$out" "bench_$e" 200 "$py39" -m trtnet.bench "/tmp/eng8/$e.engine" --batch 32 --cuda-graphs \
+        step "bench_$e" 200 "$py39" -m trtnet.bench "/tmp/eng8/$e.engine" --batch 32 --cuda-graphs \
             --json "$out/bench_$e.json"
     done
     cp /tmp/eng8/*.build.log /tmp/eng8/*.engine.json "$out/" 2>/dev/null ;;

@@ -24,27 +24,11 @@ import pytest
 if __package__ in (None, ""):  # run as a script: make `tests` and `trtnet` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.conftest import shared  # noqa: E402
+from tests.conftest import requires_gpu, shared  # noqa: E402
 from trtnet.errors import TrtnetError  # noqa: E402
 from trtnet.sidecar import engine_sidecar_path  # noqa: E402
 
-
-def _why_no_gpu() -> str | None:
-    from trtnet import compat
-    from trtnet.cuda_rt import gpu_unavailable_reason
-
-    reason = gpu_unavailable_reason()
-    if reason:
-        return reason
-    try:
-        compat.trt()
-    except TrtnetError as exc:
-        return str(exc)
-    return None
-
-
-WHY_NOT = _why_no_gpu()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(WHY_NOT is not None, reason=f"needs an NVIDIA GPU: {WHY_NOT}")]
+pytestmark = requires_gpu()
 
 CHECKPOINTS = {
     "yolov5n": ("weights", "yolov5n.pt"),
