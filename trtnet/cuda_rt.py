@@ -76,13 +76,29 @@ def gpu_unavailable_reason() -> str | None:
     except Exception as exc:  # cuda-python raises when the driver library itself is missing
         return f"no NVIDIA driver ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     name = getattr(err, "name", str(err))
-    if name == "cudaErrorInsufficientDriver":
-        return f"no NVIDIA driver, or {driver_too_old_hint()} ({name})"
+    if name == "cudaErrorInsufficientDriver":  # CUDA says this both without a driver and with an old one
+        return f"{driver_too_old_hint()} ({name})" if _driver_installed() else "no NVIDIA driver is installed"
     if int(err) != 0:
         return f"no usable NVIDIA GPU ({name})"
     if count == 0:
         return "no NVIDIA GPU found"
     return None
+
+
+def _driver_installed() -> bool:
+    """Whether the NVIDIA driver's CUDA library loads at all (libcuda / nvcuda)."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if not name:
+            continue
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def device_identity(device: int = 0) -> dict:
