@@ -1195,3 +1195,12 @@ def test_val_nms_iou_defaults_to_the_family_validator(tmp_path):
                      head="anchor_free", strides=[8, 16, 32])
     assert val_iou(str(v5)) == 0.6  # YOLOv5's val.py
     assert val_iou(str(v8)) == 0.7  # Ultralytics' DetectionValidator
+
+
+def test_simulated_cuda_graphs_replay_only_at_the_size_they_were_captured_at(sim_dynamic_v8):
+    with sim_dynamic_v8(no_detections, cuda_graphs=True) as detector:
+        engine = detector.engine
+        for side in (96, 96, 96, 64, 64):  # the larger size first: the buffers stay where they are
+            out = engine.infer(np.zeros((1, 3, side, side), np.float32))["output0"]
+            assert out.shape == (1, 7, anchor_points(side, side))
+        assert detector.sim.ran_at[-2:] == [(1, 3, 64, 64), (1, 3, 64, 64)]

@@ -315,14 +315,16 @@ class Worker:
     def enqueue(self, batch: int, then: Callable[[], None] | None = None, key: Any = None) -> None:
         """Queue the engine (and `then`, work that follows it on this stream) for `batch` (prepared).
 
-        With CUDA graphs the first call per (batch, key) runs eagerly — TensorRT needs one run after a
-        shape change before capture — and captures; later calls replay. `key` tells apart different
+        With CUDA graphs the first call per (prepared shapes, key) runs eagerly — TensorRT needs one run
+        after a shape change before capture — and captures; later calls replay. `key` tells apart different
         `then` work; its pointers and sizes must not change between calls with the same key.
         """
         if not self.engine.cuda_graphs:
             self._run(then)
             return
-        graph_key = (batch, key)
+        if self._prepared_for is None or self._prepared_for[0] != batch:
+            raise TrtnetError(f"enqueue({batch}) before prepare({batch}): the context has no shapes for it")
+        graph_key = (self._prepared_for, key)  # a graph replays the input size it was captured at
         if graph_key in self._graphs:
             graph = self._graphs[graph_key]
             if graph is not None:
