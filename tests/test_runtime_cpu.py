@@ -487,10 +487,13 @@ class SimGpu:
         self.events: dict[int, tuple[int, int]] = {}  # event → (stream, items that precede it)
         self.next_id = 100
         self.launches = 0
+        self.device_count_calls = 0
+        self.current = threading.local()  # the calling thread's device, as cudaSetDevice left it
         self.lock = threading.RLock()
         ok = 0
         self.rt = types.SimpleNamespace(
-            cudaGetDeviceCount=lambda: (ok, 1), cudaGetDevice=lambda: (ok, 0),
+            cudaGetDeviceCount=self.device_count, cudaGetDevice=lambda: (ok, getattr(self.current, "device", 0)),
+            cudaSetDevice=self.set_device,
             cudaGetDeviceProperties=lambda d: (ok, types.SimpleNamespace(name=b"Sim GPU", major=9, minor=0)),
             cudaMemGetInfo=lambda: (ok, 80 << 30, 80 << 30),
             cudaMalloc=self.alloc, cudaFree=self.free, cudaMallocHost=self.alloc_pinned, cudaFreeHost=self.free,
@@ -512,6 +515,14 @@ class SimGpu:
             cudaGraphDestroy=lambda g: (ok,), cudaGraphExecDestroy=lambda g: (ok,),
             cudaGraphLaunch=self.graph_launch,
         )
+
+    def device_count(self):
+        self.device_count_calls += 1
+        return 0, 2
+
+    def set_device(self, device):
+        self.current.device = int(device)
+        return (0,)
 
     def new_id(self) -> int:
         with self.lock:
@@ -1204,3 +1215,32 @@ def test_simulated_cuda_graphs_replay_only_at_the_size_they_were_captured_at(sim
             out = engine.infer(np.zeros((1, 3, side, side), np.float32))["output0"]
             assert out.shape == (1, 7, anchor_points(side, side))
         assert detector.sim.ran_at[-2:] == [(1, 3, 64, 64), (1, 3, 64, 64)]
+
+
+def test_an_engine_checks_its_device_once_and_sets_it_on_each_checkout(sim_detector):
+    SIM.current.device = 0
+    with sim_detector(device=1) as detector:
+        counted = SIM.device_count_calls
+        SIM.current.device = 0  # another call on this thread moved to another GPU
+        detector.detect([np.zeros((32, 32, 3), np.uint8)] * 3)
+        assert SIM.current.device == 1
+        assert SIM.device_count_calls == counted
+
+
+def test_cudart_imports_the_bindings_once(monkeypatch):
+    import sys
+    import types
+
+    import trtnet.cuda_rt
+
+    cudart = trtnet.cuda_rt.cudart
+    first, second = types.ModuleType("cuda.bindings"), types.ModuleType("cuda.bindings")
+    first.runtime, second.runtime = "first runtime", "second runtime"
+    cudart.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuda.bindings", first)
+    try:
+        assert cudart() == "first runtime"
+        monkeypatch.setitem(sys.modules, "cuda.bindings", second)
+        assert cudart() == "first runtime"
+    finally:
+        cudart.cache_clear()

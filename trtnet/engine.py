@@ -92,7 +92,8 @@ class Engine:
         check_tensorrt(self.meta, compat.flavour())
         require_gpu(self.path.name)
         self.device_index = device  # None: the thread's current device
-        self.use_device()
+        if device is not None:
+            cuda_rt.use_device(device)  # checked once here; `use_device()` only sets it
         self.device = cuda_rt.device_properties()
         check_device(self.meta, compat.flavour(), self.device)
         if self.meta.postprocess_in_engine:
@@ -116,7 +117,7 @@ class Engine:
     def use_device(self) -> None:
         """Make this engine's GPU current on the calling thread (every thread that touches the engine)."""
         if self.device_index is not None:
-            cuda_rt.use_device(self.device_index)
+            cuda_rt.set_device(self.device_index)
 
     @property
     def input_name(self) -> str:
