@@ -1244,3 +1244,30 @@ def test_cudart_imports_the_bindings_once(monkeypatch):
         assert cudart() == "first runtime"
     finally:
         cudart.cache_clear()
+
+
+def test_closing_an_engine_from_another_thread_frees_its_memory_on_its_gpu(sim_detector, monkeypatch):
+    import threading
+
+    freed_on = []
+    free = SIM.rt.cudaFree
+    monkeypatch.setattr(SIM.rt, "cudaFree", lambda ptr: (freed_on.append(SIM.current.device), free(ptr))[1])
+    detector = sim_detector(device=1)
+    detector.detect([np.zeros((32, 32, 3), np.uint8)])
+    closer = threading.Thread(target=detector.close)  # serve closes its runners from the main thread
+    closer.start()
+    closer.join()
+    assert freed_on and set(freed_on) == {1}
+
+
+@pytest.mark.parametrize("make", ["rect on a static engine", "a Classifier of a detect engine"])
+def test_a_constructor_that_fails_closes_the_engine_it_loaded(sim_v8_detector, monkeypatch, make):
+    from trtnet import Classifier
+    from trtnet.engine import Engine
+
+    closed = []
+    close = Engine.close
+    monkeypatch.setattr(Engine, "close", lambda self: (closed.append(self.path), close(self))[1])
+    with pytest.raises(TrtnetError):
+        sim_v8_detector(rect=True) if make.startswith("rect") else Classifier(sim_v8_detector.path)
+    assert len(closed) == 1

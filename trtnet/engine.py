@@ -207,6 +207,7 @@ class Engine:
 
     def close(self) -> None:
         """Release every thread's context and buffers (call when no thread uses the engine any more)."""
+        self.use_device()  # the buffers are freed on the engine's GPU, whichever thread closes it
         with self._lock:
             workers, self._workers = self._workers, []
             self.closed = True
@@ -370,6 +371,7 @@ class Worker:
         return {name: self.host[name].view(shape, dtype).copy() for name, (shape, dtype) in views.items()}
 
     def close(self) -> None:
+        self.engine.use_device()
         self.stream.synchronize()
         self.upload_stream.synchronize()
         self.drop_graphs()
