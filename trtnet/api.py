@@ -388,7 +388,8 @@ class Detector(_Model):
         from trtnet.image_decoding import DeviceImage, FileDecoder, iter_decoded
 
         batch = max(1, min(int(batch or self.max_batch), self.max_batch))
-        with FileDecoder(decode) as decoder:
+        self.engine.use_device()
+        with FileDecoder(decode, device=self.engine.device_index) as decoder:
             for file, rows in self.pipeline.stream_decoded(iter_decoded(decoder, paths, batch)):
                 if rows is None:
                     yield file.path, None, file.error

@@ -102,6 +102,11 @@ def use_device(device: int) -> None:
     set_device(device)
 
 
+def current_device() -> int:
+    """The calling thread's current CUDA device."""
+    return int(check(cudart().cudaGetDevice(), "cudaGetDevice"))
+
+
 def set_device(device: int) -> None:
     """Make `device` (already checked by `use_device`) this thread's current CUDA device (the runtime's
     current device is per thread)."""
