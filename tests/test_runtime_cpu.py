@@ -1271,3 +1271,32 @@ def test_a_constructor_that_fails_closes_the_engine_it_loaded(sim_v8_detector, m
     with pytest.raises(TrtnetError):
         sim_v8_detector(rect=True) if make.startswith("rect") else Classifier(sim_v8_detector.path)
     assert len(closed) == 1
+
+
+@pytest.mark.parametrize("source", ["frames", "files"])
+def test_simulated_rect_stream_drains_the_runs_in_flight_before_another_size(sim_dynamic_v8, tmp_path, monkeypatch,
+                                                                             source):
+    import shutil
+
+    import trtnet.plugins.preprocess
+    from trtnet.engine import Worker
+    from trtnet.pipelines import DetectPipeline
+
+    events = []
+    prepare, collect = Worker.prepare, DetectPipeline._collect
+    monkeypatch.setattr(Worker, "prepare", lambda self, n, hw=None: (events.append(hw), prepare(self, n, hw))[1])
+    monkeypatch.setattr(DetectPipeline, "_collect", lambda self, run: (events.append("collect"), collect(self, run))[1])
+    sized = []
+    rect_input_hw = trtnet.plugins.preprocess.rect_input_hw
+    monkeypatch.setattr(trtnet.plugins.preprocess, "rect_input_hw", lambda *a: (sized.append(a), rect_input_hw(*a))[1])
+    names = ["bus.jpg", "zidane.jpg", "zidane.jpg"]  # 810x1080 → 640x480 at 640, 1280x720 → 384x640
+    with sim_dynamic_v8(no_detections, rect=True) as detector:
+        if source == "frames":
+            frames = [cv2.imread(str(shared("images", name))) for name in names]
+            shapes = [r.shape for r in detector.stream(frames, batch=1, depth=2)]
+        else:
+            paths = [shutil.copy(shared("images", name), tmp_path / f"{i}_{name}") for i, name in enumerate(names)]
+            shapes = [r.shape for _, r, _ in detector.detect_files(paths, batch=1, decode="cpu")]
+    assert shapes == [(1080, 810), (720, 1280), (720, 1280)]
+    assert events == [(640, 480), "collect", (384, 640), (384, 640), "collect", "collect"]
+    assert len(sized) == 3  # once per batch
