@@ -153,9 +153,11 @@ class FakeDecoder:
     bytes hold b"FAILME" it cannot decode (None, as nvImageCodec reports a failure)."""
 
     decoded = 0
+    device_ids: list = []
 
     def __init__(self, **kwargs):
         assert kwargs["backends"][0].kind == "HW_GPU_ONLY"  # the hardware JPEG engines first
+        FakeDecoder.device_ids.append(kwargs["device_id"])
 
     def decode(self, streams, params=None, cuda_stream=0, images=None):
         assert params.sample_format == "I_BGR" and cuda_stream
@@ -220,6 +222,17 @@ def test_simulated_gpu_decode_feeds_the_letterbox_without_host_pixels(gpu_files)
     assert results[0][1].image is None and results[5][1].image is None  # decoded on the GPU: no host pixels
     np.testing.assert_array_equal(results[2][1].image, bus)  # the PNG: OpenCV's pixels
     assert "not an image OpenCV can read" in results[4][2]
+
+
+def test_simulated_gpu_decode_runs_on_the_detector_s_device(gpu_files, monkeypatch):
+    make, folder, bus = gpu_files
+    monkeypatch.setattr(FakeDecoder, "device_ids", [])
+    SIM.current.device = 0
+    with make(device=1) as detector:
+        SIM.current.device = 0  # another call on this thread moved to GPU 0
+        results = list(detector.detect_files([str(folder / "1.jpg")], decode="gpu", keep_images=False))
+    assert FakeDecoder.device_ids == [1]
+    assert len(results[0][1]) == 4
 
 
 def test_simulated_gpu_decode_says_which_decoder_took_each_file(gpu_files):

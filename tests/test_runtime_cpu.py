@@ -487,10 +487,13 @@ class SimGpu:
         self.events: dict[int, tuple[int, int]] = {}  # event → (stream, items that precede it)
         self.next_id = 100
         self.launches = 0
+        self.device_count_calls = 0
+        self.current = threading.local()  # the calling thread's device, as cudaSetDevice left it
         self.lock = threading.RLock()
         ok = 0
         self.rt = types.SimpleNamespace(
-            cudaGetDeviceCount=lambda: (ok, 1), cudaGetDevice=lambda: (ok, 0),
+            cudaGetDeviceCount=self.device_count, cudaGetDevice=lambda: (ok, getattr(self.current, "device", 0)),
+            cudaSetDevice=self.set_device,
             cudaGetDeviceProperties=lambda d: (ok, types.SimpleNamespace(name=b"Sim GPU", major=9, minor=0)),
             cudaMemGetInfo=lambda: (ok, 80 << 30, 80 << 30),
             cudaMalloc=self.alloc, cudaFree=self.free, cudaMallocHost=self.alloc_pinned, cudaFreeHost=self.free,
@@ -512,6 +515,14 @@ class SimGpu:
             cudaGraphDestroy=lambda g: (ok,), cudaGraphExecDestroy=lambda g: (ok,),
             cudaGraphLaunch=self.graph_launch,
         )
+
+    def device_count(self):
+        self.device_count_calls += 1
+        return 0, 2
+
+    def set_device(self, device):
+        self.current.device = int(device)
+        return (0,)
 
     def new_id(self) -> int:
         with self.lock:
@@ -1195,3 +1206,97 @@ def test_val_nms_iou_defaults_to_the_family_validator(tmp_path):
                      head="anchor_free", strides=[8, 16, 32])
     assert val_iou(str(v5)) == 0.6  # YOLOv5's val.py
     assert val_iou(str(v8)) == 0.7  # Ultralytics' DetectionValidator
+
+
+def test_simulated_cuda_graphs_replay_only_at_the_size_they_were_captured_at(sim_dynamic_v8):
+    with sim_dynamic_v8(no_detections, cuda_graphs=True) as detector:
+        engine = detector.engine
+        for side in (96, 96, 96, 64, 64):  # the larger size first: the buffers stay where they are
+            out = engine.infer(np.zeros((1, 3, side, side), np.float32))["output0"]
+            assert out.shape == (1, 7, anchor_points(side, side))
+        assert detector.sim.ran_at[-2:] == [(1, 3, 64, 64), (1, 3, 64, 64)]
+
+
+def test_an_engine_checks_its_device_once_and_sets_it_on_each_checkout(sim_detector):
+    SIM.current.device = 0
+    with sim_detector(device=1) as detector:
+        counted = SIM.device_count_calls
+        SIM.current.device = 0  # another call on this thread moved to another GPU
+        detector.detect([np.zeros((32, 32, 3), np.uint8)] * 3)
+        assert SIM.current.device == 1
+        assert SIM.device_count_calls == counted
+
+
+def test_cudart_imports_the_bindings_once(monkeypatch):
+    import sys
+    import types
+
+    import trtnet.cuda_rt
+
+    cudart = trtnet.cuda_rt.cudart
+    first, second = types.ModuleType("cuda.bindings"), types.ModuleType("cuda.bindings")
+    first.runtime, second.runtime = "first runtime", "second runtime"
+    cudart.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuda.bindings", first)
+    try:
+        assert cudart() == "first runtime"
+        monkeypatch.setitem(sys.modules, "cuda.bindings", second)
+        assert cudart() == "first runtime"
+    finally:
+        cudart.cache_clear()
+
+
+def test_closing_an_engine_from_another_thread_frees_its_memory_on_its_gpu(sim_detector, monkeypatch):
+    import threading
+
+    freed_on = []
+    free = SIM.rt.cudaFree
+    monkeypatch.setattr(SIM.rt, "cudaFree", lambda ptr: (freed_on.append(SIM.current.device), free(ptr))[1])
+    detector = sim_detector(device=1)
+    detector.detect([np.zeros((32, 32, 3), np.uint8)])
+    closer = threading.Thread(target=detector.close)  # serve closes its runners from the main thread
+    closer.start()
+    closer.join()
+    assert freed_on and set(freed_on) == {1}
+
+
+@pytest.mark.parametrize("make", ["rect on a static engine", "a Classifier of a detect engine"])
+def test_a_constructor_that_fails_closes_the_engine_it_loaded(sim_v8_detector, monkeypatch, make):
+    from trtnet import Classifier
+    from trtnet.engine import Engine
+
+    closed = []
+    close = Engine.close
+    monkeypatch.setattr(Engine, "close", lambda self: (closed.append(self.path), close(self))[1])
+    with pytest.raises(TrtnetError):
+        sim_v8_detector(rect=True) if make.startswith("rect") else Classifier(sim_v8_detector.path)
+    assert len(closed) == 1
+
+
+@pytest.mark.parametrize("source", ["frames", "files"])
+def test_simulated_rect_stream_drains_the_runs_in_flight_before_another_size(sim_dynamic_v8, tmp_path, monkeypatch,
+                                                                             source):
+    import shutil
+
+    import trtnet.plugins.preprocess
+    from trtnet.engine import Worker
+    from trtnet.pipelines import DetectPipeline
+
+    events = []
+    prepare, collect = Worker.prepare, DetectPipeline._collect
+    monkeypatch.setattr(Worker, "prepare", lambda self, n, hw=None: (events.append(hw), prepare(self, n, hw))[1])
+    monkeypatch.setattr(DetectPipeline, "_collect", lambda self, run: (events.append("collect"), collect(self, run))[1])
+    sized = []
+    rect_input_hw = trtnet.plugins.preprocess.rect_input_hw
+    monkeypatch.setattr(trtnet.plugins.preprocess, "rect_input_hw", lambda *a: (sized.append(a), rect_input_hw(*a))[1])
+    names = ["bus.jpg", "zidane.jpg", "zidane.jpg"]  # 810x1080 → 640x480 at 640, 1280x720 → 384x640
+    with sim_dynamic_v8(no_detections, rect=True) as detector:
+        if source == "frames":
+            frames = [cv2.imread(str(shared("images", name))) for name in names]
+            shapes = [r.shape for r in detector.stream(frames, batch=1, depth=2)]
+        else:
+            paths = [shutil.copy(shared("images", name), tmp_path / f"{i}_{name}") for i, name in enumerate(names)]
+            shapes = [r.shape for _, r, _ in detector.detect_files(paths, batch=1, decode="cpu")]
+    assert shapes == [(1080, 810), (720, 1280), (720, 1280)]
+    assert events == [(640, 480), "collect", (384, 640), (384, 640), "collect", "collect"]
+    assert len(sized) == 3  # once per batch

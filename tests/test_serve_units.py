@@ -48,7 +48,7 @@ def test_instances_are_made_per_device_for_any_number_of_devices():
 
 def test_an_engine_takes_its_device_on_every_thread_that_uses_it(monkeypatch):
     chosen = []
-    monkeypatch.setattr(cuda_rt, "use_device", chosen.append)
+    monkeypatch.setattr(cuda_rt, "set_device", chosen.append)
     engine = object.__new__(Engine)  # the device logic only: no engine file, no GPU
     engine.device_index = 1
     engine.use_device()

@@ -18,6 +18,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
@@ -304,11 +305,21 @@ class _Model:
         from trtnet.engine import Engine
 
         self.engine = Engine(engine, weights_dir=weights_dir, cuda_graphs=cuda_graphs, device=device)
-        task = networks.family(self.engine.meta.family).TASK
-        if task != self.task:
-            other = "Classifier" if task == "classify" else "Detector"
-            raise TrtnetError(f"{self.engine.path} is a {self.engine.family} engine: use trtnet.{other}")
+        with self.closed_on_error():
+            task = networks.family(self.engine.meta.family).TASK
+            if task != self.task:
+                other = "Classifier" if task == "classify" else "Detector"
+                raise TrtnetError(f"{self.engine.path} is a {self.engine.family} engine: use trtnet.{other}")
         self.names: list[str] = self.engine.meta.class_names
+
+    @contextmanager
+    def closed_on_error(self) -> Iterator[None]:
+        """Close the engine if the rest of the constructor fails (nobody else holds it yet)."""
+        try:
+            yield
+        except BaseException:
+            self.engine.close()
+            raise
 
     @property
     def max_batch(self) -> int:
@@ -348,7 +359,8 @@ class Detector(_Model):
 
         self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)  # refused before loading
         super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir, device=device)
-        self.pipeline = DetectPipeline(self.engine, self.settings, rect=rect)
+        with self.closed_on_error():
+            self.pipeline = DetectPipeline(self.engine, self.settings, rect=rect)
 
     @property
     def imgsz(self) -> tuple[int, int]:
@@ -376,7 +388,8 @@ class Detector(_Model):
         from trtnet.image_decoding import DeviceImage, FileDecoder, iter_decoded
 
         batch = max(1, min(int(batch or self.max_batch), self.max_batch))
-        with FileDecoder(decode) as decoder:
+        self.engine.use_device()
+        with FileDecoder(decode, device=self.engine.device_index) as decoder:
             for file, rows in self.pipeline.stream_decoded(iter_decoded(decoder, paths, batch)):
                 if rows is None:
                     yield file.path, None, file.error
@@ -415,7 +428,8 @@ class Classifier(_Model):
         super().__init__(engine, cuda_graphs=cuda_graphs, weights_dir=weights_dir, device=device)
         from trtnet.pipelines import ClassifyPipeline
 
-        self.pipeline = ClassifyPipeline(self.engine)
+        with self.closed_on_error():
+            self.pipeline = ClassifyPipeline(self.engine)
 
     def probabilities(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Softmax probabilities [N, classes]."""

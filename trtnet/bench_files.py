@@ -164,8 +164,10 @@ def file_timings(model, folder: str, batch: int, decode: str, iters: int, warmup
     files = image_files(folder)
     timed = cycled(files, max(iters, 1), batch)
     rows = []
+    engine = pipeline.engine
     for mode in decode_modes(decode):
-        with FileDecoder(mode) as decoder:
+        engine.use_device()
+        with FileDecoder(mode, device=engine.device_index) as decoder:
             throughput(pipeline, decoder, cycled(files, max(min(warmup, 2), 1), batch), batch)  # warm caches
             result = throughput(pipeline, decoder, timed, batch)
             stages = stage_times(pipeline, decoder, files, batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import threading
 import weakref
 from collections.abc import Callable
@@ -23,6 +24,7 @@ class CudaError(TrtnetError):
     """A CUDA runtime call failed; the message names the call's error."""
 
 
+@functools.lru_cache(maxsize=1)  # every CUDA call goes through it: import once
 def cudart() -> Any:
     try:
         from cuda.bindings import runtime
@@ -109,10 +111,21 @@ def device_identity(device: int = 0) -> dict:
 
 
 def use_device(device: int) -> None:
-    """Make `device` this thread's current CUDA device (the runtime's current device is per thread)."""
+    """Check that this machine has `device`, then make it this thread's current CUDA device."""
     err, count = cudart().cudaGetDeviceCount()
     if int(err) == 0 and not 0 <= device < count:
         raise TrtnetError(f"device {device}: this machine has {count} GPU(s) (0..{count - 1})")
+    set_device(device)
+
+
+def current_device() -> int:
+    """The calling thread's current CUDA device."""
+    return int(check(cudart().cudaGetDevice(), "cudaGetDevice"))
+
+
+def set_device(device: int) -> None:
+    """Make `device` (already checked by `use_device`) this thread's current CUDA device (the runtime's
+    current device is per thread)."""
     check(cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
 
 

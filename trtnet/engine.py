@@ -92,7 +92,8 @@ class Engine:
         check_tensorrt(self.meta, compat.flavour())
         require_gpu(self.path.name)
         self.device_index = device  # None: the thread's current device
-        self.use_device()
+        if device is not None:
+            cuda_rt.use_device(device)  # checked once here; `use_device()` only sets it
         self.device = cuda_rt.device_properties()
         check_device(self.meta, compat.flavour(), self.device)
         if self.meta.postprocess_in_engine:
@@ -116,7 +117,7 @@ class Engine:
     def use_device(self) -> None:
         """Make this engine's GPU current on the calling thread (every thread that touches the engine)."""
         if self.device_index is not None:
-            cuda_rt.use_device(self.device_index)
+            cuda_rt.set_device(self.device_index)
 
     @property
     def input_name(self) -> str:
@@ -206,6 +207,7 @@ class Engine:
 
     def close(self) -> None:
         """Release every thread's context and buffers (call when no thread uses the engine any more)."""
+        self.use_device()  # the buffers are freed on the engine's GPU, whichever thread closes it
         with self._lock:
             workers, self._workers = self._workers, []
             self.closed = True
@@ -315,14 +317,16 @@ class Worker:
     def enqueue(self, batch: int, then: Callable[[], None] | None = None, key: Any = None) -> None:
         """Queue the engine (and `then`, work that follows it on this stream) for `batch` (prepared).
 
-        With CUDA graphs the first call per (batch, key) runs eagerly — TensorRT needs one run after a
-        shape change before capture — and captures; later calls replay. `key` tells apart different
+        With CUDA graphs the first call per (prepared shapes, key) runs eagerly — TensorRT needs one run
+        after a shape change before capture — and captures; later calls replay. `key` tells apart different
         `then` work; its pointers and sizes must not change between calls with the same key.
         """
         if not self.engine.cuda_graphs:
             self._run(then)
             return
-        graph_key = (batch, key)
+        if self._prepared_for is None or self._prepared_for[0] != batch:
+            raise TrtnetError(f"enqueue({batch}) before prepare({batch}): the context has no shapes for it")
+        graph_key = (self._prepared_for, key)  # a graph replays the input size it was captured at
         if graph_key in self._graphs:
             graph = self._graphs[graph_key]
             if graph is not None:
@@ -367,6 +371,7 @@ class Worker:
         return {name: self.host[name].view(shape, dtype).copy() for name, (shape, dtype) in views.items()}
 
     def close(self) -> None:
+        self.engine.use_device()
         self.stream.synchronize()
         self.upload_stream.synchronize()
         self.drop_graphs()

@@ -203,9 +203,10 @@ def _io_pool() -> ThreadPoolExecutor:
 class FileDecoder:
     """Decodes batches of image files: JPEGs on the GPU (nvImageCodec) where `mode` allows, the rest with
     OpenCV on a thread pool. `mode`: "auto" (GPU where available), "gpu" (an error where it is not),
-    "cpu" (OpenCV only)."""
+    "cpu" (OpenCV only). `device`: the GPU to decode on (None: the thread's current one); the engine that
+    takes the pixels must run on the same GPU (pass its `device_index` after its `use_device()`)."""
 
-    def __init__(self, mode: str = "auto", device: int = 0, cpu_threads: int = 1):
+    def __init__(self, mode: str = "auto", device: int | None = None, cpu_threads: int = 1):
         if mode not in MODES:
             raise TrtnetError(f"--decode {mode}: choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -285,6 +286,10 @@ class FileDecoder:
         then CUDA, then the hybrid CPU+GPU decoder (with no list it picks the hybrid one)."""
         codec = self._codec
         if self._decoder is None:
+            if self.device is None:
+                self.device = cuda_rt.current_device()
+            else:
+                cuda_rt.set_device(self.device)  # its stream and decoded images on the same GPU
             kinds = codec.BackendKind
             backends = [codec.Backend(kind) for kind in (kinds.HW_GPU_ONLY, kinds.GPU_ONLY, kinds.HYBRID_CPU_GPU)]
             # fancy upsampling: the chroma upsampling libjpeg-turbo (OpenCV) does, so pixels stay close to it

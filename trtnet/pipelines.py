@@ -195,7 +195,7 @@ class DetectPipeline:
         rows: list[np.ndarray] = []
         for chunk, run_as in iter_chunks(images, self.engine):
             with self.engine.checkout() as worker:
-                rows += self._collect(self._submit(worker, chunk, run_as, slot="call"))
+                rows += self._collect(self._submit(worker, chunk, run_as, slot="call", hw=self.rect_hw(chunk)))
         return rows
 
     def stream(self, images: Iterable[np.ndarray], batch: int = 1, depth: int = 2) -> Iterator[np.ndarray]:
@@ -210,22 +210,9 @@ class DetectPipeline:
         if depth < 1:
             raise TrtnetError(f"depth must be at least 1, got {depth}")
         batch = max(1, min(int(batch), self.engine.max_batch))
-        in_flight: deque[_InFlight] = deque()
-        with self.engine.checkout() as worker:
-            try:
-                for runs, chunk in enumerate(batched(images, batch)):
-                    run_as = max(len(chunk), self.engine.min_batch)
-                    if in_flight and self.input_hw(chunk) != in_flight[-1].input_hw:  # buffers may move
-                        while in_flight:
-                            yield from self._collect(in_flight.popleft())
-                    in_flight.append(self._submit(worker, chunk, run_as, slot=runs % depth))
-                    worker.uploaded.synchronize()  # the caller may now reuse the images' memory
-                    if len(in_flight) == depth:
-                        yield from self._collect(in_flight.popleft())
-                while in_flight:
-                    yield from self._collect(in_flight.popleft())
-            finally:
-                worker.stream.synchronize()  # an abandoned stream leaves no work on the buffers
+        queued = (_Queued(chunk, slot=runs % depth) for runs, chunk in enumerate(batched(images, batch)))
+        for _, rows in self._pipelined(queued, depth):
+            yield from rows
 
     def stream_decoded(self, batches: Iterable[DecodedBatch], depth: int = 2,
                        mark: StageMark | None = None) -> Iterator[tuple[DecodedFile, np.ndarray | None]]:
@@ -236,42 +223,59 @@ class DetectPipeline:
         the bench's per-stage CUDA events). Holds the engine's worker as `stream` does."""
         if depth < 1:
             raise TrtnetError(f"depth must be at least 1, got {depth}")
-        in_flight: deque[tuple[DecodedBatch, _InFlight | None]] = deque()
+        queued = (_Queued([f.image for f in decoded.decoded], decoded.slot, decoded.ready, mark, decoded)
+                  for decoded in batches)  # the next batch is decoded while the GPU runs this one
+        for item, rows in self._pipelined(queued, depth):
+            rows = iter(rows)
+            for file in item.source.files:
+                yield file, (next(rows) if file.image is not None else None)
+
+    def _pipelined(self, queued: Iterable[_Queued], depth: int) -> Iterator[tuple[_Queued, list[np.ndarray]]]:
+        """(batch, rows per image) in order, with up to `depth` batches queued on the engine's worker at once.
+
+        A batch at another input size first drains the runs in flight (`prepare` may move the buffers they
+        use). After each batch is queued its upload is waited for, so the images' memory (a caller's frame
+        ring) and the pinned staging buffers are free again before the next batch is taken."""
+        in_flight: deque[tuple[_Queued, _InFlight | None]] = deque()
+        last_hw = None
         with self.engine.checkout() as worker:
             try:
-                for decoded in batches:  # the next batch was decoded while the GPU ran this one
-                    worker.uploaded.synchronize()  # the last upload has left the pinned staging buffer
-                    in_flight.append((decoded, self._submit_decoded(worker, decoded, mark or _no_mark)))
+                for item in queued:
+                    hw = self.rect_hw(item.images) if item.images else None
+                    if in_flight and hw != last_hw and item.images:
+                        while in_flight:
+                            yield self._collected(*in_flight.popleft())
+                    in_flight.append((item, self._submit_queued(worker, item, hw)))
+                    last_hw = hw if item.images else last_hw
+                    worker.uploaded.synchronize()
                     if len(in_flight) == depth:
-                        yield from self._collect_decoded(*in_flight.popleft())
+                        yield self._collected(*in_flight.popleft())
                 while in_flight:
-                    yield from self._collect_decoded(*in_flight.popleft())
+                    yield self._collected(*in_flight.popleft())
             finally:
-                worker.stream.synchronize()
+                worker.stream.synchronize()  # an abandoned stream leaves no work on the buffers
 
-    def _submit_decoded(self, worker: Worker, decoded: DecodedBatch, mark: StageMark) -> _InFlight | None:
-        images = [f.image for f in decoded.decoded]
+    def _submit_queued(self, worker: Worker, item: _Queued, hw: tuple[int, int] | None) -> _InFlight | None:
+        images = item.images
         if not images:
             return None
         if len(images) > self.engine.max_batch:
-            raise TrtnetError(f"a decoded batch of {len(images)} images; {self.engine.path.name} takes at most "
+            raise TrtnetError(f"a batch of {len(images)} images; {self.engine.path.name} takes at most "
                               f"{self.engine.max_batch}")
-        if decoded.ready is not None:
-            worker.stream.wait(decoded.ready)
-        return self._submit(worker, images, max(len(images), self.engine.min_batch), decoded.slot, mark)
+        if item.ready is not None:
+            worker.stream.wait(item.ready)
+        return self._submit(worker, images, max(len(images), self.engine.min_batch), item.slot, item.mark, hw=hw)
 
-    def _collect_decoded(self, decoded: DecodedBatch, run: _InFlight | None):
-        rows = iter(self._collect(run) if run is not None else [])
-        for file in decoded.files:
-            yield file, (next(rows) if file.image is not None else None)
+    def _collected(self, item: _Queued, run: _InFlight | None) -> tuple[_Queued, list[np.ndarray]]:
+        return item, (self._collect(run) if run is not None else [])
 
     def _submit(self, worker: Worker, images: Sequence, batch: int, slot: Any,
-                mark: StageMark | None = None) -> _InFlight:
+                mark: StageMark | None = None, *, hw: tuple[int, int] | None = None) -> _InFlight:
         """Queue upload, letterbox, engine, decode + NMS and the download of the results (in `slot`).
-        `images`: host arrays, or `image_decoding.DeviceImage`s already on the device."""
+        `images`: host arrays, or `image_decoding.DeviceImage`s already on the device; `hw`: their
+        `rect_hw`."""
         mark = mark or _no_mark
         engine = self.engine
-        hw = self.input_hw(images) if self.rect_stride else None
         shapes = worker.prepare(batch, hw)
         input_ptr = worker.ptr(engine.input_name)
         state = worker.state_of(self, DetectState)
@@ -285,6 +289,10 @@ class DetectPipeline:
         mark("letterbox", worker.stream)
         run = self._queue_engine(worker, batch, len(images), shapes, slot, mark)
         return dataclasses.replace(run, image_shapes=tuple(im.shape[:2] for im in images))
+
+    def rect_hw(self, images: Sequence[np.ndarray]) -> tuple[int, int] | None:
+        """The batch's own input (h, w) with `rect`, else None (the engine's size)."""
+        return self.input_hw(images) if self.rect_stride else None
 
     def input_hw(self, images: Sequence[np.ndarray]) -> tuple[int, int]:
         """The letterboxed input's (h, w) for a batch of `images` (rect: their smallest common shape)."""
@@ -377,6 +385,18 @@ def _no_mark(stage: str, stream: cuda_rt.Stream) -> None:
 def _download_marked(mark: StageMark, worker: Worker, run: _InFlight) -> _InFlight:
     mark("download", worker.stream)
     return run
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A batch for `DetectPipeline._pipelined`: its images (none: nothing to run), slot, the event its pixels
+    are ready at (GPU decode), the stage marker and where it came from (a `DecodedBatch`)."""
+
+    images: Sequence
+    slot: Any
+    ready: cuda_rt.Event | None = None
+    mark: StageMark | None = None
+    source: Any = None
 
 
 @dataclass(frozen=True)

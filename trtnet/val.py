@@ -90,14 +90,16 @@ def val_batches(dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, st
     return np.arange(len(dataset)), np.full(((len(dataset) + batch - 1) // batch, 2), imgsz)
 
 
-def dataset_reader(dataset: DetectionDataset, decode: str) -> Callable[[list], list] | None:
-    """Batch reads through trtnet.image_decoding (GPU decode, pixels back to the host for val's letterbox);
-    None for "cpu", which keeps `dataset.read`."""
+def dataset_reader(dataset: DetectionDataset, decode: str, engine=None) -> Callable[[list], list] | None:
+    """Batch reads through trtnet.image_decoding (GPU decode on `engine`'s GPU, pixels back to the host for
+    val's letterbox); None for "cpu", which keeps `dataset.read`."""
     if decode == "cpu":
         return None
     from trtnet.image_decoding import FileDecoder, host_images
 
-    decoder = FileDecoder(decode)
+    if engine is not None:
+        engine.use_device()
+    decoder = FileDecoder(decode, device=engine.device_index if engine is not None else None)
     return lambda indices: host_images(decoder, [dataset.samples[i].path for i in indices])
 
 
@@ -201,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
                   "val.py's rectangular batches)", file=sys.stderr)
         metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=rect, max_det=args.max_det,
                                      verbose=args.verbose, check_shapes=functools.partial(check_engine_takes, engine),
-                                     read=dataset_reader(dataset, args.decode))
+                                     read=dataset_reader(dataset, args.decode, engine))
         print(metrics.to_table(per_class=args.verbose))
     else:
         dataset = load_classification_dataset(args.data, args.class_index)
