@@ -61,14 +61,12 @@ def define_int8_network(builder, options: Int8Options, tensors, meta, engine_pat
 
 
 def _explicit_network(builder, options, tensors, meta, engine_path, log, **define_kwargs) -> Int8Network:
-    from trtnet.graph import quantizing
     from trtnet.network import define_network
     from trtnet.quant.options import explicit_plan
 
     plan, calibration, path = explicit_plan(options, tensors, meta, _imgsz(meta, define_kwargs), engine_path, log,
                                             define_kwargs.get("source"))
-    with quantizing(plan):
-        defined = define_network(builder, tensors, meta, precision="fp16", **define_kwargs)
+    defined = define_network(builder, tensors, meta, precision="fp16", quant=plan, **define_kwargs)
     record = Int8Record("explicit", _relative(path, engine_path), calibration.method, calibration.images.count,
                         tuple(sorted(plan.keep_float)))
     return Int8Network(defined, record)
