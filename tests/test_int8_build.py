@@ -138,8 +138,10 @@ def test_calibration_file_of_other_weights_is_refused_at_build(weights_dir, caps
     assert not list(weights_dir.glob("*.engine"))
 
 
-# -- ResNet: ImageNet preprocessing through the family hook --------------------------------------
-def test_resnet_calibrates_with_imagenet_preprocessing_and_yolo_with_letterbox():
+# -- ResNet: ImageNet preprocessing, chosen by the family's task ----------------------------------
+def test_resnet_calibrates_with_imagenet_preprocessing_and_yolo_with_letterbox(monkeypatch):
+    from types import SimpleNamespace
+
     from trtnet import networks
 
     image = np.zeros((300, 400, 3), np.uint8)
@@ -152,6 +154,8 @@ def test_resnet_calibrates_with_imagenet_preprocessing_and_yolo_with_letterbox()
     assert y.shape == (1, 3, 64, 64)
     np.testing.assert_allclose(y[0, :, 0, 0], 114 / 255, rtol=1e-6)  # letterbox padding (400x300 → 64x48)
     np.testing.assert_allclose(y[0, :, 32, 32], [1, 0, 0])
+    monkeypatch.setattr(networks, "for_meta", lambda meta: SimpleNamespace(FAMILY="new", TASK="classify"))
+    np.testing.assert_allclose(networks.calibration_preprocess({"family": "new"}, 64)(image), x)  # no hook needed
 
 
 def test_imagenet_preprocessing_crops_the_centre():
