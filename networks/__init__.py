@@ -56,10 +56,6 @@ def families() -> dict[str, ModuleType]:
     return found
 
 
-def names() -> list[str]:
-    return list(families())
-
-
 def family(name: object) -> ModuleType:
     """The module of family `name`; a TrtnetError listing the known ones otherwise."""
     known = families()
