@@ -15,8 +15,6 @@ optional   DEFINE_OPTIONS: tuple[str, ...] = ()               (build options `de
            engine_fields(meta, strides, options) -> dict = {} (family-specific engine sidecar fields)
            summary(meta) -> str                               (gen_wts' one-line description)
            VAL_IOU: float = 0.6                               (trtnet.val's default NMS IoU, the official one)
-           calibration_preprocess(meta, imgsz) -> Preprocess   (INT8 calibration: BGR uint8 image → [1, 3, H, W]
-                                                              float32, as inference does; default: YOLO letterbox)
            torch_model(torch, meta, engine_path, weights_dir, official_src) -> (model | None, why_not)
                                                               (bench --compare-torch; default: not available)
            golden_aliases(meta) -> {golden key: tensor name}     (golden keys that are not `layer_XX` → model.XX
@@ -58,10 +56,6 @@ def families() -> dict[str, ModuleType]:
     return found
 
 
-def names() -> list[str]:
-    return list(families())
-
-
 def family(name: object) -> ModuleType:
     """The module of family `name`; a TrtnetError listing the known ones otherwise."""
     known = families()
@@ -95,13 +89,11 @@ def engine_fields(module: ModuleType, meta: Mapping, strides: list, options: Map
 
 
 def calibration_preprocess(meta: Mapping, imgsz):
-    """The host preprocessing INT8 calibration feeds this family's network (its inference preprocessing)."""
-    hook = getattr(for_meta(meta), "calibration_preprocess", None)
-    if hook is not None:
-        return hook(meta, imgsz)
-    from trtnet.quant.calibrate import letterbox_preprocess
+    """The host preprocessing INT8 calibration feeds this family's network: its task's inference preprocessing."""
+    from trtnet.quant.calibrate import imagenet_preprocess, letterbox_preprocess
 
-    return letterbox_preprocess(imgsz)
+    by_task = {"detect": letterbox_preprocess, "classify": imagenet_preprocess}
+    return by_task[for_meta(meta).TASK](imgsz)
 
 
 def summary(meta: Mapping) -> str:

@@ -111,12 +111,6 @@ def engine_fields(meta: Mapping, strides: list, options: Mapping) -> dict:
     return out
 
 
-def calibration_preprocess(meta: Mapping, imgsz):
-    from trtnet.quant.calibrate import imagenet_preprocess
-
-    return imagenet_preprocess(imgsz)
-
-
 def summary(meta: Mapping) -> str:
     return (f"{meta.get('arch')}: {meta.get('num_classes')} classes, imgsz {meta.get('imgsz')}, "
             f"bn_eps {meta.get('bn_eps')}")

@@ -122,3 +122,16 @@ def test_cpu_detector_rect_reproduces_the_ultralytics_640_predict():
     assert len(result) == 70  # the golden's n_det
     assert matched_golden_detect640(result, "yolo11n_nc3_syn") == 1.0
 
+
+
+def test_numpy_path_imports_without_torch_and_refuses_what_is_not_a_network():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None; import trtnet.cpu; print('imported')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr[-2000:]
+    from trtnet.cpu import run_numpy
+
+    with pytest.raises(TypeError, match="expected a TensorRT INetworkDefinition, got dict"):
+        run_numpy({"num_layers": 0}, {})

@@ -231,3 +231,21 @@ def test_class_ids_are_bounded_only_by_the_model(tmp_path):
     assert load_detection_dataset(tmp_path).samples[0].classes.tolist() == [200]
     with pytest.raises(TrtnetError, match=r"a\.txt:1: class id 200 is not 0 to 2, the model's classes"):
         load_detection_dataset(tmp_path, nc=3)
+
+
+def test_unreadable_label_file_is_one_error_naming_it(tmp_path, monkeypatch):
+    from trtnet.datasets import read_labels
+
+    latin1 = tmp_path / "caf\u00e9.txt"
+    latin1.write_bytes("0 0.5 0.5 0.2 0.2 # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(TrtnetError, match=r"caf\u00e9\.txt: cannot read this label file \(.*utf-8"):
+        read_labels(latin1)
+    locked = tmp_path / "locked.txt"
+    locked.write_text("0 0.5 0.5 0.2 0.2\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(TrtnetError, match=r"locked\.txt: cannot read this label file .*Permission denied"):
+        read_labels(locked)

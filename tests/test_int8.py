@@ -232,6 +232,26 @@ def test_network_hash_follows_weights_and_architecture_not_labels():
     assert network_hash({"a.weight": tensors["a.weight"].reshape(3, 2), "a.bias": tensors["a.bias"]}, meta) != base
 
 
+def test_network_hash_ignores_the_weights_files_provenance(tmp_path):
+    from trtnet.weights import load_weights, weights_meta, write_safetensors, write_sidecar, write_wts
+
+    tensors = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "a.bias": np.ones(2, np.float32)}
+    source = tmp_path / "net.pt"
+    source.write_bytes(b"checkpoint")
+    meta = {"family": "yolov5", "yaml": {"nc": 2}, "nc": 2, "strides": [8], "bn_eps": 1e-3, "version": "8.1.0"}
+    write_wts(tmp_path / "net.wts", tensors, progress=False)
+    write_sidecar(tmp_path / "net.wts", weights_meta(meta, tensors, source, "wts"))
+    write_safetensors(tmp_path / "renamed.safetensors", tensors, weights_meta(meta, tensors, source, "safetensors"))
+    as_wts, as_safetensors = load_weights(tmp_path / "net.wts"), load_weights(tmp_path / "renamed.safetensors")
+    base = network_hash(as_wts.tensors, as_wts.meta)
+    assert network_hash(as_safetensors.tensors, as_safetensors.meta) == base
+    upgraded = {**as_wts.meta, "trtnet_version": "99.0", "partner": {"file": "x.wts", "bytes": 1, "sha256": "0" * 64},
+                "source_sha256": "f" * 64, "version": "8.3.0"}
+    assert network_hash(as_wts.tensors, upgraded) == base
+    assert network_hash(as_wts.tensors, {**as_wts.meta, "yaml": {"nc": 3}}) != base
+    assert network_hash({**as_wts.tensors, "a.bias": np.zeros(2, np.float32)}, as_wts.meta) != base
+
+
 # -- calibration images ----------------------------------------------------------------------------
 def _write_images(folder, names, size=(12, 16)):
     import cv2

@@ -138,8 +138,10 @@ def test_calibration_file_of_other_weights_is_refused_at_build(weights_dir, caps
     assert not list(weights_dir.glob("*.engine"))
 
 
-# -- ResNet: ImageNet preprocessing through the family hook --------------------------------------
-def test_resnet_calibrates_with_imagenet_preprocessing_and_yolo_with_letterbox():
+# -- ResNet: ImageNet preprocessing, chosen by the family's task ----------------------------------
+def test_resnet_calibrates_with_imagenet_preprocessing_and_yolo_with_letterbox(monkeypatch):
+    from types import SimpleNamespace
+
     from trtnet import networks
 
     image = np.zeros((300, 400, 3), np.uint8)
@@ -152,6 +154,8 @@ def test_resnet_calibrates_with_imagenet_preprocessing_and_yolo_with_letterbox()
     assert y.shape == (1, 3, 64, 64)
     np.testing.assert_allclose(y[0, :, 0, 0], 114 / 255, rtol=1e-6)  # letterbox padding (400x300 → 64x48)
     np.testing.assert_allclose(y[0, :, 32, 32], [1, 0, 0])
+    monkeypatch.setattr(networks, "for_meta", lambda meta: SimpleNamespace(FAMILY="new", TASK="classify"))
+    np.testing.assert_allclose(networks.calibration_preprocess({"family": "new"}, 64)(image), x)  # no hook needed
 
 
 def test_imagenet_preprocessing_crops_the_centre():
@@ -302,6 +306,7 @@ def test_implicit_mode_defines_an_fp32_network_and_feeds_the_calibrator_letterbo
     """The implicit path's host side with TensorRT's calibrator and the device upload stood in for."""
     from trtnet import compat
     from trtnet.checkpoint import read_checkpoint
+    from trtnet.engine_meta import Int8Record
     from trtnet.network import BatchProfile
     from trtnet.quant import implicit, int8_build
     from trtnet.quant.options import Int8Options
@@ -327,8 +332,7 @@ def test_implicit_mode_defines_an_fp32_network_and_feeds_the_calibrator_letterbo
     assert network.defined.graph.dtype == np.float32  # TensorRT picks the precisions (INT8 + FP16 flags)
     layers = [network.defined.network.get_layer(i).type.name for i in range(network.defined.network.num_layers)]
     assert "QUANTIZE" not in layers
-    assert network.record == {"mode": "implicit", "calibration": "yolov5n.int8.calib.cache", "method": "entropy",
-                              "images": 4, "keep": []}
+    assert network.record == Int8Record("implicit", "yolov5n.int8.calib.cache", "entropy", 4, ())
 
 
 def test_gpu_calibration_without_a_gpu_is_refused_before_reading(tmp_path, capsys):
@@ -355,3 +359,25 @@ def test_engine_meta_types_the_int8_record_and_names_a_broken_one():
     assert "int8" not in EngineMeta.from_dict(base).to_dict()
     with pytest.raises(TrtnetError, match="field 'int8'.*images"):
         EngineMeta.from_dict({**base, "int8": {**record, "images": "eight"}}, "x.engine.json")
+
+
+def test_engine_metadata_validates_the_int8_record_with_the_rest(tmp_path):
+    from types import SimpleNamespace
+
+    from trtnet.build import BuildRequest, engine_metadata
+    from trtnet.engine_meta import Int8Record
+    from trtnet.errors import TrtnetError
+
+    weights = tmp_path / "resnet18.wts"
+    weights.write_bytes(b"1\n")
+    defined = SimpleNamespace(family="resnet", imgsz=(64, 64), min_imgsz=None, max_imgsz=None, input_name="input",
+                              output_names=["output"], network=SimpleNamespace(num_layers=3), strides=[])
+    meta = {"family": "resnet", "arch": "resnet18", "num_classes": 10}
+    req = BuildRequest(str(weights), precision="int8")
+    record = Int8Record("explicit", "r.calib.json", "entropy", 8, ("fc",))
+    written = engine_metadata(req, defined, meta, weights, 1.0, 10, record)
+    assert written["int8"] == {"mode": "explicit", "calibration": "r.calib.json", "method": "entropy", "images": 8,
+                               "keep": ["fc"]}
+    assert "int8" not in engine_metadata(BuildRequest(str(weights)), defined, meta, weights, 1.0, 10)
+    with pytest.raises(TrtnetError, match="field 'int8'.*images"):
+        engine_metadata(req, defined, meta, weights, 1.0, 10, Int8Record("explicit", "r.calib.json", "entropy", -1))

@@ -31,15 +31,10 @@ def image():
 
 def define(ckpt, plan=None, precision="fp32"):
     from trtnet import compat
-    from trtnet.graph import quantizing
     from trtnet.network import define_network
 
     builder = compat.trt().Builder(compat.Logger())
-    if plan is None:
-        defined = define_network(builder, ckpt.state_dict, ckpt.meta, precision=precision, imgsz=IMGSZ)
-    else:
-        with quantizing(plan):
-            defined = define_network(builder, ckpt.state_dict, ckpt.meta, precision=precision, imgsz=IMGSZ)
+    defined = define_network(builder, ckpt.state_dict, ckpt.meta, precision=precision, imgsz=IMGSZ, quant=plan)
     defined.builder = builder  # TensorRT needs the builder alive while the network is
     return defined
 
@@ -230,7 +225,6 @@ def test_int8_resnet18_runs_and_builds_with_tensorrt_rtx():
     from trtnet import compat
     from trtnet.checkpoint import read_checkpoint
     from trtnet.executor import run_network
-    from trtnet.graph import quantizing
     from trtnet.network import define_network
     from trtnet.quant.calibrate import quantizable_tensors
     from trtnet.quant.plan import QuantPlan
@@ -241,8 +235,8 @@ def test_int8_resnet18_runs_and_builds_with_tensorrt_rtx():
     fp32 = define_network(builder, ckpt.state_dict, ckpt.meta, imgsz=224)
     names = sorted(set(quantizable_tensors(fp32.network).values()))
     seen = run_network(fp32.network, {fp32.input_name: x}, keep=names)
-    with quantizing(QuantPlan({n: float(np.abs(seen[n]).max()) for n in names})):
-        int8 = define_network(builder, ckpt.state_dict, ckpt.meta, imgsz=224, precision="fp16")
+    plan = QuantPlan({n: float(np.abs(seen[n]).max()) for n in names})
+    int8 = define_network(builder, ckpt.state_dict, ckpt.meta, imgsz=224, precision="fp16", quant=plan)
     (name,) = int8.output_names
     got = run_network(int8.network, {int8.input_name: x})[name]
     assert got.argmax() == seen[name].argmax()

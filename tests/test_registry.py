@@ -69,7 +69,7 @@ def import_graph() -> dict[str, list[str]]:
 
 
 def test_the_registry_lists_the_families_of_networks():
-    assert set(networks.names()) >= {"yolov5", "resnet"}
+    assert set(networks.families()) >= {"yolov5", "resnet"}
     assert networks.family("yolov5").TASK == "detect"
     assert networks.family("resnet").TASK == "classify"
     assert "yolov5" in networks.of_task("detect") and "resnet" in networks.of_task("classify")

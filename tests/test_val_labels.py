@@ -78,3 +78,12 @@ def test_val_scores_an_engine_with_empty_label_files(tmp_path, monkeypatch, caps
     assert val.cli(["fake.engine", "--data", str(root), "--imgsz", "128", "--json", str(out_json)]) == 0
     results = json.loads(out_json.read_text())
     assert results["images"] == 2 and results["metrics"]["mAP@0.5"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("batch", ["0", "-2"])
+def test_val_refuses_a_batch_below_one_before_loading_the_engine(tmp_path, monkeypatch, capsys, batch):
+    loaded = []
+    monkeypatch.setattr(val, "engine_predictor", lambda *a: loaded.append(a) or (predict, FakeEngine(nc=3)))
+    status = val.cli(["fake.engine", "--data", str(labelled_and_background(tmp_path)), "--batch", batch])
+    assert status == 2 and f"error: --batch {batch}: must be at least 1" in capsys.readouterr().err
+    assert not loaded

@@ -206,3 +206,24 @@ def test_sidecar_is_json_and_vouches_for_its_wts(tmp_path):
 
 def test_track_yields_everything_without_a_terminal():
     assert list(track(range(5), "counting")) == [0, 1, 2, 3, 4]
+
+
+def test_unreadable_sidecar_is_one_error_naming_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    wts = write_wts(tmp_path / "m.wts", {"t": np.array([1.0])})
+    sidecar = write_sidecar(wts, {"nc": 2})
+    real_read_text = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == sidecar:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(TrtnetError, match=r"m\.json: cannot read the weights metadata .*Permission denied"):
+        load_weights(wts)
+    monkeypatch.undo()
+    sidecar.write_bytes(b'{"nc": "\xe9"}')
+    with pytest.raises(TrtnetError, match=r"m\.json: not valid JSON"):
+        load_weights(wts)

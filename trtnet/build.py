@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trtnet import __version__, compat, networks
 from trtnet.cli import command_parser, run
-from trtnet.engine_meta import EngineMeta, PostprocessSettings, nms_kwargs
+from trtnet.engine_meta import EngineMeta, Int8Record, PostprocessSettings, nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.interrupts import BuildInterrupts
@@ -206,9 +206,8 @@ def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, lo
     if cache:
         with atomic_write(cache_path) as f:
             f.write(cache)
-    metadata = engine_metadata(req, defined, meta, weights_path, progress.seconds, len(plan))
-    if int8:
-        metadata["int8"] = int8_network.record
+    metadata = engine_metadata(req, defined, meta, weights_path, progress.seconds, len(plan),
+                               int8_network.record if int8 else None)
     with atomic_write(meta_path, "w") as f:  # after the engine: it records the engine's sha256
         json.dump(with_partner(metadata, engine_path), f, indent=1)
     return BuildResult(engine_path, meta_path, defined.network.num_layers, len(plan), progress.seconds)
@@ -245,7 +244,7 @@ def append_plugin_postprocess(defined: DefinedNetwork, meta: dict, settings: Pos
 
 
 def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weights_path: Path,
-                    seconds: float, size: int) -> dict:
+                    seconds: float, size: int, int8: Int8Record | None = None) -> dict:
     h, w = defined.imgsz
     out = {
         "trtnet_version": __version__,
@@ -274,6 +273,8 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
     if family.TASK == "detect":
         out["postprocess"] = asdict(req.postprocess)
     out.update(networks.engine_fields(family, meta, defined.strides, {"softmax": req.softmax}))
+    if int8 is not None:
+        out["int8"] = asdict(int8)
     return EngineMeta.from_dict(out, "the new engine's metadata").to_dict()  # never one the runtime refuses
 
 

@@ -32,6 +32,7 @@ from trtnet import networks
 from trtnet.api import Detections, ImageLike, as_list, load_image
 from trtnet.engine_meta import nms_kwargs
 from trtnet.errors import TrtnetError
+from trtnet.executor import downcast, trt_module  # torch-free: the executor imports torch on first run
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
@@ -46,10 +47,10 @@ class UnsupportedLayer(TrtnetError):
 def run_numpy(network, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Execute an fp32 INetworkDefinition on `inputs` (by name); returns its outputs by name."""
     values: dict[str, np.ndarray] = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in inputs.items()}
-    trt = _trt_module(network)
+    trt = trt_module(network)
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        kind = _downcast(trt, layer)
+        kind = downcast(trt, layer)
         op = _OPS.get(kind)
         if op is None:
             raise UnsupportedLayer(f"layer {layer.name!r} ({kind}): the NumPy CPU path does not run this layer type; "
@@ -58,27 +59,6 @@ def run_numpy(network, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
               (layer.get_input(j) for j in range(layer.num_inputs))]
         values[layer.get_output(0).name] = op(layer, xs)
     return {network.get_output(i).name: values[network.get_output(i).name] for i in range(network.num_outputs)}
-
-
-def _trt_module(network):
-    import sys
-
-    return sys.modules[type(network).__module__]
-
-
-_LAYER_CLASSES = {
-    "ACTIVATION": "IActivationLayer", "CONCATENATION": "IConcatenationLayer", "CONVOLUTION": "IConvolutionLayer",
-    "ELEMENTWISE": "IElementWiseLayer", "POOLING": "IPoolingLayer", "RESIZE": "IResizeLayer",
-    "IDENTITY": "IIdentityLayer", "SHUFFLE": "IShuffleLayer",
-}
-
-
-def _downcast(trt, layer) -> str:
-    kind = layer.type.name  # read before the downcast: IActivationLayer.type is the activation type
-    cls = getattr(trt, _LAYER_CLASSES.get(kind, ""), None)
-    if cls is not None:
-        layer.__class__ = cls
-    return kind
 
 
 def _explicit_padding(layer) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -179,8 +179,12 @@ def read_labels(path: Path, nc: int | None = None) -> np.ndarray:
     """
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrtnetError(f"{path}: cannot read this label file ({exc})") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if fields:
             rows.append(_label_row(fields, f"{path}:{number}", nc))

@@ -27,10 +27,6 @@ class PostprocessSettings(NmsSettings):
 
     mode: str = "none"
 
-    @property
-    def nms(self) -> NmsSettings:
-        return NmsSettings(**nms_kwargs(self))
-
 
 def nms_kwargs(settings: NmsSettings) -> dict:
     """The NmsSettings fields of `settings` as keyword arguments (YoloPostprocess, the plugin's settings)."""

@@ -123,12 +123,12 @@ class LayerInfo:
 
 def describe_network(network) -> list[LayerInfo]:
     """Every layer of `network` in order, with its tensors and main parameters."""
-    trt = _trt_module(network)
+    trt = trt_module(network)
     return [_describe(trt, i, network.get_layer(i)) for i in range(network.num_layers)]
 
 
 def _describe(trt, index: int, layer) -> LayerInfo:
-    kind = _downcast(trt, layer)
+    kind = downcast(trt, layer)
     outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
     return LayerInfo(
         index=index,
@@ -193,7 +193,7 @@ def run_network(
 class _Runner:
     def __init__(self, network, device: str, policy: str, overrides: Mapping[str, Override]):
         self.torch = _import_torch()
-        self.trt = _trt_module(network)
+        self.trt = trt_module(network)
         self.network = network
         self.device = self.torch.device(device)
         self.policy = policy
@@ -216,7 +216,7 @@ class _Runner:
         return {name: self._to_numpy(self.values[name]) for name in wanted}
 
     def _run_layer(self, layer) -> None:
-        kind = _downcast(self.trt, layer)
+        kind = downcast(self.trt, layer)
         sources = _layer_inputs(layer)
         missing = [t.name for t in sources if t is not None and t.name not in self.values]
         if missing:
@@ -317,7 +317,7 @@ class _Tf32Off:
 
 
 # -- graph helpers ---------------------------------------------------------------------------------
-def _trt_module(network):
+def trt_module(network):
     """The TensorRT flavour `network` comes from (tensorrt, tensorrt_rtx, …), for its layer classes."""
     module = sys.modules.get(type(network).__module__)
     if module is None or not hasattr(module, "LayerType"):
@@ -325,7 +325,7 @@ def _trt_module(network):
     return module
 
 
-def _downcast(trt, layer) -> str:
+def downcast(trt, layer) -> str:
     """The LayerType name; `layer` becomes its subclass so its parameters can be read."""
     kind = layer.type.name  # read before the downcast: IActivationLayer.type is the ActivationType
     cls = getattr(trt, _LAYER_CLASSES.get(kind, ""), None)

@@ -61,10 +61,6 @@ def convert(checkpoint: str | Path, output: str | Path | None = None, fmt: str |
     return Converted(path, sidecar, ckpt, time.perf_counter() - start)
 
 
-def summary(meta: dict) -> str:
-    return networks.summary(meta)
-
-
 def parser() -> argparse.ArgumentParser:
     p = command_parser("gen_wts", "PyTorch checkpoint → tensorrtx-format .wts (+ .json) or .safetensors, without torch")
     p.add_argument("checkpoint", help="YOLOv5 .pt or torchvision ResNet .pth checkpoint")
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     values = sum(v.size for v in done.checkpoint.state_dict.values())
     also = f" and {done.sidecar}" if done.sidecar else ""
     print(f"wrote {done.path}{also}: {len(done.checkpoint.state_dict)} tensors, {values / 1e6:.2f}M values")
-    print(summary(done.checkpoint.meta))
+    print(networks.summary(done.checkpoint.meta))
     print(f"done in {done.seconds:.2f} s")
     return 0
 

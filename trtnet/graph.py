@@ -16,9 +16,7 @@ quantized with one scale, which is the shared scale TensorRT needs to run the co
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,20 +26,6 @@ from trtnet.errors import TrtnetError
 
 if TYPE_CHECKING:
     from trtnet.quant.plan import QuantPlan
-
-# The plan graphs made inside `quantizing(plan)` use when not given one (define_network makes its Graph).
-_ACTIVE_QUANT_PLAN: ContextVar[QuantPlan | None] = ContextVar("trtnet_quant_plan", default=None)
-
-
-@contextlib.contextmanager
-def quantizing(plan: QuantPlan) -> Iterator[QuantPlan]:
-    """Graphs created in this block (e.g. by define_network) are INT8 graphs quantized by `plan`."""
-    token = _ACTIVE_QUANT_PLAN.set(plan)
-    try:
-        yield plan
-    finally:
-        _ACTIVE_QUANT_PLAN.reset(token)
-
 
 class WeightStore:
     """Tensors by PyTorch name; every tensor must be used exactly once, with the shape expected."""
@@ -118,7 +102,7 @@ class Graph:
         self.activation = "silu"  # the default activation of conv blocks; a network may change it
         self.trt = compat.trt()
         self._keep: list[np.ndarray] = []  # TensorRT may read weight buffers until the build ends
-        self.quant = quant if quant is not None else _ACTIVE_QUANT_PLAN.get()
+        self.quant = quant
         self._dequantized: dict[str, Any] = {}  # tensor name → its Q/DQ copy
         self._calibrated_as: dict[str, str] = {}  # input casts → the input name calibration saw
 

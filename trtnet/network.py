@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trtnet import compat, networks
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph, WeightStore
+
+if TYPE_CHECKING:
+    from trtnet.quant.plan import QuantPlan
 
 # State-dict entries that are not weights of any layer: Detect's anchor buffers (the anchors travel
 # in the metadata) and BatchNorm's step counters.
@@ -69,12 +72,13 @@ def default_imgsz(meta: Mapping) -> int:
 def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, meta: Mapping, *, precision: str = "fp32",
                    batch: BatchProfile = BatchProfile(), imgsz: int | tuple[int, int] | None = None,
                    softmax: bool = False, source: str = "weights", min_imgsz: int | None = None,
-                   max_imgsz: int | None = None, weakly_typed: bool = False) -> DefinedNetwork:
+                   max_imgsz: int | None = None, weakly_typed: bool = False,
+                   quant: QuantPlan | None = None) -> DefinedNetwork:
     """Define the network that `meta` describes with `tensors` in a new INetworkDefinition.
 
     With `min_imgsz` and/or `max_imgsz`, height and width are dynamic from `min_imgsz` to `max_imgsz`
     (each defaults to `imgsz`, the size TensorRT tunes for), e.g. for the rectangular batches of
-    validation; otherwise the input size is static."""
+    validation; otherwise the input size is static. With `quant`, an INT8 network quantized by that plan."""
     family = networks.for_meta(meta)
     size = imgsz or default_imgsz(meta)
     top = (size, size) if isinstance(size, int) else tuple(size)
@@ -82,7 +86,8 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     hw = (-1, -1) if min_imgsz is not None else top
     network = compat.create_weakly_typed_network(builder) if weakly_typed else compat.create_network(builder)
     store = tensors if isinstance(tensors, WeightStore) else WeightStore(tensors, source)
-    g = Graph(network, store, compat.compute_dtype(precision), bn_eps=float(meta.get("bn_eps", 1e-5)))
+    g = Graph(network, store, compat.compute_dtype(precision), bn_eps=float(meta.get("bn_eps", 1e-5)),
+              quant=quant)
     family.define(g, dict(meta), batch.check().dim, hw, **networks.define_options(family, {"softmax": softmax}))
     store.ensure_all_used(ignore=NOT_WEIGHTS)
     heads = [network.get_output(i) for i in range(network.num_outputs)]

@@ -33,6 +33,7 @@ from trtnet.datasets import (
     load_classification_dataset,
     load_detection_dataset,
 )
+from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.metrics import (
     ClassificationMetrics,
@@ -192,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     args = parser().parse_args(argv)
-
+    if args.batch < 1:
+        raise TrtnetError(f"--batch {args.batch}: must be at least 1")
     predict, engine = engine_predictor(args.engine, args.task, args)
     if args.task == "detect":
         dataset = load_detection_dataset(args.data, nc=engine.meta.nc)

@@ -207,7 +207,9 @@ def _read_sidecar(wts_path: Path) -> dict:
         return {}
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise TrtnetError(f"{path}: cannot read the weights metadata ({exc})") from None
+    except ValueError as exc:  # UnicodeDecodeError is one
         raise TrtnetError(f"{path}: not valid JSON ({exc}); delete it or rewrite both files with gen_wts") from exc
     validate_weights_meta(meta, path)
     check_partner(path, meta, wts_path, remedy=f"convert the checkpoint again with gen_wts ({meta.get('source')})")

@@ -2,13 +2,11 @@
 
 How a build makes an INT8 engine (explicit quantization, every TensorRT):
 
-    from trtnet.graph import quantizing
     from trtnet.quant.options import Int8Options, explicit_plan
 
     plan, calibration, calib_path = explicit_plan(Int8Options(calib=..., calib_images=..., ...),
                                                   tensors, meta, imgsz, engine_path, log)
-    with quantizing(plan):                 # (or Graph(..., quant=plan) once define_network takes it)
-        defined = define_network(builder, tensors, meta, precision="fp16", ...)
+    defined = define_network(builder, tensors, meta, precision="fp16", quant=plan, ...)
     config = compat.builder_config(builder, compat.BuildOptions(precision="fp16", int8=True, ...))
 
 Modules: `histogram` (AbsHistogram; entropy / percentile / max amax; per-channel weight amax),

@@ -27,14 +27,15 @@ from trtnet.quant.histogram import METHODS
 
 FORMAT = "trtnet-int8-calibration"
 VERSION = 1
-# Checkpoint metadata that does not change the network: labels, provenance, the default input size
-# (calibration ranges do not depend on it enough to refuse a rebuild at another size).
-NOT_ARCHITECTURE = ("names", "date", "epoch", "source_dtype", "imgsz", "model_class", "source")
+# The metadata keys that define the network (every family's read_checkpoint, see networks/*.py). Everything
+# else is labels or provenance (names, dates, trtnet_version, the weights file's name, format and bytes) or
+# the default input size, which calibration ranges do not depend on enough to refuse a rebuild at another size.
+ARCHITECTURE_KEYS = ("family", "arch", "yaml", "nc", "num_classes", "strides", "anchors", "reg_max", "bn_eps")
 
 
 def network_hash(tensors: Mapping[str, np.ndarray], meta: Mapping) -> str:
     h = hashlib.sha256()
-    arch = {k: v for k, v in meta.items() if k not in NOT_ARCHITECTURE}
+    arch = {k: meta[k] for k in ARCHITECTURE_KEYS if k in meta}
     h.update(json.dumps(arch, sort_keys=True, default=str).encode())
     for name in sorted(tensors):
         array = np.ascontiguousarray(np.asarray(tensors[name], dtype=np.float32))

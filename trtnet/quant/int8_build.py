@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from trtnet.engine_meta import Int8Record
 from trtnet.errors import TrtnetError
 from trtnet.quant.options import Int8Options
 
@@ -20,7 +21,7 @@ INT8 = "int8"  # BuildRequest.precision of an INT8 engine
 @dataclass
 class Int8Network:
     defined: Any  # trtnet.network.DefinedNetwork
-    record: dict  # the engine sidecar's "int8" object (engine_meta.Int8Record)
+    record: Int8Record  # the engine sidecar's "int8" object
     calibrator: Any = None  # implicit mode: TensorRT's IInt8EntropyCalibrator2
     keep_alive: list = field(default_factory=list)  # device buffers the calibrator's pointers point into
 
@@ -60,16 +61,14 @@ def define_int8_network(builder, options: Int8Options, tensors, meta, engine_pat
 
 
 def _explicit_network(builder, options, tensors, meta, engine_path, log, **define_kwargs) -> Int8Network:
-    from trtnet.graph import quantizing
     from trtnet.network import define_network
     from trtnet.quant.options import explicit_plan
 
     plan, calibration, path = explicit_plan(options, tensors, meta, _imgsz(meta, define_kwargs), engine_path, log,
                                             define_kwargs.get("source"))
-    with quantizing(plan):
-        defined = define_network(builder, tensors, meta, precision="fp16", **define_kwargs)
-    record = {"mode": "explicit", "calibration": _relative(path, engine_path), "method": calibration.method,
-              "images": calibration.images.count, "keep": sorted(plan.keep_float)}
+    defined = define_network(builder, tensors, meta, precision="fp16", quant=plan, **define_kwargs)
+    record = Int8Record("explicit", _relative(path, engine_path), calibration.method, calibration.images.count,
+                        tuple(sorted(plan.keep_float)))
     return Int8Network(defined, record)
 
 
@@ -96,8 +95,7 @@ def _implicit_network(builder, options, tensors, meta, engine_path, log, **defin
         raise TrtnetError(f"--int8-mode implicit: no calibration cache {cache} and no --calib images")
     upload, buffer = device_uploader()
     calibrator = entropy_calibrator(batches, batch, cache, upload)
-    record = {"mode": "implicit", "calibration": _relative(cache, engine_path), "method": "entropy",
-              "images": count, "keep": []}
+    record = Int8Record("implicit", _relative(cache, engine_path), "entropy", count)
     return Int8Network(defined, record, calibrator, [buffer])
 
 

@@ -132,18 +132,13 @@ def executor_sensitivity(tensors: Mapping[str, np.ndarray], meta: Mapping, calib
     """Sensitivity of every group on `batches` (preprocessed images) with the reference executor."""
     from trtnet import compat
     from trtnet.executor import run_network
-    from trtnet.graph import quantizing
     from trtnet.network import define_network
     from trtnet.quant.calibrate import quant_plan, quantizable_tensors
     from trtnet.quant.calibration_file import network_hash
 
     def define(plan=None):
         builder = compat.trt().Builder(compat.Logger())
-        if plan is None:
-            defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz)
-        else:
-            with quantizing(plan):
-                defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz)
+        defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz, quant=plan)
         defined.builder = builder  # TensorRT needs the builder alive while the network is
         return defined
 
