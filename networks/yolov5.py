@@ -8,8 +8,6 @@ the raw Detect maps `raw_<level>`, `[B, na*(nc+5), h, w]`, as the Detect convs p
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +27,8 @@ from trtnet.checkpoint import (
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 from trtnet.meta_checks import MAX_CLASSES, check_anchors, check_count, check_head_channels, check_strides
+from trtnet.networks import blocks
+from trtnet.networks.blocks import activation_of, c3, concat, conv, make_divisible, spp, sppf, upsample
 from trtnet.plugins.postprocess import P5_ANCHORS
 
 FAMILY = "yolov5"
@@ -38,37 +38,9 @@ DEFAULT_IMGSZ = 640
 CHECKPOINTS = "YOLOv5 checkpoints (models.yolo Model/DetectionModel under 'model' or 'ema')"
 
 
-def conv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1):
-    """common.Conv: Conv2d(bias=False) + BatchNorm2d (folded) + the model's activation."""
-    y = g.conv(x, f"{p}.conv", c2, k, s, pad, groups, bn=f"{p}.bn")
-    return g.act(y, g.activation, p)
-
-
 def bottleneck(g: Graph, x, p: str, c2: int, shortcut: bool = True, groups: int = 1, e: float = 0.5):
-    y = conv(g, conv(g, x, f"{p}.cv1", int(c2 * e), 1), f"{p}.cv2", c2, 3, groups=groups)
-    return g.add(x, y, p) if shortcut and x.shape[1] == c2 else y
-
-
-def c3(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = True, groups: int = 1, e: float = 0.5):
-    c_ = int(c2 * e)
-    a = conv(g, x, f"{p}.cv1", c_, 1)
-    for j in range(n):
-        a = bottleneck(g, a, f"{p}.m.{j}", c_, shortcut, groups, e=1.0)
-    b = conv(g, x, f"{p}.cv2", c_, 1)
-    return conv(g, g.concat([a, b], f"{p}.cat"), f"{p}.cv3", c2, 1)
-
-
-def sppf(g: Graph, x, p: str, c2: int, k: int = 5):
-    y = [conv(g, x, f"{p}.cv1", x.shape[1] // 2, 1)]
-    for i in range(3):
-        y.append(g.maxpool(y[-1], k, 1, k // 2, f"{p}.m.{i}"))
-    return conv(g, g.concat(y, f"{p}.cat"), f"{p}.cv2", c2, 1)
-
-
-def spp(g: Graph, x, p: str, c2: int, k=(5, 9, 13)):
-    a = conv(g, x, f"{p}.cv1", x.shape[1] // 2, 1)
-    pooled = [g.maxpool(a, kk, 1, kk // 2, f"{p}.m.{i}") for i, kk in enumerate(k)]
-    return conv(g, g.concat([a, *pooled], f"{p}.cat"), f"{p}.cv2", c2, 1)
+    """common.Bottleneck: block.Bottleneck with kernels (1, 3)."""
+    return blocks.bottleneck(g, x, p, c2, shortcut, groups, k=(1, 3), e=e)
 
 
 def focus(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1):
@@ -81,16 +53,6 @@ def focus(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None 
     cells = g.shuffle(x, (0, c, h // 2, 2, w // 2, 2), f"{p}.space_to_depth", transpose=(0, 5, 3, 1, 2, 4))
     stacked = g.shuffle(cells, (0, 4 * c, h // 2, w // 2), f"{p}.stack")
     return conv(g, stacked, f"{p}.conv", c2, k, s, pad, groups)
-
-
-def upsample(g: Graph, x, p: str, size=None, scale: int = 2, mode: str = "nearest"):
-    if size is not None or mode != "nearest":
-        raise TrtnetError(f"{p}: only nn.Upsample(None, scale, 'nearest') is supported, got size={size} mode={mode}")
-    return g.upsample(x, int(scale), p)
-
-
-def concat(g: Graph, xs, p: str, dimension: int = 1):
-    return g.concat(xs, p, axis=dimension)
 
 
 def detect(g: Graph, xs, p: str, nc: int, anchors, *_):
@@ -115,10 +77,6 @@ BLOCKS: dict[str, tuple[Callable, bool, bool]] = {
     "Concat": (concat, False, False),
     "Detect": (detect, False, False),
 }
-
-
-def make_divisible(x: float, divisor: int = 8) -> int:
-    return math.ceil(x / divisor) * divisor
 
 
 def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int]) -> list:
@@ -178,21 +136,6 @@ def _resolve(arg, nc: int, anchors):
     if isinstance(arg, str):
         return {"nc": nc, "anchors": anchors, "None": None, "True": True, "False": False}.get(arg, arg)
     return arg
-
-
-def activation_of(spec: str | None) -> str:
-    """The yaml's `activation` (e.g. 'nn.LeakyReLU(0.1)'); default SiLU as common.Conv."""
-    if not spec:
-        return "silu"
-    m = re.fullmatch(r"(?:torch\.)?(?:nn\.)?(\w+)\(([^)]*)\)", spec.replace(" ", ""))
-    kind = m.group(1) if m else ""
-    if kind == "SiLU":
-        return "silu"
-    if kind == "ReLU":
-        return "relu"
-    if kind == "LeakyReLU":
-        return f"leaky_relu:{m.group(2) or 0.01}"
-    raise TrtnetError(f"unsupported activation {spec!r} in the model yaml (SiLU, ReLU, LeakyReLU)")
 
 
 def _check_input_size(imgsz: tuple[int, int], stride: int) -> None:

@@ -21,7 +21,7 @@ from trtnet.checkpoint import Checkpoint, bn_eps, model_record, module_state_dic
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 from trtnet.meta_checks import MAX_CLASSES, check_count, check_strides
-from trtnet.networks.yolov5 import concat, make_divisible, sppf, upsample
+from trtnet.networks.blocks import bottleneck, c3, concat, conv, dwconv, make_divisible, sppf, upsample
 
 FAMILY = "yolov8"
 TASK = "detect"
@@ -37,23 +37,6 @@ VAL_IOU = 0.7  # Ultralytics DetectionValidator's NMS IoU (multi-label, conf 0.0
 # -- blocks (ultralytics/nn/modules) -----------------------------------------------------------------
 
 
-def conv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1,
-         act: bool = True):
-    """conv.Conv: Conv2d(bias=False) + BatchNorm2d (folded) + SiLU (or no activation)."""
-    y = g.conv(x, f"{p}.conv", c2, k, s, pad, groups, bn=f"{p}.bn", name=p if not act else f"{p}.conv")
-    return g.act(y, g.activation, p) if act else y
-
-
-def dwconv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, act: bool = True):
-    """conv.DWConv: Conv with groups = gcd(c1, c2)."""
-    return conv(g, x, p, c2, k, s, groups=math.gcd(int(x.shape[1]), c2), act=act)
-
-
-def bottleneck(g: Graph, x, p: str, c2: int, shortcut: bool = True, groups: int = 1, k=(3, 3), e: float = 0.5):
-    y = conv(g, conv(g, x, f"{p}.cv1", int(c2 * e), k[0]), f"{p}.cv2", c2, k[1], groups=groups)
-    return g.add(x, y, p) if shortcut and int(x.shape[1]) == c2 else y
-
-
 def c2f(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = False, groups: int = 1, e: float = 0.5,
         inner: Callable | None = None):
     """block.C2f: cv1, chunk(2), each of m on the last piece, cat all, cv2. `inner` builds one of m."""
@@ -64,17 +47,6 @@ def c2f(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = False, groups
         q = f"{p}.m.{j}"
         y.append(inner(y[-1], q) if inner else bottleneck(g, y[-1], q, c, shortcut, groups, e=1.0))
     return conv(g, g.concat(y, f"{p}.cat"), f"{p}.cv2", c2, 1)
-
-
-def c3(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = True, groups: int = 1, e: float = 0.5,
-       k: int = 1):
-    """block.C3 (k=1: Bottleneck kernels (1, 3)) and block.C3k (k=3: kernels (3, 3))."""
-    c_ = int(c2 * e)
-    a = conv(g, x, f"{p}.cv1", c_, 1)
-    for j in range(n):
-        a = bottleneck(g, a, f"{p}.m.{j}", c_, shortcut, groups, k=(k, 3), e=1.0)
-    b = conv(g, x, f"{p}.cv2", c_, 1)
-    return conv(g, g.concat([a, b], f"{p}.cat"), f"{p}.cv3", c2, 1)
 
 
 def c3k2(g: Graph, x, p: str, c2: int, n: int = 1, c3k: bool = False, e: float = 0.5, groups: int = 1,
