@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +28,20 @@ from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 from trtnet.meta_checks import MAX_CLASSES, check_anchors, check_count, check_head_channels, check_strides
 from trtnet.networks import blocks
-from trtnet.networks.blocks import activation_of, c3, concat, conv, make_divisible, spp, sppf, upsample
+from trtnet.networks.blocks import (
+    Block,
+    Scale,
+    activation_of,
+    c3,
+    check_classes,
+    check_input_size,
+    concat,
+    conv,
+    parse_model,
+    spp,
+    sppf,
+    upsample,
+)
 from trtnet.plugins.postprocess import P5_ANCHORS
 
 FAMILY = "yolov5"
@@ -65,17 +78,17 @@ def anchors_per_cell(anchors) -> int:
     return len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
 
 
-# name in the yaml → (block, takes output channels as its first argument, repeats `n` inside itself)
-BLOCKS: dict[str, tuple[Callable, bool, bool]] = {
-    "Conv": (conv, True, False),
-    "Bottleneck": (bottleneck, True, False),
-    "C3": (c3, True, True),
-    "SPPF": (sppf, True, False),
-    "SPP": (spp, True, False),
-    "Focus": (focus, True, False),
-    "Upsample": (upsample, False, False),
-    "Concat": (concat, False, False),
-    "Detect": (detect, False, False),
+# name in the yaml → its block (common.py)
+BLOCKS: dict[str, Block] = {
+    "Conv": Block(conv, takes_c2=True),
+    "Bottleneck": Block(bottleneck, takes_c2=True),
+    "C3": Block(c3, takes_c2=True, repeats_inside=True),
+    "SPPF": Block(sppf, takes_c2=True),
+    "SPP": Block(spp, takes_c2=True),
+    "Focus": Block(focus, takes_c2=True),
+    "Upsample": Block(upsample),
+    "Concat": Block(concat),
+    "Detect": Block(detect),
 }
 
 
@@ -83,73 +96,16 @@ def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int]) -> list:
     """Add the whole model to `g`; returns the Detect outputs (already marked as network outputs)."""
     cfg = meta["yaml"]
     nc, anchors = cfg["nc"], cfg["anchors"]
-    gd, gw = cfg["depth_multiple"], cfg["width_multiple"]
-    no = anchors_per_cell(anchors) * (nc + 5)
     g.activation = activation_of(cfg.get("activation"))
-    _check_input_size(imgsz, max(meta.get("strides") or [32]))
-    _check_classes(meta, nc)
-
-    outputs: list[Any] = []
+    check_input_size(imgsz, max(meta.get("strides") or [32]))
+    check_classes(meta, nc)
+    scale = Scale(cfg["depth_multiple"], cfg["width_multiple"])
     x = g.input(INPUT, (batch, 3, *imgsz))
-    for i, (f, n, module, args) in enumerate(cfg["backbone"] + cfg["head"]):
-        name = module.split(".")[-1]
-        if name not in BLOCKS:
-            raise TrtnetError(f"model.{i}: module {module!r} is not supported (supported: {', '.join(BLOCKS)})")
-        block, has_c2, repeats_inside = BLOCKS[name]
-        args = [_resolve(a, nc, anchors) for a in args]
-        n = max(round(n * gd), 1) if n > 1 else n  # depth gain, with Python's rounding as upstream
-        if has_c2:
-            c2 = args[0] if args[0] == no else make_divisible(args[0] * gw, 8)
-            args = [c2, *args[1:]]
-            if repeats_inside:
-                args.insert(1, n)
-                n = 1
-        inputs = x if i == 0 else _gather(outputs, f)
-        x = _apply(g, block, inputs, f"model.{i}", n, args)
-        outputs.append(x)
-    heads = x
+    heads = parse_model(g, x, cfg["backbone"] + cfg["head"], BLOCKS, scale, {"nc": nc, "anchors": anchors},
+                        unscaled_c2=anchors_per_cell(anchors) * (nc + 5))
     for head in heads:
         g.output(head, head.name)
     return heads
-
-
-def _apply(g: Graph, block: Callable, x, p: str, n: int, args: list):
-    if n == 1:
-        y = block(g, x, p, *args)
-    else:  # nn.Sequential of n copies: model.<i>.<j>
-        y = x
-        for j in range(n):
-            y = block(g, y, f"{p}.{j}", *args)
-    if not isinstance(y, list):
-        y.name = p
-    return y
-
-
-def _gather(outputs: list, f):
-    if isinstance(f, int):
-        return outputs[f]
-    return [outputs[j] for j in f]
-
-
-def _resolve(arg, nc: int, anchors):
-    """The names a yaml argument may use, as `parse_model`'s eval sees them."""
-    if isinstance(arg, str):
-        return {"nc": nc, "anchors": anchors, "None": None, "True": True, "False": False}.get(arg, arg)
-    return arg
-
-
-def _check_input_size(imgsz: tuple[int, int], stride: int) -> None:
-    if min(imgsz) > 0 and any(s % stride for s in imgsz):
-        raise TrtnetError(f"input size {imgsz[0]}x{imgsz[1]} must be a multiple of the model's stride {stride}")
-
-
-def _check_classes(meta: dict, nc: int) -> None:
-    names = meta.get("names")
-    if meta.get("nc", nc) != nc or (names is not None and len(names) != nc):
-        raise TrtnetError(
-            f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} with "
-            f"{len(names or [])} names — the .json does not belong to these weights"
-        )
 
 
 # ultralytics/yolov5 v7.0 models/yolov5{n,s,m,l,x}.yaml: the layout shared by the P5 models, for .wts

@@ -10,8 +10,8 @@ output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +21,21 @@ from trtnet.checkpoint import Checkpoint, bn_eps, model_record, module_state_dic
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 from trtnet.meta_checks import MAX_CLASSES, check_count, check_strides
-from trtnet.networks.blocks import bottleneck, c3, concat, conv, dwconv, make_divisible, sppf, upsample
+from trtnet.networks.blocks import (
+    Block,
+    Row,
+    Scale,
+    bottleneck,
+    c3,
+    check_classes,
+    check_input_size,
+    concat,
+    conv,
+    dwconv,
+    parse_model,
+    sppf,
+    upsample,
+)
 
 FAMILY = "yolov8"
 TASK = "detect"
@@ -179,25 +193,25 @@ def dist2bbox(g: Graph, dist, anchors, p: str):
     return g.concat([c_xy, g.sub(x2y2, x1y1, f"{p}.wh")], p)
 
 
-# name in the yaml → (block, takes output channels first, takes the repeat count inside)
-BLOCKS: dict[str, tuple[Callable, bool, bool]] = {
-    "Conv": (conv, True, False),
-    "DWConv": (dwconv, True, False),
-    "Bottleneck": (bottleneck, True, False),
-    "C2f": (c2f, True, True),
-    "C3": (c3, True, True),
-    "C3k2": (c3k2, True, True),
-    "SPPF": (sppf, True, False),
-    "C2PSA": (c2psa, True, True),
-    "Upsample": (upsample, False, False),
-    "Concat": (concat, False, False),
-    "Detect": (detect, False, False),
+# name in the yaml → its block (nn/modules)
+BLOCKS: dict[str, Block] = {
+    "Conv": Block(conv, takes_c2=True),
+    "DWConv": Block(dwconv, takes_c2=True),
+    "Bottleneck": Block(bottleneck, takes_c2=True),
+    "C2f": Block(c2f, takes_c2=True, repeats_inside=True),
+    "C3": Block(c3, takes_c2=True, repeats_inside=True),
+    "C3k2": Block(c3k2, takes_c2=True, repeats_inside=True),
+    "SPPF": Block(sppf, takes_c2=True),
+    "C2PSA": Block(c2psa, takes_c2=True, repeats_inside=True),
+    "Upsample": Block(upsample),
+    "Concat": Block(concat),
+    "Detect": Block(detect),
 }
 # parse_model: a Detect built in a model holding any of these is not `legacy` (YOLO11's DWConv class branch)
 NOT_LEGACY = ("C3k2", "A2C2f", "C2fCIB")
 
 
-def scale_of(cfg: dict) -> tuple[float, float, float]:
+def scale_of(cfg: dict) -> Scale:
     """(depth, width, max_channels) as parse_model takes them: `scales[scale]`, or the *_multiple keys."""
     scales = cfg.get("scales")
     if scales:
@@ -205,76 +219,39 @@ def scale_of(cfg: dict) -> tuple[float, float, float]:
         if scale not in scales:
             raise TrtnetError(f"model yaml: scale {scale!r} is not one of its scales {list(scales)}")
         depth, width, max_channels = scales[scale]
-        return float(depth), float(width), float(max_channels)
-    return float(cfg.get("depth_multiple", 1.0)), float(cfg.get("width_multiple", 1.0)), math.inf
+        return Scale(float(depth), float(width), float(max_channels))
+    return Scale(float(cfg.get("depth_multiple", 1.0)), float(cfg.get("width_multiple", 1.0)))
 
 
 def define(g: Graph, meta: dict, batch: int, hw: tuple[int, int], **_options) -> list:
     """Add the whole model to `g` and mark its one output `output0` [B, 4 + nc, N]."""
     cfg = meta["yaml"]
     nc = int(cfg["nc"])
-    _check_classes(meta, nc)
-    stride = max(meta.get("strides") or [32])
-    if min(hw) > 0 and any(s % stride for s in hw):
-        raise TrtnetError(f"input size {hw[0]}x{hw[1]} must be a multiple of the model's stride {stride}")
-    depth, width, max_channels = scale_of(cfg)
-    rows = cfg["backbone"] + cfg["head"]
+    check_classes(meta, nc)
+    check_input_size(hw, max(meta.get("strides") or [32]))
+    rows = _rows(cfg)
+    x = g.input(INPUT, (batch, 3, *hw))
+    y = parse_model(g, x, rows, BLOCKS, scale_of(cfg), {"nc": nc}, unscaled_c2=nc, hook=_row_hook(cfg, meta, rows))
+    g.output(y, OUTPUT)
+    return [y]
+
+
+def _row_hook(cfg: dict, meta: dict, rows: list):
+    """What parse_model does besides the shared arithmetic: C3k2's c3k forced at scales m/l/x, and Detect's
+    reg_max, strides and legacy (YOLOv8) class branch."""
     legacy = not any(str(m).split(".")[-1] in NOT_LEGACY for _, _, m, _ in rows)
     scale = cfg.get("scale") or ""
-    outputs: list[Any] = []
-    x = g.input(INPUT, (batch, 3, *hw))
-    for i, (f, n, module, args) in enumerate(rows):
-        name = str(module).split(".")[-1]
-        if name not in BLOCKS:
-            raise TrtnetError(f"model.{i}: module {module!r} is not supported (supported: {', '.join(BLOCKS)})")
-        block, has_c2, repeats_inside = BLOCKS[name]
-        args = [_resolve(a, nc) for a in args]
-        n = max(round(n * depth), 1) if n > 1 else n
-        kwargs: dict[str, Any] = {}
-        if has_c2:
-            c2 = args[0] if args[0] == nc else make_divisible(min(args[0], max_channels) * width, 8)
-            args = [c2, *args[1:]]
-            if repeats_inside:
-                args.insert(1, n)
-                n = 1
-            if name == "C3k2" and scale in ("m", "l", "x"):
-                args = [*args[:2], True, *args[3:]] if len(args) > 2 else [*args, True]
-        if name == "Detect":
-            kwargs = {"reg_max": int(meta.get("reg_max", 16)), "legacy": legacy, "strides": meta["strides"]}
-        inputs = x if i == 0 else _gather(outputs, f)
-        x = _apply(g, block, inputs, f"model.{i}", n, args, kwargs)
-        outputs.append(x)
-    g.output(x, OUTPUT)
-    return [x]
 
+    def hook(row: Row) -> Row:
+        args = row.args
+        if row.name == "C3k2" and scale in ("m", "l", "x"):
+            return replace(row, args=[*args[:2], True, *args[3:]] if len(args) > 2 else [*args, True])
+        if row.name == "Detect":
+            return replace(row, kwargs={"reg_max": int(meta.get("reg_max", 16)), "legacy": legacy,
+                                        "strides": meta["strides"]})
+        return row
 
-def _apply(g: Graph, block: Callable, x, p: str, n: int, args: list, kwargs: dict):
-    if n == 1:
-        y = block(g, x, p, *args, **kwargs)
-    else:  # nn.Sequential of n copies: model.<i>.<j>
-        y = x
-        for j in range(n):
-            y = block(g, y, f"{p}.{j}", *args, **kwargs)
-    y.name = p
-    return y
-
-
-def _gather(outputs: list, f):
-    return outputs[f] if isinstance(f, int) else [outputs[j] for j in f]
-
-
-def _resolve(arg, nc: int):
-    """The names a yaml argument may use, as parse_model's `locals()` / `ast.literal_eval` see them."""
-    if isinstance(arg, str):
-        return {"nc": nc, "None": None, "True": True, "False": False}.get(arg, arg)
-    return arg
-
-
-def _check_classes(meta: dict, nc: int) -> None:
-    names = meta.get("names")
-    if meta.get("nc", nc) != nc or (names is not None and len(names) != nc):
-        raise TrtnetError(f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} "
-                          f"with {len(names or [])} names — the .json does not belong to these weights")
+    return hook
 
 
 def postprocess_kwargs(meta: Mapping) -> dict:
