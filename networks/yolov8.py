@@ -25,6 +25,7 @@ from trtnet.networks.blocks import (
     Block,
     Row,
     Scale,
+    activation_of,
     bottleneck,
     c3,
     check_classes,
@@ -144,7 +145,8 @@ def detect_decode(g: Graph, levels: list, p: str, nc: int, reg_max: int, strides
     box = g.take(x_cat, 1, 0, 4 * reg_max, f"{p}.box")
     cls = g.take(x_cat, 1, 4 * reg_max, nc, f"{p}.cls")
     anchors, stride_rows = make_anchors(g, levels, strides, f"{p}.anchors")
-    dbox = dist2bbox(g, dfl(g, box, f"{p}.dfl", reg_max), anchors, f"{p}.dist2bbox")
+    dist = dfl(g, box, f"{p}.dfl", reg_max) if reg_max > 1 else box  # Detect: DFL, or nn.Identity at reg_max 1
+    dbox = dist2bbox(g, dist, anchors, f"{p}.dist2bbox")
     return g.concat([g.mul(dbox, stride_rows, f"{p}.dbox"), g.sigmoid(cls, f"{p}.sigmoid")], f"{p}.out")
 
 
@@ -228,6 +230,7 @@ def define(g: Graph, meta: dict, batch: int, hw: tuple[int, int], **_options) ->
     cfg = meta["yaml"]
     nc = int(cfg["nc"])
     check_classes(meta, nc)
+    g.activation = activation_of(cfg.get("activation"))  # parse_model: Conv.default_act
     check_input_size(hw, max(meta.get("strides") or [32]))
     rows = _rows(cfg)
     x = g.input(INPUT, (batch, 3, *hw))
