@@ -1,5 +1,5 @@
-"""Blocks and the yaml walk shared by the YOLOv5 and YOLOv8/YOLO11 families — reads beside Ultralytics
-nn/modules/{conv,block}.py (YOLOv5: models/common.py) and nn/tasks.py `parse_model`.
+"""Blocks, the yaml walk and the checkpoint look-ups shared by the YOLOv5 and YOLOv8/YOLO11 families — reads
+beside Ultralytics nn/modules/{conv,block}.py (YOLOv5: models/common.py) and nn/tasks.py `parse_model`.
 
 Not a family (it defines no FAMILY, so the registry skips it): yolov5.py and yolov8.py each give `parse_model`
 their name → Block table and a per-row hook for what only their parse_model does.
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+from trtnet.checkpoint import ModuleRecord
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 
@@ -188,3 +191,35 @@ def check_classes(meta: dict, nc: int) -> None:
             f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} with "
             f"{len(names or [])} names — the .json does not belong to these weights"
         )
+
+
+# -- what both families read from a checkpoint or look up beside an engine ----------------------------------
+
+
+def detect_head(path: Path, model: ModuleRecord, family: str) -> ModuleRecord:
+    """The model's last layer (`model.model[-1]`), which must be Detect."""
+    layers = list(model.children().get("model", ModuleRecord()).children().values())
+    head = layers[-1] if layers else None
+    if head is None or head.class_name != "Detect":
+        found = head.qualname if head is not None else "no layers"
+        raise TrtnetError(f"{path}: the {family} model ends in {found}, not Detect; "
+                          "trtnet builds detection models only")
+    return head
+
+
+def class_names(path: Path, names: Any, nc: int) -> list[str]:
+    """`model.names` (a list, or a dict keyed 0..nc-1) as nc strings; numbers when the model has none."""
+    if names is None:
+        return [str(i) for i in range(nc)]
+    if isinstance(names, dict) and sorted(names) == list(range(nc)):
+        return [str(names[i]) for i in range(nc)]
+    if isinstance(names, (list, tuple)) and len(names) == nc:
+        return [str(n) for n in names]
+    raise TrtnetError(f"{path}: the model has {nc} classes but its names are {str(names)[:80]}")
+
+
+def checkpoint_beside(meta: Mapping, engine_path: Path, weights_dir: str) -> Path | None:
+    """The engine's source `<stem>.pt`, in weights_dir or beside the engine (bench --compare-torch)."""
+    stem = Path(meta["weights"]).stem
+    candidates = (Path(weights_dir) / f"{stem}.pt", Path(engine_path).parent / f"{stem}.pt")
+    return next((p for p in candidates if p.is_file()), None)

@@ -35,8 +35,11 @@ from trtnet.networks.blocks import (
     c3,
     check_classes,
     check_input_size,
+    checkpoint_beside,
+    class_names,
     concat,
     conv,
+    detect_head,
     parse_model,
     spp,
     sppf,
@@ -189,7 +192,7 @@ def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:
 
 
 def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
-    detect = _detect_head(path, model)
+    detect = detect_head(path, model, "YOLOv5")
     strides = check_strides(model.get("stride"), path)
     anchors = np.asarray((detect.get("_buffers") or {}).get("anchors"), dtype=np.float32)
     if anchors.ndim != 3 or anchors.shape[0] != len(strides):
@@ -204,7 +207,7 @@ def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
         "model_class": model.qualname,
         "yaml": model.get("yaml"),
         "nc": nc,
-        "names": _class_names(model.get("names"), nc),
+        "names": class_names(path, model.get("names"), nc),
         "strides": strides,
         # Detect keeps anchors divided by the stride; times the stride they are the pixels it decodes with.
         "anchors": (anchors * np.asarray(strides, np.float32)[:, None, None]).reshape(len(strides), -1).tolist(),
@@ -217,23 +220,6 @@ def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
     return Checkpoint(FAMILY, to_float32(state_dict), meta)
 
 
-def _detect_head(path: Path, model: ModuleRecord) -> ModuleRecord:
-    layers = list(model.children().get("model", ModuleRecord()).children().values())
-    head = layers[-1] if layers else None
-    if head is None or head.class_name != "Detect":
-        found = head.qualname if head is not None else "no layers"
-        raise TrtnetError(f"{path}: the YOLOv5 model ends in {found}, not Detect; trtnet builds detection models only")
-    return head
-
-
-def _class_names(names: Any, nc: int) -> list[str]:
-    if isinstance(names, dict):
-        return [str(names.get(i, i)) for i in range(nc)]
-    if isinstance(names, (list, tuple)) and len(names) == nc:
-        return [str(n) for n in names]
-    return [str(i) for i in range(nc)]
-
-
 # -- bench --compare-torch -------------------------------------------------------------------------
 
 
@@ -241,11 +227,9 @@ def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official
     """The official YOLOv5 code's model for the engine's checkpoint (.pt beside it or in weights_dir), fp16."""
     if not official_src:
         return None, "YOLOv5 needs the official source: pass --yolov5-src DIR (a clone of ultralytics/yolov5)"
-    stem = Path(meta["weights"]).stem
-    candidates = (Path(weights_dir) / f"{stem}.pt", Path(engine_path).parent / f"{stem}.pt")
-    checkpoint = next((p for p in candidates if p.is_file()), None)
+    checkpoint = checkpoint_beside(meta, engine_path, weights_dir)
     if checkpoint is None:
-        return None, f"no {stem}.pt in {weights_dir}/ for the official YOLOv5 code to load"
+        return None, f"no {Path(meta['weights']).stem}.pt in {weights_dir}/ for the official YOLOv5 code to load"
     sys.path.insert(0, str(Path(official_src).resolve()))
     try:
         from models.experimental import attempt_load

@@ -30,8 +30,11 @@ from trtnet.networks.blocks import (
     c3,
     check_classes,
     check_input_size,
+    checkpoint_beside,
+    class_names,
     concat,
     conv,
+    detect_head,
     dwconv,
     parse_model,
     sppf,
@@ -300,14 +303,14 @@ def read_checkpoint(path: Path, obj) -> Any:
     if model.qualname != MODEL_CLASS or not isinstance(model.get("yaml"), dict):
         raise TrtnetError(f"{path} holds an Ultralytics {model.class_name}: trtnet builds detection models "
                           f"({MODEL_CLASS}) only")
-    head = _detect_head(path, model)
+    head = detect_head(path, model, "Ultralytics")
     if head.get("end2end"):
         raise TrtnetError(f"{path}: an end-to-end (NMS-free, one2one) Detect head is not supported yet")
     nc, reg_max = head.get("nc"), int(head.get("reg_max", 16))
     nc = check_count(nc, "Detect.nc", path, MAX_CLASSES)  # before anything is sized from them
     strides = check_strides(model.get("stride"), path)
     _check_head(path, reg_max, strides)
-    names = _names(path, model.get("names"), nc)
+    names = class_names(path, model.get("names"), nc)
     state_dict = module_state_dict(model)
     meta = {
         "family": FAMILY, "model_class": model.qualname, "yaml": model.get("yaml"), "nc": nc, "names": names,
@@ -317,24 +320,6 @@ def read_checkpoint(path: Path, obj) -> Any:
     if isinstance(obj, dict):
         meta.update({k: obj[k] for k in ("epoch", "date", "version") if isinstance(obj.get(k), (int, str))})
     return Checkpoint(FAMILY, to_float32(state_dict), meta)
-
-
-def _detect_head(path: Path, model):
-    layers = list(model.children().get("model").children().values()) if model.children().get("model") else []
-    if not layers or layers[-1].class_name != "Detect":
-        found = layers[-1].qualname if layers else "no layers"
-        raise TrtnetError(f"{path}: the Ultralytics model ends in {found}, not Detect; trtnet builds detection only")
-    return layers[-1]
-
-
-def _names(path: Path, names, nc: int) -> list[str]:
-    if isinstance(names, dict):
-        if sorted(names) != list(range(nc)):
-            raise TrtnetError(f"{path}: class names are keyed {sorted(names)[:5]}…, expected 0..{nc - 1}")
-        return [str(names[i]) for i in range(nc)]
-    if isinstance(names, (list, tuple)) and len(names) == nc:
-        return [str(n) for n in names]
-    raise TrtnetError(f"{path}: {nc} classes but names {str(names)[:80]}")
 
 
 def _check_head(path: Path, reg_max: int, strides: list[int]) -> None:
@@ -355,11 +340,10 @@ def _eps(path: Path, model) -> float:
 def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official_src: str | None):
     """The official Ultralytics model of the engine's checkpoint (.pt in weights_dir or beside the engine),
     fused, eval, fp16 on the GPU; needs the `ultralytics` package importable (its modules unpickle the .pt)."""
-    stem = Path(meta["weights"]).stem
-    candidates = (Path(weights_dir) / f"{stem}.pt", Path(engine_path).parent / f"{stem}.pt")
-    checkpoint = next((p for p in candidates if p.is_file()), None)
+    checkpoint = checkpoint_beside(meta, engine_path, weights_dir)
     if checkpoint is None:
-        return None, f"no {stem}.pt in {weights_dir}/ or beside the engine for the official Ultralytics model"
+        return None, (f"no {Path(meta['weights']).stem}.pt in {weights_dir}/ or beside the engine for the official "
+                      "Ultralytics model")
     try:
         import ultralytics.nn.tasks  # noqa: F401  (the classes the checkpoint pickles)
     except Exception as exc:  # ImportError, or a missing dependency of the package raising anything

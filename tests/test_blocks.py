@@ -149,3 +149,55 @@ def test_detect_at_reg_max_1_has_no_dfl():
     expected = official_decode_reg_max_1(list(feeds.values()), strides, nc)
     assert out.shape == (1, 4 + nc, 16 + 4)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- checkpoint look-ups both families share ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, model", [("yolov5", "yolov5s_syn"), ("yolov8", "yolo11n_nc3_syn")])
+def test_class_names_refused_when_they_do_not_fit_nc(family, model):
+    """Both families read `model.names` alike: a dict keyed 0..nc-1 or nc names; none at all → numbers."""
+    import importlib
+
+    from trtnet.checkpoint import load_pickle
+
+    module = importlib.import_module(f"trtnet.networks.{family}")
+    path = shared("weights", "synthetic", f"{model}.pt")
+    obj = load_pickle(path)
+    nc = module.read_checkpoint(path, obj).meta["nc"]
+    obj["model"].state["names"] = None
+    assert module.read_checkpoint(path, obj).meta["names"] == [str(i) for i in range(nc)]
+    obj["model"].state["names"] = {i + 1: f"c{i}" for i in range(nc)}
+    with pytest.raises(TrtnetError, match=rf"{model}.pt: the model has {nc} classes but its names are \{{1: 'c0'"):
+        module.read_checkpoint(path, obj)
+    obj["model"].state["names"] = ["a"] * (nc + 1)
+    with pytest.raises(TrtnetError, match=f"the model has {nc} classes but its names are"):
+        module.read_checkpoint(path, obj)
+
+
+@pytest.mark.parametrize("family, model", [("yolov5", "yolov5s_syn"), ("yolov8", "yolo11n_nc3_syn")])
+def test_a_model_not_ending_in_detect_is_refused(family, model):
+    import importlib
+
+    from trtnet.checkpoint import load_pickle
+
+    module = importlib.import_module(f"trtnet.networks.{family}")
+    path = shared("weights", "synthetic", f"{model}.pt")
+    obj = load_pickle(path)
+    head = list(obj["model"].children()["model"].children().values())[-1]
+    head.qualname = head.qualname.replace("Detect", "Segment")
+    with pytest.raises(TrtnetError, match=r"model ends in .*, not Detect; trtnet builds detection models only"):
+        module.read_checkpoint(path, obj)
+
+
+def test_checkpoint_beside_looks_in_weights_dir_then_beside_the_engine(tmp_path):
+    from trtnet.networks.blocks import checkpoint_beside
+
+    weights_dir, engines = tmp_path / "weights", tmp_path / "engines"
+    weights_dir.mkdir(), engines.mkdir()
+    meta, engine = {"weights": "/elsewhere/best.wts"}, engines / "best.engine"
+    assert checkpoint_beside(meta, engine, str(weights_dir)) is None
+    (engines / "best.pt").write_bytes(b"")
+    assert checkpoint_beside(meta, engine, str(weights_dir)) == engines / "best.pt"
+    (weights_dir / "best.pt").write_bytes(b"")
+    assert checkpoint_beside(meta, engine, str(weights_dir)) == weights_dir / "best.pt"
