@@ -63,6 +63,20 @@ def test_conv_without_activation_is_the_bare_convolution():
 
 
 @requires_tensorrt
+def test_yolov5_bottleneck_is_kernels_1_3_and_v8s_is_3_3():
+    """common.Bottleneck(c1, c2, shortcut, g, e): cv1 1x1, cv2 3x3; block.Bottleneck(..., k=(3, 3), e) 3x3 both.
+    The weight store refuses a kernel of the wrong size, so the build itself is the check."""
+    from trtnet.networks import blocks, yolov5
+
+    _, _, g = new_graph({**conv_weights("v5.cv1", 8, 2, 1), **conv_weights("v5.cv2", 2, 8, 3),
+                         **conv_weights("v8.cv1", 8, 4, 3), **conv_weights("v8.cv2", 4, 8, 3)})
+    x = g.input("x", (1, 8, 4, 4))
+    yolov5.bottleneck(g, x, "v5", 8, True, 1, 0.25)  # e in 4th place: c_ = 2
+    blocks.bottleneck(g, x, "v8", 8)
+    g.weights.ensure_all_used()
+
+
+@requires_tensorrt
 @pytest.mark.parametrize("call", ["conv", "dwconv"])
 def test_dilation_other_than_one_is_refused(call):
     from trtnet.networks import blocks
