@@ -5,7 +5,7 @@ nn/modules/{conv,block,head}.py and nn/tasks.py `parse_model`.
 width and max channels from `scales[scale]`) and calls one block function per module name. Tensors keep
 their PyTorch names (`model.22.cv2.0.0.conv.weight`); each row's output is named `model.<i>`. The one
 output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w, h in input pixels
-(DFL expectation, `dist2bbox(xywh=True)`, x stride), then sigmoid class scores (no objectness).
+(DFL expectation, none at reg_max 1; `dist2bbox(xywh=True)`, x stride), then sigmoid class scores (no objectness).
 """
 
 from __future__ import annotations
