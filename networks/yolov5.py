@@ -8,12 +8,10 @@ the raw Detect maps `raw_<level>`, `[B, na*(nc+5), h, w]`, as the Detect convs p
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +27,24 @@ from trtnet.checkpoint import (
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 from trtnet.meta_checks import MAX_CLASSES, check_anchors, check_count, check_head_channels, check_strides
+from trtnet.networks import blocks
+from trtnet.networks.blocks import (
+    Block,
+    Scale,
+    activation_of,
+    c3,
+    check_classes,
+    check_input_size,
+    checkpoint_beside,
+    class_names,
+    concat,
+    conv,
+    detect_head,
+    parse_model,
+    spp,
+    sppf,
+    upsample,
+)
 from trtnet.plugins.postprocess import P5_ANCHORS
 
 FAMILY = "yolov5"
@@ -38,37 +54,9 @@ DEFAULT_IMGSZ = 640
 CHECKPOINTS = "YOLOv5 checkpoints (models.yolo Model/DetectionModel under 'model' or 'ema')"
 
 
-def conv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1):
-    """common.Conv: Conv2d(bias=False) + BatchNorm2d (folded) + the model's activation."""
-    y = g.conv(x, f"{p}.conv", c2, k, s, pad, groups, bn=f"{p}.bn")
-    return g.act(y, g.activation, p)
-
-
 def bottleneck(g: Graph, x, p: str, c2: int, shortcut: bool = True, groups: int = 1, e: float = 0.5):
-    y = conv(g, conv(g, x, f"{p}.cv1", int(c2 * e), 1), f"{p}.cv2", c2, 3, groups=groups)
-    return g.add(x, y, p) if shortcut and x.shape[1] == c2 else y
-
-
-def c3(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = True, groups: int = 1, e: float = 0.5):
-    c_ = int(c2 * e)
-    a = conv(g, x, f"{p}.cv1", c_, 1)
-    for j in range(n):
-        a = bottleneck(g, a, f"{p}.m.{j}", c_, shortcut, groups, e=1.0)
-    b = conv(g, x, f"{p}.cv2", c_, 1)
-    return conv(g, g.concat([a, b], f"{p}.cat"), f"{p}.cv3", c2, 1)
-
-
-def sppf(g: Graph, x, p: str, c2: int, k: int = 5):
-    y = [conv(g, x, f"{p}.cv1", x.shape[1] // 2, 1)]
-    for i in range(3):
-        y.append(g.maxpool(y[-1], k, 1, k // 2, f"{p}.m.{i}"))
-    return conv(g, g.concat(y, f"{p}.cat"), f"{p}.cv2", c2, 1)
-
-
-def spp(g: Graph, x, p: str, c2: int, k=(5, 9, 13)):
-    a = conv(g, x, f"{p}.cv1", x.shape[1] // 2, 1)
-    pooled = [g.maxpool(a, kk, 1, kk // 2, f"{p}.m.{i}") for i, kk in enumerate(k)]
-    return conv(g, g.concat([a, *pooled], f"{p}.cat"), f"{p}.cv2", c2, 1)
+    """common.Bottleneck: block.Bottleneck with kernels (1, 3)."""
+    return blocks.bottleneck(g, x, p, c2, shortcut, groups, k=(1, 3), e=e)
 
 
 def focus(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1):
@@ -83,16 +71,6 @@ def focus(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None 
     return conv(g, stacked, f"{p}.conv", c2, k, s, pad, groups)
 
 
-def upsample(g: Graph, x, p: str, size=None, scale: int = 2, mode: str = "nearest"):
-    if size is not None or mode != "nearest":
-        raise TrtnetError(f"{p}: only nn.Upsample(None, scale, 'nearest') is supported, got size={size} mode={mode}")
-    return g.upsample(x, int(scale), p)
-
-
-def concat(g: Graph, xs, p: str, dimension: int = 1):
-    return g.concat(xs, p, axis=dimension)
-
-
 def detect(g: Graph, xs, p: str, nc: int, anchors, *_):
     return [g.conv(x, f"{p}.m.{i}", anchors_per_cell(anchors) * (nc + 5), 1, name=f"raw_{i}")
             for i, x in enumerate(xs)]
@@ -103,110 +81,34 @@ def anchors_per_cell(anchors) -> int:
     return len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
 
 
-# name in the yaml → (block, takes output channels as its first argument, repeats `n` inside itself)
-BLOCKS: dict[str, tuple[Callable, bool, bool]] = {
-    "Conv": (conv, True, False),
-    "Bottleneck": (bottleneck, True, False),
-    "C3": (c3, True, True),
-    "SPPF": (sppf, True, False),
-    "SPP": (spp, True, False),
-    "Focus": (focus, True, False),
-    "Upsample": (upsample, False, False),
-    "Concat": (concat, False, False),
-    "Detect": (detect, False, False),
+# name in the yaml → its block (common.py)
+BLOCKS: dict[str, Block] = {
+    "Conv": Block(conv, takes_c2=True),
+    "Bottleneck": Block(bottleneck, takes_c2=True),
+    "C3": Block(c3, takes_c2=True, repeats_inside=True),
+    "SPPF": Block(sppf, takes_c2=True),
+    "SPP": Block(spp, takes_c2=True),
+    "Focus": Block(focus, takes_c2=True),
+    "Upsample": Block(upsample),
+    "Concat": Block(concat),
+    "Detect": Block(detect),
 }
-
-
-def make_divisible(x: float, divisor: int = 8) -> int:
-    return math.ceil(x / divisor) * divisor
 
 
 def define(g: Graph, meta: dict, batch: int, imgsz: tuple[int, int]) -> list:
     """Add the whole model to `g`; returns the Detect outputs (already marked as network outputs)."""
     cfg = meta["yaml"]
     nc, anchors = cfg["nc"], cfg["anchors"]
-    gd, gw = cfg["depth_multiple"], cfg["width_multiple"]
-    no = anchors_per_cell(anchors) * (nc + 5)
     g.activation = activation_of(cfg.get("activation"))
-    _check_input_size(imgsz, max(meta.get("strides") or [32]))
-    _check_classes(meta, nc)
-
-    outputs: list[Any] = []
+    check_input_size(imgsz, max(meta.get("strides") or [32]))
+    check_classes(meta, nc)
+    scale = Scale(cfg["depth_multiple"], cfg["width_multiple"])
     x = g.input(INPUT, (batch, 3, *imgsz))
-    for i, (f, n, module, args) in enumerate(cfg["backbone"] + cfg["head"]):
-        name = module.split(".")[-1]
-        if name not in BLOCKS:
-            raise TrtnetError(f"model.{i}: module {module!r} is not supported (supported: {', '.join(BLOCKS)})")
-        block, has_c2, repeats_inside = BLOCKS[name]
-        args = [_resolve(a, nc, anchors) for a in args]
-        n = max(round(n * gd), 1) if n > 1 else n  # depth gain, with Python's rounding as upstream
-        if has_c2:
-            c2 = args[0] if args[0] == no else make_divisible(args[0] * gw, 8)
-            args = [c2, *args[1:]]
-            if repeats_inside:
-                args.insert(1, n)
-                n = 1
-        inputs = x if i == 0 else _gather(outputs, f)
-        x = _apply(g, block, inputs, f"model.{i}", n, args)
-        outputs.append(x)
-    heads = x
+    heads = parse_model(g, x, cfg["backbone"] + cfg["head"], BLOCKS, scale, {"nc": nc, "anchors": anchors},
+                        unscaled_c2=anchors_per_cell(anchors) * (nc + 5))
     for head in heads:
         g.output(head, head.name)
     return heads
-
-
-def _apply(g: Graph, block: Callable, x, p: str, n: int, args: list):
-    if n == 1:
-        y = block(g, x, p, *args)
-    else:  # nn.Sequential of n copies: model.<i>.<j>
-        y = x
-        for j in range(n):
-            y = block(g, y, f"{p}.{j}", *args)
-    if not isinstance(y, list):
-        y.name = p
-    return y
-
-
-def _gather(outputs: list, f):
-    if isinstance(f, int):
-        return outputs[f]
-    return [outputs[j] for j in f]
-
-
-def _resolve(arg, nc: int, anchors):
-    """The names a yaml argument may use, as `parse_model`'s eval sees them."""
-    if isinstance(arg, str):
-        return {"nc": nc, "anchors": anchors, "None": None, "True": True, "False": False}.get(arg, arg)
-    return arg
-
-
-def activation_of(spec: str | None) -> str:
-    """The yaml's `activation` (e.g. 'nn.LeakyReLU(0.1)'); default SiLU as common.Conv."""
-    if not spec:
-        return "silu"
-    m = re.fullmatch(r"(?:torch\.)?(?:nn\.)?(\w+)\(([^)]*)\)", spec.replace(" ", ""))
-    kind = m.group(1) if m else ""
-    if kind == "SiLU":
-        return "silu"
-    if kind == "ReLU":
-        return "relu"
-    if kind == "LeakyReLU":
-        return f"leaky_relu:{m.group(2) or 0.01}"
-    raise TrtnetError(f"unsupported activation {spec!r} in the model yaml (SiLU, ReLU, LeakyReLU)")
-
-
-def _check_input_size(imgsz: tuple[int, int], stride: int) -> None:
-    if min(imgsz) > 0 and any(s % stride for s in imgsz):
-        raise TrtnetError(f"input size {imgsz[0]}x{imgsz[1]} must be a multiple of the model's stride {stride}")
-
-
-def _check_classes(meta: dict, nc: int) -> None:
-    names = meta.get("names")
-    if meta.get("nc", nc) != nc or (names is not None and len(names) != nc):
-        raise TrtnetError(
-            f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} with "
-            f"{len(names or [])} names — the .json does not belong to these weights"
-        )
 
 
 # ultralytics/yolov5 v7.0 models/yolov5{n,s,m,l,x}.yaml: the layout shared by the P5 models, for .wts
@@ -290,7 +192,7 @@ def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:
 
 
 def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
-    detect = _detect_head(path, model)
+    detect = detect_head(path, model, "YOLOv5")
     strides = check_strides(model.get("stride"), path)
     anchors = np.asarray((detect.get("_buffers") or {}).get("anchors"), dtype=np.float32)
     if anchors.ndim != 3 or anchors.shape[0] != len(strides):
@@ -305,7 +207,7 @@ def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
         "model_class": model.qualname,
         "yaml": model.get("yaml"),
         "nc": nc,
-        "names": _class_names(model.get("names"), nc),
+        "names": class_names(path, model.get("names"), nc),
         "strides": strides,
         # Detect keeps anchors divided by the stride; times the stride they are the pixels it decodes with.
         "anchors": (anchors * np.asarray(strides, np.float32)[:, None, None]).reshape(len(strides), -1).tolist(),
@@ -318,23 +220,6 @@ def _checkpoint(path: Path, model: ModuleRecord, ckpt: Any) -> Checkpoint:
     return Checkpoint(FAMILY, to_float32(state_dict), meta)
 
 
-def _detect_head(path: Path, model: ModuleRecord) -> ModuleRecord:
-    layers = list(model.children().get("model", ModuleRecord()).children().values())
-    head = layers[-1] if layers else None
-    if head is None or head.class_name != "Detect":
-        found = head.qualname if head is not None else "no layers"
-        raise TrtnetError(f"{path}: the YOLOv5 model ends in {found}, not Detect; trtnet builds detection models only")
-    return head
-
-
-def _class_names(names: Any, nc: int) -> list[str]:
-    if isinstance(names, dict):
-        return [str(names.get(i, i)) for i in range(nc)]
-    if isinstance(names, (list, tuple)) and len(names) == nc:
-        return [str(n) for n in names]
-    return [str(i) for i in range(nc)]
-
-
 # -- bench --compare-torch -------------------------------------------------------------------------
 
 
@@ -342,11 +227,9 @@ def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official
     """The official YOLOv5 code's model for the engine's checkpoint (.pt beside it or in weights_dir), fp16."""
     if not official_src:
         return None, "YOLOv5 needs the official source: pass --yolov5-src DIR (a clone of ultralytics/yolov5)"
-    stem = Path(meta["weights"]).stem
-    candidates = (Path(weights_dir) / f"{stem}.pt", Path(engine_path).parent / f"{stem}.pt")
-    checkpoint = next((p for p in candidates if p.is_file()), None)
+    checkpoint = checkpoint_beside(meta, engine_path, weights_dir)
     if checkpoint is None:
-        return None, f"no {stem}.pt in {weights_dir}/ for the official YOLOv5 code to load"
+        return None, f"no {Path(meta['weights']).stem}.pt in {weights_dir}/ for the official YOLOv5 code to load"
     sys.path.insert(0, str(Path(official_src).resolve()))
     try:
         from models.experimental import attempt_load

@@ -5,13 +5,13 @@ nn/modules/{conv,block,head}.py and nn/tasks.py `parse_model`.
 width and max channels from `scales[scale]`) and calls one block function per module name. Tensors keep
 their PyTorch names (`model.22.cv2.0.0.conv.weight`); each row's output is named `model.<i>`. The one
 output `output0` [B, 4 + nc, N] is Detect's inference output: rows 0-3 cx, cy, w, h in input pixels
-(DFL expectation, `dist2bbox(xywh=True)`, x stride), then sigmoid class scores (no objectness).
+(DFL expectation, none at reg_max 1; `dist2bbox(xywh=True)`, x stride), then sigmoid class scores (no objectness).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +21,25 @@ from trtnet.checkpoint import Checkpoint, bn_eps, model_record, module_state_dic
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
 from trtnet.meta_checks import MAX_CLASSES, check_count, check_strides
-from trtnet.networks.yolov5 import concat, make_divisible, sppf, upsample
+from trtnet.networks.blocks import (
+    Block,
+    Row,
+    Scale,
+    activation_of,
+    bottleneck,
+    c3,
+    check_classes,
+    check_input_size,
+    checkpoint_beside,
+    class_names,
+    concat,
+    conv,
+    detect_head,
+    dwconv,
+    parse_model,
+    sppf,
+    upsample,
+)
 
 FAMILY = "yolov8"
 TASK = "detect"
@@ -37,23 +55,6 @@ VAL_IOU = 0.7  # Ultralytics DetectionValidator's NMS IoU (multi-label, conf 0.0
 # -- blocks (ultralytics/nn/modules) -----------------------------------------------------------------
 
 
-def conv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, pad: int | None = None, groups: int = 1,
-         act: bool = True):
-    """conv.Conv: Conv2d(bias=False) + BatchNorm2d (folded) + SiLU (or no activation)."""
-    y = g.conv(x, f"{p}.conv", c2, k, s, pad, groups, bn=f"{p}.bn", name=p if not act else f"{p}.conv")
-    return g.act(y, g.activation, p) if act else y
-
-
-def dwconv(g: Graph, x, p: str, c2: int, k: int = 1, s: int = 1, act: bool = True):
-    """conv.DWConv: Conv with groups = gcd(c1, c2)."""
-    return conv(g, x, p, c2, k, s, groups=math.gcd(int(x.shape[1]), c2), act=act)
-
-
-def bottleneck(g: Graph, x, p: str, c2: int, shortcut: bool = True, groups: int = 1, k=(3, 3), e: float = 0.5):
-    y = conv(g, conv(g, x, f"{p}.cv1", int(c2 * e), k[0]), f"{p}.cv2", c2, k[1], groups=groups)
-    return g.add(x, y, p) if shortcut and int(x.shape[1]) == c2 else y
-
-
 def c2f(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = False, groups: int = 1, e: float = 0.5,
         inner: Callable | None = None):
     """block.C2f: cv1, chunk(2), each of m on the last piece, cat all, cv2. `inner` builds one of m."""
@@ -64,17 +65,6 @@ def c2f(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = False, groups
         q = f"{p}.m.{j}"
         y.append(inner(y[-1], q) if inner else bottleneck(g, y[-1], q, c, shortcut, groups, e=1.0))
     return conv(g, g.concat(y, f"{p}.cat"), f"{p}.cv2", c2, 1)
-
-
-def c3(g: Graph, x, p: str, c2: int, n: int = 1, shortcut: bool = True, groups: int = 1, e: float = 0.5,
-       k: int = 1):
-    """block.C3 (k=1: Bottleneck kernels (1, 3)) and block.C3k (k=3: kernels (3, 3))."""
-    c_ = int(c2 * e)
-    a = conv(g, x, f"{p}.cv1", c_, 1)
-    for j in range(n):
-        a = bottleneck(g, a, f"{p}.m.{j}", c_, shortcut, groups, k=(k, 3), e=1.0)
-    b = conv(g, x, f"{p}.cv2", c_, 1)
-    return conv(g, g.concat([a, b], f"{p}.cat"), f"{p}.cv3", c2, 1)
 
 
 def c3k2(g: Graph, x, p: str, c2: int, n: int = 1, c3k: bool = False, e: float = 0.5, groups: int = 1,
@@ -158,7 +148,8 @@ def detect_decode(g: Graph, levels: list, p: str, nc: int, reg_max: int, strides
     box = g.take(x_cat, 1, 0, 4 * reg_max, f"{p}.box")
     cls = g.take(x_cat, 1, 4 * reg_max, nc, f"{p}.cls")
     anchors, stride_rows = make_anchors(g, levels, strides, f"{p}.anchors")
-    dbox = dist2bbox(g, dfl(g, box, f"{p}.dfl", reg_max), anchors, f"{p}.dist2bbox")
+    dist = dfl(g, box, f"{p}.dfl", reg_max) if reg_max > 1 else box  # Detect: DFL, or nn.Identity at reg_max 1
+    dbox = dist2bbox(g, dist, anchors, f"{p}.dist2bbox")
     return g.concat([g.mul(dbox, stride_rows, f"{p}.dbox"), g.sigmoid(cls, f"{p}.sigmoid")], f"{p}.out")
 
 
@@ -207,25 +198,25 @@ def dist2bbox(g: Graph, dist, anchors, p: str):
     return g.concat([c_xy, g.sub(x2y2, x1y1, f"{p}.wh")], p)
 
 
-# name in the yaml → (block, takes output channels first, takes the repeat count inside)
-BLOCKS: dict[str, tuple[Callable, bool, bool]] = {
-    "Conv": (conv, True, False),
-    "DWConv": (dwconv, True, False),
-    "Bottleneck": (bottleneck, True, False),
-    "C2f": (c2f, True, True),
-    "C3": (c3, True, True),
-    "C3k2": (c3k2, True, True),
-    "SPPF": (sppf, True, False),
-    "C2PSA": (c2psa, True, True),
-    "Upsample": (upsample, False, False),
-    "Concat": (concat, False, False),
-    "Detect": (detect, False, False),
+# name in the yaml → its block (nn/modules)
+BLOCKS: dict[str, Block] = {
+    "Conv": Block(conv, takes_c2=True),
+    "DWConv": Block(dwconv, takes_c2=True),
+    "Bottleneck": Block(bottleneck, takes_c2=True),
+    "C2f": Block(c2f, takes_c2=True, repeats_inside=True),
+    "C3": Block(c3, takes_c2=True, repeats_inside=True),
+    "C3k2": Block(c3k2, takes_c2=True, repeats_inside=True),
+    "SPPF": Block(sppf, takes_c2=True),
+    "C2PSA": Block(c2psa, takes_c2=True, repeats_inside=True),
+    "Upsample": Block(upsample),
+    "Concat": Block(concat),
+    "Detect": Block(detect),
 }
 # parse_model: a Detect built in a model holding any of these is not `legacy` (YOLO11's DWConv class branch)
 NOT_LEGACY = ("C3k2", "A2C2f", "C2fCIB")
 
 
-def scale_of(cfg: dict) -> tuple[float, float, float]:
+def scale_of(cfg: dict) -> Scale:
     """(depth, width, max_channels) as parse_model takes them: `scales[scale]`, or the *_multiple keys."""
     scales = cfg.get("scales")
     if scales:
@@ -233,76 +224,40 @@ def scale_of(cfg: dict) -> tuple[float, float, float]:
         if scale not in scales:
             raise TrtnetError(f"model yaml: scale {scale!r} is not one of its scales {list(scales)}")
         depth, width, max_channels = scales[scale]
-        return float(depth), float(width), float(max_channels)
-    return float(cfg.get("depth_multiple", 1.0)), float(cfg.get("width_multiple", 1.0)), math.inf
+        return Scale(float(depth), float(width), float(max_channels))
+    return Scale(float(cfg.get("depth_multiple", 1.0)), float(cfg.get("width_multiple", 1.0)))
 
 
 def define(g: Graph, meta: dict, batch: int, hw: tuple[int, int], **_options) -> list:
     """Add the whole model to `g` and mark its one output `output0` [B, 4 + nc, N]."""
     cfg = meta["yaml"]
     nc = int(cfg["nc"])
-    _check_classes(meta, nc)
-    stride = max(meta.get("strides") or [32])
-    if min(hw) > 0 and any(s % stride for s in hw):
-        raise TrtnetError(f"input size {hw[0]}x{hw[1]} must be a multiple of the model's stride {stride}")
-    depth, width, max_channels = scale_of(cfg)
-    rows = cfg["backbone"] + cfg["head"]
+    check_classes(meta, nc)
+    g.activation = activation_of(cfg.get("activation"))  # parse_model: Conv.default_act
+    check_input_size(hw, max(meta.get("strides") or [32]))
+    rows = _rows(cfg)
+    x = g.input(INPUT, (batch, 3, *hw))
+    y = parse_model(g, x, rows, BLOCKS, scale_of(cfg), {"nc": nc}, unscaled_c2=nc, hook=_row_hook(cfg, meta, rows))
+    g.output(y, OUTPUT)
+    return [y]
+
+
+def _row_hook(cfg: dict, meta: dict, rows: list):
+    """What parse_model does besides the shared arithmetic: C3k2's c3k forced at scales m/l/x, and Detect's
+    reg_max, strides and legacy (YOLOv8) class branch."""
     legacy = not any(str(m).split(".")[-1] in NOT_LEGACY for _, _, m, _ in rows)
     scale = cfg.get("scale") or ""
-    outputs: list[Any] = []
-    x = g.input(INPUT, (batch, 3, *hw))
-    for i, (f, n, module, args) in enumerate(rows):
-        name = str(module).split(".")[-1]
-        if name not in BLOCKS:
-            raise TrtnetError(f"model.{i}: module {module!r} is not supported (supported: {', '.join(BLOCKS)})")
-        block, has_c2, repeats_inside = BLOCKS[name]
-        args = [_resolve(a, nc) for a in args]
-        n = max(round(n * depth), 1) if n > 1 else n
-        kwargs: dict[str, Any] = {}
-        if has_c2:
-            c2 = args[0] if args[0] == nc else make_divisible(min(args[0], max_channels) * width, 8)
-            args = [c2, *args[1:]]
-            if repeats_inside:
-                args.insert(1, n)
-                n = 1
-            if name == "C3k2" and scale in ("m", "l", "x"):
-                args = [*args[:2], True, *args[3:]] if len(args) > 2 else [*args, True]
-        if name == "Detect":
-            kwargs = {"reg_max": int(meta.get("reg_max", 16)), "legacy": legacy, "strides": meta["strides"]}
-        inputs = x if i == 0 else _gather(outputs, f)
-        x = _apply(g, block, inputs, f"model.{i}", n, args, kwargs)
-        outputs.append(x)
-    g.output(x, OUTPUT)
-    return [x]
 
+    def hook(row: Row) -> Row:
+        args = row.args
+        if row.name == "C3k2" and scale in ("m", "l", "x"):
+            return replace(row, args=[*args[:2], True, *args[3:]] if len(args) > 2 else [*args, True])
+        if row.name == "Detect":
+            return replace(row, kwargs={"reg_max": int(meta.get("reg_max", 16)), "legacy": legacy,
+                                        "strides": meta["strides"]})
+        return row
 
-def _apply(g: Graph, block: Callable, x, p: str, n: int, args: list, kwargs: dict):
-    if n == 1:
-        y = block(g, x, p, *args, **kwargs)
-    else:  # nn.Sequential of n copies: model.<i>.<j>
-        y = x
-        for j in range(n):
-            y = block(g, y, f"{p}.{j}", *args, **kwargs)
-    y.name = p
-    return y
-
-
-def _gather(outputs: list, f):
-    return outputs[f] if isinstance(f, int) else [outputs[j] for j in f]
-
-
-def _resolve(arg, nc: int):
-    """The names a yaml argument may use, as parse_model's `locals()` / `ast.literal_eval` see them."""
-    if isinstance(arg, str):
-        return {"nc": nc, "None": None, "True": True, "False": False}.get(arg, arg)
-    return arg
-
-
-def _check_classes(meta: dict, nc: int) -> None:
-    names = meta.get("names")
-    if meta.get("nc", nc) != nc or (names is not None and len(names) != nc):
-        raise TrtnetError(f"class count mismatch: the model yaml says nc={nc}, the metadata nc={meta.get('nc')} "
-                          f"with {len(names or [])} names — the .json does not belong to these weights")
+    return hook
 
 
 def postprocess_kwargs(meta: Mapping) -> dict:
@@ -348,14 +303,14 @@ def read_checkpoint(path: Path, obj) -> Any:
     if model.qualname != MODEL_CLASS or not isinstance(model.get("yaml"), dict):
         raise TrtnetError(f"{path} holds an Ultralytics {model.class_name}: trtnet builds detection models "
                           f"({MODEL_CLASS}) only")
-    head = _detect_head(path, model)
+    head = detect_head(path, model, "Ultralytics")
     if head.get("end2end"):
         raise TrtnetError(f"{path}: an end-to-end (NMS-free, one2one) Detect head is not supported yet")
     nc, reg_max = head.get("nc"), int(head.get("reg_max", 16))
     nc = check_count(nc, "Detect.nc", path, MAX_CLASSES)  # before anything is sized from them
     strides = check_strides(model.get("stride"), path)
     _check_head(path, reg_max, strides)
-    names = _names(path, model.get("names"), nc)
+    names = class_names(path, model.get("names"), nc)
     state_dict = module_state_dict(model)
     meta = {
         "family": FAMILY, "model_class": model.qualname, "yaml": model.get("yaml"), "nc": nc, "names": names,
@@ -365,24 +320,6 @@ def read_checkpoint(path: Path, obj) -> Any:
     if isinstance(obj, dict):
         meta.update({k: obj[k] for k in ("epoch", "date", "version") if isinstance(obj.get(k), (int, str))})
     return Checkpoint(FAMILY, to_float32(state_dict), meta)
-
-
-def _detect_head(path: Path, model):
-    layers = list(model.children().get("model").children().values()) if model.children().get("model") else []
-    if not layers or layers[-1].class_name != "Detect":
-        found = layers[-1].qualname if layers else "no layers"
-        raise TrtnetError(f"{path}: the Ultralytics model ends in {found}, not Detect; trtnet builds detection only")
-    return layers[-1]
-
-
-def _names(path: Path, names, nc: int) -> list[str]:
-    if isinstance(names, dict):
-        if sorted(names) != list(range(nc)):
-            raise TrtnetError(f"{path}: class names are keyed {sorted(names)[:5]}…, expected 0..{nc - 1}")
-        return [str(names[i]) for i in range(nc)]
-    if isinstance(names, (list, tuple)) and len(names) == nc:
-        return [str(n) for n in names]
-    raise TrtnetError(f"{path}: {nc} classes but names {str(names)[:80]}")
 
 
 def _check_head(path: Path, reg_max: int, strides: list[int]) -> None:
@@ -403,11 +340,10 @@ def _eps(path: Path, model) -> float:
 def torch_model(torch, meta: dict, engine_path: Path, weights_dir: str, official_src: str | None):
     """The official Ultralytics model of the engine's checkpoint (.pt in weights_dir or beside the engine),
     fused, eval, fp16 on the GPU; needs the `ultralytics` package importable (its modules unpickle the .pt)."""
-    stem = Path(meta["weights"]).stem
-    candidates = (Path(weights_dir) / f"{stem}.pt", Path(engine_path).parent / f"{stem}.pt")
-    checkpoint = next((p for p in candidates if p.is_file()), None)
+    checkpoint = checkpoint_beside(meta, engine_path, weights_dir)
     if checkpoint is None:
-        return None, f"no {stem}.pt in {weights_dir}/ or beside the engine for the official Ultralytics model"
+        return None, (f"no {Path(meta['weights']).stem}.pt in {weights_dir}/ or beside the engine for the official "
+                      "Ultralytics model")
     try:
         import ultralytics.nn.tasks  # noqa: F401  (the classes the checkpoint pickles)
     except Exception as exc:  # ImportError, or a missing dependency of the package raising anything
