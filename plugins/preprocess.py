@@ -18,6 +18,9 @@ import ctypes
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
+from trtnet.engine_meta import DETECTION_ROW
 from trtnet.errors import TrtnetError
 from trtnet.plugins import cuda
 from trtnet.plugins.official import letterbox_geometry, letterboxed_shape, scale_boxes
@@ -41,10 +44,14 @@ class Batch(ctypes.Structure):  # letterbox.cu
     ]
 
 
-def boxes_to_image(boxes, input_hw: tuple[int, int], image_hw: tuple[int, int]):
-    """The letterbox undone: xyxy boxes in the (input_hw) letterboxed input → the image's (image_hw) pixels,
-    clipped to it, exactly as the official `scale_boxes` maps them. A new float32 array."""
-    return scale_boxes(input_hw, boxes, image_hw)
+def rows_to_image(rows, input_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
+    """The letterbox undone on detection rows (x1, y1, x2, y2, score, class): boxes in the (input_hw) letterboxed
+    input → the image's (image_hw) pixels, clipped to it, exactly as the official `scale_boxes` maps them.
+    A new float32 array."""
+    rows = np.array(rows, dtype=np.float32, copy=True).reshape(-1, DETECTION_ROW)
+    if len(rows):
+        rows[:, :4] = scale_boxes(input_hw, rows[:, :4], image_hw)
+    return rows
 
 
 def rect_input_hw(image_hws: Sequence[tuple[int, int]], imgsz: tuple[int, int], stride: int,

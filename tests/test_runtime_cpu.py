@@ -16,7 +16,7 @@ from trtnet.engine import split_batch
 from trtnet.engine_files import check_device, check_tensorrt, load_metadata, resolve_engine
 from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
-from trtnet.pipelines import rows_to_image
+from trtnet.plugins.preprocess import rows_to_image
 from trtnet.sidecar import engine_sidecar_path
 
 RTX = compat.Flavour("tensorrt-rtx", "1.7.1.116", 1)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from trtnet import networks
-from trtnet.api import Detections, ImageLike, as_list, load_image
+from trtnet.api import Detections, ImageLike, as_list, detections_from_rows, load_image
 from trtnet.engine_meta import nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.executor import downcast, trt_module  # torch-free: the executor imports torch on first run
@@ -295,16 +295,13 @@ class CpuDetector:
 
     def detect_loaded(self, images: Sequence[np.ndarray],
                       paths: Sequence[str | None] | None = None) -> list[Detections]:
-        from trtnet.plugins.official import scale_boxes
+        from trtnet.plugins.preprocess import rows_to_image
 
         paths = list(paths) if paths is not None else [None] * len(images)
         results = []
         for image, path in zip(images, paths):
-            rows = self.rows(image)
-            shape = tuple(int(v) for v in image.shape[:2])
-            boxes = scale_boxes(self.input_hw(image), rows[:, :4], shape) if len(rows) else np.zeros((0, 4), np.float32)
-            results.append(Detections(boxes, rows[:, 4].copy(), rows[:, 5].astype(np.int64), self.names, shape,
-                                      path, image))
+            rows = rows_to_image(self.rows(image), self.input_hw(image), image.shape[:2])
+            results.append(detections_from_rows(rows, image, self.names, path))
         return results
 
     def detect(self, images: ImageLike | Sequence[ImageLike]) -> list[Detections]:

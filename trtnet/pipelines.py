@@ -26,6 +26,7 @@ from trtnet.engine_meta import DETECTION_ROW, nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.image_decoding import DecodedBatch, DecodedFile
 from trtnet.plugins.postprocess import NmsSettings
+from trtnet.plugins.preprocess import rows_to_image
 
 
 @dataclass
@@ -459,13 +460,3 @@ class DetectState:
         for item in (self.nms_workspace, self.dets, self.counts, *(x for pair in self.results.values() for x in pair)):
             if hasattr(item, "close"):
                 item.close()
-
-
-def rows_to_image(rows: np.ndarray, input_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
-    """Detection rows with their boxes moved from the letterboxed input to the image's pixels (clipped)."""
-    from trtnet.plugins.preprocess import boxes_to_image
-
-    rows = np.array(rows, dtype=np.float32, copy=True).reshape(-1, DETECTION_ROW)
-    if len(rows):
-        rows[:, :4] = boxes_to_image(rows[:, :4], input_hw, image_hw)
-    return rows
