@@ -26,7 +26,7 @@ from trtnet.checkpoint import (
 )
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph
-from trtnet.meta_checks import MAX_CLASSES, check_anchors, check_count, check_head_channels, check_strides
+from trtnet.meta_checks import MAX_CLASSES, check_count, check_strides
 from trtnet.networks import blocks
 from trtnet.networks.blocks import (
     Block,
@@ -174,6 +174,36 @@ def summary(meta: Mapping) -> str:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
+
+
+MAX_ANCHORS_PER_LEVEL = 32
+
+
+def check_anchors(anchors: np.ndarray, levels: int, path: Path | str) -> np.ndarray:
+    """Detect's anchors (in stride units): [levels, anchors per level, 2], finite and positive."""
+    if anchors.ndim != 3 or anchors.shape[0] != levels or anchors.shape[2] != 2 \
+            or not 1 <= anchors.shape[1] <= MAX_ANCHORS_PER_LEVEL:
+        raise TrtnetError(f"{path}: Detect's anchors {anchors.shape} are not [{levels} levels, 1 to "
+                          f"{MAX_ANCHORS_PER_LEVEL} anchors, 2]")
+    if not (np.isfinite(anchors).all() and (anchors > 0).all()):
+        raise TrtnetError(f"{path}: Detect's anchors hold values that are not finite and positive")
+    return anchors
+
+
+def check_head_channels(path: Path | str, detect: Any, nc: int, anchors_per_level: int) -> None:
+    """Each output conv of `detect` (a Detect ModuleRecord) gives anchors x (5 + nc) channels: the metadata
+    agrees with the weights."""
+    convs = (detect.children().get("m") or detect).children().values()
+    out_channels = [_out_channels(conv) for conv in convs]
+    expected = anchors_per_level * (5 + nc)
+    if not out_channels or any(c != expected for c in out_channels):
+        raise TrtnetError(f"{path}: Detect's output convs have {out_channels} channels but nc = {nc} with "
+                          f"{anchors_per_level} anchors needs {expected}: a corrupt or tampered checkpoint")
+
+
+def _out_channels(conv: Any) -> int | None:
+    weight = (conv.get("_parameters") or {}).get("weight")
+    return int(weight.shape[0]) if isinstance(weight, np.ndarray) and weight.ndim == 4 else None
 
 
 def read_checkpoint(path: Path, obj: Any) -> Checkpoint | None:

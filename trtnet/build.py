@@ -24,7 +24,7 @@ from trtnet.engine_meta import EngineMeta, Int8Record, PostprocessSettings, nms_
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.interrupts import BuildInterrupts
-from trtnet.network import BatchProfile, DefinedNetwork, default_imgsz, define_network
+from trtnet.network import MIN_IMGSZ, BatchProfile, DefinedNetwork, default_imgsz, define_network
 from trtnet.quant.int8_build import check_int8_request, configure_int8, define_int8_network
 from trtnet.quant.options import Int8Options
 from trtnet.sidecar import engine_sidecar_path, file_sha256, with_partner
@@ -353,9 +353,6 @@ def parse_batch(args) -> BatchProfile:
     hi = args.max_batch or args.opt_batch or args.min_batch or 1
     lo = args.min_batch or 1
     return BatchProfile(lo, args.opt_batch or lo, hi).check()
-
-
-MIN_IMGSZ = 32  # the largest stride of ResNet and YOLOv5 P5: a smaller input has no last feature map
 
 
 def check_sizes(args) -> None:

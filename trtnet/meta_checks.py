@@ -1,5 +1,6 @@
-"""Sanity checks for the numbers a checkpoint's metadata hands the model builders (class count, strides,
-anchors, head channels, BatchNorm eps), run before anything is allocated from them: a checkpoint that says
+"""Sanity checks, shared by the families, for the numbers a checkpoint's metadata hands the model builders (class
+count, strides, BatchNorm eps), run before anything is allocated from them (a family checks its own head, e.g.
+YOLOv5's anchors in networks/yolov5.py): a checkpoint that says
 `Detect.nc = 2e8` must be refused with one line, not fill the memory with 2e8 class names.
 
 Each check returns the value in the type the caller wants, or raises TrtnetError naming the file.
@@ -18,7 +19,6 @@ from trtnet.errors import TrtnetError
 MAX_CLASSES = 100_000  # LVIS has 1203, Open Images 601
 MAX_LEVELS = 8  # YOLOv5 P5 models have 3 detection levels, P6 models 4
 MAX_STRIDE = 4096
-MAX_ANCHORS_PER_LEVEL = 32
 
 
 def check_count(value: Any, what: str, path: Path | str, limit: int) -> int:
@@ -41,33 +41,6 @@ def check_strides(value: Any, path: Path | str) -> list[int]:
         raise TrtnetError(f"{path}: the model's strides {_show(value)} are not 1 to {MAX_LEVELS} increasing whole "
                           f"numbers up to {MAX_STRIDE}")
     return [int(s) for s in strides]
-
-
-def check_anchors(anchors: np.ndarray, levels: int, path: Path | str) -> np.ndarray:
-    """Detect's anchors (in stride units): [levels, anchors per level, 2], finite and positive."""
-    if anchors.ndim != 3 or anchors.shape[0] != levels or anchors.shape[2] != 2 \
-            or not 1 <= anchors.shape[1] <= MAX_ANCHORS_PER_LEVEL:
-        raise TrtnetError(f"{path}: Detect's anchors {anchors.shape} are not [{levels} levels, 1 to "
-                          f"{MAX_ANCHORS_PER_LEVEL} anchors, 2]")
-    if not (np.isfinite(anchors).all() and (anchors > 0).all()):
-        raise TrtnetError(f"{path}: Detect's anchors hold values that are not finite and positive")
-    return anchors
-
-
-def check_head_channels(path: Path | str, detect: Any, nc: int, anchors_per_level: int) -> None:
-    """Each output conv of `detect` (a Detect ModuleRecord) gives anchors x (5 + nc) channels: the metadata
-    agrees with the weights."""
-    convs = (detect.children().get("m") or detect).children().values()
-    out_channels = [_out_channels(conv) for conv in convs]
-    expected = anchors_per_level * (5 + nc)
-    if not out_channels or any(c != expected for c in out_channels):
-        raise TrtnetError(f"{path}: Detect's output convs have {out_channels} channels but nc = {nc} with "
-                          f"{anchors_per_level} anchors needs {expected}: a corrupt or tampered checkpoint")
-
-
-def _out_channels(conv: Any) -> int | None:
-    weight = (conv.get("_parameters") or {}).get("weight")
-    return int(weight.shape[0]) if isinstance(weight, np.ndarray) and weight.ndim == 4 else None
 
 
 def check_eps(value: Any, path: Path | str) -> float:

@@ -96,14 +96,17 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
                           strides, top, min_imgsz, max_imgsz)
 
 
+MIN_IMGSZ = 32  # the largest stride of ResNet and YOLOv5/YOLOv8 P5 models: a smaller input has no last feature map
+
+
 def size_range(imgsz: tuple, min_imgsz: int | None, max_imgsz: int | None) -> tuple:
     """(smallest, largest) side of a dynamic input size, or (None, None) for a static one."""
     if min_imgsz is None and max_imgsz is None:
         return None, None
     lo = min(imgsz) if min_imgsz is None else min_imgsz
     hi = max(imgsz) if max_imgsz is None else max_imgsz
-    if not 32 <= lo <= min(imgsz):
-        raise TrtnetError(f"--min-imgsz {lo} must lie between 32 and the input size {min(imgsz)}")
+    if not MIN_IMGSZ <= lo <= min(imgsz):
+        raise TrtnetError(f"--min-imgsz {lo} must lie between {MIN_IMGSZ} and the input size {min(imgsz)}")
     if hi < max(imgsz):
         raise TrtnetError(f"--max-imgsz {hi} must be at least the input size {max(imgsz)}")
     return lo, hi
