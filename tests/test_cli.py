@@ -82,3 +82,15 @@ def test_python_m_module_shows_the_same_usage():
                           timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("usage: trtnet build ")
     assert "--verbose" in done.stdout
+
+
+def test_every_weights_dir_follows_trtnet_weights(monkeypatch):
+    """One default for --weights-dir (and gen_wts' output folder): $TRTNET_WEIGHTS, else weights/."""
+    monkeypatch.setenv("TRTNET_WEIGHTS", "/elsewhere")
+    seen = {}
+    for name, p in command_parsers().items():
+        for action in p._actions:
+            if "--weights-dir" in action.option_strings or (name == "gen_wts" and action.dest == "output"):
+                seen[name] = action.default
+    assert seen and set(seen.values()) == {"/elsewhere"}, seen
+    assert {"build", "detect", "inspect", "gen_wts", "serve"} <= set(seen)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from trtnet import networks
-from trtnet.cli import command_parser, run
+from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.errors import TrtnetError
 
 E2E_IMAGE_HW = (1080, 810)
@@ -312,8 +311,7 @@ def parser() -> argparse.ArgumentParser:
                    "time per stage, per decoder (--iters batches, the folder cycled; see trtnet.bench_files)")
     p.add_argument("--decode", choices=("cpu", "gpu", "both"), default="both",
                    help="--files: OpenCV on the CPU, nvImageCodec on the GPU, or both")
-    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
-                   help="where engine names are looked up ($TRTNET_WEIGHTS)")
+    add_weights_dir(p, "where engine names are looked up")
     return p
 
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from trtnet import __version__, compat, networks
-from trtnet.cli import command_parser, run
+from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.engine_meta import EngineMeta, Int8Record, PostprocessSettings, nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
@@ -438,8 +438,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture for weights without metadata, e.g. yolov5s or resnet50")
     p.add_argument("--nc", type=int, help="class count with --arch (default: the family's, e.g. 80)")
     p.add_argument("--timing-cache", help="timing cache file (default: timing.cache beside the engine)")
-    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
-                   help="where names are looked up and engines written ($TRTNET_WEIGHTS)")
+    add_weights_dir(p, "where names are looked up and engines written")
     p.add_argument("-o", "--output", help="engine path, or an existing folder for it (default: "
                    "<weights-dir>/<name>.<precision>.<size>[.b<batch>].engine, e.g. yolov5s.fp16.640.engine)")
     p.add_argument("--verbose", action="store_true", help="show TensorRT's own log (verbose level)")

@@ -8,6 +8,7 @@ way the command was started (`trtnet build`, `python -m trtnet build`, `python -
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Callable
@@ -29,6 +30,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def weights_dir_default() -> str:
+    """Where weights and engines live unless a command is told otherwise: $TRTNET_WEIGHTS, else weights/."""
+    return os.environ.get("TRTNET_WEIGHTS", "weights")
+
+
+def add_weights_dir(p: argparse.ArgumentParser, what: str) -> None:
+    """Every command's --weights-dir, with one default."""
+    p.add_argument("--weights-dir", default=weights_dir_default(), help=f"{what} ($TRTNET_WEIGHTS)")
 
 
 def command_parser(command: str, description: str, add_help: bool = True) -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from trtnet.cli import command_parser, run
+from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write, sha256_of
 from trtnet.progress import bar
@@ -226,8 +226,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"expected sha256 of the official yolov5n.pt (${SHA256_ENV}); always checked")
     p.add_argument("--source", help="image to detect on (default: ../shared/data/images/bus.jpg if present)")
     p.add_argument("--out", default="runs/demo", help="folder for the annotated image and detections.json")
-    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
-                   help="where the checkpoint, .wts and engine go ($TRTNET_WEIGHTS)")
+    add_weights_dir(p, "where the checkpoint, .wts and engine go")
     return p
 
 

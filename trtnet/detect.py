@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trtnet.cli import command_parser, run
+from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.datasets import IMAGE_SUFFIXES
 from trtnet.engine import batched
 from trtnet.errors import TrtnetError
@@ -395,8 +395,7 @@ def add_options(p) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="replay engine + NMS as CUDA graphs")
     p.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto",
                    help="image files: JPEGs decoded on the GPU by nvImageCodec (auto: where installed) or by OpenCV")
-    p.add_argument("--weights-dir", default=os.environ.get("TRTNET_WEIGHTS", "weights"),
-                   help="where names are looked up ($TRTNET_WEIGHTS)")
+    add_weights_dir(p, "where names are looked up")
 
 
 def check_numbers(p, args) -> None:

@@ -13,11 +13,9 @@ from pathlib import Path
 
 from trtnet import networks
 from trtnet.checkpoint import Checkpoint, read_checkpoint
-from trtnet.cli import command_parser, run
+from trtnet.cli import command_parser, run, weights_dir_default
 from trtnet.errors import TrtnetError
 from trtnet.weights import FORMATS, SUFFIXES, check_finite, weights_meta, write_safetensors, write_sidecar, write_wts
-
-DEFAULT_DIR = "weights"
 
 
 @dataclass
@@ -30,7 +28,7 @@ class Converted:
 
 def output_path(checkpoint: Path, output: str | Path | None, fmt: str | None, name: str | None) -> tuple[Path, str]:
     """Where to write and in which format: `-o` is a file (its suffix may pick the format) or a folder."""
-    out = Path(output) if output is not None else Path(DEFAULT_DIR)
+    out = Path(output) if output is not None else Path(weights_dir_default())
     by_suffix = next((f for f, suffix in SUFFIXES.items() if out.suffix == suffix), None)
     if by_suffix and fmt and fmt != by_suffix:
         raise TrtnetError(f"-o {out} is a .{by_suffix} file but --format is {fmt}; make them agree")
@@ -64,7 +62,8 @@ def convert(checkpoint: str | Path, output: str | Path | None = None, fmt: str |
 def parser() -> argparse.ArgumentParser:
     p = command_parser("gen_wts", "PyTorch checkpoint → tensorrtx-format .wts (+ .json) or .safetensors, without torch")
     p.add_argument("checkpoint", help="YOLOv5 .pt or torchvision ResNet .pth checkpoint")
-    p.add_argument("-o", "--output", default=DEFAULT_DIR, help="output folder, or file ending in .wts/.safetensors")
+    p.add_argument("-o", "--output", default=weights_dir_default(),
+                   help="output folder ($TRTNET_WEIGHTS, else weights/), or a file ending in .wts/.safetensors")
     p.add_argument("--format", choices=FORMATS, help="output format; unset: -o's suffix decides, else wts")
     p.add_argument("--name", help="output file name without suffix; unset: the checkpoint's stem")
     return p

@@ -21,7 +21,7 @@ import numpy as np
 
 from trtnet import compat, networks
 from trtnet.build import BuildRequest, load_for_build
-from trtnet.cli import command_parser, run
+from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.errors import TrtnetError
 from trtnet.network import BatchProfile, define_network
 
@@ -284,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rel", type=float, metavar="E",
                    help="--compare: largest error allowed relative to the golden's value range (default without "
                         f"--rtol/--atol: {DEFAULT_MAX_REL['fp32']:g} for fp32, {DEFAULT_MAX_REL['fp16']:g} for fp16)")
-    p.add_argument("--weights-dir", default="weights", help="where names are looked up")
+    add_weights_dir(p, "where names are looked up")
     p.add_argument("--arch", help="architecture for weights without metadata, e.g. yolov5s or resnet50")
     p.add_argument("--nc", type=int, help="class count with --arch (default: the family's, e.g. 80)")
     p.add_argument("--quiet", action="store_true", help="no layer table")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from trtnet.cli import command_parser, run
+from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.errors import TrtnetError
 
 Device = Union[int, str]  # a GPU index, or "cpu"
@@ -538,7 +538,7 @@ def parser():
     p.add_argument("--max-det", type=int, default=300, help="detections per image (outputs are padded to it)")
     p.add_argument("--topk", type=int, default=5, help="classifiers: classes per image")
     p.add_argument("--imgsz", type=int, default=640, help="--devices cpu: network input size")
-    p.add_argument("--weights-dir", default="weights", help="where names are looked up")
+    add_weights_dir(p, "where names are looked up")
     p.add_argument("--export-repo", metavar="DIR", help="write a Triton model repository for the engine and exit")
     p.add_argument("--bench", metavar="URL", help="drive a running server: throughput and latency")
     p.add_argument("--concurrency", default="1,8,32", help="--bench: concurrent clients, comma-separated")

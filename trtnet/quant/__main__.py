@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trtnet.cli import HelpFormatter, command_parser, run
+from trtnet.cli import HelpFormatter, add_weights_dir, command_parser, run
 
 
 def parser():
@@ -34,7 +34,7 @@ def parser():
     s.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="where the reference executor runs (gpu: torch on CUDA)")
     s.add_argument("--imgsz", type=int, help="square input size (default: the model's)")
-    s.add_argument("--weights-dir", default="weights", help="where names are looked up")
+    add_weights_dir(s, "where names are looked up")
     s.add_argument("-o", "--output", help="report JSON (default: NAME.sensitivity.json beside the weights)")
     return p
 
