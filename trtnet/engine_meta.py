@@ -34,10 +34,28 @@ def nms_kwargs(settings: NmsSettings) -> dict:
 
 
 @dataclass(frozen=True)
-class BatchRange:
-    min: int
-    opt: int
-    max: int
+class BatchProfile:
+    """The batch sizes an engine is built for (and its sidecar records)."""
+
+    min: int = 1
+    opt: int = 1
+    max: int = 1
+
+    @property
+    def dynamic(self) -> bool:
+        return self.min != self.max
+
+    @property
+    def dim(self) -> int:
+        return -1 if self.dynamic else self.max
+
+    def check(self) -> BatchProfile:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise TrtnetError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self}")
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.min}..{self.opt}..{self.max}" if self.dynamic else str(self.max)
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,7 @@ class Int8Record:
 class EngineMeta:
     family: str  # a networks/ FAMILY
     imgsz: tuple[int, int]  # (h, w): the static size, or the size a dynamic range is tuned for
-    batch: BatchRange
+    batch: BatchProfile
     input: InputSpec
     outputs: tuple[str, ...]
     tensorrt: BuiltWith
@@ -216,9 +234,9 @@ def _object(value: Any, keys: tuple[str, ...]) -> Mapping:
     return value
 
 
-def _batch(value: Any) -> BatchRange:
+def _batch(value: Any) -> BatchProfile:
     v = _object(value, ("min", "opt", "max"))
-    batch = BatchRange(*(_positive(v[k]) for k in ("min", "opt", "max")))
+    batch = BatchProfile(*(_positive(v[k]) for k in ("min", "opt", "max")))
     if not batch.min <= batch.opt <= batch.max:
         raise ValueError("must satisfy min <= opt <= max")
     return batch

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trtnet import compat, networks
+from trtnet.engine_meta import BatchProfile
 from trtnet.errors import TrtnetError
 from trtnet.graph import Graph, WeightStore
 
@@ -20,27 +21,7 @@ if TYPE_CHECKING:
 NOT_WEIGHTS = (".anchors", ".anchor_grid", ".num_batches_tracked")
 
 
-@dataclass(frozen=True)
-class BatchProfile:
-    min: int = 1
-    opt: int = 1
-    max: int = 1
-
-    @property
-    def dynamic(self) -> bool:
-        return self.min != self.max
-
-    @property
-    def dim(self) -> int:
-        return -1 if self.dynamic else self.max
-
-    def check(self) -> BatchProfile:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise TrtnetError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self}")
-        return self
-
-    def __str__(self) -> str:
-        return f"{self.min}..{self.opt}..{self.max}" if self.dynamic else str(self.max)
+BATCH_1 = BatchProfile()  # a static batch of one (frozen: safe as a default)
 
 
 @dataclass
@@ -70,7 +51,7 @@ def default_imgsz(meta: Mapping) -> int:
 
 
 def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, meta: Mapping, *, precision: str = "fp32",
-                   batch: BatchProfile = BatchProfile(), imgsz: int | tuple[int, int] | None = None,
+                   batch: BatchProfile = BATCH_1, imgsz: int | tuple[int, int] | None = None,
                    softmax: bool = False, source: str = "weights", min_imgsz: int | None = None,
                    max_imgsz: int | None = None, weakly_typed: bool = False,
                    quant: QuantPlan | None = None) -> DefinedNetwork:
