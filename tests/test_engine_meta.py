@@ -78,6 +78,8 @@ def test_head_kind_is_typed_and_optional():
     ({"batch": {"min": 4, "opt": 2, "max": 8}}, "batch", "min <= opt <= max"),
     ({"imgsz": [-3]}, "imgsz", "must be at least 1"),
     ({"imgsz": [320]}, "imgsz", r"must be \[height, width\]"),
+    ({"anchors": [[10.0, float("nan")]]}, "anchors", "must be a finite number"),
+    ({"build_seconds": float("inf")}, "build_seconds", "must be a finite number"),
     ({"imgsz": "640"}, "imgsz", "must be a list"),
     ({"outputs": "raw_0"}, "outputs", "must be a list"),
     ({"outputs": [1, 2]}, "outputs", "must be a string"),

@@ -9,6 +9,7 @@ are those of every engine built so far; family-specific fields (`nc`, `names`, `
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,8 @@ def _int(value: Any, least: int = 0) -> int:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError("must be a number")
+    if not math.isfinite(value):  # json.loads reads NaN and Infinity; the weights' sidecar refuses them too
+        raise ValueError("must be a finite number")
     return float(value)
 
 
