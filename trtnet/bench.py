@@ -139,11 +139,10 @@ def streamed_samples(detector, batch: int, iters: int, warmup: int) -> list[floa
 
 def open_model(engine_path: str, cuda_graphs: bool, weights_dir: str):
     from trtnet.api import Classifier, Detector
-    from trtnet.engine_files import load_metadata, resolve_engine
+    from trtnet.engine_files import engine_task, resolve_engine
 
     path = resolve_engine(engine_path, weights_dir)
-    task = networks.family(load_metadata(path).family).TASK
-    cls = Detector if task == "detect" else Classifier
+    cls = Detector if engine_task(path) == "detect" else Classifier
     return cls(path, cuda_graphs=cuda_graphs, weights_dir=weights_dir)
 
 

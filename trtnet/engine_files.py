@@ -69,6 +69,13 @@ def load_metadata(engine_path: Path) -> EngineMeta:
     return engine_meta
 
 
+def engine_task(engine: str | Path, weights_dir: str | Path = "weights") -> str:
+    """What an engine's family does ("detect" or "classify"), read from its metadata before loading it."""
+    from trtnet import networks
+
+    return networks.family(load_metadata(resolve_engine(engine, weights_dir)).family).TASK
+
+
 def rebuild_hint(meta: EngineMeta) -> str:
     return f"python -m trtnet.build {Path(meta.weights or 'MODEL').stem} --{meta.precision}"
 

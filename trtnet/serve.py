@@ -80,14 +80,6 @@ def model_name(target: str) -> str:
 # ------------------------------------------------------------------------------------------ runners
 
 
-def engine_task(target: str, weights_dir: str) -> str:
-    """`detect` or `classify`: what the engine's family does (from its metadata, before loading it)."""
-    from trtnet import networks
-    from trtnet.engine_files import load_metadata, resolve_engine
-
-    return networks.family(load_metadata(resolve_engine(target, weights_dir)).family).TASK
-
-
 def open_runner(settings: ServeSettings, device: Device):
     """A Detector / Classifier on GPU `device`, or a CpuDetector for "cpu"; refuses what cannot run there."""
     s = settings
@@ -96,6 +88,7 @@ def open_runner(settings: ServeSettings, device: Device):
 
         return CpuDetector(s.target, s.conf, s.iou, s.max_det, imgsz=s.imgsz, weights_dir=s.weights_dir)
     from trtnet.api import Classifier, Detector
+    from trtnet.engine_files import engine_task
 
     if engine_task(s.target, s.weights_dir) == "classify":
         return Classifier(s.target, weights_dir=s.weights_dir, device=int(device))
