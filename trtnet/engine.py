@@ -179,6 +179,10 @@ class Engine:
     def batches(self, count: int) -> list[tuple[int, int, int]]:
         return split_batch(count, self.min_batch, self.max_batch)
 
+    def run_as(self, count: int) -> int:
+        """The batch `count` images (at most max_batch) run as: padded up to the profile's smallest."""
+        return split_batch(count, self.min_batch, self.max_batch)[0][2]
+
     def infer(self, feeds: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host arrays in (any batch size), host arrays out, in the engine's output dtypes."""
         if not isinstance(feeds, Mapping):

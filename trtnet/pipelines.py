@@ -265,7 +265,7 @@ class DetectPipeline:
                               f"{self.engine.max_batch}")
         if item.ready is not None:
             worker.stream.wait(item.ready)
-        return self._submit(worker, images, max(len(images), self.engine.min_batch), item.slot, item.mark, hw=hw)
+        return self._submit(worker, images, self.engine.run_as(len(images)), item.slot, item.mark, hw=hw)
 
     def _collected(self, item: _Queued, run: _InFlight | None) -> tuple[_Queued, list[np.ndarray]]:
         return item, (self._collect(run) if run is not None else [])
