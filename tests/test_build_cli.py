@@ -180,3 +180,37 @@ def test_a_build_tensorrt_refuses_points_to_verbose(weights_dir, monkeypatch, ca
     code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64", "--verbose")
     assert code == 2 and "TensorRT could not build the engine" in err and "run with --verbose" not in err
     assert engines(weights_dir) == []
+
+
+def test_opt_level_reaches_the_builder_and_the_engine_metadata(weights_dir, monkeypatch, capsys):
+    from trtnet import compat
+
+    seen = []
+    real = compat.build_serialized
+    monkeypatch.setattr(compat, "build_serialized", lambda b, n, config: seen.append(config) or real(b, n, config))
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "64", "--opt-level", "1")
+    assert code == 0, err
+    if hasattr(seen[0], "builder_optimization_level"):  # TensorRT >= 8.6 and TensorRT-RTX
+        assert seen[0].builder_optimization_level == 1
+    (meta,) = [p for p in weights_dir.iterdir() if p.name.endswith(".engine.json")]
+    assert json.loads(meta.read_text())["opt_level"] == 1
+    with pytest.raises(SystemExit) as exit_:
+        build_cmd.parser().parse_args(["yolov5n", "--opt-level", "6"])
+    assert exit_.value.code == 2 and "--opt-level" in capsys.readouterr().err
+
+
+class _FakeTacticSource:
+    EDGE_MASK_CONVOLUTIONS, JIT_CONVOLUTIONS = 3, 4
+
+
+@pytest.mark.parametrize("level, jit", [(None, True), (3, True), (5, True), (2, False), (0, False)])
+def test_tensorrt8_drops_jit_convolutions_below_the_default_level(monkeypatch, level, jit):
+    from types import SimpleNamespace
+
+    from trtnet import compat
+
+    monkeypatch.setattr(compat, "trt", lambda: SimpleNamespace(TacticSource=_FakeTacticSource))
+    sources = compat._trt8_tactic_sources(level)
+    assert sources & (1 << 3)  # edge-mask convolutions always; cuBLAS/cuDNN never
+    assert bool(sources & (1 << 4)) is jit
+    assert sources & ~((1 << 3) | (1 << 4)) == 0

@@ -47,6 +47,7 @@ class BuildRequest:
     softmax: bool = False
     output: str | None = None
     timing_cache: str | None = None
+    opt_level: int | None = None  # builder optimization level (None: TensorRT's default)
     arch: str | None = None
     nc: int | None = None
     weights_dir: str = "weights"
@@ -188,6 +189,7 @@ def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, lo
         precision="fp16" if int8 else req.precision, int8=bool(int8) and int8.mode == "explicit",
         tf32=req.tf32, workspace_gib=req.workspace_gib, target_cc=tuple(req.target_cc),
         timing_cache=cache_path.read_bytes() if cache_path.exists() else b"", profiles=defined.profiles(req.batch),
+        opt_level=req.opt_level,
     )
     log(f"building {weights_path.name}: {defined.family} {req.precision} input {list(defined.input_shape)} "
         f"batch {req.batch} with {compat.flavour()} ({defined.network.num_layers} layers)")
@@ -269,6 +271,8 @@ def engine_metadata(req: BuildRequest, defined: DefinedNetwork, meta: dict, weig
         "checkpoint": meta.get("source"),
         "checkpoint_sha256": meta.get("source_sha256"),
     }
+    if req.opt_level is not None:
+        out["opt_level"] = req.opt_level
     family = networks.family(defined.family)
     if family.TASK == "detect":
         out["postprocess"] = asdict(req.postprocess)
@@ -438,6 +442,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture for weights without metadata, e.g. yolov5s or resnet50")
     p.add_argument("--nc", type=int, help="class count with --arch (default: the family's, e.g. 80)")
     p.add_argument("--timing-cache", help="timing cache file (default: timing.cache beside the engine)")
+    p.add_argument("--opt-level", type=int, choices=compat.OPT_LEVELS, metavar="0-5",
+                   help="builder optimization level: below 3 builds faster, maybe a slower engine (TensorRT 8.5: "
+                        "no JIT-compiled convolutions); above 3 searches longer (default: TensorRT's, 3)")
     add_weights_dir(p, "where names are looked up and engines written")
     p.add_argument("-o", "--output", help="engine path, or an existing folder for it (default: "
                    "<weights-dir>/<name>.<precision>.<size>[.b<batch>].engine, e.g. yolov5s.fp16.640.engine)")
@@ -457,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_cc=tuple(c for c in args.target_cc.split(",") if c),
         postprocess=PostprocessSettings(mode=args.postprocess, conf=args.conf, iou=args.iou, max_det=args.max_det,
                                         multi_label=args.multi_label, agnostic=args.agnostic),
-        softmax=args.softmax, output=args.output, timing_cache=args.timing_cache, arch=args.arch, nc=args.nc,
+        softmax=args.softmax, output=args.output, timing_cache=args.timing_cache, opt_level=args.opt_level,
+        arch=args.arch, nc=args.nc,
         weights_dir=args.weights_dir, verbose=args.verbose, int8=int8_options(args),
     )
     result = build(req)

@@ -197,6 +197,10 @@ def matrix_multiply(network, a, b, transpose_b: bool = False, transpose_a: bool 
     return network.add_matrix_multiply(a, op_a, b, op_b)
 
 
+OPT_LEVELS = range(6)  # TensorRT's builder optimization levels (8.6+): less build time below 3, more above
+DEFAULT_OPT_LEVEL = 3
+
+
 @dataclass
 class BuildOptions:
     precision: str = "fp32"
@@ -206,6 +210,7 @@ class BuildOptions:
     timing_cache: bytes | None = None
     profiles: Sequence[tuple[str, tuple, tuple, tuple]] = ()  # (input, min, opt, max) for dynamic dims
     int8: bool = False  # the network holds Q/DQ layers (explicit quantization)
+    opt_level: int | None = None  # builder optimization level 0..5 (None: TensorRT's default, 3)
 
 
 def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any:
@@ -224,9 +229,9 @@ def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any
     if options.workspace_gib:
         config.set_memory_pool_limit(t.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
     if not f.is_rtx and f.major < 10:
-        # No cuBLAS/cuDNN tactics: engines then need neither library at build or run time.
-        sources = (1 << int(t.TacticSource.EDGE_MASK_CONVOLUTIONS)) | (1 << int(t.TacticSource.JIT_CONVOLUTIONS))
-        config.set_tactic_sources(sources)
+        config.set_tactic_sources(_trt8_tactic_sources(options.opt_level))
+    if options.opt_level is not None and hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = options.opt_level
     if f.is_rtx:
         _set_rtx_targets(config, options.target_cc)
     elif options.target_cc:
@@ -242,6 +247,17 @@ def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any
     if progress_monitor is not None and hasattr(config, "progress_monitor"):
         config.progress_monitor = progress_monitor
     return config
+
+
+def _trt8_tactic_sources(opt_level: int | None) -> int:
+    """No cuBLAS/cuDNN tactics: engines then need neither library at build or run time. TensorRT 8.5 has no
+    builder optimization level; below the default (3) we drop its JIT-compiled convolutions, which the
+    TensorRT documentation names as what lengthens builds (each fused conv epilogue is compiled and timed)."""
+    t = trt()
+    sources = 1 << int(t.TacticSource.EDGE_MASK_CONVOLUTIONS)
+    if opt_level is None or opt_level >= DEFAULT_OPT_LEVEL:
+        sources |= 1 << int(t.TacticSource.JIT_CONVOLUTIONS)
+    return sources
 
 
 def rtx_targets() -> list[str]:
