@@ -74,8 +74,9 @@ for _m in V8_MODELS:
         (f"{_m}_640_fp16_b32", _m, ["--fp16", "--batch", "32", "--postprocess", "kernels"]),
         (f"{_m}_640_fp32_b1", _m, ["--fp32", "--batch", "1", "--postprocess", "kernels"]),
         # dynamic size: the official predictor's rect input (640x480 for bus.jpg), as golden_*_detect640 has it
-        (f"{_m}_640_fp16_dyn", _m, ["--fp16", "--min-batch", "1", "--opt-batch", "1", "--max-batch", "8",
-                                    "--min-imgsz", "128", "--max-imgsz", "672", "--postprocess", "kernels"]),
+        *((f"{_m}_640_{p}_dyn", _m, [f"--{p}", "--min-batch", "1", "--opt-batch", "1", "--max-batch", "8",
+                                     "--min-imgsz", "128", "--max-imgsz", "672", "--postprocess", "kernels"])
+          for p in ("fp32", "fp16")),
     ]
 PLAN += V8
 GROUPS = {"session": SESSION, "v8": [name for name, _, _ in V8]}
@@ -98,7 +99,7 @@ NUMERICS = [
 ]
 NUMERICS += [(f"{m}_320_{p}", GOLDENS[m]) for m in V8_MODELS for p in ("fp32", "fp16")]
 NUMERICS += [(f"{m}_640_{p}_b1", f"refs:{m}_bus640") for m in V8_MODELS for p in ("fp32", "fp16")]
-NUMERICS += [(f"{m}_640_fp16_dyn", GOLDENS[m]) for m in V8_MODELS]  # the dynamic-size engine run at 320
+NUMERICS += [(f"{m}_640_{p}_dyn", GOLDENS[m]) for m in V8_MODELS for p in ("fp32", "fp16")]  # dynamic, run at 320
 
 
 def run(cmd: list, log: Path) -> tuple[int, float]:

@@ -1,0 +1,313 @@
+"""One whole GPU session in the background (GPU machine, TensorRT 8.5 staged, tests/gpu/device_prepare.sh done):
+the engines of issues 12 (YOLOv8/YOLO11), 14 (INT8), 15 (streaming, GPU decode) and 16 (serving) built four at a
+time, accuracy checks as soon as their engines exist (while later builds run), then the timings on a quiet GPU.
+The machine's own python3 drives; TensorRT work runs in tests/gpu/py39.sh, the official PyTorch models in python3.
+
+    python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split
+    python3 tests/gpu/session_gpu.py start            # detached; everything lands in /tmp/res
+    python3 tests/gpu/session_gpu.py wait SECONDS     # until the session is done or SECONDS pass; the status
+
+/tmp/res: steps.txt (every step: exit status, seconds), builds.txt, logs/*.log, *.json reports. Engines are built
+with --opt-level 2 (on TensorRT 8.5: no JIT-compiled convolutions), which cuts 8.5's build time from minutes
+to ... per engine (see builds.txt); every comparison below is between engines built the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DATA, ENG, RES = Path("/tmp/data"), Path("/tmp/eng"), Path("/tmp/res")
+PY39 = [str(REPO / "tests/gpu/py39.sh")]
+IMAGES = DATA / "coco128/images"
+OPT_LEVEL = "2"
+BUILD_JOBS = 4
+ENV = {"TRTNET_SHARED_DATA": str(DATA), "TRTNET_GPU_ENGINES": str(ENG), "TRTNET_GPU_REFS": str(DATA / "refs"),
+       "PYTHONUNBUFFERED": "1"}
+CHECKPOINTS = {"yolov5n": "weights/yolov5n.pt", "yolov5s_syn": "weights/synthetic/yolov5s_syn.pt",
+               "yolov8s_syn": "weights/synthetic/yolov8s_syn.pt", "yolo11s_syn": "weights/synthetic/yolo11s_syn.pt"}
+V8_MODELS = ("yolo11s_syn", "yolov8s_syn")
+KERNELS = ("--postprocess", "kernels")
+DYN_V8 = ("--min-batch", "1", "--opt-batch", "1", "--max-batch", "8", "--min-imgsz", "128", "--max-imgsz", "672")
+DYN_V5 = ("--min-batch", "1", "--opt-batch", "16", "--max-batch", "32", "--min-imgsz", "128", "--max-imgsz", "672")
+
+
+@dataclass(frozen=True)
+class Build:
+    name: str
+    weights: str
+    args: Sequence[str]
+    needs: Sequence[Path] = ()  # files (calibrations) that must exist first
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    cmd: Sequence[str]
+    timeout: int
+    needs: Sequence[str] = ()  # engines (build names) that must have been built
+    env: dict = field(default_factory=dict)
+
+
+def calib(name: str) -> Path:
+    return ENG / f"{name}.calib.json"
+
+
+def yolov5n_int8(keep: str, method: str) -> Build:
+    return Build(f"yolov5n_int8_{keep}_{method}_b16", "yolov5n",
+                 ("--int8", "--batch", "16", *KERNELS, "--calib-cache", str(calib(f"yolov5n.{method}")),
+                  "--int8-keep", keep), (calib(f"yolov5n.{method}"),))
+
+
+def calibrated(name: str, weights: str, args: Sequence[str], cache: str, images: int = 32) -> Build:
+    """An INT8 build that calibrates on the GPU itself (the product path) or reuses `cache` once it exists."""
+    return Build(name, weights, ("--int8", *args, "--calib", str(IMAGES), "--calib-images", str(images),
+                                 "--calib-device", "gpu", "--calib-cache", str(calib(cache))))
+
+
+# In priority order: what the issues need most first (the queue may not finish inside a session's budget).
+BUILDS = [
+    Build("yolo11s_syn_640_fp32_dyn", "yolo11s_syn", ("--fp32", *DYN_V8, *KERNELS)),
+    Build("yolov8s_syn_640_fp32_dyn", "yolov8s_syn", ("--fp32", *DYN_V8, *KERNELS)),
+    Build("yolov5n_fp16_b16", "yolov5n", ("--fp16", "--batch", "16", *KERNELS)),
+    Build("yolo11s_syn_640_fp16_b1", "yolo11s_syn", ("--fp16", "--batch", "1", *KERNELS)),
+    Build("yolov8s_syn_640_fp16_b1", "yolov8s_syn", ("--fp16", "--batch", "1", *KERNELS)),
+    Build("yolov5s_syn_640_fp16_b32", "yolov5s_syn", ("--fp16", "--batch", "32", *KERNELS)),
+    calibrated("yolov5s_syn_640_int8_b32", "yolov5s_syn", ("--batch", "32", *KERNELS), "yolov5s_syn"),
+    yolov5n_int8("none", "percentile"),
+    yolov5n_int8("auto", "percentile"),
+    yolov5n_int8("none", "entropy"),
+    Build("yolo11s_syn_640_fp16_b32", "yolo11s_syn", ("--fp16", "--batch", "32", *KERNELS)),
+    Build("yolov8s_syn_640_fp16_b32", "yolov8s_syn", ("--fp16", "--batch", "32", *KERNELS)),
+    Build("resnet50_fp16_b128", "resnet50_rand", ("--fp16", "--batch", "128")),
+    calibrated("resnet50_int8_b128", "resnet50_rand", ("--batch", "128"), "resnet50_rand"),
+    Build("yolov5n_int8_implicit_b16", "yolov5n",
+          ("--int8", "--int8-mode", "implicit", "--batch", "16", *KERNELS, "--calib", str(IMAGES),
+           "--calib-images", "128", "--calib-cache", str(ENG / "yolov5n.implicit.cache"))),
+    Build("yolo11s_syn_640_fp16_dyn", "yolo11s_syn", ("--fp16", *DYN_V8, *KERNELS)),
+    Build("yolov8s_syn_640_fp16_dyn", "yolov8s_syn", ("--fp16", *DYN_V8, *KERNELS)),
+    Build("yolov5s_syn_640_fp16_b1", "yolov5s_syn", ("--fp16", "--batch", "1", *KERNELS)),
+    Build("yolov5s_syn_640_int8_b1", "yolov5s_syn", ("--int8", "--batch", "1", *KERNELS, "--calib-cache",
+                                                     str(calib("yolov5s_syn"))), (calib("yolov5s_syn"),)),
+    Build("yolov5n_640_fp16", "yolov5n", ("--fp16", *DYN_V5, *KERNELS)),
+    Build("yolov5n_640_fp16_b1", "yolov5n", ("--fp16", "--batch", "1", *KERNELS)),
+]
+YOLOV5N_VAL = ["yolov5n_fp16_b16", "yolov5n_int8_none_percentile_b16", "yolov5n_int8_auto_percentile_b16",
+               "yolov5n_int8_none_entropy_b16", "yolov5n_int8_implicit_b16"]
+
+
+def py39(*args: str) -> list[str]:
+    return [*PY39, *args]
+
+
+def bench(name: str, engine: str, batch: str, *extra: str) -> Step:
+    return Step(f"bench_{name}", py39("-m", "trtnet.bench", str(ENG / f"{engine}.engine"), "--batch", batch,
+                                      "--cuda-graphs", "--json", str(RES / f"bench_{name}.json"), *extra), 300,
+                (engine,))
+
+
+def accuracy_steps() -> list[Step]:
+    v8_first = [f"{m}_640_{k}" for m in V8_MODELS for k in ("fp32_dyn", "fp16_b1")]
+    check = py39(str(REPO / "tests/gpu/engines_gpu.py"), "check", "--data", str(DATA), "--out", str(ENG),
+                 "--refs", str(DATA / "refs"))
+    pytest = py39("-m", "pytest", "-q", "-s", "-ra", "-p", "no:cacheprovider")
+    runtime = str(REPO / "tests/gpu/test_runtime_gpu.py")
+    steps = [Step("check_v8", [*check, "--report", str(RES / "check_v8.json")], 300, v8_first),
+             Step("runtime_v8", [*pytest, runtime, "-k", "v8"], 600, v8_first)]
+    steps += [Step(f"val_{e}", py39("-m", "trtnet.val", str(ENG / f"{e}.engine"), "--data", str(DATA / "coco128"),
+                                    "--square", "--batch", "16", "--json", str(RES / f"val_{e}.json")), 300, (e,))
+              for e in YOLOV5N_VAL]
+    v8_dyn16 = [f"{m}_640_fp16_dyn" for m in V8_MODELS]
+    steps += [Step("check_v8_fp16_dyn", [*check, "--report", str(RES / "check_v8_all.json")], 300, v8_dyn16),
+              Step("runtime_v8_fp16_dyn", [*pytest, runtime, "-k", "v8 and rect and fp16"], 300, v8_dyn16),
+              Step("runtime_yolov5n", [*pytest, runtime, "-k", "not v8 and not fp32 and not resnet and not classifier"],
+                   600, ("yolov5n_640_fp16",))]
+    return steps
+
+
+def timing_steps() -> list[Step]:
+    torch_env = {"PYTHONPATH": f"{REPO}:/tmp/ul"}
+    steps = []
+    for m in V8_MODELS:
+        steps += [bench(f"{m}_b1", f"{m}_640_fp16_b1", "1"), bench(f"{m}_b32", f"{m}_640_fp16_b32", "32"),
+                  Step(f"torch_{m}", ["python3", "-m", "trtnet.bench", str(ENG / f"{m}_640_fp16_b1.engine"),
+                                      "--torch-only", "--batch", "1,32", "--weights-dir",
+                                      str(DATA / "weights/synthetic"), "--json", str(RES / f"torch_{m}.json")], 400,
+                       (f"{m}_640_fp16_b1",), torch_env)]
+    for b in ("32", "1"):
+        steps += [bench(f"yolov5s_{p}_b{b}", f"yolov5s_syn_640_{p}_b{b}", b) for p in ("fp16", "int8")]
+    steps += [bench(f"resnet50_{p}_b128", f"resnet50_{p}_b128", "128", "--iters", "100") for p in ("fp16", "int8")]
+    profile = py39(str(REPO / "tests/gpu/layer_profile.py"))
+    steps += [Step("layers_yolov5s_b32", [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
+                                          str(ENG / "yolov5s_syn_640_int8_b32.engine"), "--batch", "32", "--runs", "30",
+                                          "--json", str(RES / "layers_yolov5s_b32.json")], 300,
+                   ("yolov5s_syn_640_fp16_b32", "yolov5s_syn_640_int8_b32")),
+              Step("layers_resnet50_b128", [*profile, str(ENG / "resnet50_fp16_b128.engine"),
+                                            str(ENG / "resnet50_int8_b128.engine"), "--batch", "128", "--runs", "20",
+                                            "--json", str(RES / "layers_resnet50_b128.json")], 300,
+                   ("resnet50_fp16_b128", "resnet50_int8_b128"))]
+    perf = ["bash", str(REPO / "tests/gpu/perf_gpu.sh"), str(RES / "perf")]
+    steps += [Step("perf_a", [*perf, "a"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5s_syn_640_fp16_b1")),
+              bench("yolov5n_dyn_b32", "yolov5n_640_fp16", "32"),
+              Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16", "yolov5s_syn_640_fp16_b32"))]
+    serve = REPO / "tests/gpu/serve_gpu.sh"
+    steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
+                             str(DATA / "images")], 600, ("yolov5n_640_fp16",))]
+    pytest = py39("-m", "pytest", "-q", "-s", "-ra", "-p", "no:cacheprovider", "-m", "gpu")
+    steps += [Step("int8_gpu_tests", [*pytest, str(REPO / "tests/gpu/test_int8_gpu.py")], 600)]  # builds its own
+    return steps
+
+
+# -- running ---------------------------------------------------------------------------------------
+_lock = threading.Lock()
+built: dict[str, int] = {}  # build name → exit status
+
+
+def note(file: str, line: str) -> None:
+    with _lock, open(RES / file, "a") as f:
+        f.write(line + "\n")
+    print(line, flush=True)
+
+
+def sh(name: str, cmd: Sequence[str], timeout: int, env: dict | None = None) -> int:
+    start = time.time()
+    log = RES / "logs" / f"{name}.log"
+    with open(log, "w") as f:
+        try:
+            code = subprocess.call(list(cmd), stdout=f, stderr=subprocess.STDOUT, cwd="/tmp", timeout=timeout,
+                                   env={**os.environ, **ENV, **(env or {})})
+        except subprocess.TimeoutExpired:
+            code = 124
+    note("steps.txt", f"{time.strftime('%H:%M:%S')} {name}: exit {code} in {time.time() - start:.0f} s")
+    return code
+
+
+def wait_for_files(paths: Sequence[Path], limit: float = 900) -> bool:
+    deadline = time.time() + limit
+    while not all(p.exists() for p in paths):
+        if time.time() > deadline:
+            return False
+        time.sleep(3)
+    return True
+
+
+def wait_for_builds(names: Sequence[str]) -> bool:
+    if not set(names) <= {b.name for b in BUILDS}:
+        return False  # not in this session's plan
+    while True:
+        with _lock:
+            if all(n in built for n in names):
+                return all(built[n] == 0 for n in names)
+        time.sleep(3)
+
+
+def run_build(b: Build) -> None:
+    code = 125
+    if wait_for_files(b.needs):
+        engine = ENG / f"{b.name}.engine"
+        code = sh(f"build_{b.name}", py39("-m", "trtnet.build", str(ENG / f"{b.weights}.wts"), "-o", str(engine),
+                                          "--timing-cache", str(ENG / f"{b.name}.timing"), "--opt-level", OPT_LEVEL,
+                                          *b.args), 1800)
+    with _lock:
+        built[b.name] = code
+    seconds = json.loads((ENG / f"{b.name}.engine.json").read_text()).get("build_seconds") if code == 0 else None
+    note("builds.txt", f"{b.name}: exit {code}, TensorRT build {seconds} s")
+
+
+def run_steps(steps: Sequence[Step]) -> None:
+    for s in steps:
+        if s.needs and not wait_for_builds(s.needs):
+            note("steps.txt", f"{s.name}: skipped (an engine it needs failed to build)")
+            continue
+        if s.cmd[0] == "bash" and not Path(s.cmd[1]).exists():
+            note("steps.txt", f"{s.name}: skipped ({s.cmd[1]} not here)")
+            continue
+        sh(s.name, s.cmd, s.timeout, s.env)
+
+
+def prepare_weights() -> None:
+    for name, rel in CHECKPOINTS.items():
+        sh(f"gen_wts_{name}", py39("-m", "trtnet.gen_wts", str(DATA / rel), "-o", str(ENG / f"{name}.wts")), 300)
+    # ResNet-50 with torchvision's random initialisation (speed only: 100 MB of weights need not travel)
+    sh("resnet50_rand", ["python3", "-c", "import torch, torchvision; torch.manual_seed(0); "
+                         f"torch.save(torchvision.models.resnet50().state_dict(), '{ENG}/resnet50_rand.pth')"], 300)
+    sh("gen_wts_resnet50", py39("-m", "trtnet.gen_wts", str(ENG / "resnet50_rand.pth"), "-o",
+                                str(ENG / "resnet50_rand.wts")), 300)
+    report = REPO / ".gpu/yolov5n.sensitivity.json"  # made on the CPU: `python -m trtnet.quant sensitivity`
+    if report.exists():
+        (ENG / "yolov5n.sensitivity.json").write_text(report.read_text())
+
+
+def calibrate_yolov5n() -> None:
+    """One GPU pass over 128 images, entropy and percentile ranges from it (tests/gpu/calibrate_gpu.py)."""
+    sh("calibrate_yolov5n", py39(str(REPO / "tests/gpu/calibrate_gpu.py"), str(ENG / "yolov5n.wts"), str(IMAGES),
+                                 "--count", "128", "--imgsz", "640", "--methods", "entropy,percentile",
+                                 "--out-prefix", str(ENG / "yolov5n"), "--report", str(RES / "calibrate_yolov5n.json")),
+       900)
+
+
+def session() -> None:
+    (RES / "logs").mkdir(parents=True, exist_ok=True)
+    ENG.mkdir(parents=True, exist_ok=True)
+    note("steps.txt", f"{time.strftime('%H:%M:%S')} session start")
+    prepare_weights()
+    accuracy = threading.Thread(target=run_steps, args=(accuracy_steps(),))
+    with ThreadPoolExecutor(BUILD_JOBS) as pool:
+        pool.submit(calibrate_yolov5n)
+        accuracy.start()
+        list(pool.map(run_build, BUILDS))
+    accuracy.join()
+    note("steps.txt", f"{time.strftime('%H:%M:%S')} builds and accuracy done; timings on a quiet GPU")
+    run_steps(timing_steps())
+    note("steps.txt", f"{time.strftime('%H:%M:%S')} session done")
+    (RES / "DONE").write_text("done\n")
+
+
+def setup(pack: Path) -> None:
+    """Join and unpack the carried tar (data → /tmp/data, wheels → /tmp/whl*), then the wheels: Python 3.9's
+    into /tmp/site39, ultralytics (no deps: the machine has torch) into /tmp/ul for the official models."""
+    chunks = sorted(pack.glob("c[0-9][0-9]"))
+    subprocess.run(f"cat {' '.join(map(str, chunks))} | tar xf - -C /tmp", shell=True, check=True)
+    subprocess.run("for w in /tmp/whl39/*.whl; do python3 -m zipfile -e $w /tmp/site39/; done", shell=True, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", "/tmp/ul",
+                    *map(str, Path("/tmp/whl").glob("*.whl"))], check=True)
+    print("setup done:", sorted(p.name for p in DATA.iterdir()))
+
+
+def wait(seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and not (RES / "DONE").exists():
+        time.sleep(5)
+    for name in ("builds.txt", "steps.txt"):
+        path = RES / name
+        print(f"--- {name}\n" + (path.read_text() if path.exists() else "(none yet)"))
+
+
+def main() -> int:
+    verb = sys.argv[1]
+    if verb == "setup":
+        setup(Path(sys.argv[2]))
+    elif verb == "start":
+        RES.mkdir(parents=True, exist_ok=True)
+        with open(RES / "driver.log", "w") as log:
+            subprocess.Popen([sys.executable, __file__, "run"], stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        print("session started")
+    elif verb == "run":
+        session()
+    elif verb == "wait":
+        wait(float(sys.argv[2]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
