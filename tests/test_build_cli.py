@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import requires_tensorrt, shared
 from trtnet import build as build_cmd
 from trtnet import gen_wts
+from trtnet.errors import TrtnetError
 
 pytestmark = requires_tensorrt
 
@@ -199,18 +200,19 @@ def test_opt_level_reaches_the_builder_and_the_engine_metadata(weights_dir, monk
     assert exit_.value.code == 2 and "--opt-level" in capsys.readouterr().err
 
 
-class _FakeTacticSource:
-    EDGE_MASK_CONVOLUTIONS, JIT_CONVOLUTIONS = 3, 4
-
-
-@pytest.mark.parametrize("level, jit", [(None, True), (3, True), (5, True), (2, False), (0, False)])
-def test_tensorrt8_drops_jit_convolutions_below_the_default_level(monkeypatch, level, jit):
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize("name, version, supported", [("tensorrt", "8.5.3.1", False), ("tensorrt", "8.6.1", True),
+                                                     ("tensorrt", "10.13.0", True), ("tensorrt-rtx", "1.7.1", True)])
+def test_opt_level_exists_from_tensorrt_8_6_and_on_rtx(monkeypatch, name, version, supported):
     from trtnet import compat
 
-    monkeypatch.setattr(compat, "trt", lambda: SimpleNamespace(TacticSource=_FakeTacticSource))
-    sources = compat._trt8_tactic_sources(level)
-    assert sources & (1 << 3)  # edge-mask convolutions always; cuBLAS/cuDNN never
-    assert bool(sources & (1 << 4)) is jit
-    assert sources & ~((1 << 3) | (1 << 4)) == 0
+    monkeypatch.setattr(compat, "flavour", lambda: compat.Flavour(name, version, int(version.split(".")[0])))
+    assert compat.opt_level_supported() is supported
+
+
+def test_opt_level_on_tensorrt_8_5_is_refused_clearly(monkeypatch):
+    from trtnet import compat
+
+    monkeypatch.setattr(compat, "opt_level_supported", lambda: False)
+    builder = compat.trt().Builder(compat.Logger())
+    with pytest.raises(TrtnetError, match="--opt-level: .* has no builder optimization level"):
+        compat.builder_config(builder, compat.BuildOptions(opt_level=1))

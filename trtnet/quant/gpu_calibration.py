@@ -69,9 +69,9 @@ def build_calibration_engine(tensors: Mapping[str, np.ndarray], meta: Mapping, i
                              batch=BatchProfile(batch, batch, batch))
     names = list(dict.fromkeys(quantizable_tensors(defined.network).values()))
     mark_calibration_outputs(defined.network, names)
-    # Only statistics come out of this engine: the quickest build (no tactic search worth waiting for).
+    # Only statistics come out of this engine: the quickest build where TensorRT can be asked for one.
     options = compat.BuildOptions(precision="fp32", profiles=defined.profiles(BatchProfile(batch, batch, batch)),
-                                  opt_level=0)
+                                  opt_level=0 if compat.opt_level_supported() else None)
     config = compat.builder_config(builder, options)
     plan = compat.build_serialized(builder, defined.network, config)
     if plan is None:
