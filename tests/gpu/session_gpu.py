@@ -1,15 +1,18 @@
-"""One whole GPU session in the background (GPU machine, TensorRT 8.5 staged, tests/gpu/device_prepare.sh done):
-the engines of issues 12 (YOLOv8/YOLO11), 14 (INT8), 15 (streaming, GPU decode) and 16 (serving) built four at a
-time, accuracy checks as soon as their engines exist (while later builds run), then the timings on a quiet GPU.
-The machine's own python3 drives; TensorRT work runs in tests/gpu/py39.sh, the official PyTorch models in python3.
+"""One GPU session in the background (GPU machine, TensorRT 8.5 staged): one PLAN's engines built three at a
+time in priority order, accuracy checks as soon as their engines exist (while later builds run), then the timings
+on a quiet GPU. The machine's own python3 drives; TensorRT work runs in tests/gpu/py39.sh, the official PyTorch
+models in python3. Plans (one a session: TensorRT 8.5 builds on an H200 take 4-10 minutes each when three or four
+run at once, so a 30-minute device budget holds about six): v8 (issue 12), int8 and int8b (issue 14), perf (15, 16).
 
-    python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split
-    python3 tests/gpu/session_gpu.py start            # detached; everything lands in /tmp/res
+    python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
+                                                      # its cache/ (timing caches, calibrations) goes to /tmp/eng
+    python3 tests/gpu/session_gpu.py start PLAN       # detached; everything lands in /tmp/res
     python3 tests/gpu/session_gpu.py wait SECONDS     # until the session is done or SECONDS pass; the status
+    python3 tests/gpu/session_gpu.py collect OUT      # OUT/res.tgz: /tmp/res + the timing caches and calibrations
 
-/tmp/res: steps.txt (every step: exit status, seconds), builds.txt, logs/*.log, *.json reports. Engines are built
-with --opt-level 2 (on TensorRT 8.5: no JIT-compiled convolutions), which cuts 8.5's build time from minutes
-to ... per engine (see builds.txt); every comparison below is between engines built the same way.
+/tmp/res: steps.txt (every step: exit status, seconds), builds.txt, logs/*.log, *.json reports. Bring the timing
+caches back every call (collect) and carry them in the next session's pack (cache/): a rebuild of the same
+engine on the same GPU and TensorRT then skips the tactic timing.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 DATA, ENG, RES = Path("/tmp/data"), Path("/tmp/eng"), Path("/tmp/res")
 PY39 = [str(REPO / "tests/gpu/py39.sh")]
 IMAGES = DATA / "coco128/images"
-OPT_LEVEL = "2"
-BUILD_JOBS = 4
+BUILD_JOBS = 3
 ENV = {"TRTNET_SHARED_DATA": str(DATA), "TRTNET_GPU_ENGINES": str(ENG), "TRTNET_GPU_REFS": str(DATA / "refs"),
        "PYTHONUNBUFFERED": "1"}
 CHECKPOINTS = {"yolov5n": "weights/yolov5n.pt", "yolov5s_syn": "weights/synthetic/yolov5s_syn.pt",
@@ -101,6 +103,16 @@ BUILDS = [
     Build("yolov5n_640_fp16", "yolov5n", ("--fp16", *DYN_V5, *KERNELS)),
     Build("yolov5n_640_fp16_b1", "yolov5n", ("--fp16", "--batch", "1", *KERNELS)),
 ]
+PLANS = {
+    "v8": ["yolo11s_syn_640_fp32_dyn", "yolov8s_syn_640_fp32_dyn", "yolo11s_syn_640_fp16_b1",
+           "yolov8s_syn_640_fp16_b1", "yolo11s_syn_640_fp16_b32", "yolov8s_syn_640_fp16_b32"],
+    "int8": ["yolov5n_fp16_b16", "yolov5n_int8_auto_percentile_b16", "yolov5n_int8_none_percentile_b16",
+             "yolov5s_syn_640_fp16_b32", "yolov5s_syn_640_int8_b32", "resnet50_fp16_b128", "resnet50_int8_b128"],
+    "int8b": ["yolov5n_int8_implicit_b16", "yolov5n_int8_none_entropy_b16", "yolov5s_syn_640_fp16_b1",
+              "yolov5s_syn_640_int8_b1"],
+    "perf": ["yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5s_syn_640_fp16_b1", "yolov5s_syn_640_fp16_b32"],
+}
+plan: list[Build] = []  # this session's builds (set by `run PLAN`)
 YOLOV5N_VAL = ["yolov5n_fp16_b16", "yolov5n_int8_none_percentile_b16", "yolov5n_int8_auto_percentile_b16",
                "yolov5n_int8_none_entropy_b16", "yolov5n_int8_implicit_b16"]
 
@@ -201,7 +213,7 @@ def wait_for_files(paths: Sequence[Path], limit: float = 900) -> bool:
 
 
 def wait_for_builds(names: Sequence[str]) -> bool:
-    if not set(names) <= {b.name for b in BUILDS}:
+    if not set(names) <= {b.name for b in plan}:
         return False  # not in this session's plan
     while True:
         with _lock:
@@ -215,8 +227,7 @@ def run_build(b: Build) -> None:
     if wait_for_files(b.needs):
         engine = ENG / f"{b.name}.engine"
         code = sh(f"build_{b.name}", py39("-m", "trtnet.build", str(ENG / f"{b.weights}.wts"), "-o", str(engine),
-                                          "--timing-cache", str(ENG / f"{b.name}.timing"), "--opt-level", OPT_LEVEL,
-                                          *b.args), 1800)
+                                          "--timing-cache", str(ENG / f"{b.name}.timing"), *b.args), 1800)
     with _lock:
         built[b.name] = code
     seconds = json.loads((ENG / f"{b.name}.engine.json").read_text()).get("build_seconds") if code == 0 else None
@@ -226,7 +237,7 @@ def run_build(b: Build) -> None:
 def run_steps(steps: Sequence[Step]) -> None:
     for s in steps:
         if s.needs and not wait_for_builds(s.needs):
-            note("steps.txt", f"{s.name}: skipped (an engine it needs failed to build)")
+            note("steps.txt", f"{s.name}: skipped (an engine it needs was not built: failed, or not in this plan)")
             continue
         if s.cmd[0] == "bash" and not Path(s.cmd[1]).exists():
             note("steps.txt", f"{s.name}: skipped ({s.cmd[1]} not here)")
@@ -255,16 +266,19 @@ def calibrate_yolov5n() -> None:
        900)
 
 
-def session() -> None:
+def session(name: str) -> None:
+    by_name = {b.name: b for b in BUILDS}
+    plan[:] = [by_name[n] for n in PLANS[name]]
     (RES / "logs").mkdir(parents=True, exist_ok=True)
     ENG.mkdir(parents=True, exist_ok=True)
-    note("steps.txt", f"{time.strftime('%H:%M:%S')} session start")
+    note("steps.txt", f"{time.strftime('%H:%M:%S')} session start: plan {name}")
     prepare_weights()
     accuracy = threading.Thread(target=run_steps, args=(accuracy_steps(),))
     with ThreadPoolExecutor(BUILD_JOBS) as pool:
-        pool.submit(calibrate_yolov5n)
+        if any(not need.exists() and need.name.startswith("yolov5n.") for b in plan for need in b.needs):
+            pool.submit(calibrate_yolov5n)  # a carried-in calibration (cache/) spares the GPU pass
         accuracy.start()
-        list(pool.map(run_build, BUILDS))
+        list(pool.map(run_build, plan))
     accuracy.join()
     note("steps.txt", f"{time.strftime('%H:%M:%S')} builds and accuracy done; timings on a quiet GPU")
     run_steps(timing_steps())
@@ -277,6 +291,9 @@ def setup(pack: Path) -> None:
     into /tmp/site39, ultralytics (no deps: the machine has torch) into /tmp/ul for the official models."""
     chunks = sorted(pack.glob("c[0-9][0-9]"))
     subprocess.run(f"cat {' '.join(map(str, chunks))} | tar xf - -C /tmp", shell=True, check=True)
+    if Path("/tmp/cache").is_dir():  # timing caches and calibration files of earlier sessions
+        ENG.mkdir(parents=True, exist_ok=True)
+        subprocess.run("cp -a /tmp/cache/. " + str(ENG), shell=True, check=True)
     subprocess.run("for w in /tmp/whl39/*.whl; do python3 -m zipfile -e $w /tmp/site39/; done", shell=True, check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", "/tmp/ul",
                     *map(str, Path("/tmp/whl").glob("*.whl"))], check=True)
@@ -292,18 +309,28 @@ def wait(seconds: float) -> None:
         print(f"--- {name}\n" + (path.read_text() if path.exists() else "(none yet)"))
 
 
+def collect(out: Path) -> None:
+    kept = [p.name for p in ENG.glob("*") if p.name.endswith((".timing", ".calib.json", ".cache"))]
+    engines = ["-C", str(ENG.parent), *(f"{ENG.name}/{name}" for name in sorted(kept))] if kept else []
+    subprocess.run(["tar", "czf", str(out / "res.tgz"), "-C", str(RES.parent), RES.name, *engines], check=False)
+
+
 def main() -> int:
     verb = sys.argv[1]
     if verb == "setup":
         setup(Path(sys.argv[2]))
     elif verb == "start":
+        if sys.argv[2] not in PLANS:
+            sys.exit(f"plan {sys.argv[2]!r}: one of {', '.join(PLANS)}")
         RES.mkdir(parents=True, exist_ok=True)
         with open(RES / "driver.log", "w") as log:
-            subprocess.Popen([sys.executable, __file__, "run"], stdout=log, stderr=subprocess.STDOUT,
+            subprocess.Popen([sys.executable, __file__, "run", sys.argv[2]], stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True)
         print("session started")
     elif verb == "run":
-        session()
+        session(sys.argv[2])
+    elif verb == "collect":
+        collect(Path(sys.argv[2]))
     elif verb == "wait":
         wait(float(sys.argv[2]))
     return 0

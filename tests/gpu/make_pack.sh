@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# On the CPU machine, from the repository root: everything one GPU session needs, in .x01 … .x11 (git-ignored,
+# ~62 MiB each, under one call's 64 MiB carry limit): each holds one TensorRT 8.5 payload part (staged by
+# ../shared/gpu/trt85/stage.sh) and one 13 MiB piece of a tar of the test data, the wheels and cache/ (timing
+# caches and calibration files an earlier session brought back). Then, on one warm machine, calls 1-10:
+#   bash .xNN/device_setup.sh .xNN && mkdir -p /tmp/pack && cp .xNN/c?? /tmp/pack/          (carry .xNN)
+# and call 11 (carry .x11 and .gpu, the CPU-made sensitivity report):
+#   bash .x11/device_setup.sh .x11 && cp .x11/c?? /tmp/pack/ && python3 tests/gpu/session_gpu.py setup /tmp/pack \
+#     && python3 tests/gpu/session_gpu.py start PLAN && python3 tests/gpu/session_gpu.py wait 400; \
+#     python3 tests/gpu/session_gpu.py collect $OUT
+#
+#   tests/gpu/make_pack.sh [CACHE_DIR]
+#
+# Needs: .data/refs (python tests/gpu/engines_gpu.py refs --data ../shared/data --refs .data/refs), .whl (ultralytics
+# + ultralytics-thop for Python 3.12) and .whl39 (tqdm, safetensors, pycocotools, pytest and its needs incl. pygments,
+# nvidia-nvimgcodec-cu12 + nvidia-nvjpeg-cu12 for Python 3.9), see tests/gpu/perf_gpu.sh and tests/gpu/serve_gpu.sh.
+set -euo pipefail
+shared=../shared/data
+stage=/tmp/trt85stage/parts
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+[ -f "$stage/part_aa" ] || bash ../shared/gpu/trt85/stage.sh
+for d in .x[0-9][0-9]; do [ -d "$d" ] && rm -rf "$d"; done
+grep -qx '/.x\[0-9\]\[0-9\]/' .git/info/exclude 2>/dev/null || echo '/.x[0-9][0-9]/' >>.git/info/exclude
+
+d=$work/data
+mkdir -p "$d/weights/synthetic" "$d/golden" "$d/images" "$d/refs" "$work/whl" "$work/whl39" "$work/cache"
+cp "$shared"/weights/synthetic/{yolov8s_syn,yolo11s_syn,yolov5s_syn}.pt "$d/weights/synthetic/"
+cp "$shared/weights/yolov5n.pt" "$d/weights/"
+cp "$shared"/golden/golden_{yolov8s_syn,yolo11s_syn}_{bus320.npz,detect640.json} \
+   "$shared"/golden/golden_yolov5n_{bus320.npz,detect640.json,coco128_val.json} "$d/golden/"
+cp "$shared"/images/{bus,zidane}.jpg "$d/images/"
+cp -r "$shared/coco128" "$d/"
+cp .data/refs/* "$d/refs/"
+cp .whl/*.whl "$work/whl/"
+cp .whl39/*.whl "$work/whl39/"
+[ -n "${1:-}" ] && cp -a "$1"/. "$work/cache/"
+# the most needed first: a session can use what arrived if a later piece is missing
+(cd "$work" && tar cf pack.tar cache data/golden data/images data/refs data/weights data/coco128 whl whl39)
+(cd "$work" && split -b 13M -d -a 2 pack.tar c)
+pieces=("$work"/c[0-9][0-9])
+parts=("$stage"/part_a?)
+[ ${#pieces[@]} -le ${#parts[@]} ] || { echo "the data needs ${#pieces[@]} pieces, more than the ${#parts[@]} calls" >&2; exit 1; }
+for i in "${!parts[@]}"; do
+    x=$(printf ".x%02d" $((i + 1)))
+    mkdir -p "$x"
+    cp "${parts[$i]}" "$stage/MD5" "$stage/device_setup.sh" "$stage/zstd" "$x/"
+    [ -n "${pieces[$i]:-}" ] && cp "${pieces[$i]}" "$x/"
+done
+du -sh .x[0-9][0-9] | tr '\n' ' '; echo
