@@ -2,12 +2,12 @@
 # On the CPU machine, from the repository root: everything one GPU session needs, in .x01 … .x11 (git-ignored,
 # ~62 MiB each, under one call's 64 MiB carry limit): each holds one TensorRT 8.5 payload part (staged by
 # ../shared/gpu/trt85/stage.sh) and one 13 MiB piece of a tar of the test data, the wheels and cache/ (timing
-# caches and calibration files an earlier session brought back). Then, on one warm machine, calls 1-10:
-#   bash .xNN/device_setup.sh .xNN && mkdir -p /tmp/pack && cp .xNN/c?? /tmp/pack/          (carry .xNN)
-# and call 11 (carry .x11 and .gpu, the CPU-made sensitivity report):
-#   bash .x11/device_setup.sh .x11 && cp .x11/c?? /tmp/pack/ && python3 tests/gpu/session_gpu.py setup /tmp/pack \
-#     && python3 tests/gpu/session_gpu.py start PLAN && python3 tests/gpu/session_gpu.py wait 400; \
-#     python3 tests/gpu/session_gpu.py collect $OUT
+# caches, calibration files and engines an earlier session brought back). Then, on one warm machine, calls 1-11:
+#   bash .xNN/device_setup.sh .xNN; mkdir -p /tmp/pack && cp .xNN/c?? /tmp/pack/              (carry .xNN)
+# calls 12+ if any (engines carried in): mkdir -p /tmp/pack && cp .xNN/c?? /tmp/pack/          (carry .xNN)
+# and in the last of them, after the copy (carry .gpu too: the CPU-made sensitivity report):
+#   python3 tests/gpu/session_gpu.py setup /tmp/pack && python3 tests/gpu/session_gpu.py start PLAN && \
+#     python3 tests/gpu/session_gpu.py wait 400; python3 tests/gpu/session_gpu.py collect $OUT
 #
 #   tests/gpu/make_pack.sh [CACHE_DIR]
 #
@@ -40,11 +40,18 @@ cp .whl39/*.whl "$work/whl39/"
 (cd "$work" && split -b 13M -d -a 2 pack.tar c)
 pieces=("$work"/c[0-9][0-9])
 parts=("$stage"/part_a?)
-[ ${#pieces[@]} -le ${#parts[@]} ] || { echo "the data needs ${#pieces[@]} pieces, more than the ${#parts[@]} calls" >&2; exit 1; }
-for i in "${!parts[@]}"; do
+for i in "${!parts[@]}"; do  # one payload part and one data piece a call
     x=$(printf ".x%02d" $((i + 1)))
     mkdir -p "$x"
     cp "${parts[$i]}" "$stage/MD5" "$stage/device_setup.sh" "$stage/zstd" "$x/"
-    [ -n "${pieces[$i]:-}" ] && cp "${pieces[$i]}" "$x/"
+    if [ -n "${pieces[$i]:-}" ]; then cp "${pieces[$i]}" "$x/"; fi
+done
+call=${#parts[@]}
+for ((i = ${#parts[@]}; i < ${#pieces[@]}; i += 4)); do  # what is left (engines carried in): four pieces a call
+    call=$((call + 1))
+    x=$(printf ".x%02d" $call)
+    mkdir -p "$x"
+    cp "${pieces[@]:$i:4}" "$x/"
 done
 du -sh .x[0-9][0-9] | tr '\n' ' '; echo
+echo "calls: ${#parts[@]} with a payload part, $((call - ${#parts[@]})) more with data only; setup after the last"

@@ -9,10 +9,12 @@ run at once, so a 30-minute device budget holds about six): v8 (issue 12), int8 
     python3 tests/gpu/session_gpu.py start PLAN       # detached; everything lands in /tmp/res
     python3 tests/gpu/session_gpu.py wait SECONDS     # until the session is done or SECONDS pass; the status
     python3 tests/gpu/session_gpu.py collect OUT      # OUT/res.tgz: /tmp/res + the timing caches and calibrations
+    python3 tests/gpu/session_gpu.py collect-engines OUT [MiB]   # built engines not fetched yet, ≤ MiB (45)
 
 /tmp/res: steps.txt (every step: exit status, seconds), builds.txt, logs/*.log, *.json reports. Bring the timing
-caches back every call (collect) and carry them in the next session's pack (cache/): a rebuild of the same
-engine on the same GPU and TensorRT then skips the tactic timing.
+caches back every call (collect), and the engines too (collect-engines), and carry them in the next session's pack
+(tests/gpu/make_pack.sh CACHE_DIR → cache/): an engine carried in is not rebuilt (same TensorRT, same GPU model),
+and a rebuild with a carried timing cache skips the tactic timing.
 """
 
 from __future__ import annotations
@@ -224,8 +226,11 @@ def wait_for_builds(names: Sequence[str]) -> bool:
 
 def run_build(b: Build) -> None:
     code = 125
-    if wait_for_files(b.needs):
-        engine = ENG / f"{b.name}.engine"
+    engine = ENG / f"{b.name}.engine"
+    if engine.exists() and engine.with_name(engine.name + ".json").exists():
+        code = 0  # carried in from an earlier session (cache/): same TensorRT, same GPU model
+        note("steps.txt", f"build_{b.name}: carried in, not rebuilt")
+    elif wait_for_files(b.needs):
         code = sh(f"build_{b.name}", py39("-m", "trtnet.build", str(ENG / f"{b.weights}.wts"), "-o", str(engine),
                                           "--timing-cache", str(ENG / f"{b.name}.timing"), *b.args), 1800)
     with _lock:
@@ -309,6 +314,28 @@ def wait(seconds: float) -> None:
         print(f"--- {name}\n" + (path.read_text() if path.exists() else "(none yet)"))
 
 
+def collect_engines(out: Path, budget_mib: float) -> None:
+    """The built engines (with their .json) not fetched by an earlier call, as many as fit `budget_mib`, in one tar
+    split into 15 MiB pieces OUT/engNN (a call brings back at most 8 files of 16 MiB); `cat engNN | tar x` here.
+    Carried in as cache/ they spare the next session's builds."""
+    fetched_list = RES / "fetched.txt"
+    fetched = set(fetched_list.read_text().split()) if fetched_list.exists() else set()
+    chosen, total = [], 0
+    for engine in sorted(ENG.glob("*.engine"), key=lambda p: p.stat().st_size):
+        size = engine.stat().st_size / 2**20
+        complete = engine.with_name(engine.name + ".json").exists()
+        if engine.name not in fetched and complete and total + size <= budget_mib:
+            chosen.append(engine.name)
+            total += size
+    if not chosen:
+        return
+    names = [n for name in chosen for n in (name, name + ".json")]
+    subprocess.run(f"tar cf - -C {ENG} {' '.join(names)} | split -b 15M -d -a 2 - {out}/eng", shell=True, check=True)
+    with open(fetched_list, "a") as f:
+        f.write("\n".join(chosen) + "\n")
+    print(f"engines fetched ({total:.0f} MiB): {', '.join(chosen)}")
+
+
 def collect(out: Path) -> None:
     kept = [p.name for p in ENG.glob("*") if p.name.endswith((".timing", ".calib.json", ".cache"))]
     engines = ["-C", str(ENG.parent), *(f"{ENG.name}/{name}" for name in sorted(kept))] if kept else []
@@ -331,6 +358,8 @@ def main() -> int:
         session(sys.argv[2])
     elif verb == "collect":
         collect(Path(sys.argv[2]))
+    elif verb == "collect-engines":
+        collect_engines(Path(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 45)
     elif verb == "wait":
         wait(float(sys.argv[2]))
     return 0
