@@ -119,7 +119,9 @@ def amax_percentile(counts: np.ndarray, edges: np.ndarray, percentile: float) ->
     return float(edges[int(np.searchsorted(cdf, percentile / 100))])
 
 
-KL_TIE_TOLERANCE = 1e-9  # far above the closed form's rounding (~1e-14), far below real KL differences
+# Clipping points whose closed-form KL lies this close to the smallest are re-checked bin by bin: far above the
+# closed form's rounding (under 2e-13 on yolov5n's 50 histograms), so the bin-by-bin minimum is among them.
+KL_TIE_TOLERANCE = 1e-9
 _CLIPS_PER_PASS = 256  # clipping points per pass: the [points x levels] tables stay in cache
 _TINY = 1e-300
 
@@ -186,6 +188,7 @@ def _log_spread(level_total: np.ndarray, level_filled: np.ndarray) -> np.ndarray
 
 
 def _xlogx(x: np.ndarray) -> np.ndarray:
+    """x log x, 0 at x = 0."""
     return x * np.log(x + _TINY)
 
 
