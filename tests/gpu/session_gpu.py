@@ -11,6 +11,9 @@ run at once, so a 30-minute device budget holds about six): v8 (issue 12), int8 
     python3 tests/gpu/session_gpu.py collect OUT      # OUT/res.tgz: /tmp/res + the timing caches and calibrations
     python3 tests/gpu/session_gpu.py collect-engines OUT [MiB]   # built engines not fetched yet, ≤ MiB (45)
 
+Plan perf also serves (tests/gpu/serve_gpu.sh): carry .whl_serve39/a in one wait call and .whl_serve39/b in the
+next, each starting with `bash tests/gpu/serve_gpu.sh install`, before the serve step comes up.
+
 /tmp/res: steps.txt (every step: exit status, seconds), builds.txt, logs/*.log, *.json reports. Bring the timing
 caches back every call (collect), and the engines too (collect-engines), and carry them in the next session's pack
 (tests/gpu/make_pack.sh CACHE_DIR → cache/): an engine carried in is not rebuilt (same TensorRT, same GPU model),
