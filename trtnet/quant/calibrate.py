@@ -167,6 +167,7 @@ class CalibrationRun:
     calibration: CalibrationFile
     seconds_per_image: float  # network pass + histograms, per image
     amax_seconds: float  # computing every amax from the histograms
+    histograms: TensorHistograms | None = None  # what the amax came from: other methods need no second pass
 
 
 def calibrate(tensors: Mapping[str, np.ndarray], meta: Mapping, images: str | os.PathLike, *,
@@ -198,7 +199,7 @@ def calibrate(tensors: Mapping[str, np.ndarray], meta: Mapping, images: str | os
     start = time.perf_counter()
     calib = stats.calibration(network_hash(tensors, meta), method, ImagesUsed.of(loader.used, root), percentile,
                               {"imgsz": size, "device": device})
-    return CalibrationRun(calib, per_image, time.perf_counter() - start)
+    return CalibrationRun(calib, per_image, time.perf_counter() - start, stats)
 
 
 Infer = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # a [N, 3, H, W] batch → tensors by name
