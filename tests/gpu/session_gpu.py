@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import engines_gpu  # tests/gpu, beside this script: its engine plan and checkpoint paths
+
 REPO = Path(__file__).resolve().parents[2]
 DATA, ENG, RES = Path("/tmp/data"), Path("/tmp/eng"), Path("/tmp/res")
 PY39 = [str(REPO / "tests/gpu/py39.sh")]
@@ -40,12 +42,8 @@ IMAGES = DATA / "coco128/images"
 BUILD_JOBS = 3
 ENV = {"TRTNET_SHARED_DATA": str(DATA), "TRTNET_GPU_ENGINES": str(ENG), "TRTNET_GPU_REFS": str(DATA / "refs"),
        "PYTHONUNBUFFERED": "1"}
-CHECKPOINTS = {"yolov5n": "weights/yolov5n.pt", "yolov5s_syn": "weights/synthetic/yolov5s_syn.pt",
-               "yolov8s_syn": "weights/synthetic/yolov8s_syn.pt", "yolo11s_syn": "weights/synthetic/yolo11s_syn.pt"}
 V8_MODELS = ("yolo11s_syn", "yolov8s_syn")
 KERNELS = ("--postprocess", "kernels")
-DYN_V8 = ("--min-batch", "1", "--opt-batch", "1", "--max-batch", "8", "--min-imgsz", "128", "--max-imgsz", "672")
-DYN_V5 = ("--min-batch", "1", "--opt-batch", "16", "--max-batch", "32", "--min-imgsz", "128", "--max-imgsz", "672")
 
 
 @dataclass(frozen=True)
@@ -69,53 +67,47 @@ def calib(name: str) -> Path:
     return ENG / f"{name}.calib.json"
 
 
+def planned(name: str) -> Build:
+    """An engine of engines_gpu.py's plan (the same name, weights and build arguments everywhere)."""
+    name, weights, args = next(entry for entry in engines_gpu.PLAN if entry[0] == name)
+    return Build(name, weights, tuple(args))
+
+
 def yolov5n_int8(keep: str, method: str) -> Build:
     return Build(f"yolov5n_int8_{keep}_{method}_b16", "yolov5n",
                  ("--int8", "--batch", "16", *KERNELS, "--calib-cache", str(calib(f"yolov5n.{method}")),
                   "--int8-keep", keep), (calib(f"yolov5n.{method}"),))
 
 
-def calibrated(name: str, weights: str, args: Sequence[str], cache: str, images: int = 32) -> Build:
-    """An INT8 build that calibrates on the GPU itself (the product path) or reuses `cache` once it exists."""
-    return Build(name, weights, ("--int8", *args, "--calib", str(IMAGES), "--calib-images", str(images),
+def calibrated(name: str, weights: str, args: Sequence[str], cache: str) -> Build:
+    """An INT8 build that calibrates on 32 images on the GPU itself (the product path), or reuses `cache`."""
+    return Build(name, weights, ("--int8", *args, "--calib", str(IMAGES), "--calib-images", "32",
                                  "--calib-device", "gpu", "--calib-cache", str(calib(cache))))
 
 
-# In priority order: what the issues need most first (the queue may not finish inside a session's budget).
-BUILDS = [
-    Build("yolo11s_syn_640_fp32_dyn", "yolo11s_syn", ("--fp32", *DYN_V8, *KERNELS)),
-    Build("yolov8s_syn_640_fp32_dyn", "yolov8s_syn", ("--fp32", *DYN_V8, *KERNELS)),
-    Build("yolov5n_fp16_b16", "yolov5n", ("--fp16", "--batch", "16", *KERNELS)),
-    Build("yolo11s_syn_640_fp16_b1", "yolo11s_syn", ("--fp16", "--batch", "1", *KERNELS)),
-    Build("yolov8s_syn_640_fp16_b1", "yolov8s_syn", ("--fp16", "--batch", "1", *KERNELS)),
-    Build("yolov5s_syn_640_fp16_b32", "yolov5s_syn", ("--fp16", "--batch", "32", *KERNELS)),
-    calibrated("yolov5s_syn_640_int8_b32", "yolov5s_syn", ("--batch", "32", *KERNELS), "yolov5s_syn"),
-    yolov5n_int8("none", "percentile"),
-    yolov5n_int8("auto", "percentile"),
-    yolov5n_int8("none", "entropy"),
-    Build("yolo11s_syn_640_fp16_b32", "yolo11s_syn", ("--fp16", "--batch", "32", *KERNELS)),
-    Build("yolov8s_syn_640_fp16_b32", "yolov8s_syn", ("--fp16", "--batch", "32", *KERNELS)),
-    Build("resnet50_fp16_b128", "resnet50_rand", ("--fp16", "--batch", "128")),
-    calibrated("resnet50_int8_b128", "resnet50_rand", ("--batch", "128"), "resnet50_rand"),
-    Build("yolov5n_int8_implicit_b16", "yolov5n",
-          ("--int8", "--int8-mode", "implicit", "--batch", "16", *KERNELS, "--calib", str(IMAGES),
-           "--calib-images", "128", "--calib-cache", str(ENG / "yolov5n.implicit.cache"))),
-    Build("yolo11s_syn_640_fp16_dyn", "yolo11s_syn", ("--fp16", *DYN_V8, *KERNELS)),
-    Build("yolov8s_syn_640_fp16_dyn", "yolov8s_syn", ("--fp16", *DYN_V8, *KERNELS)),
-    Build("yolov5s_syn_640_fp16_b1", "yolov5s_syn", ("--fp16", "--batch", "1", *KERNELS)),
-    Build("yolov5s_syn_640_int8_b1", "yolov5s_syn", ("--int8", "--batch", "1", *KERNELS, "--calib-cache",
-                                                     str(calib("yolov5s_syn"))), (calib("yolov5s_syn"),)),
-    Build("yolov5n_640_fp16", "yolov5n", ("--fp16", *DYN_V5, *KERNELS)),
-    Build("yolov5n_640_fp16_b1", "yolov5n", ("--fp16", "--batch", "1", *KERNELS)),
-]
+# One plan a session, each in priority order (the queue may not finish inside a session's budget).
 PLANS = {
-    "v8": ["yolo11s_syn_640_fp32_dyn", "yolov8s_syn_640_fp32_dyn", "yolo11s_syn_640_fp16_b1",
-           "yolov8s_syn_640_fp16_b1", "yolo11s_syn_640_fp16_b32", "yolov8s_syn_640_fp16_b32"],
-    "int8": ["yolov5n_fp16_b16", "yolov5n_int8_auto_percentile_b16", "yolov5n_int8_none_percentile_b16",
-             "yolov5s_syn_640_fp16_b32", "yolov5s_syn_640_int8_b32", "resnet50_fp16_b128", "resnet50_int8_b128"],
-    "int8b": ["yolov5n_int8_implicit_b16", "yolov5n_int8_none_entropy_b16", "yolov5s_syn_640_fp16_b1",
-              "yolov5s_syn_640_int8_b1"],
-    "perf": ["yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5s_syn_640_fp16_b1", "yolov5s_syn_640_fp16_b32"],
+    "v8": [planned(f"{m}_640_{kind}") for kind in ("fp32_dyn", "fp16_b1", "fp16_b32") for m in V8_MODELS],
+    "int8": [
+        Build("yolov5n_fp16_b16", "yolov5n", ("--fp16", "--batch", "16", *KERNELS)),
+        yolov5n_int8("auto", "percentile"),
+        yolov5n_int8("none", "percentile"),
+        planned("yolov5s_syn_640_fp16_b32"),
+        calibrated("yolov5s_syn_640_int8_b32", "yolov5s_syn", ("--batch", "32", *KERNELS), "yolov5s_syn"),
+        Build("resnet50_fp16_b128", "resnet50_rand", ("--fp16", "--batch", "128")),
+        calibrated("resnet50_int8_b128", "resnet50_rand", ("--batch", "128"), "resnet50_rand"),
+    ],
+    "int8b": [
+        Build("yolov5n_int8_implicit_b16", "yolov5n",
+              ("--int8", "--int8-mode", "implicit", "--batch", "16", *KERNELS, "--calib", str(IMAGES),
+               "--calib-images", "128", "--calib-cache", str(ENG / "yolov5n.implicit.cache"))),
+        yolov5n_int8("none", "entropy"),
+        planned("yolov5s_syn_640_fp16_b1"),
+        Build("yolov5s_syn_640_int8_b1", "yolov5s_syn", ("--int8", "--batch", "1", *KERNELS, "--calib-cache",
+                                                         str(calib("yolov5s_syn"))), (calib("yolov5s_syn"),)),
+    ],
+    "perf": [planned("yolov5n_640_fp16"), Build("yolov5n_640_fp16_b1", "yolov5n", ("--fp16", "--batch", "1", *KERNELS)),
+             planned("yolov5s_syn_640_fp16_b1"), planned("yolov5s_syn_640_fp16_b32")],
 }
 plan: list[Build] = []  # this session's builds (set by `run PLAN`)
 YOLOV5N_VAL = ["yolov5n_fp16_b16", "yolov5n_int8_none_percentile_b16", "yolov5n_int8_auto_percentile_b16",
@@ -143,10 +135,7 @@ def accuracy_steps() -> list[Step]:
     steps += [Step(f"val_{e}", py39("-m", "trtnet.val", str(ENG / f"{e}.engine"), "--data", str(DATA / "coco128"),
                                     "--square", "--batch", "16", "--json", str(RES / f"val_{e}.json")), 300, (e,))
               for e in YOLOV5N_VAL]
-    v8_dyn16 = [f"{m}_640_fp16_dyn" for m in V8_MODELS]
-    steps += [Step("check_v8_fp16_dyn", [*check, "--report", str(RES / "check_v8_all.json")], 300, v8_dyn16),
-              Step("runtime_v8_fp16_dyn", [*pytest, runtime, "-k", "v8 and rect and fp16"], 300, v8_dyn16),
-              Step("runtime_yolov5n", [*pytest, runtime, "-k", "not v8 and not fp32 and not resnet and not classifier"],
+    steps += [Step("runtime_yolov5n", [*pytest, runtime, "-k", "not v8 and not fp32 and not resnet and not classifier"],
                    600, ("yolov5n_640_fp16",))]
     return steps
 
@@ -180,7 +169,9 @@ def timing_steps() -> list[Step]:
     steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
                              str(DATA / "images")], 600, ("yolov5n_640_fp16",))]
     pytest = py39("-m", "pytest", "-q", "-s", "-ra", "-p", "no:cacheprovider", "-m", "gpu")
-    steps += [Step("int8_gpu_tests", [*pytest, str(REPO / "tests/gpu/test_int8_gpu.py")], 600)]  # builds its own
+    # it builds engines of its own: only in the plan of the INT8 engines
+    steps += [Step("int8_gpu_tests", [*pytest, str(REPO / "tests/gpu/test_int8_gpu.py")], 600,
+                   ("yolov5n_int8_auto_percentile_b16",))]
     return steps
 
 
@@ -254,13 +245,15 @@ def run_steps(steps: Sequence[Step]) -> None:
 
 
 def prepare_weights() -> None:
-    for name, rel in CHECKPOINTS.items():
-        sh(f"gen_wts_{name}", py39("-m", "trtnet.gen_wts", str(DATA / rel), "-o", str(ENG / f"{name}.wts")), 300)
-    # ResNet-50 with torchvision's random initialisation (speed only: 100 MB of weights need not travel)
-    sh("resnet50_rand", ["python3", "-c", "import torch, torchvision; torch.manual_seed(0); "
-                         f"torch.save(torchvision.models.resnet50().state_dict(), '{ENG}/resnet50_rand.pth')"], 300)
-    sh("gen_wts_resnet50", py39("-m", "trtnet.gen_wts", str(ENG / "resnet50_rand.pth"), "-o",
-                                str(ENG / "resnet50_rand.wts")), 300)
+    """The .wts of every checkpoint this plan builds from."""
+    for name in sorted({b.weights for b in plan}):
+        if name == "resnet50_rand":  # torchvision's random initialisation (speed only: 100 MB need not travel)
+            sh("resnet50_rand", ["python3", "-c", "import torch, torchvision; torch.manual_seed(0); torch.save("
+                                 f"torchvision.models.resnet50().state_dict(), '{ENG}/resnet50_rand.pth')"], 300)
+            source = ENG / "resnet50_rand.pth"
+        else:
+            source = DATA / engines_gpu.CHECKPOINTS[name]
+        sh(f"gen_wts_{name}", py39("-m", "trtnet.gen_wts", str(source), "-o", str(ENG / f"{name}.wts")), 300)
     report = REPO / ".gpu/yolov5n.sensitivity.json"  # made on the CPU: `python -m trtnet.quant sensitivity`
     if report.exists():
         (ENG / "yolov5n.sensitivity.json").write_text(report.read_text())
@@ -275,8 +268,7 @@ def calibrate_yolov5n() -> None:
 
 
 def session(name: str) -> None:
-    by_name = {b.name: b for b in BUILDS}
-    plan[:] = [by_name[n] for n in PLANS[name]]
+    plan[:] = PLANS[name]
     (RES / "logs").mkdir(parents=True, exist_ok=True)
     ENG.mkdir(parents=True, exist_ok=True)
     note("steps.txt", f"{time.strftime('%H:%M:%S')} session start: plan {name}")
@@ -302,7 +294,7 @@ def setup(pack: Path) -> None:
     if Path("/tmp/cache").is_dir():  # timing caches and calibration files of earlier sessions
         ENG.mkdir(parents=True, exist_ok=True)
         subprocess.run("cp -a /tmp/cache/. " + str(ENG), shell=True, check=True)
-    subprocess.run("for w in /tmp/whl39/*.whl; do python3 -m zipfile -e $w /tmp/site39/; done", shell=True, check=True)
+    subprocess.run(["bash", str(REPO / "tests/gpu/device_prepare.sh"), "/tmp/whl39"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", "/tmp/ul",
                     *map(str, Path("/tmp/whl").glob("*.whl"))], check=True)
     print("setup done:", sorted(p.name for p in DATA.iterdir()))
