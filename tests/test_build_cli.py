@@ -74,11 +74,59 @@ def test_verbose_shows_tensorrts_own_log(weights_dir, capsys):
     (640, None, None, (32, 32, 32), "m.fp16.640.b32.engine"),
     (640, 128, 672, (1, 1, 1), "m.fp16.128-672.engine"),
     (640, None, 672, (1, 8, 32), "m.fp16.640-672.b1-32.engine"),
+    ((640, 480), None, None, (1, 1, 1), "m.fp16.640x480.engine"),
+    ((640, 480), 128, 672, (1, 1, 1), "m.fp16.128-672.engine"),
 ])
 def test_default_engine_name(size, lo, hi, batch, expected):
     from trtnet.network import BatchProfile
 
     assert build_cmd.default_engine_name("m", "fp16", size, lo, hi, BatchProfile(*batch)) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("640", 640), ("640,480", (640, 480)), ("640x480", (640, 480)),
+                                              ("320,320", 320), ("-32", -32)])
+def test_input_size_reads_a_side_or_height_and_width(text, expected):
+    assert build_cmd.input_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["big", "640,480,3", "", "640,"])
+def test_input_size_refuses_what_is_not_a_size(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
+        build_cmd.input_size(text)
+
+
+def test_static_non_square_input(weights_dir, capsys):
+    """`--imgsz H,W`: a static engine of that exact shape (the official rect input of a portrait image), named so
+    that it sits beside the square one; a side that is not a multiple of the stride is refused before building."""
+    code = build_cmd.cli(["yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "96,64"])
+    log = "".join(capsys.readouterr())
+    assert code == 0 and "input [1, 3, 96, 64]" in log, log
+    meta = json.loads((weights_dir / "yolov5n.fp32.96x64.engine.json").read_text(encoding="utf-8"))
+    assert meta["imgsz"] == [96, 64]
+    assert meta.get("min_imgsz") is None and meta.get("max_imgsz") is None
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "96,16")
+    assert code == 2 and "--imgsz 16: must be at least 32 pixels" in err, err
+    code, err = run_build(capsys, "yolov5n", "--weights-dir", str(weights_dir), "--imgsz", "96,80")
+    assert code != 0 and "multiple of the model's stride 32" in err, err
+    assert engines(weights_dir) == ["yolov5n.fp32.96x64.engine"]
+
+
+def test_a_failed_dynamic_myelin_build_says_what_builds_instead():
+    """Run H: TensorRT 8.5 without a working cuBLASLt fails a dynamic YOLO11 build in Myelin; the static one builds."""
+    errors = ["10: [optimizer.cpp::computeCosts::3728] Error Code 10: Internal Error (Could not find any "
+              "implementation for node {ForeignNode[model.10.split0.indices...model.10.m.0.attn.heads]}.)",
+              "2: [builder.cpp::buildSerializedNetwork::751] Error Code 2: Internal Error (Assertion engine != "
+              "nullptr failed. )"]
+    dynamic = build_cmd.build_failure(errors, dynamic=True, verbose=False)
+    assert dynamic.startswith("TensorRT could not build the engine: 10: [optimizer") and "\n" not in dynamic
+    assert "build a static engine (--batch N, --imgsz SIZE or H,W)" in dynamic
+    assert dynamic.endswith("(run with --verbose for TensorRT's full log)")
+    static = build_cmd.build_failure(errors, dynamic=False, verbose=True)
+    assert "static" not in static and "--verbose" not in static
+    nothing = build_cmd.build_failure([], dynamic=True, verbose=True)
+    assert nothing == "TensorRT could not build the engine: no reason given"
 
 
 def test_wrong_json_for_wts(weights_dir, capsys):

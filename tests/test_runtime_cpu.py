@@ -990,10 +990,16 @@ def sim_dynamic_v8(tmp_path, monkeypatch):
                          postprocess={"mode": "kernels", "conf": 0.25, "iou": 0.45, "max_det": 300,
                                       "multi_label": False, "agnostic": False})
 
-    def make(compute, **kwargs):
+    def make(compute, static_hw=None, **kwargs):
+        """`static_hw`: a static engine of that (h, w) instead (`--imgsz H,W`)."""
         sim = SimDynamicEngine(SIM, 3, compute)
         monkeypatch.setattr(compat, "deserialize", lambda plan, logger=None: (None, sim))
-        detector = Detector(engine, max_det=300, **kwargs)
+        path = engine
+        if static_hw:
+            meta = json.loads(engine_sidecar_path(engine).read_text(encoding="utf-8"))
+            meta.update(imgsz=list(static_hw), min_imgsz=None, max_imgsz=None)
+            path = fake_engine(tmp_path, "yolo11n_nc3_syn.fp32.{}x{}".format(*static_hw), **meta)
+        detector = Detector(path, max_det=300, **kwargs)
         detector.sim = sim
         return detector
 
@@ -1039,6 +1045,26 @@ def test_simulated_rect_detector_reproduces_the_ultralytics_640_predict(sim_dyna
         assert detector.sim.ran_at == [(1, 3, 640, 480)]
     assert len(result) == 70 and result.shape == (1080, 810)
     assert matched_golden_detect640(result, "yolo11n_nc3_syn") == 1.0
+
+
+@requires_tensorrt
+@requires_torch
+def test_simulated_detector_on_a_static_non_square_engine_reproduces_the_ultralytics_640_predict(sim_dynamic_v8):
+    """A static 640x480 engine (`--imgsz 640,480`, for TensorRTs that cannot build a dynamic size): Detector's
+    own letterbox to the engine's shape is the official rect input of bus.jpg, so the detections are the golden's."""
+    from tests.test_cpu import matched_golden_detect640
+    from trtnet.cpu import define_cpu_network
+
+    network = define_cpu_network(shared("weights", "synthetic", "yolo11n_nc3_syn.pt"), 640, dynamic=True)
+    with sim_dynamic_v8(lambda x: network.run(x)[0], static_hw=(640, 480)) as detector:
+        assert detector.imgsz == (640, 480)
+        result = detector.detect(shared("images", "bus.jpg"))[0]
+        assert detector.sim.ran_at == [(1, 3, 640, 480)]
+    assert len(result) == 70 and result.shape == (1080, 810)
+    assert matched_golden_detect640(result, "yolo11n_nc3_syn") == 1.0
+    static = sim_dynamic_v8(lambda x: network.run(x)[0], static_hw=(640, 480))
+    with static, pytest.raises(TrtnetError, match="takes 640x480 inputs only: rect needs an engine built with a dyn"):
+        Detector(static.engine.path, rect=True)
 
 
 def test_simulated_bench_on_a_yolov8_engine(sim_v8_detector, tmp_path):

@@ -36,7 +36,7 @@ POSTPROCESS_MODES = ("none", "kernels", "plugin")
 class BuildRequest:
     weights: str
     precision: str = "fp32"
-    imgsz: int | None = None
+    imgsz: int | tuple[int, int] | None = None  # a side, or (h, w) for a static non-square input
     min_imgsz: int | None = None
     max_imgsz: int | None = None
     batch: BatchProfile = field(default_factory=BatchProfile)
@@ -64,15 +64,16 @@ class BuildResult:
     seconds: float
 
 
-def default_engine_name(stem: str, precision: str, imgsz: int, min_imgsz: int | None, max_imgsz: int | None,
-                        batch: BatchProfile) -> str:
+def default_engine_name(stem: str, precision: str, imgsz: int | tuple[int, int], min_imgsz: int | None,
+                        max_imgsz: int | None, batch: BatchProfile) -> str:
     """`NAME.PRECISION.SIZE[.bBATCH].engine`: what tells engines of one model apart, so a build for one input
-    size or batch never replaces another's. SIZE is `lo-hi` for a dynamic size; BATCH is the static batch when
-    above 1, `lo-hi` for a dynamic one (yolov5s.fp16.640.engine, yolov5s.fp16.640.b32.engine,
-    yolov5n.fp16.128-672.engine)."""
-    size = str(imgsz)
+    size or batch never replaces another's. SIZE is `HxW` for a static non-square size, `lo-hi` for a dynamic
+    one; BATCH is the static batch when above 1, `lo-hi` for a dynamic one (yolov5s.fp16.640.engine,
+    yolov5s.fp16.640x480.engine, yolov5s.fp16.640.b32.engine, yolov5n.fp16.128-672.engine)."""
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    size = str(h) if h == w else f"{h}x{w}"
     if min_imgsz is not None or max_imgsz is not None:
-        size = f"{min_imgsz or imgsz}-{max_imgsz or imgsz}"
+        size = f"{min_imgsz or min(h, w)}-{max_imgsz or max(h, w)}"
     batches = f".b{batch.min}-{batch.max}" if batch.dynamic else (f".b{batch.max}" if batch.max > 1 else "")
     return f"{stem}.{precision}.{size}{batches}.engine"
 
@@ -89,6 +90,16 @@ def engine_paths(req: BuildRequest, weights_path: Path, meta: dict) -> tuple[Pat
     if engine.suffix != ".engine":
         raise TrtnetError(f"-o {engine}: an engine's file name must end in .engine (or give an existing folder)")
     return engine, engine_sidecar_path(engine)
+
+
+def build_failure(errors: Sequence[str], dynamic: bool, verbose: bool) -> str:
+    """The one-line error of a failed build: TensorRT's last errors, and what to do where we know it."""
+    message = "TensorRT could not build the engine: " + ("; ".join(errors[-3:]) or "no reason given")
+    if dynamic and any("Could not find any implementation for node {ForeignNode" in e for e in errors):
+        message += (". TensorRT's Myelin compiler had no implementation for that part of the network with a dynamic "
+                    "batch or size (TensorRT 8.x calls cuBLASLt for it, whatever the tactic sources): build a static "
+                    "engine (--batch N, --imgsz SIZE or H,W), or check that libcublasLt loads")
+    return message if verbose else message + " (run with --verbose for TensorRT's full log)"
 
 
 def refuse_overwriting_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
@@ -199,9 +210,7 @@ def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, lo
             configure_int8(config, int8_network)
         plan = compat.build_serialized(builder, defined.network, config)
     if plan is None:
-        why = "; ".join(logger.errors[-3:]) or "no reason given"
-        hint = "" if req.verbose else " (run with --verbose for TensorRT's full log)"
-        raise TrtnetError(f"TensorRT could not build the engine: {why}{hint}")
+        raise TrtnetError(build_failure(logger.errors, dynamic=bool(options.profiles), verbose=req.verbose))
     with atomic_write(engine_path, expected_bytes=len(plan)) as f:
         f.write(plan)
     cache = compat.serialized_timing_cache(config)
@@ -359,9 +368,22 @@ def parse_batch(args) -> BatchProfile:
     return BatchProfile(lo, args.opt_batch or lo, hi).check()
 
 
+def input_size(text: str) -> int | tuple[int, int]:
+    """--imgsz: `640`, or `640,480` / `640x480` (height, width); one value when both sides agree."""
+    try:
+        sides = [int(side) for side in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give one side (640) or height,width (640,480)")
+    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
+
+
 def check_sizes(args) -> None:
     """Numbers argparse accepts but a build cannot use (0 would even silently mean 'the default')."""
-    for option, value in (("--imgsz", args.imgsz), ("--min-imgsz", args.min_imgsz), ("--max-imgsz", args.max_imgsz)):
+    sides = (args.imgsz,) if isinstance(args.imgsz, int) else args.imgsz or ()
+    for option, value in (*(("--imgsz", side) for side in sides), ("--min-imgsz", args.min_imgsz),
+                          ("--max-imgsz", args.max_imgsz)):
         if value is not None and value < MIN_IMGSZ:
             raise TrtnetError(f"{option} {value}: must be at least {MIN_IMGSZ} pixels")
     if args.workspace is not None and not args.workspace > 0:
@@ -420,7 +442,9 @@ def parser() -> argparse.ArgumentParser:
                       help="INT8 (Q/DQ from a calibration; fp16 where not quantized)")
     p.set_defaults(precision="fp32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 math in fp32 layers (faster, ~1e-2 error)")
-    p.add_argument("--imgsz", type=int, help="square input size (default: the model's, e.g. 640 / 224)")
+    p.add_argument("--imgsz", type=input_size, metavar="SIZE|H,W",
+                   help="input size: a side (default: the model's, e.g. 640 / 224), or H,W for a static non-square "
+                        "input, e.g. 640,480 (what Ultralytics' rect letterbox makes of a 3:4 portrait at 640)")
     p.add_argument("--min-imgsz", type=int, help="dynamic input size: smallest side (default --imgsz)")
     p.add_argument("--max-imgsz", type=int, help="dynamic input size: largest side (default --imgsz); trtnet.val's "
                                                    "rectangular batches need --imgsz + 32, e.g. 672 at 640")

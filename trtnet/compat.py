@@ -252,8 +252,9 @@ def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any
 
 def _trt8_tactic_sources() -> int:
     """No cuBLAS/cuDNN tactics: engines then need neither library at build or run time. The JIT-compiled
-    convolutions stay: on an H200 without them, YOLOv8/YOLO11 nodes TensorRT hands to its Myelin compiler had no
-    implementation at all, and a YOLOv5s engine ran ~12% slower, for no shorter build (RESULTS.md, run G)."""
+    convolutions stay: without them a YOLOv5s engine ran ~12% slower on an H200, for no shorter build (RESULTS.md,
+    run G). Myelin, which takes YOLOv8's DFL and YOLO11's attention, calls cuBLASLt whatever this says when the
+    batch or size is dynamic: where that library is missing such builds fail (run H) and static ones build."""
     t = trt()
     return (1 << int(t.TacticSource.EDGE_MASK_CONVOLUTIONS)) | (1 << int(t.TacticSource.JIT_CONVOLUTIONS))
 
