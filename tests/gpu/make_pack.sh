@@ -11,17 +11,27 @@
 #
 #   tests/gpu/make_pack.sh [CACHE_DIR]
 #
-# Needs: .data/refs (python tests/gpu/engines_gpu.py refs --data ../shared/data --refs .data/refs), .whl (ultralytics
-# + ultralytics-thop for Python 3.12) and .whl39 (tqdm, safetensors, pycocotools, pytest and its needs incl. pygments,
-# nvidia-nvimgcodec-cu12 + nvidia-nvjpeg-cu12 for Python 3.9), see tests/gpu/perf_gpu.sh and tests/gpu/serve_gpu.sh.
+# What it needs and makes when missing (after `make install`): .data/refs (the CPU reference executor's 640 outputs,
+# engines_gpu.py refs, ~1 min), .whl (ultralytics + ultralytics-thop for the machine's Python 3.12) and .whl39 (tqdm,
+# safetensors, pycocotools, pytest and its needs for TensorRT 8.5's Python 3.9), all git-ignored. Plan perf also
+# wants nvImageCodec in .whl39 (tests/gpu/perf_gpu.sh) and the serving wheels (tests/gpu/serve_gpu.sh).
 set -euo pipefail
+for d in .data .whl .whl39 '.x[0-9][0-9]'; do  # git-ignored, as every path this script fills
+    grep -qxF "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >>.git/info/exclude
+done
+[ -d .data/refs ] || python tests/gpu/engines_gpu.py refs --data ../shared/data --refs .data/refs
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+compgen -G ".whl/*.whl" >/dev/null || python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp "${platforms[@]}" -d .whl ultralytics==8.3.253 ultralytics-thop
+compgen -G ".whl39/*.whl" >/dev/null || python -m pip download -q --no-deps --only-binary=:all: --python-version 3.9 \
+    --implementation cp "${platforms[@]}" -d .whl39 tqdm safetensors pycocotools "pytest<9" iniconfig pluggy \
+    packaging exceptiongroup tomli pygments typing_extensions
 shared=../shared/data
 stage=/tmp/trt85stage/parts
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 [ -f "$stage/part_aa" ] || bash ../shared/gpu/trt85/stage.sh
 for d in .x[0-9][0-9]; do [ -d "$d" ] && rm -rf "$d"; done
-grep -qx '/.x\[0-9\]\[0-9\]/' .git/info/exclude 2>/dev/null || echo '/.x[0-9][0-9]/' >>.git/info/exclude
 
 d=$work/data
 mkdir -p "$d/weights/synthetic" "$d/golden" "$d/images" "$d/refs" "$work/whl" "$work/whl39" "$work/cache"
