@@ -24,7 +24,7 @@ from trtnet.engine_meta import EngineMeta, Int8Record, PostprocessSettings, nms_
 from trtnet.errors import TrtnetError
 from trtnet.fileio import atomic_write
 from trtnet.interrupts import BuildInterrupts
-from trtnet.network import MIN_IMGSZ, BatchProfile, DefinedNetwork, default_imgsz, define_network
+from trtnet.network import MIN_IMGSZ, BatchProfile, DefinedNetwork, default_imgsz, define_network, hw_of
 from trtnet.quant.int8_build import check_int8_request, configure_int8, define_int8_network
 from trtnet.quant.options import Int8Options
 from trtnet.sidecar import engine_sidecar_path, file_sha256, with_partner
@@ -70,7 +70,7 @@ def default_engine_name(stem: str, precision: str, imgsz: int | tuple[int, int],
     size or batch never replaces another's. SIZE is `HxW` for a static non-square size, `lo-hi` for a dynamic
     one; BATCH is the static batch when above 1, `lo-hi` for a dynamic one (yolov5s.fp16.640.engine,
     yolov5s.fp16.640x480.engine, yolov5s.fp16.640.b32.engine, yolov5n.fp16.128-672.engine)."""
-    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    h, w = hw_of(imgsz)
     size = str(h) if h == w else f"{h}x{w}"
     if min_imgsz is not None or max_imgsz is not None:
         size = f"{min_imgsz or min(h, w)}-{max_imgsz or max(h, w)}"
@@ -381,7 +381,7 @@ def input_size(text: str) -> int | tuple[int, int]:
 
 def check_sizes(args) -> None:
     """Numbers argparse accepts but a build cannot use (0 would even silently mean 'the default')."""
-    sides = (args.imgsz,) if isinstance(args.imgsz, int) else args.imgsz or ()
+    sides = hw_of(args.imgsz) if args.imgsz is not None else ()
     for option, value in (*(("--imgsz", side) for side in sides), ("--min-imgsz", args.min_imgsz),
                           ("--max-imgsz", args.max_imgsz)):
         if value is not None and value < MIN_IMGSZ:

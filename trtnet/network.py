@@ -46,6 +46,11 @@ class DefinedNetwork:
         return [(self.input_name, (batch.min, 3, *lo), (batch.opt, 3, h, w), (batch.max, 3, *hi))]
 
 
+def hw_of(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an input size given as one side or as (h, w)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def default_imgsz(meta: Mapping) -> int:
     return int(meta.get("imgsz") or networks.for_meta(meta).DEFAULT_IMGSZ)
 
@@ -62,7 +67,7 @@ def define_network(builder, tensors: Mapping[str, np.ndarray] | WeightStore, met
     validation; otherwise the input size is static. With `quant`, an INT8 network quantized by that plan."""
     family = networks.for_meta(meta)
     size = imgsz or default_imgsz(meta)
-    top = (size, size) if isinstance(size, int) else tuple(size)
+    top = hw_of(size)
     min_imgsz, max_imgsz = size_range(top, min_imgsz, max_imgsz)
     hw = (-1, -1) if min_imgsz is not None else top
     network = compat.create_weakly_typed_network(builder) if weakly_typed else compat.create_network(builder)

@@ -211,8 +211,9 @@ def wait_for_files(paths: Sequence[Path], limit: float = 900) -> bool:
 
 
 def wait_for_builds(names: Sequence[str], any_built: bool = False) -> bool:
-    names = [n for n in names if n in {b.name for b in plan}] if any_built else names
-    if not names or not set(names) <= {b.name for b in plan}:
+    planned_names = {b.name for b in plan}
+    names = [n for n in names if n in planned_names] if any_built else names
+    if not names or not set(names) <= planned_names:
         return False  # not in this session's plan
     while True:
         with _lock:
