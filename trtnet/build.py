@@ -468,8 +468,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", help="timing cache file (default: timing.cache beside the engine)")
     p.add_argument("--opt-level", type=int, choices=compat.OPT_LEVELS, metavar="0-5",
                    help="builder optimization level (TensorRT >= 8.6, TensorRT-RTX): below 3 builds faster, maybe a "
-                        "slower engine; above 3 searches longer (default: TensorRT's, 3). TensorRT 8.5 has only 0: "
-                        "no tactic timing, for engines that only check accuracy")
+                        "slower engine; above 3 searches longer (default: TensorRT's, 3)")
     add_weights_dir(p, "where names are looked up and engines written")
     p.add_argument("-o", "--output", help="engine path, or an existing folder for it (default: "
                    "<weights-dir>/<name>.<precision>.<size>[.b<batch>].engine, e.g. yolov5s.fp16.640.engine)")

@@ -230,7 +230,9 @@ def builder_config(builder, options: BuildOptions, progress_monitor=None) -> Any
     if not f.is_rtx and f.major < 10:
         config.set_tactic_sources(_trt8_tactic_sources())
     if options.opt_level is not None:
-        _set_opt_level(config, options.opt_level)
+        if not opt_level_supported():
+            raise TrtnetError(f"--opt-level: {f} has no builder optimization level (TensorRT 8.6 and newer have)")
+        config.builder_optimization_level = options.opt_level
     if f.is_rtx:
         _set_rtx_targets(config, options.target_cc)
     elif options.target_cc:
@@ -255,39 +257,6 @@ def _trt8_tactic_sources() -> int:
     batch or size is dynamic: where that library is missing such builds fail (run H) and static ones build."""
     t = trt()
     return (1 << int(t.TacticSource.EDGE_MASK_CONVOLUTIONS)) | (1 << int(t.TacticSource.JIT_CONVOLUTIONS))
-
-
-def _set_opt_level(config, level: int) -> None:
-    """TensorRT's builder optimization level; on 8.5, which has none, level 0 is emulated: no tactic timing."""
-    f = flavour()
-    if opt_level_supported():
-        config.builder_optimization_level = level
-    elif level == 0 and hasattr(trt(), "IAlgorithmSelector"):
-        config.algorithm_selector = _first_offered_algorithm()
-    else:
-        raise TrtnetError(f"--opt-level {level}: {f} has no builder optimization level (TensorRT 8.6 and newer "
-                          "have); below 8.6 only 0 is offered (no tactic timing: the first implementation TensorRT "
-                          "offers for each layer)")
-
-
-@cache
-def _first_offered_algorithm():
-    """An algorithm selector keeping only the first implementation TensorRT offers for each layer, so nothing is
-    timed: the quick, unoptimised engine of 8.6's level 0 on TensorRT 8.5, where a build of a YOLOv8s at 640 took
-    19 minutes on an H200, two at once (RESULTS.md, run I). One instance for the process: TensorRT does not own it."""
-    t = trt()
-
-    class FirstOffered(t.IAlgorithmSelector):
-        def __init__(self):
-            t.IAlgorithmSelector.__init__(self)
-
-        def select_algorithms(self, context, choices):
-            return [0] if len(choices) else []
-
-        def report_algorithms(self, contexts, choices):
-            pass
-
-    return FirstOffered()
 
 
 def opt_level_supported() -> bool:
