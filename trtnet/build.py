@@ -11,14 +11,13 @@ import json
 import os
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from trtnet import __version__, compat, networks
+from trtnet.build_progress import BuildProgress
 from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.engine_meta import EngineMeta, Int8Record, PostprocessSettings, nms_kwargs
 from trtnet.errors import TrtnetError
@@ -30,6 +29,8 @@ from trtnet.quant.options import Int8Options
 from trtnet.sidecar import engine_sidecar_path, file_sha256, with_partner
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
+
+LONG_BUILD_S = 60  # a build this long says which layers its tactic timing spent longest on
 
 
 @dataclass
@@ -204,11 +205,13 @@ def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, lo
     )
     log(f"building {weights_path.name}: {defined.family} {req.precision} input {list(defined.input_shape)} "
         f"batch {req.batch} with {compat.flavour()} ({defined.network.num_layers} layers)")
-    with BuildProgress(cancelled=interrupts.requested) as progress, interrupts.deferred():
+    with BuildProgress(cancelled=interrupts.requested, logger=logger) as progress, interrupts.deferred():
         config = compat.builder_config(builder, options, progress.monitor())
         if int8:
             configure_int8(config, int8_network)
         plan = compat.build_serialized(builder, defined.network, config)
+    if progress.autotune.summary() and (progress.seconds >= LONG_BUILD_S or req.verbose):
+        log(progress.autotune.summary())  # where a long build's time went
     if plan is None:
         raise TrtnetError(build_failure(logger.errors, dynamic=bool(options.profiles), verbose=req.verbose))
     with atomic_write(engine_path, expected_bytes=len(plan)) as f:
@@ -299,63 +302,6 @@ def current_device() -> dict | None:
         return cuda_rt.device_identity(0)
     except Exception:  # no driver, no GPU, or no cuda-python: the build is ahead-of-time
         return None
-
-
-class BuildProgress:
-    """TensorRT's progress monitor where it has one (>= 10), else a spinner with the elapsed time."""
-
-    def __init__(self, stream=sys.stderr, cancelled=lambda: False):
-        self.stream = stream
-        self.cancelled = cancelled  # asked at every step: True cancels the build (TensorRT >= 10)
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        self.phase = "building"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def monitor(self):
-        base = compat.progress_monitor_class()
-        if base is None:
-            return None
-        progress = self
-
-        class _Monitor(base):
-            def __init__(self):
-                base.__init__(self)
-
-            def phase_start(self, parent_phase, phase_name, num_steps):
-                progress.phase = phase_name
-
-            def step_complete(self, phase_name, step):
-                return not progress.cancelled()
-
-            def phase_finish(self, phase_name):
-                pass
-
-        return _Monitor()
-
-    def __enter__(self):
-        if self.stream.isatty():
-            self._thread = threading.Thread(target=self._spin, daemon=True)
-            self._thread.start()
-        return self
-
-    def _spin(self):
-        frames = "|/-\\"
-        i = 0
-        while not self._stop.wait(0.2):
-            elapsed = time.perf_counter() - self.start
-            self.stream.write(f"\r{frames[i % 4]} {self.phase[:50]:<50} {elapsed:6.1f}s")
-            self.stream.flush()
-            i += 1
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-            self.stream.write("\r" + " " * 62 + "\r")
-        self.seconds = time.perf_counter() - self.start
-        return False
 
 
 def parse_batch(args) -> BatchProfile:

@@ -107,8 +107,11 @@ def Logger(verbose: bool = False):  # noqa: N802 - reads like the TensorRT class
             t.ILogger.__init__(self)
             self.errors: list[str] = []
             self.verbose = verbose
+            self.listeners: list = []  # callables given every message, whatever its severity (build progress)
 
         def log(self, severity, msg):
+            for listen in self.listeners:
+                listen(msg)
             if not _worth_showing(msg):
                 return
             level = int(severity)
