@@ -36,14 +36,16 @@ def main() -> int:
     p.add_argument("--methods", default="entropy,percentile")
     p.add_argument("--out-prefix", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu: the reference executor, for files made here and carried to the GPU machine")
     args = p.parse_args()
 
     first, *others = args.methods.split(",")
     weights = load_weights(args.weights)
     start = time.perf_counter()
     run = calibrate(weights.tensors, weights.meta, args.images, method=first, count=args.count, imgsz=args.imgsz,
-                    device="gpu", batch=args.batch)
-    report = {"weights": args.weights.name, "imgsz": args.imgsz, "batch": args.batch,
+                    device=args.device, batch=args.batch)
+    report = {"weights": args.weights.name, "device": args.device, "imgsz": args.imgsz, "batch": args.batch,
               "images": run.calibration.images.count, "tensors": len(run.calibration.amax),
               "calibrate_s": round(time.perf_counter() - start, 2), "s_per_image": round(run.seconds_per_image, 5),
               "amax_s": {first: round(run.amax_seconds, 3)}}

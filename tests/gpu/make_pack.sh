@@ -5,11 +5,17 @@
 # caches, calibration files and engines an earlier session brought back). Then, on one warm machine, calls 1-11:
 #   bash .xNN/device_setup.sh .xNN; mkdir -p /tmp/pack && cp .xNN/c?? /tmp/pack/              (carry .xNN)
 # calls 12+ if any (engines carried in): mkdir -p /tmp/pack && cp .xNN/c?? /tmp/pack/          (carry .xNN)
-# and in the last of them, after the copy (carry .gpu too: the CPU-made sensitivity report):
+# and in the last of them, after the copy:
 #   python3 tests/gpu/session_gpu.py setup /tmp/pack && python3 tests/gpu/session_gpu.py start PLAN && \
 #     python3 tests/gpu/session_gpu.py wait 400; python3 tests/gpu/session_gpu.py collect $OUT
 #
 #   tests/gpu/make_pack.sh [CACHE_DIR]
+#
+# CACHE_DIR (e.g. .gpu/cache) lands in /tmp/eng there: engines with their .json and timing caches an earlier session
+# brought back (collect, collect-engines), and what the CPU makes for plan int8 here: yolov5n.<method>.calib.json
+# (tests/gpu/calibrate_gpu.py --device cpu, 128 coco128 images at 640: ~40 s) and yolov5n.sensitivity.json
+# (python -m trtnet.quant sensitivity … --calib-cache yolov5n.percentile.calib.json --imgsz 640), which spare the GPU
+# the calibration pass and give --int8-keep auto its report.
 #
 # What it needs and makes when missing (after `make install`): .data/refs (the CPU reference executor's 640 outputs,
 # engines_gpu.py refs, ~1 min), .whl (ultralytics + ultralytics-thop for the machine's Python 3.12) and .whl39 (tqdm,

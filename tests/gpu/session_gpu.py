@@ -279,9 +279,6 @@ def prepare_weights() -> None:
         else:
             source = DATA / engines_gpu.CHECKPOINTS[name]
         sh(f"gen_wts_{name}", py39("-m", "trtnet.gen_wts", str(source), "-o", str(ENG / f"{name}.wts")), 300)
-    report = REPO / ".gpu/yolov5n.sensitivity.json"  # made on the CPU: `python -m trtnet.quant sensitivity`
-    if report.exists():
-        (ENG / "yolov5n.sensitivity.json").write_text(report.read_text())
 
 
 def calibrate_yolov5n() -> None:
