@@ -1,0 +1,83 @@
+"""The GPU session driver (tests/gpu/session_gpu.py) checked on the CPU before device time is spent on it: every
+planned build is a valid `trtnet.build` command on a checkpoint the test data has, and a session runs the timings of
+engines carried in before it builds, builds in waves, and skips what depends on a failed build."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared
+from trtnet import build as build_cmd
+
+sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+import engines_gpu  # noqa: E402  (tests/gpu is not a package: its scripts import each other as siblings)
+import session_gpu  # noqa: E402
+
+PLANNED = sorted({(b.name, b.weights, tuple(b.args)) for plan in session_gpu.PLANS.values() for b in plan}
+                 | {(name, weights, tuple(args)) for name, weights, args in engines_gpu.PLAN})
+
+
+@pytest.mark.parametrize("name, weights, args", PLANNED, ids=[p[0] for p in PLANNED])
+def test_every_planned_build_is_a_valid_build_command(name, weights, args):
+    build_cmd.parser().parse_args([f"{weights}.wts", *args])  # exits (fails the test) on a bad option
+
+
+@pytest.mark.parametrize("weights", sorted(engines_gpu.CHECKPOINTS))
+def test_every_planned_checkpoint_is_in_the_test_data(weights):
+    path = shared(engines_gpu.CHECKPOINTS[weights])
+    if not path.parent.parent.exists():
+        pytest.skip(f"no test data at {path.parent.parent}")
+    assert path.is_file()
+
+
+@pytest.fixture
+def session(tmp_path, monkeypatch):
+    """session_gpu with its folders in tmp_path and `sh` recording commands instead of running them; builds whose
+    name is in `failing` exit 1."""
+    eng, res = tmp_path / "eng", tmp_path / "res"
+    eng.mkdir()
+    monkeypatch.setattr(session_gpu, "ENG", eng)
+    monkeypatch.setattr(session_gpu, "RES", res)
+    monkeypatch.setattr(session_gpu, "prepare_weights", lambda: None)
+    monkeypatch.setattr(session_gpu, "built", {})
+    monkeypatch.setattr(session_gpu, "plan", [])
+    calls: list[str] = []
+    failing: set[str] = set()
+
+    def sh(name, cmd, timeout, env=None):
+        calls.append(name)
+        if name.startswith("build_"):
+            if name[len("build_"):] in failing:
+                return 1
+            engine = Path(cmd[cmd.index("-o") + 1])
+            engine.write_bytes(b"engine")
+            engine.with_name(engine.name + ".json").write_text(json.dumps({"build_seconds": 1.0}))
+        return 0
+
+    monkeypatch.setattr(session_gpu, "sh", sh)
+    return session_gpu, eng, res, calls, failing
+
+
+def test_a_v8_session_times_carried_engines_first_then_builds_one_wave(session):
+    module, eng, res, calls, failing = session
+    for model in module.V8_MODELS:  # run I's engines, carried in
+        (eng / f"{model}_640_fp16_b1.engine").write_bytes(b"engine")
+        (eng / f"{model}_640_fp16_b1.engine.json").write_text("{}")
+    failing.add("yolov8s_syn_640_fp16_b32")
+    module.session("v8")
+    builds = [c for c in calls if c.startswith("build_")]
+    left = ("640x480_fp32", "640_fp16_b32")
+    assert sorted(builds) == sorted(f"build_{m}_{k}" for m in module.V8_MODELS for k in left)
+    first_build = calls.index(builds[0])
+    for model in module.V8_MODELS:  # the carried engines' timings ran on a quiet GPU, before any build
+        assert calls.index(f"bench_{model}_b1") < first_build and calls.index(f"torch_{model}") < first_build
+    assert "bench_yolo11s_syn_b32" in calls and "bench_yolov8s_syn_b32" not in calls  # its engine failed
+    assert {"check_v8", "runtime_v8"} <= set(calls)
+    steps = (res / "steps.txt").read_text()
+    assert "build_yolo11s_syn_640_fp16_b1: carried in, not rebuilt" in steps
+    assert "bench_yolov8s_syn_b32: skipped (an engine it needs was not built" in steps
+    assert "wave 2" not in steps and (res / "DONE").exists()
