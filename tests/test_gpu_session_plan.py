@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def session(tmp_path, monkeypatch):
     def sh(name, cmd, timeout, env=None):
         calls.append(name)
         if name.startswith("build_"):
+            time.sleep(0.05)  # a build takes a while: steps that need no engine start first
             if name[len("build_"):] in failing:
                 return 1
             engine = Path(cmd[cmd.index("-o") + 1])
@@ -81,3 +83,23 @@ def test_a_v8_session_times_carried_engines_first_then_builds_one_wave(session):
     assert "build_yolo11s_syn_640_fp16_b1: carried in, not rebuilt" in steps
     assert "bench_yolov8s_syn_b32: skipped (an engine it needs was not built" in steps
     assert "wave 2" not in steps and (res / "DONE").exists()
+
+
+def test_an_int8_session_runs_the_int8_gpu_tests_while_its_first_wave_builds(session, monkeypatch):
+    module, eng, res, calls, failing = session
+    carried = {name: eng / Path(name).name for b in module.PLANS["int8"] for name in map(str, b.needs)}
+    for path in carried.values():  # the CPU-made calibrations, carried in the pack
+        path.write_text("{}")
+    plan = [module.Build(b.name, b.weights, b.args, tuple(carried[str(n)] for n in b.needs))
+            for b in module.PLANS["int8"]]
+    monkeypatch.setitem(module.PLANS, "int8", plan)
+    module.session("int8")
+    assert "calibrate_yolov5n" not in calls  # carried in: no GPU pass
+    assert calls.index("int8_gpu_tests") < calls.index("bench_yolov5s_fp16_b32")  # not between two waves
+    assert "wave 2 built" in (res / "steps.txt").read_text()
+
+
+def test_the_int8_gpu_tests_belong_to_the_int8_plan_only(session):
+    module, eng, res, calls, failing = session
+    module.session("perf")
+    assert "int8_gpu_tests" not in calls
