@@ -210,8 +210,9 @@ def _build_with(req: BuildRequest, log, interrupts: BuildInterrupts, builder, lo
         if int8:
             configure_int8(config, int8_network)
         plan = compat.build_serialized(builder, defined.network, config)
-    if progress.autotune.summary() and (progress.seconds >= LONG_BUILD_S or req.verbose):
-        log(progress.autotune.summary())  # where a long build's time went
+    summary = progress.autotune.summary()
+    if summary and (progress.seconds >= LONG_BUILD_S or req.verbose):
+        log(summary)  # where a long build's time went
     if plan is None:
         raise TrtnetError(build_failure(logger.errors, dynamic=bool(options.profiles), verbose=req.verbose))
     with atomic_write(engine_path, expected_bytes=len(plan)) as f:

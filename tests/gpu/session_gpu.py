@@ -116,7 +116,6 @@ PLANS = {
              planned("yolov5s_syn_640_fp16_b1"), planned("yolov5s_syn_640_fp16_b32")],
 }
 plan: list[Build] = []  # this session's builds (set by `run PLAN`)
-plan_name = [""]  # and its name
 YOLOV5N_VAL = ["yolov5n_fp16_b16", "yolov5n_int8_none_percentile_b16", "yolov5n_int8_auto_percentile_b16",
                "yolov5n_int8_none_entropy_b16", "yolov5n_int8_implicit_b16"]
 
@@ -252,7 +251,7 @@ _steps_turn = threading.Lock()  # one step at a time: a timing never shares the 
 
 def run_steps(steps: Sequence[Step]) -> None:
     for s in steps:
-        if s.plan and s.plan != plan_name[0]:
+        if s.plan and plan != PLANS[s.plan]:  # another plan's step
             continue
         if s.needs and not wait_for_builds(s.needs, s.any_built):
             note("steps.txt", f"{s.name}: skipped (an engine it needs was not built: failed, or not in this plan)")
@@ -294,7 +293,6 @@ def calibrate_yolov5n() -> None:
 
 def session(name: str) -> None:
     plan[:] = PLANS[name]
-    plan_name[0] = name
     (RES / "logs").mkdir(parents=True, exist_ok=True)
     ENG.mkdir(parents=True, exist_ok=True)
     note("steps.txt", f"{time.strftime('%H:%M:%S')} session start: plan {name}")
