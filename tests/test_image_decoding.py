@@ -137,10 +137,16 @@ class FakeCodeStream:
 
 
 class FakeImage:
-    def __init__(self, h, w):
+    freed: list[tuple[bool, bool]] = []  # per image freed: (its stream already destroyed, its decoder gone)
+
+    def __init__(self, h, w, stream=0, decoder_state=None):
         self.pitch = 3 * w + PITCH_PAD
         self.ptr = SIM.alloc(h * self.pitch)[1]
         self.h, self.w = h, w
+        self.stream, self.decoder_state = int(stream), decoder_state or types.SimpleNamespace(gone=False)
+
+    def __del__(self):  # nvImageCodec frees an image stream-ordered, on its decoder's allocator
+        FakeImage.freed.append((self.stream in SIM.destroyed_streams, self.decoder_state.gone))
 
     @property
     def __cuda_array_interface__(self):
@@ -158,6 +164,10 @@ class FakeDecoder:
     def __init__(self, **kwargs):
         assert kwargs["backends"][0].kind == "HW_GPU_ONLY"  # the hardware JPEG engines first
         FakeDecoder.device_ids.append(kwargs["device_id"])
+        self.state = types.SimpleNamespace(gone=False)  # shared with its images, which do not keep it alive
+
+    def __del__(self):
+        self.state.gone = True
 
     def decode(self, streams, params=None, cuda_stream=0, images=None):
         assert params.sample_format == "I_BGR" and cuda_stream
@@ -166,7 +176,7 @@ class FakeDecoder:
             if b"FAILME" in s.data:
                 out.append(None)
                 continue
-            image = FakeImage(s.height, s.width)
+            image = FakeImage(s.height, s.width, cuda_stream, self.state)
 
             def work(image=image, data=s.data):
                 pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -299,6 +309,31 @@ def test_bench_files_mode_refuses_a_folder_without_images(sim_detector, tmp_path
     (tmp_path / "empty").mkdir()
     assert bench.cli([str(sim_detector.path), "--files", str(tmp_path / "empty"), "--batch", "1"]) == 2
     assert f"--files {tmp_path / 'empty'}: no image files in it" in capsys.readouterr().err
+
+
+def test_simulated_gpu_images_kept_past_close_free_before_their_decoder_and_stream(gpu_files):
+    """An image nvImageCodec decoded is freed on its stream by its decoder's allocator: freed after either was
+    destroyed, it crashed the process on an H200 (run J: `detect --decode gpu` at exit, a FileDecoder closed
+    while its last images were still referenced). Images kept past `close` keep both until they go."""
+    import gc
+
+    from trtnet import cuda_rt
+
+    _, folder, bus = gpu_files
+    FakeImage.freed.clear()
+    with FileDecoder("gpu") as decoder:
+        batch = decoder.decode([folder / "1.jpg", folder / "2.jpg"])
+        stream = decoder.stream.handle
+    kept = batch.files[0].image
+    np.testing.assert_array_equal(kept.download(cuda_rt.Stream()), bus)  # its pixels are still there
+    del batch
+    gc.collect()
+    assert FakeImage.freed == [(False, False)]  # 2.jpg: freed with its batch, stream and decoder alive
+    assert stream not in SIM.destroyed_streams
+    del kept
+    gc.collect()
+    assert FakeImage.freed == [(False, False)] * 2
+    assert stream in SIM.destroyed_streams  # with the last image decoded on it
 
 
 def test_device_image_from_a_cuda_array_interface():

@@ -485,6 +485,7 @@ class SimGpu:
         self.queues: dict[int, list] = collections.defaultdict(list)  # stream → work not yet run
         self.ran: dict[int, int] = collections.defaultdict(int)  # stream → how many items have run
         self.events: dict[int, tuple[int, int]] = {}  # event → (stream, items that precede it)
+        self.destroyed_streams: set[int] = set()
         self.next_id = 100
         self.launches = 0
         self.device_count_calls = 0
@@ -500,7 +501,7 @@ class SimGpu:
             cudaPointerGetAttributes=self.pointer_attributes,
             cudaMemoryType=types.SimpleNamespace(cudaMemoryTypeHost=1),
             cudaStreamNonBlocking=1, cudaStreamCreateWithFlags=lambda flags: (ok, self.new_id()),
-            cudaStreamSynchronize=self.stream_synchronize, cudaStreamDestroy=lambda s: (ok,),
+            cudaStreamSynchronize=self.stream_synchronize, cudaStreamDestroy=self.stream_destroy,
             cudaStreamWaitEvent=self.stream_wait_event,
             cudaEventCreate=lambda: (ok, self.new_id()), cudaEventDisableTiming=2,
             cudaEventCreateWithFlags=lambda flags: (ok, self.new_id()), cudaEventRecord=self.event_record,
@@ -553,6 +554,10 @@ class SimGpu:
         return 0, types.SimpleNamespace(type=1 if host else 0)
 
     # -- streams: queued work runs when waited for
+
+    def stream_destroy(self, stream):
+        self.destroyed_streams.add(int(stream))
+        return (0,)
 
     def submit(self, stream, work) -> None:
         with self.lock:

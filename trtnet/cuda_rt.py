@@ -218,11 +218,12 @@ def is_page_locked(array: np.ndarray) -> bool:
 class Stream:
     """A non-blocking CUDA stream; `handle` is the integer TensorRT and kernel launches take."""
 
-    def __init__(self):
+    def __init__(self, destroy_at_exit: bool = True):
         rt = cudart()
         self.raw = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
         self.handle = int(self.raw)
         self._destroy = _finalizer(self, rt.cudaStreamDestroy, self.raw)
+        self._destroy.atexit = destroy_at_exit
 
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.raw), "cudaStreamSynchronize")

@@ -128,14 +128,15 @@ class DeviceImage:
         return self.height, self.width, 3
 
     @classmethod
-    def of(cls, image: Any) -> DeviceImage:
-        """From anything with a `__cuda_array_interface__` of HxWx3 uint8 (an nvImageCodec Image)."""
+    def of(cls, image: Any, owner: Any = None) -> DeviceImage:
+        """From anything with a `__cuda_array_interface__` of HxWx3 uint8 (an nvImageCodec Image); `owner`
+        keeps its memory alive (default: the image itself)."""
         face = image.__cuda_array_interface__
         h, w, c = (int(s) for s in face["shape"])
         if c != 3 or face["typestr"] != "|u1":
             raise TrtnetError(f"decoded image is {face['typestr']} {h}x{w}x{c}; the letterbox takes HxWx3 uint8")
         strides = face.get("strides")
-        return cls(int(face["data"][0]), h, w, int(strides[0]) if strides else 3 * w, image)
+        return cls(int(face["data"][0]), h, w, int(strides[0]) if strides else 3 * w, owner or image)
 
     def download(self, stream: cuda_rt.Stream) -> np.ndarray:
         """A host copy (for drawing and for val's CPU letterbox), after the work queued on `stream`."""
@@ -185,6 +186,20 @@ def read_bytes(path: str) -> bytes | str:
     except OSError as exc:
         return f"cannot read it ({exc.strerror or exc})"
     return data if data else "empty file"
+
+
+class _GpuDecoded:
+    """An nvImageCodec image with what must outlive it. Freed after its decoder or after the stream it was
+    decoded on, it crashed the process (H200, run J); images outlive the FileDecoder (yielded to callers), so
+    the last one of them releases the decoder, then the stream."""
+
+    def __init__(self, image: Any, decoder: Any, stream: cuda_rt.Stream):
+        self.image, self.decoder, self.stream = image, decoder, stream
+
+    def __del__(self):
+        self.image = None
+        self.decoder = None
+        self.stream = None
 
 
 def cpu_decode(data: bytes) -> np.ndarray | None:
@@ -271,7 +286,7 @@ class FileDecoder:
             if image is None:
                 files[i].choice = DecoderChoice("cpu", "nvImageCodec could not decode it")
                 continue
-            files[i].image = DeviceImage.of(image)
+            files[i].image = DeviceImage.of(image, _GpuDecoded(image, decoder, self.stream))
             kept.append(image)
         if len(kept) == len(streams) and len(kept) > len(reuse):
             self._reusable[slot] = kept
@@ -297,15 +312,16 @@ class FileDecoder:
                                           backends=backends, options=":fancy_upsampling=1")
             self._params = codec.DecodeParams(apply_exif_orientation=True, color_spec=codec.ColorSpec.SRGB,
                                               allow_any_depth=False, sample_format=codec.SampleFormat.I_BGR)
-            self.stream = cuda_rt.Stream()
+            # held by every image decoded on it (_GpuDecoded); not destroyed at exit, where order is arbitrary
+            self.stream = cuda_rt.Stream(destroy_at_exit=False)
         return codec, self._decoder, self._params
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
-            self.stream.close()
         self._reusable.clear()
         self._decoder = None
+        self.stream = None  # the decoder and stream go with the last image decoded on them (_GpuDecoded)
 
     def __enter__(self) -> FileDecoder:
         return self

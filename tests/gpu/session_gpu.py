@@ -48,6 +48,7 @@ ENV = {"TRTNET_SHARED_DATA": str(DATA), "TRTNET_GPU_ENGINES": str(ENG), "TRTNET_
        "PYTHONUNBUFFERED": "1"}
 V8_MODELS = ("yolo11s_syn", "yolov8s_syn")
 KERNELS = ("--postprocess", "kernels")
+TORCH_ENV = {"PYTHONPATH": f"{REPO}:/tmp/ul"}  # the machine's own Python: torch, and ultralytics from the pack
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,9 @@ def accuracy_steps() -> list[Step]:
     steps = [Step("int8_gpu_tests", [*pytest, "-m", "gpu", str(REPO / "tests/gpu/test_int8_gpu.py")], 600,
                   plan="int8")]
     steps += [Step("check_v8", [*check, "--report", str(RES / "check_v8.json")], 300, fp16_b1, any_built=True),
+              Step("fp16_control_v8", ["python3", str(REPO / "tests/gpu/fp16_control.py"), "--data", str(DATA),
+                                       "--check", str(RES / "check_v8.npz"), "--json", str(RES / "fp16_control.json")],
+                   300, fp16_b1, TORCH_ENV, any_built=True),
              Step("runtime_v8", [*pytest, runtime, "-k", "v8"], 600, v8_first, any_built=True)]
     steps += [Step(f"val_{e}", py39("-m", "trtnet.val", str(ENG / f"{e}.engine"), "--data", str(DATA / "coco128"),
                                     "--square", "--batch", "16", "--json", str(RES / f"val_{e}.json")), 300, (e,))
@@ -151,14 +155,13 @@ def accuracy_steps() -> list[Step]:
 
 
 def timing_steps() -> list[Step]:
-    torch_env = {"PYTHONPATH": f"{REPO}:/tmp/ul"}
     steps = []
     for m in V8_MODELS:
         steps += [bench(f"{m}_b1", f"{m}_640_fp16_b1", "1"), bench(f"{m}_b32", f"{m}_640_fp16_b32", "32"),
                   Step(f"torch_{m}", ["python3", "-m", "trtnet.bench", str(ENG / f"{m}_640_fp16_b1.engine"),
                                       "--torch-only", "--batch", "1,32", "--weights-dir",
                                       str(DATA / "weights/synthetic"), "--json", str(RES / f"torch_{m}.json")], 400,
-                       (f"{m}_640_fp16_b1",), torch_env)]
+                       (f"{m}_640_fp16_b1",), TORCH_ENV)]
     for b in ("32", "1"):
         steps += [bench(f"yolov5s_{p}_b{b}", f"yolov5s_syn_640_{p}_b{b}", b) for p in ("fp16", "int8")]
     steps += [bench(f"resnet50_{p}_b128", f"resnet50_{p}_b128", "128", "--iters", "100") for p in ("fp16", "int8")]

@@ -300,7 +300,12 @@ def matched_fraction(boxes, scores, classes, want_boxes, want_scores, want_class
     return found / max(len(want_boxes), 1), worst_iou, worst_score
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+# fp32 only: on these random-weight models fp16 moves detections a lot, the official model's own fp16 too (run J:
+# it keeps 35-75% of its fp32 detections at 640); tests/gpu/engines_gpu.py check reports the fp16 error instead
+V8_DETECTOR_PRECISIONS = ["fp32"]
+
+
+@pytest.mark.parametrize("precision", V8_DETECTOR_PRECISIONS)
 @pytest.mark.parametrize("model", V8_MODELS)
 def test_v8_rect_input_reproduces_the_official_640_detections(engine_dir, model, precision):
     """Detector on bus.jpg, end to end: the GPU letterbox to the official predictor's rect input (640x480) of a
@@ -321,10 +326,10 @@ def test_v8_rect_input_reproduces_the_official_640_detections(engine_dir, model,
     print(f"{model} {precision} rect 640x480: {len(result)} detections (golden {len(golden['scores'])}), matched "
           f"{fraction:.3f}, worst IoU {worst_iou:.4f}, worst score diff {worst_score:.4f}")
     assert abs(len(result) - len(golden["scores"])) <= max(2, len(golden["scores"]) // 50)
-    assert fraction >= (1.0 if precision == "fp32" else 0.97)  # fp16: a candidate near conf 0.25 or an NMS tie may flip
+    assert fraction == 1.0
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", V8_DETECTOR_PRECISIONS)
 @pytest.mark.parametrize("model", V8_MODELS)
 def test_v8_detector_on_a_static_640_engine_matches_the_reference_executor(engine_dir, model, precision):
     """Detector's own square letterbox (640x640) on bus.jpg, against the official NMS of the CPU reference
@@ -345,7 +350,7 @@ def test_v8_detector_on_a_static_640_engine_matches_the_reference_executor(engin
                                                         want[:, 4], want[:, 5].astype(int))
     print(f"{model} {precision} square 640: {len(result)} detections (reference {len(want)}), matched "
           f"{fraction:.3f}, worst IoU {worst_iou:.4f}, worst score diff {worst_score:.4f}")
-    assert fraction >= (1.0 if precision == "fp32" else 0.97)
+    assert fraction == 1.0
 
 
 @pytest.mark.parametrize("model", V8_MODELS)
