@@ -9,6 +9,9 @@ required   FAMILY: str, TASK: "detect" | "classify", INPUT: str (input tensor na
 detect     postprocess_kwargs(meta) -> dict                   (YoloPostprocess's keywords besides conf/iou/max_det)
 optional   DEFINE_OPTIONS: tuple[str, ...] = ()               (build options `define` takes, e.g. ("softmax",))
            CHECKPOINTS: str = FAMILY                          (what checkpoints it reads, for "unknown family" errors)
+           PICKLED_MODULES: tuple[str, ...] = ()              (module prefixes whose classes its checkpoints pickle,
+                                                              e.g. ("ultralytics.",): read as inert records, never
+                                                              imported; any other class refuses the file)
            ARCHS: Mapping[str, ...] = {}                      (names --arch accepts for weights without metadata)
            meta_for_arch(arch, nc) -> dict                    (their metadata; needed when ARCHS is not empty)
            output_strides(heads, hw, meta) -> list[int] = []  (input size / head size per output level)
@@ -114,6 +117,11 @@ def meta_for_arch(arch: str, nc: int | None = None) -> dict:
         if arch in getattr(module, "ARCHS", {}):
             return module.meta_for_arch(arch, nc)
     raise TrtnetError(f"unknown architecture {arch!r}: one of {', '.join(arch_names())}")
+
+
+def pickled_modules() -> tuple[str, ...]:
+    """The module prefixes whose classes the families' checkpoints pickle (trtnet.safe_pickle records them)."""
+    return tuple(prefix for module in families().values() for prefix in getattr(module, "PICKLED_MODULES", ()))
 
 
 def checkpoints_read() -> str:

@@ -33,6 +33,7 @@ INPUT = "input"
 DEFAULT_IMGSZ = 224
 DEFINE_OPTIONS = ("softmax",)
 CHECKPOINTS = "torchvision ResNet-18/34/50/101/152 (a state_dict or the pickled module)"
+PICKLED_MODULES = ("torchvision.models.",)
 
 ARCHS = {
     "resnet18": ("basic", [2, 2, 2, 2]),

@@ -52,6 +52,7 @@ TASK = "detect"
 INPUT = "images"
 DEFAULT_IMGSZ = 640
 CHECKPOINTS = "YOLOv5 checkpoints (models.yolo Model/DetectionModel under 'model' or 'ema')"
+PICKLED_MODULES = ("models.", "utils.")  # the yolov5 repository's model code
 
 
 def bottleneck(g: Graph, x, p: str, c2: int, shortcut: bool = True, groups: int = 1, e: float = 0.5):

@@ -48,6 +48,7 @@ OUTPUT = "output0"
 DEFAULT_IMGSZ = 640
 MODEL_CLASS = "ultralytics.nn.tasks.DetectionModel"
 CHECKPOINTS = f"Ultralytics YOLOv8/YOLO11 detection checkpoints ({MODEL_CLASS} under 'model' or 'ema')"
+PICKLED_MODULES = ("ultralytics.",)
 HEAD = "anchor_free"  # YoloPostprocess's head kind for this family's output
 VAL_IOU = 0.7  # Ultralytics DetectionValidator's NMS IoU (multi-label, conf 0.001, max_det 300 as YOLOv5's)
 

@@ -99,6 +99,24 @@ def test_arch_tables_come_from_the_families():
     assert meta["family"] == "yolov5" and meta["nc"] == 3 and len(meta["anchors"]) == 3
 
 
+def test_the_model_classes_a_checkpoint_may_name_come_from_the_families(tmp_path, monkeypatch):
+    """The unpickler records model classes (never imports them) only from torch.nn and the modules a family
+    declares in PICKLED_MODULES: a fourth family with its own model code adds its prefix in its own module."""
+    from tests import hostile
+    from trtnet.safe_pickle import ModuleRecord, load_pickle
+
+    path = hostile.write_zip(tmp_path / "yolox.pt", {"model": hostile.Record("yolox.models.yolox.YOLOX", {})})
+    assert {"ultralytics.", "torchvision.models."} <= set(networks.pickled_modules())
+    with pytest.raises(TrtnetError, match="its pickle calls yolox.models.yolox.YOLOX, which is not allowed"):
+        load_pickle(path)
+    fourth = ModuleType("yolox_family")
+    fourth.PICKLED_MODULES = ("yolox.",)
+    known = networks.families()
+    monkeypatch.setattr(networks, "families", lambda: {**known, "yolox": fourth})
+    model = load_pickle(path)["model"]
+    assert isinstance(model, ModuleRecord) and model.qualname == "yolox.models.yolox.YOLOX"
+
+
 def test_no_core_module_imports_a_family_module():
     assert import_graph() == {}
 

@@ -27,7 +27,7 @@ import pickle
 import pickletools
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -48,6 +48,9 @@ class Limits:
     max_depth: int = 100
     max_inflation: int = 100  # uncompressed / compressed size of a zip entry above 1 MiB
     tensor_bytes_per_storage_byte: int = 2
+    # modules whose classes become inert records (model code, never imported): torch.nn's, and by default
+    # (load_pickle) those the families in networks/ declare
+    model_modules: tuple[str, ...] = ("torch.nn.modules.",)
 
 
 LIMITS = Limits()
@@ -281,9 +284,7 @@ _CALLABLES: dict[str, Any] = {
     "numpy.core.multiarray._reconstruct": _np_reconstruct,
     "numpy._core.multiarray._reconstruct": _np_reconstruct,
 }
-# Classes whose objects become inert records: model code (YOLOv5's models.*/utils.*, torch.nn and
-# torchvision modules, ultralytics' so that the error can name them) and harmless training extras.
-_MODULE_PREFIXES = ("models.", "utils.", "torch.nn.modules.", "torchvision.models.", "ultralytics.")
+# Classes whose objects become inert records besides model code (Limits.model_modules): harmless training extras.
 _INERT = {"argparse.Namespace"} | {f"{module}.{cls}" for module in ("pathlib", "pathlib._local")
                                    for cls in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
@@ -312,12 +313,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return qualname
         if qualname in _INERT:
             return _record_class(module, name, InertRecord)
-        if f"{module}.".startswith(_MODULE_PREFIXES) and name.isidentifier():
+        if f"{module}.".startswith(self.budget.limits.model_modules) and name.isidentifier():
             return _record_class(module, name, ModuleRecord)
         raise TrtnetError(
             f"refusing to load {self.source}: its pickle calls {qualname}, which is not allowed — trtnet "
             "rebuilds tensors and records model attributes but never runs code from a checkpoint. A "
-            "genuine YOLOv5/ResNet checkpoint should not need it: check where this file came from."
+            "genuine checkpoint of a model trtnet reads should not need it: check where this file came from."
         )
 
     def persistent_load(self, pid: Any) -> np.ndarray:
@@ -634,8 +635,13 @@ class _Corrupt(Exception):
     """The file does not hold what its own structure says: cut short or damaged."""
 
 
-def load_pickle(path: str | Path, limits: Limits = LIMITS) -> Any:
-    """The object a torch checkpoint holds, with tensors as numpy arrays and modules as records."""
+def load_pickle(path: str | Path, limits: Limits | None = None) -> Any:
+    """The object a torch checkpoint holds, with tensors as numpy arrays and modules as records (by default
+    those of torch.nn and of the modules each family in networks/ names in PICKLED_MODULES)."""
+    if limits is None:
+        from trtnet import networks
+
+        limits = replace(LIMITS, model_modules=(*LIMITS.model_modules, *networks.pickled_modules()))
     path = Path(path)
     if path.is_dir():
         raise TrtnetError(f"checkpoint {path} is a directory, not a file: give the .pt/.pth file inside it")
