@@ -406,3 +406,27 @@ def test_simulated_opencv_batches_do_not_overwrite_a_staged_upload_in_flight(gpu
     with make() as detector:
         counts = [len(r) for _, r, _ in detector.detect_files(paths, batch=2, decode="cpu", keep_images=False)]
     assert counts == [4, 0, 0, 4, 4, 4, 0, 0]
+
+
+def test_iter_decoded_reads_the_next_batch_while_this_one_is_used(tmp_path, monkeypatch):
+    import time
+
+    files = []
+    for k in range(5):
+        files.append(str(tmp_path / f"{k}.jpg"))
+        (tmp_path / f"{k}.jpg").write_bytes(jpeg_bytes(coloured() // (k + 1)))
+    reads, read = [], image_decoding.read_bytes
+    monkeypatch.setattr(image_decoding, "read_bytes", lambda path: reads.append(path) or read(path))
+    with FileDecoder("cpu") as decoder:
+        batches = image_decoding.iter_decoded(decoder, files, 2)
+        first = next(batches)
+        deadline = time.monotonic() + 10
+        while len(reads) < 4 and time.monotonic() < deadline:  # the second batch, before anyone asked for it
+            time.sleep(0.01)
+        assert sorted(reads) == files[:4]
+        rest = list(batches)
+    decoded = [f for batch in (first, *rest) for f in batch.files]
+    assert [f.path for f in decoded] == files and sorted(reads) == files
+    for k, f in enumerate(decoded):
+        np.testing.assert_array_equal(f.image, cv2.imdecode(np.frombuffer(jpeg_bytes(coloured() // (k + 1)), np.uint8),
+                                                            cv2.IMREAD_COLOR))

@@ -20,10 +20,11 @@ per `slot` (one per run in flight), as the pipelines reuse their upload buffers.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,6 +216,13 @@ def _io_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="trtnet-decode")
 
 
+@functools.lru_cache(maxsize=1)
+def _reader() -> ThreadPoolExecutor:
+    """Hands a batch's reads to the I/O threads (its own thread: a task of _io_pool waiting for others of it
+    could wait for ever)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="trtnet-read")
+
+
 class FileDecoder:
     """Decodes batches of image files: JPEGs on the GPU (nvImageCodec) where `mode` allows, the rest with
     OpenCV on a thread pool. `mode`: "auto" (GPU where available), "gpu" (an error where it is not),
@@ -255,10 +263,11 @@ class FileDecoder:
         header = read_header(self._codec, data) if self._codec is not None else None
         return decoder_for(data, header, self.unavailable)
 
-    def decode(self, paths: Sequence[str | os.PathLike], slot: Any = 0) -> DecodedBatch:
-        """Decode `paths`; the GPU part is queued on `self.stream` (complete once `ready` has)."""
+    def decode(self, paths: Sequence[str | os.PathLike], slot: Any = 0, contents: Future | None = None) -> DecodedBatch:
+        """Decode `paths`; the GPU part is queued on `self.stream` (complete once `ready` has). `contents`: their
+        bytes being read already (`read_all`); read_ms is then the wait for them."""
         start = time.perf_counter()
-        datas = list(_io_pool().map(read_bytes, [os.fspath(p) for p in paths]))
+        datas = (contents or read_all(paths)).result()
         read_ms = (time.perf_counter() - start) * 1000.0
         files = [DecodedFile(os.fspath(p), self.choose(d) if isinstance(d, bytes) else DecoderChoice("cpu", d),
                              error="" if isinstance(d, bytes) else d) for p, d in zip(paths, datas)]
@@ -333,11 +342,25 @@ class FileDecoder:
 def iter_decoded(decoder: FileDecoder, paths: Iterable[str | os.PathLike], batch: int,
                  depth: int = 2) -> Iterator[DecodedBatch]:
     """`paths` decoded `batch` at a time, in order; the slot of batch k is k % depth (see
-    `DetectPipeline.stream_decoded`, which keeps `depth` batches in flight)."""
+    `DetectPipeline.stream_decoded`, which keeps `depth` batches in flight). The next batch's files are read
+    while this one is decoded and detected (reading was a fifth of a GPU-decode batch's time: RESULTS.md, run J)."""
     from trtnet.engine import batched
 
-    for k, chunk in enumerate(batched(paths, batch)):
-        yield decoder.decode(chunk, slot=k % depth)
+    chunks = batched(paths, batch)
+    chunk = next(chunks, None)
+    contents = read_all(chunk) if chunk else None
+    for k in itertools.count():
+        if not chunk:
+            return
+        following = next(chunks, None)
+        following_contents = read_all(following) if following else None
+        yield decoder.decode(chunk, slot=k % depth, contents=contents)
+        chunk, contents = following, following_contents
+
+
+def read_all(paths: Sequence[str | os.PathLike]) -> Future:
+    """The files' bytes (or why each cannot be read), read in the background on the I/O threads."""
+    return _reader().submit(lambda: list(_io_pool().map(read_bytes, [os.fspath(p) for p in paths])))
 
 
 def host_images(decoder: FileDecoder, paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
