@@ -19,8 +19,8 @@
 #
 # What it needs and makes when missing (after `make install`): .data/refs (the CPU reference executor's 640 outputs,
 # engines_gpu.py refs, ~1 min), .whl (ultralytics + ultralytics-thop for the machine's Python 3.12) and .whl39 (tqdm,
-# safetensors, pycocotools, pytest and its needs for TensorRT 8.5's Python 3.9), all git-ignored. Plan perf also
-# wants nvImageCodec in .whl39 (tests/gpu/perf_gpu.sh) and the serving wheels (tests/gpu/serve_gpu.sh).
+# safetensors, pycocotools, pytest and its needs, nvImageCodec + nvJPEG for TensorRT 8.5's Python 3.9), all
+# git-ignored. Plan perf also wants the serving wheels (tests/gpu/serve_gpu.sh).
 set -euo pipefail
 for d in .data .whl .whl39 '.x[0-9][0-9]'; do  # git-ignored, as every path this script fills
     grep -qxF "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >>.git/info/exclude
@@ -32,6 +32,8 @@ compgen -G ".whl/*.whl" >/dev/null || python -m pip download -q --no-deps --only
 compgen -G ".whl39/*.whl" >/dev/null || python -m pip download -q --no-deps --only-binary=:all: --python-version 3.9 \
     --implementation cp "${platforms[@]}" -d .whl39 tqdm safetensors pycocotools "pytest<9" iniconfig pluggy \
     packaging exceptiongroup tomli pygments typing_extensions
+compgen -G ".whl39/nvidia_nvimgcodec_cu12-*.whl" >/dev/null || python -m pip download -q --only-binary=:all: \
+    --python-version 3.9 "${platforms[@]}" -d .whl39 "nvidia-nvimgcodec-cu12[nvjpeg]>=0.9"  # GPU decode (perf_gpu.sh)
 shared=../shared/data
 stage=/tmp/trt85stage/parts
 work=$(mktemp -d)

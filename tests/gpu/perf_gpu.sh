@@ -29,11 +29,7 @@ cd /tmp  # not the checkout: its networks/ and plugins/ folders would shadow trt
 
 . "$repo/tests/gpu/steps.sh"  # step NAME SECONDS COMMAND…
 
-# The nvImageCodec wheel ships a regular nvidia/__init__.py; made a path-extending one, `nvidia.nvimgcodec`
-# (in /tmp/site39) and the payload's own nvidia.* packages import side by side.
-if [ -f /tmp/site39/nvidia/__init__.py ]; then
-    echo '__path__ = __import__("pkgutil").extend_path(__path__, __name__)' >/tmp/site39/nvidia/__init__.py
-fi
+# (tests/gpu/device_prepare.sh made nvidia/ in /tmp/site39 a path-extending package at setup)
 step gpu_decode_check 60 "$py39" -c "from trtnet.image_decoding import gpu_decode_unavailable as u; \
 from nvidia import nvimgcodec; print('nvImageCodec', nvimgcodec.__version__, 'unavailable:', u())"
 
