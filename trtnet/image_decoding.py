@@ -20,7 +20,6 @@ per `slot` (one per run in flight), as the pipelines reuse their upload buffers.
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -197,7 +196,7 @@ class _GpuDecoded:
     def __init__(self, image: Any, decoder: Any, stream: cuda_rt.Stream):
         self.image, self.decoder, self.stream = image, decoder, stream
 
-    def __del__(self):
+    def __del__(self):  # in this order
         self.image = None
         self.decoder = None
         self.stream = None
@@ -346,16 +345,20 @@ def iter_decoded(decoder: FileDecoder, paths: Iterable[str | os.PathLike], batch
     while this one is decoded and detected (reading was a fifth of a GPU-decode batch's time: RESULTS.md, run J)."""
     from trtnet.engine import batched
 
-    chunks = batched(paths, batch)
-    chunk = next(chunks, None)
-    contents = read_all(chunk) if chunk else None
-    for k in itertools.count():
-        if not chunk:
-            return
-        following = next(chunks, None)
-        following_contents = read_all(following) if following else None
+    for k, (chunk, contents) in enumerate(_read_ahead(batched(paths, batch))):
         yield decoder.decode(chunk, slot=k % depth, contents=contents)
-        chunk, contents = following, following_contents
+
+
+def _read_ahead(chunks: Iterable[list]) -> Iterator[tuple[list, Future]]:
+    """(chunk, its files' bytes being read), the next chunk's reads started before this one is handed out."""
+    pending = None
+    for chunk in chunks:
+        started = (chunk, read_all(chunk))
+        if pending is not None:
+            yield pending
+        pending = started
+    if pending is not None:
+        yield pending
 
 
 def read_all(paths: Sequence[str | os.PathLike]) -> Future:
