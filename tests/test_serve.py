@@ -74,8 +74,8 @@ class Server:
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
+            try:  # PyTriton: Triton's --exit-timeout (10 s), then up to 30 s before it kills tritonserver
+                self.process.wait(90)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)

@@ -156,3 +156,19 @@ def test_cli_refusals_name_the_option(capsys):
     assert "--instances 0" in capsys.readouterr().err
     assert serve.cli(["yolov5n", "--devices", "cpu", "--export-repo", "repo"]) == 2
     assert "--export-repo" in capsys.readouterr().err
+
+
+def test_the_exit_timeout_reaches_triton_s_config(monkeypatch):
+    """Ctrl-C/SIGTERM: Triton lets requests in flight finish for --exit-timeout seconds (its own default, 30, made
+    PyTriton's stop take up to a minute)."""
+    import sys
+    import types
+
+    configs = types.ModuleType("pytriton.triton")
+    configs.TritonConfig = lambda **kwargs: kwargs  # the keywords trtnet gives PyTriton
+    monkeypatch.setitem(sys.modules, "pytriton", types.ModuleType("pytriton"))
+    monkeypatch.setitem(sys.modules, "pytriton.triton", configs)
+    default = serve.settings_from(serve.parser().parse_args(["x.engine"]))
+    chosen = serve.settings_from(serve.parser().parse_args(["x.engine", "--exit-timeout", "3"]))
+    assert serve.triton_config(default)["exit_timeout_secs"] == 10
+    assert serve.triton_config(chosen)["exit_timeout_secs"] == 3

@@ -55,6 +55,7 @@ class ServeSettings:
     grpc_port: int = 8001
     metrics_port: int = 8002
     weights_dir: str = "weights"
+    exit_timeout_s: int = 10  # on SIGINT/SIGTERM, how long Triton lets in-flight requests finish (its own: 30)
 
 
 def parse_devices(text: str) -> tuple[Device, ...]:
@@ -284,7 +285,8 @@ def triton_config(settings: ServeSettings):
     gpu = settings.devices != ("cpu",)
     return TritonConfig(http_address=settings.host, http_port=settings.http_port, grpc_address=settings.host,
                         grpc_port=settings.grpc_port, metrics_address=settings.host,
-                        metrics_port=settings.metrics_port, allow_gpu_metrics=gpu)
+                        metrics_port=settings.metrics_port, allow_gpu_metrics=gpu,
+                        exit_timeout_secs=settings.exit_timeout_s)
 
 
 def security_config():
@@ -531,6 +533,8 @@ def parser():
     p.add_argument("--max-det", type=int, default=300, help="detections per image (outputs are padded to it)")
     p.add_argument("--topk", type=int, default=5, help="classifiers: classes per image")
     p.add_argument("--imgsz", type=int, default=640, help="--devices cpu: network input size")
+    p.add_argument("--exit-timeout", type=int, default=10, metavar="SECONDS",
+                   help="on Ctrl-C/SIGTERM, how long requests in flight may take to finish")
     add_weights_dir(p, "where names are looked up")
     p.add_argument("--export-repo", metavar="DIR", help="write a Triton model repository for the engine and exit")
     p.add_argument("--bench", metavar="URL", help="drive a running server: throughput and latency")
@@ -550,7 +554,8 @@ def settings_from(args) -> ServeSettings:
             raise TrtnetError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
     return ServeSettings(args.target, parse_devices(args.devices), args.instances, args.max_batch,
                          args.max_queue_delay_us, args.conf, args.iou, args.max_det, args.topk, args.imgsz,
-                         args.host, args.http_port, args.grpc_port, args.metrics_port, args.weights_dir)
+                         args.host, args.http_port, args.grpc_port, args.metrics_port, args.weights_dir,
+                         args.exit_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
