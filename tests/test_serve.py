@@ -71,9 +71,9 @@ class Server:
         self.stop()
         pytest.fail(f"the server was not ready after {STARTUP_S} s:\n{self.log.read_text()[-3000:]}")
 
-    def stop(self) -> int:
+    def stop(self, signum: int = signal.SIGINT) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signum)
             try:  # PyTriton: Triton's --exit-timeout (10 s), then up to 30 s before it kills tritonserver
                 self.process.wait(90)
             except subprocess.TimeoutExpired:
@@ -191,15 +191,26 @@ def test_load_8_clients_by_50_requests_without_errors(server):
     assert result.errors == 0 and len(result.latencies_ms) == 400
 
 
-def test_shutdown_is_clean(server):
+def assert_stops_cleanly(server: Server, signum: int) -> None:
     assert server.family, "the server started no Triton process: nothing to check"
-    assert server.stop() == 0, server.log.read_text()[-3000:]
+    assert server.stop(signum) == 0, server.log.read_text()[-3000:]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                               for p in server.family):
         time.sleep(0.5)
     left = [p.pid for p in server.family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left running after shutdown: {left}"
+
+
+def test_shutdown_is_clean(server):
+    assert_stops_cleanly(server, signal.SIGINT)
+
+
+def test_sigterm_shuts_down_as_cleanly(weights, tmp_path):
+    """Kubernetes stops a pod with SIGTERM: the same clean exit (status 0, nothing left) as Ctrl-C."""
+    server = Server(weights, tmp_path / "server.log")
+    server.wait_ready()
+    assert_stops_cleanly(server, signal.SIGTERM)
 
 
 def test_startup_refuses_what_cannot_run(tmp_path, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ import numpy as np
 
 from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.errors import TrtnetError
+from trtnet.interrupts import SIGNALS
 
 Device = Union[int, str]  # a GPU index, or "cpu"
 NAMES_PARAMETER = "class_names"
@@ -345,11 +347,25 @@ def serve(settings: ServeSettings, opener: Callable = open_runner,
               f"metrics {settings.host}:{settings.metrics_port}", flush=True)
         if started is not None:
             started()
-        triton.serve()
+        until_stopped(triton)
     finally:
         triton.stop()
         for runner in runners:
             runner.close()
+
+
+def until_stopped(triton, period_s: float = 1.0) -> None:
+    """Serve until SIGINT or SIGTERM (how Kubernetes stops a pod) arrives, or Triton dies; then the caller stops
+    Triton and closes the runners. Our own handlers rather than PyTriton's `serve()`: there SIGTERM ended the
+    process without either, and one SIGINT went unanswered for a minute (a CI run here)."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in SIGNALS}
+    try:
+        while not stop.wait(period_s) and triton.is_alive():
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ------------------------------------------------------------------------------------------ bench
