@@ -46,6 +46,7 @@ def session(tmp_path, monkeypatch):
     monkeypatch.setattr(session_gpu, "prepare_weights", lambda: None)
     monkeypatch.setattr(session_gpu, "built", {})
     monkeypatch.setattr(session_gpu, "plan", [])
+    monkeypatch.setattr(session_gpu, "plans", [])
     calls: list[str] = []
     failing: set[str] = set()
 
@@ -103,3 +104,21 @@ def test_the_int8_gpu_tests_belong_to_the_int8_plan_only(session):
     module, eng, res, calls, failing = session
     module.session("perf")
     assert "int8_gpu_tests" not in calls
+
+
+def test_a_session_of_two_plans_builds_the_first_plan_s_engines_first_and_each_engine_once(session, monkeypatch):
+    module, eng, res, calls, failing = session
+    monkeypatch.setattr(module, "wait_for_files", lambda paths, limit=900: True)  # the calibrations are there
+    module.session("int8,perf")
+    builds = [c[len("build_"):] for c in calls if c.startswith("build_")]
+    int8 = [b.name for b in module.PLANS["int8"]]
+    assert sorted(builds) == sorted({b.name for p in ("int8", "perf") for b in module.PLANS[p]})
+    assert len(builds) == len(set(builds))  # yolov5s_syn_640_fp16_b32 is in both plans
+    perf_only = [b.name for b in module.PLANS["perf"] if b.name not in int8]
+    assert [b.name for b in module.plan] == int8 + perf_only  # the build queue, in waves of BUILD_JOBS
+    assert "int8_gpu_tests" in calls  # a step of the int8 plan only
+
+
+def test_an_unknown_plan_is_refused_by_name():
+    with pytest.raises(SystemExit, match="plan 'int9': one of v8, int8"):
+        session_gpu.plan_names("int8,int9")

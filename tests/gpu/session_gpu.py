@@ -7,7 +7,9 @@ the rest carried over as engines): v8 (issue 12), int8 and int8b (issue 14), per
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
-    python3 tests/gpu/session_gpu.py start PLAN       # detached; everything lands in /tmp/res
+    python3 tests/gpu/session_gpu.py start PLAN       # detached; everything lands in /tmp/res. PLAN,PLAN…: in
+                                                      # that order, a later plan's builds queued behind (budget
+                                                      # an earlier plan leaves goes to them, run J left 10 min)
     python3 tests/gpu/session_gpu.py wait SECONDS     # until the session is done or SECONDS pass; the status
     python3 tests/gpu/session_gpu.py collect OUT      # OUT/res.tgz: /tmp/res + the timing caches and calibrations
     python3 tests/gpu/session_gpu.py collect-engines OUT [MiB]   # built engines not fetched yet, ≤ MiB (45)
@@ -116,7 +118,8 @@ PLANS = {
     "perf": [planned("yolov5n_640_fp16"), Build("yolov5n_640_fp16_b1", "yolov5n", ("--fp16", "--batch", "1", *KERNELS)),
              planned("yolov5s_syn_640_fp16_b1"), planned("yolov5s_syn_640_fp16_b32")],
 }
-plan: list[Build] = []  # this session's builds (set by `run PLAN`)
+plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
+plans: list[str] = []  # and the plans they come from
 YOLOV5N_VAL = ["yolov5n_fp16_b16", "yolov5n_int8_none_percentile_b16", "yolov5n_int8_auto_percentile_b16",
                "yolov5n_int8_none_entropy_b16", "yolov5n_int8_implicit_b16"]
 
@@ -254,7 +257,7 @@ _steps_turn = threading.Lock()  # one step at a time: a timing never shares the 
 
 def run_steps(steps: Sequence[Step]) -> None:
     for s in steps:
-        if s.plan and plan != PLANS[s.plan]:  # another plan's step
+        if s.plan and s.plan not in plans:  # another plan's step
             continue
         if s.needs and not wait_for_builds(s.needs, s.any_built):
             note("steps.txt", f"{s.name}: skipped (an engine it needs was not built: failed, or not in this plan)")
@@ -294,8 +297,20 @@ def calibrate_yolov5n() -> None:
        900)
 
 
+def plan_names(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in PLANS]
+    if unknown:
+        sys.exit(f"plan {', '.join(map(repr, unknown))}: one of {', '.join(PLANS)}")
+    return names
+
+
 def session(name: str) -> None:
-    plan[:] = PLANS[name]
+    plans[:] = plan_names(name)
+    builds = {}  # one build a name, where two plans share it, in the first plan's place
+    for b in (b for n in plans for b in PLANS[n]):
+        builds.setdefault(b.name, b)
+    plan[:] = builds.values()
     (RES / "logs").mkdir(parents=True, exist_ok=True)
     ENG.mkdir(parents=True, exist_ok=True)
     note("steps.txt", f"{time.strftime('%H:%M:%S')} session start: plan {name}")
@@ -380,8 +395,7 @@ def main() -> int:
     if verb == "setup":
         setup(Path(sys.argv[2]))
     elif verb == "start":
-        if sys.argv[2] not in PLANS:
-            sys.exit(f"plan {sys.argv[2]!r}: one of {', '.join(PLANS)}")
+        plan_names(sys.argv[2])
         RES.mkdir(parents=True, exist_ok=True)
         with open(RES / "driver.log", "w") as log:
             subprocess.Popen([sys.executable, __file__, "run", sys.argv[2]], stdout=log, stderr=subprocess.STDOUT,
