@@ -1,9 +1,9 @@
-"""One GPU session in the background (GPU machine, TensorRT 8.5 staged): one PLAN's engines built in waves of
-four in priority order, accuracy checks as soon as their engines exist (while later builds run), and after each
-wave the timings its engines allow, on a quiet GPU. The machine's own python3 drives; TensorRT work runs in
-tests/gpu/py39.sh, the official PyTorch models in python3. Plans (one a session: TensorRT 8.5 builds on an H200
-take 6-10 minutes for a YOLOv5 and ~19 for a YOLOv8s/YOLO11s at 640, so a 30-minute device budget holds one wave,
-the rest carried over as engines): v8 (issue 12), int8 and int8b (issue 14), perf (15, 16).
+"""One GPU session in the background (GPU machine, TensorRT 8.5 staged): a PLAN's engines (or several plans')
+built in waves of four in priority order, accuracy checks as soon as their engines exist (while later builds run),
+and after each wave the timings its engines allow, on a quiet GPU. The machine's own python3 drives; TensorRT work
+runs in tests/gpu/py39.sh, the official PyTorch models in python3. Plans (TensorRT 8.5 builds on an H200 take 6-10
+minutes for a YOLOv5 and 6-19 for a YOLOv8s/YOLO11s at 640, so a 30-minute device budget holds two or three
+waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
