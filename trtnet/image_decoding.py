@@ -266,7 +266,7 @@ class FileDecoder:
         """Decode `paths`; the GPU part is queued on `self.stream` (complete once `ready` has). `contents`: their
         bytes being read already (`read_all`); read_ms is then the wait for them."""
         start = time.perf_counter()
-        datas = (contents or read_all(paths)).result()
+        datas = contents.result() if contents is not None else read_now(paths)
         read_ms = (time.perf_counter() - start) * 1000.0
         files = [DecodedFile(os.fspath(p), self.choose(d) if isinstance(d, bytes) else DecoderChoice("cpu", d),
                              error="" if isinstance(d, bytes) else d) for p, d in zip(paths, datas)]
@@ -361,9 +361,14 @@ def _read_ahead(chunks: Iterable[list]) -> Iterator[tuple[list, Future]]:
         yield pending
 
 
+def read_now(paths: Sequence[str | os.PathLike]) -> list[bytes | str]:
+    """The files' bytes (or why each cannot be read), read on the I/O threads."""
+    return list(_io_pool().map(read_bytes, [os.fspath(p) for p in paths]))
+
+
 def read_all(paths: Sequence[str | os.PathLike]) -> Future:
-    """The files' bytes (or why each cannot be read), read in the background on the I/O threads."""
-    return _reader().submit(lambda: list(_io_pool().map(read_bytes, [os.fspath(p) for p in paths])))
+    """`read_now` in the background."""
+    return _reader().submit(read_now, paths)
 
 
 def host_images(decoder: FileDecoder, paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
