@@ -75,7 +75,7 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signum)
             try:  # PyTriton: Triton's --exit-timeout (10 s), then up to 30 s before it kills tritonserver
-                self.process.wait(90)
+                self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)

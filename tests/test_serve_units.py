@@ -172,3 +172,5 @@ def test_the_exit_timeout_reaches_triton_s_config(monkeypatch):
     chosen = serve.settings_from(serve.parser().parse_args(["x.engine", "--exit-timeout", "3"]))
     assert serve.triton_config(default)["exit_timeout_secs"] == 10
     assert serve.triton_config(chosen)["exit_timeout_secs"] == 3
+    with pytest.raises(TrtnetError, match="--exit-timeout -1: must be 0 or more seconds"):
+        serve.settings_from(serve.parser().parse_args(["x.engine", "--exit-timeout", "-1"]))

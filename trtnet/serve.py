@@ -568,6 +568,8 @@ def settings_from(args) -> ServeSettings:
     for option in ("instances", "max_batch", "max_det", "topk"):
         if getattr(args, option) < 1:
             raise TrtnetError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
+    if args.exit_timeout < 0:
+        raise TrtnetError(f"--exit-timeout {args.exit_timeout}: must be 0 or more seconds")
     return ServeSettings(args.target, parse_devices(args.devices), args.instances, args.max_batch,
                          args.max_queue_delay_us, args.conf, args.iou, args.max_det, args.topk, args.imgsz,
                          args.host, args.http_port, args.grpc_port, args.metrics_port, args.weights_dir,
