@@ -430,3 +430,69 @@ def test_iter_decoded_reads_the_next_batch_while_this_one_is_used(tmp_path, monk
     for k, f in enumerate(decoded):
         np.testing.assert_array_equal(f.image, cv2.imdecode(np.frombuffer(jpeg_bytes(coloured() // (k + 1)), np.uint8),
                                                             cv2.IMREAD_COLOR))
+
+
+def test_simulated_server_decodes_jpegs_on_the_gpu_with_the_results_of_opencv(gpu_files):
+    """trtnet.serve's request path on a GPU Detector: the JPEGs of a dynamic batch are decoded by nvImageCodec
+    straight into the letterbox, the rest by OpenCV, and every request gets what `--decode cpu` gives it."""
+    from trtnet import serve
+
+    make, folder, bus = gpu_files
+    _, boxes = expected_bus(bus)
+    requests = [{"image": np.array([[(folder / name).read_bytes()]], object)}
+                for name in ("1.jpg", "3.png", "5.jpg", "2.jpg", "4.jpg")]
+    requests.append({"pixels": bus[None]})
+    answers = {}
+    with make() as detector:
+        for mode in ("cpu", "gpu"):
+            before = FakeDecoder.decoded
+            answers[mode] = serve.infer_function(detector, serve.ServeSettings("x", decode=mode))(requests)
+            answers[mode + " decoded on the gpu"] = FakeDecoder.decoded - before
+    assert answers["cpu decoded on the gpu"] == 0
+    assert answers["gpu decoded on the gpu"] == 2  # 1.jpg, 2.jpg (4.jpg it fails on: OpenCV decodes that one)
+    for cpu, gpu in zip(answers["cpu"], answers["gpu"]):
+        assert cpu.keys() == gpu.keys()
+        for key in cpu:
+            np.testing.assert_array_equal(cpu[key], gpu[key], err_msg=key)
+    counts = [int(a["count"][0, 0]) for a in answers["gpu"]]
+    assert counts == [4, 4, 0, 0, 0, 4]
+    for i in (0, 1, 5):
+        np.testing.assert_allclose(answers["gpu"][i]["boxes"][0, :4], boxes, rtol=1e-5, atol=1e-3)
+        assert answers["gpu"][i]["shape"][0].tolist() == list(bus.shape[:2])
+    assert b"not an image OpenCV can read" in answers["gpu"][2]["error"][0, 0]
+
+
+def test_decode_gpu_is_refused_at_startup_where_nvimgcodec_is_missing(sim_detector, monkeypatch):  # noqa: F811
+    from trtnet import serve
+
+    monkeypatch.setattr(image_decoding, "gpu_decode_unavailable", lambda: "nvImageCodec is not installed")
+    with sim_detector() as detector:
+        with pytest.raises(TrtnetError, match="--decode gpu: nvImageCodec is not installed"):
+            serve.infer_function(detector, serve.ServeSettings("x", decode="gpu"))
+        assert not serve.instance_decoder(detector, serve.ServeSettings("x")).uses_gpu  # auto: OpenCV
+
+
+def test_a_decode_from_another_thread_queues_on_the_decoder_s_gpu(gpu_files, monkeypatch):
+    """A serving instance on GPU 1 decodes on whichever thread Triton calls it from (current device 0 there): the
+    event after the decode must be made on GPU 1, where its stream is."""
+    import threading
+
+    from trtnet import cuda_rt
+
+    make, folder, bus = gpu_files
+    made_on = []
+    event = cuda_rt.Event
+
+    def recording_event(*args, **kwargs):
+        made_on.append(getattr(SIM.current, "device", 0))
+        return event(*args, **kwargs)
+
+    monkeypatch.setattr(cuda_rt, "Event", recording_event)
+    decoder = FileDecoder("gpu", device=1)
+    data = (folder / "1.jpg").read_bytes()
+    done = []
+    thread = threading.Thread(target=lambda: done.append(decoder.decode_bytes([data], ["request image"])))
+    thread.start()
+    thread.join(timeout=30)
+    assert done and done[0].ready is not None and made_on == [1]
+    decoder.close()

@@ -150,7 +150,7 @@ def test_bad_requests_get_errors_and_good_ones_keep_succeeding(server, tmp_path)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 this is not a JPEG")
     with Client(server.url) as client:
-        with pytest.raises(TrtnetError, match="OpenCV can decode"):
+        with pytest.raises(TrtnetError, match="not an image OpenCV can read"):
             client.detect(str(broken))
         raw = http.InferenceServerClient(f"127.0.0.1:{server.http}")
         for dtype, array in (("FP32", np.zeros((1, 8, 8, 3), np.float32)), ("UINT8", np.zeros((1, 8, 8, 4), np.uint8))):

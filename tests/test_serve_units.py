@@ -77,22 +77,27 @@ def test_use_device_refuses_an_index_the_machine_lacks(monkeypatch):
 
 
 def test_encoded_images_decode_and_undecodable_ones_become_errors():
+    from trtnet.image_decoding import FileDecoder
+
     ok, png = cv2.imencode(".png", np.full((8, 6, 3), 7, np.uint8))
     assert ok
     request = {"image": np.array([[png.tobytes()], [b"not an image"], [b""]], dtype=object)}
-    decoded = serve.request_images(request)
+    inputs = serve.request_inputs(request)
+    assert [type(x) for x in inputs] == [serve.Encoded] * 3
+    decoded, ready = serve.decode_inputs(FileDecoder("cpu"), inputs)
+    assert ready is None  # nothing decoded on a GPU
     assert decoded[0].shape == (8, 6, 3) and int(decoded[0][0, 0, 0]) == 7
-    assert isinstance(decoded[1], TrtnetError) and "OpenCV can decode" in str(decoded[1])
+    assert isinstance(decoded[1], TrtnetError) and "image of 12 bytes: not an image OpenCV can read" in str(decoded[1])
     assert isinstance(decoded[2], TrtnetError)
 
 
 def test_raw_pixels_must_be_uint8_hxwx3():
-    good = serve.request_images({"pixels": np.zeros((2, 5, 4, 3), np.uint8)})
+    good = serve.request_inputs({"pixels": np.zeros((2, 5, 4, 3), np.uint8)})
     assert [x.shape for x in good] == [(5, 4, 3), (5, 4, 3)]
     for bad in (np.zeros((1, 5, 4, 3), np.float32), np.zeros((1, 5, 4, 4), np.uint8)):
-        errors = serve.request_images({"pixels": bad})
+        errors = serve.request_inputs({"pixels": bad})
         assert len(errors) == 1 and isinstance(errors[0], TrtnetError)
-    assert isinstance(serve.request_images({"conf": np.ones((1, 1))})[0], TrtnetError)
+    assert isinstance(serve.request_inputs({"conf": np.ones((1, 1))})[0], TrtnetError)
 
 
 def test_outputs_are_padded_to_max_det_with_a_count_and_errors_per_image():
@@ -156,6 +161,8 @@ def test_cli_refusals_name_the_option(capsys):
     assert "--instances 0" in capsys.readouterr().err
     assert serve.cli(["yolov5n", "--devices", "cpu", "--export-repo", "repo"]) == 2
     assert "--export-repo" in capsys.readouterr().err
+    assert serve.cli(["yolov5n", "--devices", "cpu", "--decode", "gpu"]) == 2
+    assert "--decode gpu decodes on a GPU; --devices cpu has none" in capsys.readouterr().err
 
 
 def test_the_exit_timeout_reaches_triton_s_config(monkeypatch):

@@ -400,6 +400,19 @@ class Detector(_Model):
                 result = detections_from_rows(rows, file.image, self.names, file.path)
                 yield file.path, replace(result, image=image), ""
 
+    def detect_decoded(self, batch) -> list[Detections | None]:
+        """One result per file of an `image_decoding.DecodedBatch` (from `FileDecoder.decode_bytes`, or made of
+        host arrays), in order: its Detections (without pixels), or None for a file that was not decoded. Pixels
+        decoded on the GPU are letterboxed where they are, once the batch's `ready` event has passed."""
+        from trtnet.image_decoding import DecodedBatch
+
+        self.engine.use_device()
+        size = self.max_batch
+        parts = [DecodedBatch(batch.files[i:i + size], batch.ready, slot=k % 2)
+                 for k, i in enumerate(range(0, len(batch.files), size))]
+        return [replace(detections_from_rows(rows, file.image, self.names), image=None) if rows is not None
+                else None for file, rows in self.pipeline.stream_decoded(parts, depth=2)]
+
     def stream(self, images: Iterable[ImageLike], batch: int = 1, depth: int = 2) -> Iterator[Detections]:
         """`detect` for a stream of images (video frames, a camera, many files): one `Detections` per image,
         in order, while the next `batch` of images is uploaded and queued as the GPU runs the previous one.

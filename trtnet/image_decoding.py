@@ -206,6 +206,8 @@ def cpu_decode(data: bytes) -> np.ndarray | None:
     """OpenCV's BGR pixels of encoded `data` (as `cv2.imread(path, IMREAD_COLOR)`), None if it cannot."""
     import cv2
 
+    if not data:  # OpenCV asserts on an empty buffer
+        return None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return image if image is not None and image.size else None
 
@@ -231,6 +233,8 @@ class FileDecoder:
     def __init__(self, mode: str = "auto", device: int | None = None, cpu_threads: int = 1):
         if mode not in MODES:
             raise TrtnetError(f"--decode {mode}: choose one of {', '.join(MODES)}")
+        if cpu_threads < 0:
+            raise TrtnetError(f"{cpu_threads} decode threads: give 0 (one per core) or more")
         self.mode = mode
         self.unavailable = "--decode cpu" if mode == "cpu" else gpu_decode_unavailable()
         if mode == "gpu" and self.unavailable:
@@ -268,8 +272,16 @@ class FileDecoder:
         start = time.perf_counter()
         datas = contents.result() if contents is not None else read_now(paths)
         read_ms = (time.perf_counter() - start) * 1000.0
-        files = [DecodedFile(os.fspath(p), self.choose(d) if isinstance(d, bytes) else DecoderChoice("cpu", d),
-                             error="" if isinstance(d, bytes) else d) for p, d in zip(paths, datas)]
+        batch = self.decode_bytes(datas, [os.fspath(p) for p in paths], slot)
+        batch.read_ms = read_ms
+        return batch
+
+    def decode_bytes(self, datas: Sequence[bytes | str], names: Sequence[str], slot: Any = 0) -> DecodedBatch:
+        """Decode encoded images held in memory (a str in `datas`: why that one could not be read), each
+        named for its errors by `names`; as `decode`."""
+        start = time.perf_counter()
+        files = [DecodedFile(name, self.choose(d) if isinstance(d, bytes) else DecoderChoice("cpu", d),
+                             error="" if isinstance(d, bytes) else d) for name, d in zip(names, datas)]
         gpu = [i for i, f in enumerate(files) if f.choice.decoder == "gpu"]
         ready = self._decode_on_gpu(files, [datas[i] for i in gpu], gpu, slot) if gpu else None
         cpu = [i for i, f in enumerate(files) if f.image is None and not f.error]
@@ -277,14 +289,14 @@ class FileDecoder:
             files[i].image = image
             if image is None:
                 files[i].error = "not an image OpenCV can read (empty, corrupt or another format)"
-        decode_ms = (time.perf_counter() - start) * 1000.0 - read_ms
-        return DecodedBatch(files, ready, read_ms, decode_ms, slot)
+        return DecodedBatch(files, ready, 0.0, (time.perf_counter() - start) * 1000.0, slot)
 
     def _decode_on_gpu(self, files: list[DecodedFile], datas: list[bytes], where: list[int],
                        slot: Any) -> cuda_rt.Event | None:
         """nvImageCodec over `datas` (files[where]) into this slot's images; a file it fails on is left for
         OpenCV with the reason changed. The event after the decodes, None when none succeeded."""
         codec, decoder, params = self._gpu()
+        cuda_rt.set_device(self.device)  # its event on the decoder's GPU, whichever thread decodes (serve's instances)
         streams = [codec.CodeStream(d) for d in datas]
         reuse = self._reusable.get(slot, [])
         kwargs = {"images": reuse[: len(streams)]} if len(reuse) >= len(streams) else {}

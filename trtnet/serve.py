@@ -58,6 +58,7 @@ class ServeSettings:
     metrics_port: int = 8002
     weights_dir: str = "weights"
     exit_timeout_s: int = 10  # on SIGINT/SIGTERM, how long Triton lets in-flight requests finish (its own: 30)
+    decode: str = "auto"  # encoded images: on the GPU (nvImageCodec) where it can, "gpu" or "cpu" (OpenCV)
 
 
 def parse_devices(text: str) -> tuple[Device, ...]:
@@ -112,28 +113,19 @@ def batch_bound(settings: ServeSettings, runner) -> int:
 # ------------------------------------------------------------------------------------------ requests
 
 
-def decode_image(encoded: Any) -> np.ndarray:
-    """BGR uint8 from encoded image bytes; TrtnetError when OpenCV cannot decode them."""
-    import cv2
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded image (JPEG, PNG, ...) of a request: decoded with the rest of its dynamic batch."""
 
-    data = bytes(encoded) if not isinstance(encoded, bytes) else encoded
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise TrtnetError(f"image of {len(data)} bytes: not an image OpenCV can decode (JPEG, PNG, BMP, ...)")
-    return image
+    data: bytes
 
 
-def request_images(request: Any) -> list[np.ndarray | TrtnetError]:
-    """The images of one request (a mapping of input name → array with the batch first), or the error
-    of each one that cannot be used."""
+def request_inputs(request: Any) -> list[np.ndarray | Encoded | TrtnetError]:
+    """The images of one request (a mapping of input name → array with the batch first), still encoded where
+    they came encoded, or the error of each one that cannot be used."""
     if "image" in request:
-        out: list[np.ndarray | TrtnetError] = []
-        for row in np.asarray(request["image"]).reshape(len(request["image"]), -1):
-            try:
-                out.append(decode_image(row[0]))
-            except TrtnetError as exc:
-                out.append(exc)
-        return out
+        rows = np.asarray(request["image"]).reshape(len(request["image"]), -1)
+        return [Encoded(row[0] if isinstance(row[0], bytes) else bytes(row[0])) for row in rows]
     if "pixels" in request:
         pixels = np.asarray(request["pixels"])
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3 or 0 in pixels.shape:
@@ -141,6 +133,30 @@ def request_images(request: Any) -> list[np.ndarray | TrtnetError]:
             return [error] * max(len(pixels), 1)
         return list(pixels)
     return [TrtnetError("the request has neither `image` (encoded bytes) nor `pixels` (uint8 HxWx3)")]
+
+
+def instance_decoder(runner, settings: ServeSettings):
+    """The `FileDecoder` of one model instance: JPEGs on its GPU (nvImageCodec) where --decode allows and the
+    runner takes device images, OpenCV on the decode threads otherwise."""
+    from trtnet.image_decoding import FileDecoder
+
+    if not hasattr(runner, "detect_decoded"):
+        return FileDecoder("cpu")
+    return FileDecoder(settings.decode, device=runner.engine.device_index)
+
+
+def decode_inputs(decoder, inputs: Sequence) -> tuple[list, Any]:
+    """`inputs` with every Encoded one decoded (one decoder batch: JPEGs on the GPU, the rest with OpenCV on
+    threads) or replaced by its error; and the event after which the GPU-decoded ones are complete."""
+    encoded = [i for i, x in enumerate(inputs) if isinstance(x, Encoded)]
+    if not encoded:
+        return list(inputs), None
+    batch = decoder.decode_bytes([inputs[i].data for i in encoded], [f"image {i}" for i in encoded])
+    images = list(inputs)
+    for i, file in zip(encoded, batch.files):
+        images[i] = file.image if file.image is not None else TrtnetError(
+            f"image of {len(inputs[i].data)} bytes: {file.error}")
+    return images, batch.ready
 
 
 @dataclass(frozen=True)
@@ -219,17 +235,23 @@ def split_rows(outputs: dict[str, np.ndarray], counts: Sequence[int]) -> list[di
     return [{k: v[a:b] for k, v in outputs.items()} for a, b in zip(starts[:-1], starts[1:])]
 
 
-def run_images(runner, images: list, settings: ServeSettings) -> list:
-    """Results (or errors) for decoded images: every good image of the batch in one call to the runner."""
+def run_inputs(runner, decoder, inputs: Sequence, settings: ServeSettings) -> list:
+    """Results (or errors), one per input of a dynamic batch: the encoded ones decoded together, then every
+    good image in one call to the runner (pixels decoded on the GPU stay there)."""
+    images, ready = decode_inputs(decoder, inputs)
     good = [i for i, x in enumerate(images) if not isinstance(x, Exception)]
     results = list(images)
     if not good:
         return results
     from trtnet.api import to_bgr
+    from trtnet.image_decoding import DecodedBatch, DecodedFile, DecoderChoice, DeviceImage
 
     try:
-        loaded = [to_bgr(images[i]) for i in good]
-        if hasattr(runner, "detect_loaded"):
+        loaded = [images[i] if isinstance(images[i], DeviceImage) else to_bgr(images[i]) for i in good]
+        if hasattr(runner, "detect_decoded"):
+            files = [DecodedFile(f"image {i}", DecoderChoice("cpu", ""), image) for i, image in zip(good, loaded)]
+            done = runner.detect_decoded(DecodedBatch(files, ready))
+        elif hasattr(runner, "detect_loaded"):
             done = runner.detect_loaded(loaded)
         else:
             done = runner.classify(loaded, settings.topk)
@@ -242,12 +264,12 @@ def run_images(runner, images: list, settings: ServeSettings) -> list:
 
 def infer_function(runner, settings: ServeSettings) -> Callable[[list], list[dict]]:
     """The PyTriton callable of one model instance: a dynamic batch of requests in, one dict per request out."""
-    detect = hasattr(runner, "detect_loaded")
+    detect = hasattr(runner, "detect_loaded") or hasattr(runner, "detect_decoded")
+    decoder = instance_decoder(runner, settings)
 
     def infer(requests: list) -> list[dict]:
-        per_request = [request_images(r) for r in requests]
-        images = [x for xs in per_request for x in xs]
-        results = run_images(runner, images, settings)
+        per_request = [request_inputs(r) for r in requests]
+        results = run_inputs(runner, decoder, [x for xs in per_request for x in xs], settings)
         if not detect:
             return split_rows(classification_outputs(results, settings.topk), [len(x) for x in per_request])
         options = [o for r, xs in zip(requests, per_request) for o in request_overrides(r, len(xs))]
@@ -549,6 +571,9 @@ def parser():
     p.add_argument("--max-det", type=int, default=300, help="detections per image (outputs are padded to it)")
     p.add_argument("--topk", type=int, default=5, help="classifiers: classes per image")
     p.add_argument("--imgsz", type=int, default=640, help="--devices cpu: network input size")
+    p.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="encoded images: JPEGs on the GPU with nvImageCodec where available (auto), always (gpu), "
+                        "or OpenCV on the CPU")
     p.add_argument("--exit-timeout", type=int, default=10, metavar="SECONDS",
                    help="on Ctrl-C/SIGTERM, how long requests in flight may take to finish")
     add_weights_dir(p, "where names are looked up")
@@ -570,10 +595,13 @@ def settings_from(args) -> ServeSettings:
             raise TrtnetError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
     if args.exit_timeout < 0:
         raise TrtnetError(f"--exit-timeout {args.exit_timeout}: must be 0 or more seconds")
-    return ServeSettings(args.target, parse_devices(args.devices), args.instances, args.max_batch,
+    devices = parse_devices(args.devices)
+    if args.decode == "gpu" and "cpu" in devices:
+        raise TrtnetError("--decode gpu decodes on a GPU; --devices cpu has none (use --decode auto or cpu)")
+    return ServeSettings(args.target, devices, args.instances, args.max_batch,
                          args.max_queue_delay_us, args.conf, args.iou, args.max_det, args.topk, args.imgsz,
                          args.host, args.http_port, args.grpc_port, args.metrics_port, args.weights_dir,
-                         args.exit_timeout)
+                         args.exit_timeout, args.decode)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,8 +5,9 @@ process on the same images decoded the same way, at batch 1, 8, 32.
         [--json direct.json]
     python tests/gpu/serve_direct.py yolov5n.wts --device cpu --imgsz 320 --images ...   # the CPU path
 
-Two rows per batch size: `encoded` decodes the JPEG/PNG bytes in the timed loop (`trtnet.serve.decode_image`,
-what the server does for each request), `decoded` starts from decoded BGR images (the runner alone). Each row is
+Two rows per batch size: `encoded` decodes the JPEG/PNG bytes in the timed loop as the server does
+(`trtnet.serve.run_inputs` with the instance's decoder: JPEGs on the GPU where nvImageCodec is, `--decode`),
+`decoded` starts from decoded BGR images (the runner alone). Each row is
 warmed up, then timed by the wall clock over at least `--seconds`; throughput is images per second. Batches
 above the engine's profile are clamped to its largest.
 """
@@ -21,10 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import cv2
+import numpy as np
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trtnet.serve import ServeSettings, decode_image, open_runner  # noqa: E402
+from trtnet.serve import Encoded, ServeSettings, instance_decoder, open_runner, run_inputs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed batches before each row")
     p.add_argument("--device", default="0", help="GPU index, or cpu")
     p.add_argument("--imgsz", type=int, default=640, help="--device cpu: network input size")
+    p.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto", help="as trtnet.serve's --decode")
     p.add_argument("--json", help="write the rows here")
     return p
 
@@ -70,10 +75,11 @@ def timed(call: Callable[[], None], batch: int, warmup: int, seconds: float) -> 
             return calls * batch, elapsed
 
 
-def measure(runner, encoded: list[bytes], batch: int, warmup: int, seconds: float) -> list[DirectRow]:
-    chunk = [encoded[i % len(encoded)] for i in range(batch)]
-    decoded = [decode_image(data) for data in chunk]
-    calls = {"encoded": lambda: runner.detect_loaded([decode_image(data) for data in chunk]),
+def measure(runner, decoder, settings: ServeSettings, encoded: list[bytes], batch: int, warmup: int,
+            seconds: float) -> list[DirectRow]:
+    chunk = [Encoded(encoded[i % len(encoded)]) for i in range(batch)]
+    decoded = [cv2.imdecode(np.frombuffer(x.data, np.uint8), cv2.IMREAD_COLOR) for x in chunk]
+    calls = {"encoded": lambda: run_inputs(runner, decoder, chunk, settings),
              "decoded": lambda: runner.detect_loaded(decoded)}
     rows = []
     for mode, call in calls.items():
@@ -90,20 +96,25 @@ def engine_limit(runner) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     device = "cpu" if args.device.strip().lower() == "cpu" else int(args.device)
-    settings = ServeSettings(args.target, devices=(device,), imgsz=args.imgsz)  # the server's NMS defaults
+    settings = ServeSettings(args.target, devices=(device,), imgsz=args.imgsz, decode=args.decode)  # NMS defaults
     encoded = [Path(p).read_bytes() for p in args.images]
     runner = open_runner(settings, device)
     try:
         limit = engine_limit(runner)
         batches = sorted({min(b, limit) if limit else b for b in args.batches})
-        rows = [row for b in batches for row in measure(runner, encoded, b, args.warmup, args.seconds)]
+        decoder = instance_decoder(runner, settings)
+        on_gpu = decoder.uses_gpu
+        rows = [row for b in batches for row in measure(runner, decoder, settings, encoded, b, args.warmup,
+                                                         args.seconds)]
     finally:
         runner.close()
+    print(f"encoded images decoded on the {'GPU (nvImageCodec)' if on_gpu else 'CPU (OpenCV)'}")
     print(f"{'mode':>8} {'batch':>5} {'images':>7} {'images/s':>10} {'ms/batch':>9}")
     for r in rows:
         print(f"{r.mode:>8} {r.batch:>5} {r.images:>7} {r.throughput:>10.1f} {r.ms_per_batch:>9.2f}")
     if args.json:
         report = {"target": args.target, "device": str(device), "images": args.images, "engine_max_batch": limit,
+                  "decoder": "gpu" if on_gpu else "cpu",
                   "rows": [asdict(r) for r in rows]}
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
