@@ -24,6 +24,7 @@ from trtnet import cuda_rt, networks
 from trtnet.engine import Engine, FallbackWarning, Worker, batched, iter_chunks, pad_batch
 from trtnet.engine_meta import DETECTION_ROW, nms_kwargs
 from trtnet.errors import TrtnetError
+from trtnet.frame_prefetch import FramePrefetch
 from trtnet.image_decoding import DecodedBatch, DecodedFile
 from trtnet.plugins.postprocess import NmsSettings
 from trtnet.plugins.preprocess import rows_to_image
@@ -205,15 +206,19 @@ class DetectPipeline:
         works on the previous one, so the GPU does not wait for the host between runs (video).
 
         The engine's worker is held while the iterator is consumed (on a dynamic-shape engine other
-        threads wait for it); consume it in the thread that started it. An image's memory may be reused
-        once `batch` further images have been taken from `images` (a video reader's ring of `batch` frames).
+        threads wait for it); consume it in the thread that started it. `images` is iterated on a thread of
+        its own, which copies pageable images into page-locked memory while the GPU runs the batches before
+        them (`trtnet.frame_prefetch`). An image's memory may be reused once `batch` further images have been
+        taken from `images` (a video reader's ring of `batch` frames).
         """
         if depth < 1:
             raise TrtnetError(f"depth must be at least 1, got {depth}")
         batch = max(1, min(int(batch), self.engine.max_batch))
-        queued = (_Queued(chunk, slot=runs % depth) for runs, chunk in enumerate(batched(images, batch)))
-        for _, rows in self._pipelined(queued, depth):
-            yield from rows
+        with FramePrefetch(batched(images, batch), _copy_pool()) as frames:  # pageable frames copied meanwhile
+            queued = (_Queued(chunk.images, slot=runs % depth, uploaded=chunk.uploaded)
+                      for runs, chunk in enumerate(frames))
+            for _, rows in self._pipelined(queued, depth):
+                yield from rows
 
     def stream_decoded(self, batches: Iterable[DecodedBatch], depth: int = 2,
                        mark: StageMark | None = None) -> Iterator[tuple[DecodedFile, np.ndarray | None]]:
@@ -249,6 +254,8 @@ class DetectPipeline:
                     in_flight.append((item, self._submit_queued(worker, item, hw)))
                     last_hw = hw if item.images else last_hw
                     worker.uploaded.synchronize()
+                    if item.uploaded is not None:
+                        item.uploaded()
                     if len(in_flight) == depth:
                         yield self._collected(*in_flight.popleft())
                 while in_flight:
@@ -398,6 +405,7 @@ class _Queued:
     ready: cuda_rt.Event | None = None
     mark: StageMark | None = None
     source: Any = None
+    uploaded: Callable[[], None] | None = None  # told once its upload has completed (FramePrefetch)
 
 
 @dataclass(frozen=True)
