@@ -232,7 +232,8 @@ def bench_engine(args) -> list[Timing]:
             if getattr(args, "files", None):
                 from trtnet.bench_files import file_timings
 
-                timings += file_timings(model, args.files, batch, args.decode, args.iters, args.warmup)
+                timings += file_timings(model, args.files, batch, args.decode, args.iters, args.warmup,
+                                        args.decode_threads)
             else:
                 timings += end_to_end_timings(model, batch, args)
             if torch_model_ is not None:
@@ -310,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
                    "time per stage, per decoder (--iters batches, the folder cycled; see trtnet.bench_files)")
     p.add_argument("--decode", choices=("cpu", "gpu", "both"), default="both",
                    help="--files: OpenCV on the CPU, nvImageCodec on the GPU, or both")
+    p.add_argument("--decode-threads", type=int, default=1, metavar="N",
+                   help="--files: host threads nvImageCodec may use for its share of the decode (0: one per core)")
     add_weights_dir(p, "where engine names are looked up")
     return p
 

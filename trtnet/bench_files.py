@@ -153,7 +153,8 @@ def stages_note(times: StageTimes) -> str:
     return ", ".join(f"{stage} {shares[stage] * 100:.0f}%" for stage in times.total_ms)
 
 
-def file_timings(model, folder: str, batch: int, decode: str, iters: int, warmup: int) -> list:
+def file_timings(model, folder: str, batch: int, decode: str, iters: int, warmup: int,
+                 decode_threads: int = 1) -> list:
     """The `files` rows of `trtnet.bench` for one batch size: per decoder, throughput with stage shares."""
     from trtnet.bench import Timing
     from trtnet.image_decoding import FileDecoder
@@ -167,7 +168,7 @@ def file_timings(model, folder: str, batch: int, decode: str, iters: int, warmup
     engine = pipeline.engine
     for mode in decode_modes(decode):
         engine.use_device()
-        with FileDecoder(mode, device=engine.device_index) as decoder:
+        with FileDecoder(mode, device=engine.device_index, cpu_threads=decode_threads) as decoder:
             throughput(pipeline, decoder, cycled(files, max(min(warmup, 2), 1), batch), batch)  # warm caches
             result = throughput(pipeline, decoder, timed, batch)
             stages = stage_times(pipeline, decoder, files, batch)

@@ -79,6 +79,11 @@ install_wheels() {  # whichever of .whl_serve39/a, b this call carries → $site
     for deb in "$repo"/.whl_serve39/b/libpython3.9_*.deb; do
         if [ -f "$deb" ]; then dpkg -x "$deb" "$site/libpython" || return 1; fi
     done
+    if compgen -G "$repo/.whl_serve39/b/*.whl" >/dev/null && ! compgen -G "$repo/.whl_serve39/b/libpython3.9_*.deb" \
+        >/dev/null; then  # run K carried b without it: the server's Python stub could not start
+        echo "no libpython3.9_*.deb in .whl_serve39/b: fetch it (this script's header, apt-get download)"
+        return 1
+    fi
     [ -n "$found" ] || { echo "no wheels in $repo/.whl_serve39/a or b: carry one of them"; return 1; }
 }
 
