@@ -102,3 +102,21 @@ def test_closing_stops_the_thread_waiting_for_a_free_buffer(pool):
     next(iter(frames))  # never uploaded: the thread waits for its buffer
     frames.close()
     assert not frames._thread.is_alive()
+
+
+def test_closing_does_not_wait_for_a_source_blocked_in_its_read(pool):
+    release = threading.Event()
+
+    def camera():
+        yield [np.zeros((6, 5, 3), np.uint8)]
+        release.wait(10)  # the next frame is slow to come
+        yield [np.zeros((6, 5, 3), np.uint8)]
+
+    frames = FramePrefetch(camera(), pool)
+    next(iter(frames)).uploaded()
+    start = time.monotonic()
+    frames.close()
+    assert time.monotonic() - start < 3
+    release.set()  # the read returns: the thread stops without copying into the buffers
+    frames._thread.join(timeout=5)
+    assert not frames._thread.is_alive() and frames._ready.empty()

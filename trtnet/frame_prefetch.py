@@ -67,10 +67,12 @@ class FramePrefetch:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)  # a reader blocked in the caller's iterable is left to finish (daemon)
+        self._thread.join(timeout=1)
         if not self._thread.is_alive():
             for buffer in self._ring:
                 buffer.close()
+        # else it waits in the caller's iterable (a camera read): it stops when that returns, copying nothing, and
+        # the buffers go with this object (a Ctrl-C on a live stream does not wait for the next frame)
 
     def __enter__(self) -> FramePrefetch:
         return self
@@ -89,6 +91,8 @@ class FramePrefetch:
                 batch = next(self._batches, None)
                 if batch is None:
                     break
+                if self._stop.is_set():
+                    return
                 self._free[slot].clear()
                 images, sent_from_caller = self._staged(list(batch), self._ring[slot])
                 uploaded = threading.Event()
