@@ -125,3 +125,22 @@ def test_a_session_of_two_plans_builds_the_first_plan_s_engines_first_and_each_e
 def test_an_unknown_plan_is_refused_by_name():
     with pytest.raises(SystemExit, match="plan 'int9': one of v8, int8"):
         session_gpu.plan_names("int8,int9")
+
+
+def test_collect_brings_back_results_and_caches_without_annotated_images(session, tmp_path):
+    import tarfile
+
+    module, eng, res, calls, failing = session
+    (res / "perf" / "detect_gpu").mkdir(parents=True)
+    (res / "perf" / "detect_gpu" / "bus.jpg").write_bytes(b"\xff\xd8" + b"0" * 1000)
+    (res / "perf" / "detect_gpu" / "detections.json").write_text("[]")
+    (res / "steps.txt").write_text("done\n")
+    (eng / "yolov5n.timing").write_bytes(b"cache")
+    (eng / "yolov5n.engine").write_bytes(b"engine")  # engines come back through collect-engines
+    out = tmp_path / "out"
+    out.mkdir()
+    module.collect(out)
+    with tarfile.open(out / "res.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"res/steps.txt", "res/perf/detect_gpu/detections.json", "eng/yolov5n.timing"} <= names
+    assert not any(n.endswith((".jpg", ".engine")) for n in names)

@@ -388,7 +388,9 @@ def collect_engines(out: Path, budget_mib: float) -> None:
 def collect(out: Path) -> None:
     kept = [p.name for p in ENG.glob("*") if p.name.endswith((".timing", ".calib.json", ".cache"))]
     engines = ["-C", str(ENG.parent), *(f"{ENG.name}/{name}" for name in sorted(kept))] if kept else []
-    subprocess.run(["tar", "czf", str(out / "res.tgz"), "-C", str(RES.parent), RES.name, *engines], check=False)
+    # not the annotated images `detect` writes (37 MB in run K: the tar was too large to come back)
+    subprocess.run(["tar", "czf", str(out / "res.tgz"), "--exclude=*.jpg", "--exclude=*.png", "-C", str(RES.parent),
+                    RES.name, *engines], check=False)
 
 
 def main() -> int:
