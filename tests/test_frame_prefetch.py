@@ -120,3 +120,18 @@ def test_closing_does_not_wait_for_a_source_blocked_in_its_read(pool):
     release.set()  # the read returns: the thread stops without copying into the buffers
     frames._thread.join(timeout=5)
     assert not frames._thread.is_alive() and frames._ready.empty()
+
+
+def test_the_frames_thread_works_on_the_engine_s_gpu(pool):
+    seen = []
+
+    class OnGpu(Source):
+        def frame(self, value):
+            seen.append(getattr(SIM.current, "device", 0))
+            return super().frame(value)
+
+    SIM.current.device = 0
+    with FramePrefetch(OnGpu(2), pool, device=1) as frames:
+        for item in frames:
+            item.uploaded()
+    assert seen == [1, 1]

@@ -44,8 +44,11 @@ class FramePrefetch:
     """Iterate it for `Prefetched` batches of `batches`, in order; an exception of the caller's iterable (or of a
     copy) comes out where it happened. `close()` (or leaving the `with`) stops the thread."""
 
-    def __init__(self, batches: Iterable[Sequence[np.ndarray]], copy_pool: ThreadPoolExecutor):
+    def __init__(self, batches: Iterable[Sequence[np.ndarray]], copy_pool: ThreadPoolExecutor,
+                 device: int | None = None):
         self._batches = iter(batches)
+        # the engine's GPU (None: this thread's current one): the frames thread's CUDA calls make no context elsewhere
+        self._device = cuda_rt.current_device() if device is None else device
         self._pool = copy_pool
         self._ring = [cuda_rt.PinnedBuffer() for _ in range(RING)]
         self._free = [threading.Event() for _ in range(RING)]
@@ -84,6 +87,7 @@ class FramePrefetch:
 
     def _produce(self) -> None:
         try:
+            cuda_rt.set_device(self._device)
             for k in itertools.count():
                 slot = k % RING
                 if not self._wait(self._free[slot]):  # before taking the batch: a live source's newest frames

@@ -214,7 +214,8 @@ class DetectPipeline:
         if depth < 1:
             raise TrtnetError(f"depth must be at least 1, got {depth}")
         batch = max(1, min(int(batch), self.engine.max_batch))
-        with FramePrefetch(batched(images, batch), _copy_pool()) as frames:  # pageable frames copied meanwhile
+        frames = FramePrefetch(batched(images, batch), _copy_pool(), self.engine.device_index)
+        with frames:  # pageable frames copied meanwhile
             queued = (_Queued(chunk.images, slot=runs % depth, uploaded=chunk.uploaded)
                       for runs, chunk in enumerate(frames))
             for _, rows in self._pipelined(queued, depth):
