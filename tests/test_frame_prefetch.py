@@ -7,10 +7,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 import pytest
 
-from tests.test_runtime_cpu import SIM
+from tests.conftest import shared
+from tests.test_runtime_cpu import SIM, sim_detector  # noqa: F401
 from trtnet import cuda_rt
 from trtnet.frame_prefetch import RING, FramePrefetch
 
@@ -135,3 +137,30 @@ def test_the_frames_thread_works_on_the_engine_s_gpu(pool):
         for item in frames:
             item.uploaded()
     assert seen == [1, 1]
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_detector_stream_prefetches_pageable_frames_only(sim_detector, monkeypatch, pinned):  # noqa: F811
+    """Frames read into page-locked memory stream as they did (nothing to copy, no thread); pageable ones go
+    through the frames thread, with the same results."""
+    import trtnet.pipelines
+
+    made = []
+    real = trtnet.pipelines.FramePrefetch
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trtnet.pipelines, "FramePrefetch", counting)
+    frame = cv2.imread(str(shared("images", "bus.jpg")))
+    with sim_detector() as detector:
+        frames = [cuda_rt.pinned_array(frame.shape) if pinned else frame.copy() for _ in range(3)]
+        for f in frames:
+            f[...] = frame
+        results = list(detector.stream(frames))
+        expected = detector.detect(frame)[0]
+    assert made == ([] if pinned else [1])
+    assert len(results) == 3 and len(expected) == 4
+    for r in results:
+        np.testing.assert_array_equal(r.boxes, expected.boxes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import warnings
 from collections import deque
@@ -206,16 +207,26 @@ class DetectPipeline:
         works on the previous one, so the GPU does not wait for the host between runs (video).
 
         The engine's worker is held while the iterator is consumed (on a dynamic-shape engine other
-        threads wait for it); consume it in the thread that started it. `images` is iterated on a thread of
-        its own, which copies pageable images into page-locked memory while the GPU runs the batches before
-        them (`trtnet.frame_prefetch`). An image's memory may be reused once `batch` further images have been
-        taken from `images` (a video reader's ring of `batch` frames).
+        threads wait for it); consume it in the thread that started it. Unless its first batch is in
+        page-locked memory, `images` is iterated on a thread of its own, which copies pageable images into
+        page-locked memory while the GPU runs the batches before them (`trtnet.frame_prefetch`). An image's
+        memory may be reused once `batch` further images have been taken from `images` (a video reader's
+        ring of `batch` frames).
         """
         if depth < 1:
             raise TrtnetError(f"depth must be at least 1, got {depth}")
         batch = max(1, min(int(batch), self.engine.max_batch))
-        frames = FramePrefetch(batched(images, batch), _copy_pool(), self.engine.device_index)
-        with frames:  # pageable frames copied meanwhile
+        chunks = batched(images, batch)
+        first = next(chunks, None)
+        if first is None:
+            return
+        chunks = itertools.chain([first], chunks)
+        if all(cuda_rt.is_page_locked(image) for image in first):  # read into pinned frames: nothing to copy ahead
+            queued = (_Queued(chunk, slot=runs % depth) for runs, chunk in enumerate(chunks))
+            for _, rows in self._pipelined(queued, depth):
+                yield from rows
+            return
+        with FramePrefetch(chunks, _copy_pool(), self.engine.device_index) as frames:  # copied meanwhile
             queued = (_Queued(chunk.images, slot=runs % depth, uploaded=chunk.uploaded)
                       for runs, chunk in enumerate(frames))
             for _, rows in self._pipelined(queued, depth):
