@@ -496,3 +496,13 @@ def test_a_decode_from_another_thread_queues_on_the_decoder_s_gpu(gpu_files, mon
     thread.join(timeout=30)
     assert done and done[0].ready is not None and made_on == [1]
     decoder.close()
+
+
+def test_the_gpu_decode_probe_runs_on_the_simulator(gpu_files):
+    from tests.gpu import decode_probe
+
+    make, folder, bus = gpu_files
+    paths = [str(folder / name) for name in ("1.jpg", "2.jpg", "6.jpg")]
+    report = decode_probe.probe(paths, batch=2, batches=3, threads=4)
+    assert report["threads"] == 4 and len(report["batches"]) == 3
+    assert all(b["on_gpu"] == 2 and b["complete_ms"] >= b["call_ms"] >= 0 for b in report["batches"])

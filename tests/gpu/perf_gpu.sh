@@ -94,12 +94,9 @@ for t in 4 0; do  # nvImageCodec's host threads (default 1): decode was half of 
         --decode gpu --decode-threads "$t" --iters 40 --warmup 2 --cuda-graphs \
         --json "$out/files_yolov5n_dyn_b32_threads$t.json"
 done
-# detect on 128 files took 2.5 s with the GPU decoder, 1.1 s with OpenCV (run K): how long does the decoder take to start?
-step decoder_start 120 "$py39" -c "import time; t = time.perf_counter(); from trtnet.image_decoding import FileDecoder; \
-d = FileDecoder('gpu'); t1 = time.perf_counter(); import glob; b = d.decode(sorted(glob.glob('$images/*.jpg'))[:32]); \
-d.stream.synchronize(); t2 = time.perf_counter(); b = d.decode(sorted(glob.glob('$images/*.jpg'))[32:64]); \
-d.stream.synchronize(); t3 = time.perf_counter(); \
-print(f'decoder start {t1 - t:.3f} s, first batch of 32 {t2 - t1:.3f} s, second {t3 - t2:.3f} s')"
+# where a GPU-decode batch goes (the decoder's start; does `decode` hold the host until its images are done?), per
+# count of nvImageCodec host threads; detect on 128 files took 2.5 s with the GPU decoder, 1.1 s with OpenCV (run K)
+step decode_probe 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --threads 1,4,0 --json "$out/decode_probe.json"
 for d in cpu gpu; do  # detect on a folder, annotated images written (GPU-decoded pixels come back for drawing)
     step "detect_folder_$d" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
         --out "$out/detect_$d"
