@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -190,7 +191,7 @@ class PinnedBuffer(_GrowingBuffer):
     def view(self, shape: tuple[int, ...], dtype: Any, offset: int = 0) -> np.ndarray:
         """A numpy array over the buffer (valid until the buffer grows or closes)."""
         dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # not np.prod: it was most of a view's time (3.6 µs → 1.0 µs, two a detect call)
         if offset + count * dtype.itemsize > self.nbytes:
             raise ValueError(f"view of {count * dtype.itemsize} bytes at {offset} exceeds {self.nbytes}")
         raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr + offset)
