@@ -102,7 +102,7 @@ def calibrated(name: str, weights: str, args: Sequence[str], cache: str) -> Buil
 PLANS = {
     "v8": [planned(f"{m}_{kind}") for kind in ("640_fp16_b1", "640x480_fp32", "640_fp16_b32") for m in V8_MODELS],
     # all three INT8 targets in the first wave: yolov5n mAP (its fp16 engine is plan perf's, carried in), the
-    # yolov5s batch-32 and ResNet-50 batch-128 speed (ResNet-50 builds take 2-3 minutes: runs C, D)
+    # yolov5s batch-32 and ResNet-50 batch-128 speed (a ResNet-50 fp16 batch-32 build took 98-167 s: runs C, D)
     "int8": [
         planned("yolov5n_640_fp16"),
         planned("yolov5s_syn_640_fp16_b32"),
