@@ -13,7 +13,7 @@ import functools
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -197,6 +197,16 @@ class PinnedBuffer(_GrowingBuffer):
         raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr + offset)
         raw._owner = self  # the array keeps its memory alive (pinned_array's arrays are all that hold it)
         return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+def aligned_offsets(arrays: Sequence[np.ndarray], alignment: int = 256) -> tuple[list[int], int]:
+    """Where each of `arrays` starts when they lie one after another in one buffer, every start aligned to
+    `alignment` bytes; and the bytes they take."""
+    offsets, total = [], 0
+    for array in arrays:
+        offsets.append(total)
+        total += -(-array.nbytes // alignment) * alignment
+    return offsets, total
 
 
 def pinned_array(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:

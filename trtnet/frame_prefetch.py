@@ -33,11 +33,7 @@ class Prefetched:
     says its upload has completed (its buffer may then take a later batch)."""
 
     images: list[np.ndarray]
-    uploaded: Callable[[], None]
-
-
-def _aligned(n: int) -> int:
-    return -(-n // 256) * 256
+    uploaded: Callable[[], None] | None = None  # None: nothing waits for it (frames read into pinned memory)
 
 
 class FramePrefetch:
@@ -127,10 +123,7 @@ class FramePrefetch:
         pageable = [i for i, image in enumerate(batch) if not cuda_rt.is_page_locked(image)]
         if not pageable:
             return batch, True
-        offsets, total = [], 0
-        for i in pageable:
-            offsets.append(total)
-            total += _aligned(batch[i].nbytes)
+        offsets, total = cuda_rt.aligned_offsets([batch[i] for i in pageable])
         buffer.ensure(total)
         images = list(batch)
 

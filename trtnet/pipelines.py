@@ -8,6 +8,7 @@ worker (thread) in its own small state object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -25,7 +26,7 @@ from trtnet import cuda_rt, networks
 from trtnet.engine import Engine, FallbackWarning, Worker, batched, iter_chunks, pad_batch
 from trtnet.engine_meta import DETECTION_ROW, nms_kwargs
 from trtnet.errors import TrtnetError
-from trtnet.frame_prefetch import FramePrefetch
+from trtnet.frame_prefetch import FramePrefetch, Prefetched
 from trtnet.image_decoding import DecodedBatch, DecodedFile
 from trtnet.plugins.postprocess import NmsSettings
 from trtnet.plugins.preprocess import rows_to_image
@@ -66,10 +67,7 @@ def stage_images(worker: Worker, uploads: Uploads, images: Sequence[np.ndarray],
     The caller's memory and the staging buffer are free again once `worker.uploaded` has completed (a
     stream synchronize after the run implies it).
     """
-    offsets, total = [], 0
-    for image in images:
-        offsets.append(total)
-        total += -(-image.nbytes // 256) * 256  # 256-byte aligned starts
+    offsets, total = cuda_rt.aligned_offsets(images)
     device = uploads.device(slot)
     device.ensure(total)
 
@@ -222,13 +220,11 @@ class DetectPipeline:
             return
         chunks = itertools.chain([first], chunks)
         if all(cuda_rt.is_page_locked(image) for image in first):  # read into pinned frames: nothing to copy ahead
-            queued = (_Queued(chunk, slot=runs % depth) for runs, chunk in enumerate(chunks))
-            for _, rows in self._pipelined(queued, depth):
-                yield from rows
-            return
-        with FramePrefetch(chunks, _copy_pool(), self.engine.device_index) as frames:  # copied meanwhile
-            queued = (_Queued(chunk.images, slot=runs % depth, uploaded=chunk.uploaded)
-                      for runs, chunk in enumerate(frames))
+            frames = contextlib.nullcontext(Prefetched(chunk) for chunk in chunks)
+        else:
+            frames = FramePrefetch(chunks, _copy_pool(), self.engine.device_index)  # copied meanwhile
+        with frames as batches:
+            queued = (_Queued(b.images, slot=runs % depth, uploaded=b.uploaded) for runs, b in enumerate(batches))
             for _, rows in self._pipelined(queued, depth):
                 yield from rows
 

@@ -22,12 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import cv2
-import numpy as np
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from trtnet.image_decoding import cpu_decode  # noqa: E402
 from trtnet.serve import Encoded, ServeSettings, instance_decoder, open_runner, run_inputs  # noqa: E402
 
 
@@ -78,7 +76,7 @@ def timed(call: Callable[[], None], batch: int, warmup: int, seconds: float) -> 
 def measure(runner, decoder, settings: ServeSettings, encoded: list[bytes], batch: int, warmup: int,
             seconds: float) -> list[DirectRow]:
     chunk = [Encoded(encoded[i % len(encoded)]) for i in range(batch)]
-    decoded = [cv2.imdecode(np.frombuffer(x.data, np.uint8), cv2.IMREAD_COLOR) for x in chunk]
+    decoded = [cpu_decode(x.data) for x in chunk]
     calls = {"encoded": lambda: run_inputs(runner, decoder, chunk, settings),
              "decoded": lambda: runner.detect_loaded(decoded)}
     rows = []
