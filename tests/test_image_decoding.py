@@ -408,11 +408,11 @@ def test_simulated_opencv_batches_do_not_overwrite_a_staged_upload_in_flight(gpu
     assert counts == [4, 0, 0, 4, 4, 4, 0, 0]
 
 
-def test_iter_decoded_reads_the_next_batch_while_this_one_is_used(tmp_path, monkeypatch):
+def test_iter_decoded_reads_the_batch_after_the_next_while_this_one_is_used(tmp_path, monkeypatch):
     import time
 
     files = []
-    for k in range(5):
+    for k in range(7):
         files.append(str(tmp_path / f"{k}.jpg"))
         (tmp_path / f"{k}.jpg").write_bytes(jpeg_bytes(coloured() // (k + 1)))
     reads, read = [], image_decoding.read_bytes
@@ -421,15 +421,64 @@ def test_iter_decoded_reads_the_next_batch_while_this_one_is_used(tmp_path, monk
         batches = image_decoding.iter_decoded(decoder, files, 2)
         first = next(batches)
         deadline = time.monotonic() + 10
-        while len(reads) < 4 and time.monotonic() < deadline:  # the second batch, before anyone asked for it
+        while len(reads) < 6 and time.monotonic() < deadline:  # the next two batches, before anyone asked for them
             time.sleep(0.01)
-        assert sorted(reads) == files[:4]
+        assert sorted(reads) == files[:6]
         rest = list(batches)
     decoded = [f for batch in (first, *rest) for f in batch.files]
     assert [f.path for f in decoded] == files and sorted(reads) == files
     for k, f in enumerate(decoded):
         np.testing.assert_array_equal(f.image, cv2.imdecode(np.frombuffer(jpeg_bytes(coloured() // (k + 1)), np.uint8),
                                                             cv2.IMREAD_COLOR))
+
+
+class _RecordingDecoder:
+    """FileDecoder.decode's signature; records which slot and thread each batch was decoded in."""
+
+    def __init__(self, fail_on: int = -1):
+        import threading
+
+        self.calls, self.fail_on, self.lock = [], fail_on, threading.Lock()
+
+    def decode(self, chunk, slot=0, contents=None):
+        import threading
+
+        with self.lock:
+            self.calls.append((list(chunk), slot, threading.current_thread().name))
+        if chunk[0] == self.fail_on:
+            raise RuntimeError(f"batch at {chunk[0]}")
+        return list(chunk), slot
+
+
+def test_iter_decoded_decodes_the_next_batch_on_its_own_thread_while_this_one_is_used():
+    import threading
+    import time
+
+    decoder = _RecordingDecoder()
+    batches = image_decoding.iter_decoded(decoder, range(10), 2, depth=2)
+    first = next(batches)
+    deadline = time.monotonic() + 10
+    while len(decoder.calls) < 2 and time.monotonic() < deadline:  # the second batch, before anyone asked for it
+        time.sleep(0.01)
+    assert [c[0] for c in decoder.calls] == [[0, 1], [2, 3]]
+    assert {c[2] for c in decoder.calls}.isdisjoint({threading.current_thread().name})
+    rest = list(batches)
+    assert [b[0] for b in (first, *rest)] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    # depth in flight + one handed out + one being decoded hold images at once: four slots in turn
+    assert [b[1] for b in (first, *rest)] == [0, 1, 2, 3, 0]
+
+
+def test_iter_decoded_raises_a_decode_error_in_order_and_starts_nothing_after_an_early_stop():
+    decoder = _RecordingDecoder(fail_on=4)
+    batches = image_decoding.iter_decoded(decoder, range(10), 2)
+    assert next(batches)[0] == [0, 1] and next(batches)[0] == [2, 3]
+    with pytest.raises(RuntimeError, match="batch at 4"):
+        next(batches)
+    stopped = _RecordingDecoder()
+    early = image_decoding.iter_decoded(stopped, range(100), 2)
+    next(early)
+    early.close()
+    assert len(stopped.calls) <= 3  # the one handed out, the next, perhaps the one queued behind it
 
 
 def test_simulated_server_decodes_jpegs_on_the_gpu_with_the_results_of_opencv(gpu_files):

@@ -232,9 +232,10 @@ class DetectPipeline:
                        mark: StageMark | None = None) -> Iterator[tuple[DecodedFile, np.ndarray | None]]:
         """(file, rows) per file of batches from `image_decoding.FileDecoder` (rows None for a file that could
         not be decoded), in order, with up to `depth` batches on the GPU at once: the decode of the next
-        batch (its `ready` event orders it) overlaps this one's engine run. Batch k must use slot k % depth
-        (`image_decoding.iter_decoded`). `mark(stage, stream)` is called after each stage is queued (for
-        the bench's per-stage CUDA events). Holds the engine's worker as `stream` does."""
+        batch (its `ready` event orders it) overlaps this one's engine run. The slots of any `depth` + 1
+        consecutive batches must differ (`image_decoding.iter_decoded` gives them). `mark(stage, stream)` is
+        called after each stage is queued (for the bench's per-stage CUDA events). Holds the engine's worker as
+        `stream` does."""
         if depth < 1:
             raise TrtnetError(f"depth must be at least 1, got {depth}")
         queued = (_Queued([f.image for f in decoded.decoded], decoded.slot, decoded.ready, mark, decoded)

@@ -330,13 +330,14 @@ def session(name: str) -> None:
     with ThreadPoolExecutor(BUILD_JOBS) as pool:
         if any(not need.exists() and need.name.startswith("yolov5n.") for b in plan for need in b.needs):
             pool.submit(calibrate_yolov5n)  # a carried-in calibration (cache/) spares the GPU pass
-        accuracy.start()
-        # the timings of engines carried in first, on a quiet GPU; then the builds in waves, each wave's timings
-        # before the next: a session cut short by the budget still has some
+        # the timings of engines carried in first, on a quiet GPU (the accuracy checks of those engines would
+        # run beside them: they start after); then the builds in waves, each wave's timings before the next: a
+        # session cut short by the budget still has some
         carried = [b for b in plan if carried_in(b)]
         for b in carried:
             run_build(b)
         timings = run_ready(timings)
+        accuracy.start()
         to_build = [b for b in plan if b not in carried]
         for wave in range(0, len(to_build), BUILD_JOBS):
             list(pool.map(run_build, to_build[wave:wave + BUILD_JOBS]))
