@@ -156,15 +156,22 @@ class FakeImage:
 
 class FakeDecoder:
     """Decodes with OpenCV on `cuda_stream` (the work runs when the simulator reaches it); a file whose
-    bytes hold b"FAILME" it cannot decode (None, as nvImageCodec reports a failure)."""
+    bytes hold b"FAILME" it cannot decode (None, as nvImageCodec reports a failure), nor one with b"NOTHW"
+    when it is made of the hardware engines alone (`hardware_present` False: such a decoder cannot be made)."""
 
     decoded = 0
     device_ids: list = []
+    hardware_present = True
+    decoded_by: dict = {}  # "hardware" / "every" → images
 
     def __init__(self, **kwargs):
-        assert kwargs["backends"][0].kind == "HW_GPU_ONLY"  # the hardware JPEG engines first
-        FakeDecoder.device_ids.append(kwargs["device_id"])
+        kinds = [b.kind for b in kwargs["backends"]]
+        assert kinds[0] == "HW_GPU_ONLY"  # the hardware JPEG engines first
+        self.kind = "hardware" if kinds == ["HW_GPU_ONLY"] else "every"
         self.state = types.SimpleNamespace(gone=False)  # shared with its images, which do not keep it alive
+        if self.kind == "hardware" and not FakeDecoder.hardware_present:
+            raise RuntimeError("Internal error - Could not create decoder. Code: 7")
+        FakeDecoder.device_ids.append(kwargs["device_id"])
 
     def __del__(self):
         self.state.gone = True
@@ -173,9 +180,10 @@ class FakeDecoder:
         assert params.sample_format == "I_BGR" and cuda_stream
         out = []
         for s in streams:
-            if b"FAILME" in s.data:
+            if b"FAILME" in s.data or (self.kind == "hardware" and b"NOTHW" in s.data):
                 out.append(None)
                 continue
+            FakeDecoder.decoded_by[self.kind] = FakeDecoder.decoded_by.get(self.kind, 0) + 1
             image = FakeImage(s.height, s.width, cuda_stream, self.state)
 
             def work(image=image, data=s.data):
@@ -234,6 +242,25 @@ def test_simulated_gpu_decode_feeds_the_letterbox_without_host_pixels(gpu_files)
     assert "not an image OpenCV can read" in results[4][2]
 
 
+@pytest.mark.parametrize("hardware_present", [True, False])
+def test_simulated_gpu_decode_tries_the_hardware_engines_alone_first(gpu_files, monkeypatch, hardware_present):
+    make, folder, bus = gpu_files
+    monkeypatch.setattr(FakeDecoder, "decoded_by", {})
+    monkeypatch.setattr(FakeDecoder, "hardware_present", hardware_present)
+    grey = jpeg_bytes(np.full((300, 500, 3), 77, np.uint8))
+    (folder / "7.jpg").write_bytes(grey[:2] + b"\xff\xfe\x00\x07NOTHW" + grey[2:])  # not for the hardware engines
+    paths = [str(folder / name) for name in ("1.jpg", "7.jpg", "4.jpg", "6.jpg")]
+    with make() as detector, FileDecoder("gpu", device=detector.engine.device_index) as decoder:
+        batch = decoder.decode(paths)
+        assert [f.on_gpu for f in batch.files] == [True, True, False, True]  # 4.jpg: no decoder takes it
+        assert batch.files[2].choice == DecoderChoice("cpu", "nvImageCodec could not decode it")
+        pixels = [f.image.download(decoder.stream) if f.on_gpu else f.image for f in batch.files]
+    for image, expected in zip(pixels, (bus, cv2.imdecode(np.frombuffer(grey, np.uint8), cv2.IMREAD_COLOR),
+                                        cv2.imread(paths[2]), bus)):
+        np.testing.assert_array_equal(image, expected)
+    assert FakeDecoder.decoded_by == ({"hardware": 2, "every": 1} if hardware_present else {"every": 3})
+
+
 def test_simulated_gpu_decode_runs_on_the_detector_s_device(gpu_files, monkeypatch):
     make, folder, bus = gpu_files
     monkeypatch.setattr(FakeDecoder, "device_ids", [])
@@ -241,7 +268,7 @@ def test_simulated_gpu_decode_runs_on_the_detector_s_device(gpu_files, monkeypat
     with make(device=1) as detector:
         SIM.current.device = 0  # another call on this thread moved to GPU 0
         results = list(detector.detect_files([str(folder / "1.jpg")], decode="gpu", keep_images=False))
-    assert FakeDecoder.device_ids == [1]
+    assert FakeDecoder.device_ids == [1, 1]  # the hardware engines' decoder, then every backend's
     assert len(results[0][1]) == 4
 
 

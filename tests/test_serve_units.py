@@ -144,6 +144,20 @@ def test_one_bad_image_does_not_fail_the_others_in_a_batch():
     assert filtered["count"][0, 0] == 0 and filtered["shape"][0].tolist() == [9, 7]
 
 
+def test_an_instance_closes_its_decoder_when_asked(monkeypatch):
+    closed = []
+
+    class Decoder:
+        def close(self):
+            closed.append(self)
+
+    monkeypatch.setattr(serve, "instance_decoder", lambda runner, settings: Decoder())
+    infer = serve.infer_function(object(), serve.ServeSettings("x"))
+    assert not closed
+    infer.close()  # serve() calls it before the runner's close: GPU-decoded images go while their GPU is there
+    assert len(closed) == 1
+
+
 def test_the_batcher_never_exceeds_the_engines_batch_profile():
     class WithEngine:
         class engine:

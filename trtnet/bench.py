@@ -311,7 +311,7 @@ def parser() -> argparse.ArgumentParser:
                    "time per stage, per decoder (--iters batches, the folder cycled; see trtnet.bench_files)")
     p.add_argument("--decode", choices=("cpu", "gpu", "both"), default="both",
                    help="--files: OpenCV on the CPU, nvImageCodec on the GPU, or both")
-    p.add_argument("--decode-threads", type=int, default=1, metavar="N",
+    p.add_argument("--decode-threads", type=int, default=0, metavar="N",
                    help="--files: host threads nvImageCodec may use for its share of the decode (0: one per core)")
     add_weights_dir(p, "where engine names are looked up")
     return p

@@ -154,7 +154,7 @@ def stages_note(times: StageTimes) -> str:
 
 
 def file_timings(model, folder: str, batch: int, decode: str, iters: int, warmup: int,
-                 decode_threads: int = 1) -> list:
+                 decode_threads: int = 0) -> list:
     """The `files` rows of `trtnet.bench` for one batch size: per decoder, throughput with stage shares."""
     from trtnet.bench import Timing
     from trtnet.image_decoding import FileDecoder

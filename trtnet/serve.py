@@ -276,6 +276,7 @@ def infer_function(runner, settings: ServeSettings) -> Callable[[list], list[dic
         results = [r if isinstance(r, Exception) else narrowed(r, o) for r, o in zip(results, options)]
         return split_rows(detection_outputs(results, settings.max_det), [len(x) for x in per_request])
 
+    infer.close = decoder.close  # before the runner's: images decoded on its GPU are freed while it is there
     return infer
 
 
@@ -359,9 +360,10 @@ def serve(settings: ServeSettings, opener: Callable = open_runner,
     batcher = DynamicBatcher(max_queue_delay_microseconds=settings.max_queue_delay_us)
     config = ModelConfig(max_batch_size=batch_bound(settings, first), batcher=batcher)
     triton = Triton(config=triton_config(settings), security_config=security_config())
+    infers: list = []
     try:
-        triton.bind(model_name=name, infer_func=[infer_function(r, settings) for r in runners],
-                    inputs=inputs, outputs=outputs, config=config, strict=True)
+        infers = [infer_function(r, settings) for r in runners]
+        triton.bind(model_name=name, infer_func=infers, inputs=inputs, outputs=outputs, config=config, strict=True)
         publish_names(triton, name, first.names)  # before run(): the config is written when the model loads
         triton.run()
         print(f"serving {name} ({len(runners)} instance(s) on {','.join(map(str, settings.devices))}): "
@@ -372,6 +374,8 @@ def serve(settings: ServeSettings, opener: Callable = open_runner,
         until_stopped(triton)
     finally:
         triton.stop()
+        for infer in infers:
+            infer.close()
         for runner in runners:
             runner.close()
 
@@ -494,6 +498,7 @@ class TritonPythonModel:
                 for out in self.infer(inputs)]
 
     def finalize(self):
+        self.infer.close()
         self.runner.close()
 '''
 

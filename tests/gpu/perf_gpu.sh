@@ -97,6 +97,10 @@ done
 # where a GPU-decode batch goes (the decoder's start; does `decode` hold the host until its images are done?), per
 # count of nvImageCodec host threads; detect on 128 files took 2.5 s with the GPU decoder, 1.1 s with OpenCV (run K)
 step decode_probe 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --threads 1,4,0 --json "$out/decode_probe.json"
+# the server's images (bus.jpg, zidane.jpg: 1 megapixel; coco128's are a third of that): 32 of them took 145 ms with
+# one host thread and all backends in one decoder, 3.7 ms with the hardware engines' decoder alone (run L)
+step decode_probe_large 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$data/images" --threads 1,0 \
+    --json "$out/decode_probe_large.json"
 for d in cpu gpu; do  # detect on a folder, annotated images written (GPU-decoded pixels come back for drawing)
     step "detect_folder_$d" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
         --out "$out/detect_$d"

@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         limit = engine_limit(runner)
         batches = sorted({min(b, limit) if limit else b for b in args.batches})
-        decoder = instance_decoder(runner, settings)
-        on_gpu = decoder.uses_gpu
-        rows = [row for b in batches for row in measure(runner, decoder, settings, encoded, b, args.warmup,
-                                                         args.seconds)]
+        with instance_decoder(runner, settings) as decoder:  # closed before the runner (run L crashed at exit)
+            on_gpu = decoder.uses_gpu
+            rows = [row for b in batches for row in measure(runner, decoder, settings, encoded, b, args.warmup,
+                                                             args.seconds)]
     finally:
         runner.close()
     print(f"encoded images decoded on the {'GPU (nvImageCodec)' if on_gpu else 'CPU (OpenCV)'}")

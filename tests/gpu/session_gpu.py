@@ -123,6 +123,13 @@ PLANS = {
         Build("yolov5s_syn_640_int8_b1", "yolov5s_syn", ("--int8", "--batch", "1", *KERNELS, "--calib-cache",
                                                          str(calib("yolov5s_syn"))), (calib("yolov5s_syn"),)),
     ],
+    # the speed pairs alone (a session whose machine was lost midway: ResNet-50 builds take 1-3 minutes)
+    "int8speed": [
+        planned("yolov5s_syn_640_fp16_b32"),
+        Build("resnet50_fp16_b128", "resnet50_rand", ("--fp16", "--batch", "128")),
+        calibrated("resnet50_int8_b128", "resnet50_rand", ("--batch", "128"), "resnet50_rand"),
+        calibrated("yolov5s_syn_640_int8_b32", "yolov5s_syn", ("--batch", "32", *KERNELS), "yolov5s_syn"),
+    ],
     "perf": [planned("yolov5n_640_fp16"), Build("yolov5n_640_fp16_b1", "yolov5n", ("--fp16", "--batch", "1", *KERNELS)),
              planned("yolov5s_syn_640_fp16_b1"), planned("yolov5s_syn_640_fp16_b32")],
 }
