@@ -99,7 +99,7 @@ done
 step decode_probe 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --threads 1,4,0 --json "$out/decode_probe.json"
 # the server's images (bus.jpg, zidane.jpg: 1 megapixel; coco128's are a third of that): 32 of them took 145 ms with
 # one host thread and all backends in one decoder, 3.7 ms with the hardware engines' decoder alone (run L)
-step decode_probe_large 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$data/images" --threads 1,0 \
+step decode_probe_large 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$data/images" --backends \
     --json "$out/decode_probe_large.json"
 for d in cpu gpu; do  # detect on a folder, annotated images written (GPU-decoded pixels come back for drawing)
     step "detect_folder_$d" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
