@@ -147,28 +147,31 @@ def test_collect_brings_back_results_and_caches_without_annotated_images(session
 
 
 def test_yolov5n_int8_engines_are_built_as_their_fp16_reference_and_validated_alike():
-    """INT8 against fp16 "of the same engine settings" (issue 14): the yolov5n INT8 engines of plan int8 take plan
-    perf's dynamic fp16 engine's shape and postprocess options, and val runs both with the same arguments."""
-    reference = session_gpu.planned("yolov5n_640_fp16")
-    int8_only = {"--int8", "--calib-cache", "--int8-keep"}
+    """INT8 against fp16 "of the same engine settings" (issue 14): the yolov5n INT8 engines of plan int8 (explicit
+    and implicit) take the shape and postprocess options of plan perf's static batch-1 fp16 engine, and val runs
+    them all with the same arguments."""
+    reference = session_gpu.YOLOV5N_B1
+    flags = {"--int8", "--fp16"}
+    with_value = {"--calib-cache", "--int8-keep", "--int8-mode", "--calib", "--calib-images"}
 
     def shared(args):
         out, skip = [], False
         for a in args:
             if skip:
                 skip = False
-                continue
-            if a in int8_only or a == "--fp16":
-                skip = a in {"--calib-cache", "--int8-keep"}
-                continue
-            out.append(a)
+            elif a in with_value:
+                skip = True
+            elif a not in flags:
+                out.append(a)
         return out
 
     int8 = [b for b in session_gpu.PLANS["int8"] if b.name.startswith("yolov5n_int8")]
-    assert int8 and reference in session_gpu.PLANS["int8"]
+    assert len(int8) == 4 and reference in session_gpu.PLANS["int8"] and reference in session_gpu.PLANS["perf"]
+    assert any("implicit" in b.args for b in int8)
     for b in int8:
         assert shared(b.args) == shared(reference.args), b.name
     vals = {s.name: s.cmd for s in session_gpu.accuracy_steps() if s.name.startswith("val_yolov5n")}
-    dynamic = {tuple(a for a in cmd[cmd.index("--data"):] if not a.endswith(".json"))
-               for name, cmd in vals.items() if not name.endswith("_b16")}
-    assert len(vals) > len(dynamic) == 1 and "--square" not in next(iter(dynamic))  # official rect batches
+    static = {tuple(a for a in cmd[cmd.index("--data"):] if not a.endswith(".json"))
+              for name, cmd in vals.items() if name.endswith("_b1")}
+    assert {f"val_{b.name}" for b in int8} <= set(vals)
+    assert len(static) == 1 and "--square" in next(iter(static))  # one set of val arguments for all of them
