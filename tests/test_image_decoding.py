@@ -5,6 +5,7 @@ stream it is given, rows padded to a pitch); the bench's files mode and `detect 
 from __future__ import annotations
 
 import json
+import time
 import types
 
 import cv2
@@ -163,6 +164,9 @@ class FakeDecoder:
     device_ids: list = []
     hardware_present = True
     decoded_by: dict = {}  # "hardware" / "every" → images
+    # as nvImageCodec: into the `images` given (their memory reused) and done when `decode` returns, so a slot's
+    # images decoded again while the letterbox of their last batch has not run yet show as wrong pixels
+    in_place = False
 
     def __init__(self, **kwargs):
         kinds = [b.kind for b in kwargs["backends"]]
@@ -179,19 +183,23 @@ class FakeDecoder:
     def decode(self, streams, params=None, cuda_stream=0, images=None):
         assert params.sample_format == "I_BGR" and cuda_stream
         out = []
-        for s in streams:
+        reuse = list(images or []) if FakeDecoder.in_place else []
+        for k, s in enumerate(streams):
             if b"FAILME" in s.data or (self.kind == "hardware" and b"NOTHW" in s.data):
                 out.append(None)
                 continue
             FakeDecoder.decoded_by[self.kind] = FakeDecoder.decoded_by.get(self.kind, 0) + 1
-            image = FakeImage(s.height, s.width, cuda_stream, self.state)
+            if k < len(reuse) and (reuse[k].h, reuse[k].w) == (s.height, s.width):
+                image = reuse[k]
+            else:
+                image = FakeImage(s.height, s.width, cuda_stream, self.state)
 
             def work(image=image, data=s.data):
                 pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
                 rows = host_view(image.ptr, (image.h, image.pitch), np.uint8)
                 rows[:, : 3 * image.w] = pixels.reshape(image.h, -1)
 
-            SIM.submit(cuda_stream, work)
+            work() if FakeDecoder.in_place else SIM.submit(cuda_stream, work)
             FakeDecoder.decoded += 1
             out.append(image)
         return out
@@ -259,6 +267,31 @@ def test_simulated_gpu_decode_tries_the_hardware_engines_alone_first(gpu_files, 
                                         cv2.imread(paths[2]), bus)):
         np.testing.assert_array_equal(image, expected)
     assert FakeDecoder.decoded_by == ({"hardware": 2, "every": 1} if hardware_present else {"every": 3})
+
+
+def test_simulated_decode_ahead_never_overwrites_images_a_batch_in_flight_still_reads(gpu_files, monkeypatch):
+    """detect_files decodes ahead on its own thread into reused images (as nvImageCodec, done on return); the
+    letterbox of a batch runs only when the GPU gets to it. Bus frames give 4 detections, the grey ones of the
+    same size none: a slot reused too early would hand a batch another file's pixels."""
+    from trtnet.pipelines import DetectPipeline
+
+    make, folder, bus = gpu_files
+    monkeypatch.setattr(FakeDecoder, "in_place", True)
+    submit = DetectPipeline._submit_queued
+
+    def late_submit(self, *args, **kwargs):  # the decode thread gets well ahead of the GPU's letterbox
+        time.sleep(0.05)
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(DetectPipeline, "_submit_queued", late_submit)
+    grey = folder / "grey_bus_size.jpg"
+    grey.write_bytes(jpeg_bytes(np.full_like(bus, 77)))
+    pattern = "BGGBBGBGGGBBGBGBBBGG"
+    paths = [str(folder / "1.jpg") if c == "B" else str(grey) for c in pattern]
+    with make() as detector:
+        for batch in (1, 2):
+            results = list(detector.detect_files(paths, batch=batch, decode="gpu", keep_images=False))
+            assert [len(r[1]) for r in results] == [4 if c == "B" else 0 for c in pattern], batch
 
 
 def test_simulated_gpu_decode_runs_on_the_detector_s_device(gpu_files, monkeypatch):
@@ -491,8 +524,8 @@ def test_iter_decoded_decodes_the_next_batch_on_its_own_thread_while_this_one_is
     assert {c[2] for c in decoder.calls}.isdisjoint({threading.current_thread().name})
     rest = list(batches)
     assert [b[0] for b in (first, *rest)] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
-    # depth in flight + one handed out + one being decoded hold images at once: four slots in turn
-    assert [b[1] for b in (first, *rest)] == [0, 1, 2, 3, 0]
+    # depth - 1 in flight + one handed out + one being decoded hold images at once: three slots in turn
+    assert [b[1] for b in (first, *rest)] == [0, 1, 2, 0, 1]
 
 
 def test_iter_decoded_raises_a_decode_error_in_order_and_starts_nothing_after_an_early_stop():

@@ -380,11 +380,13 @@ def iter_decoded(decoder: FileDecoder, paths: Iterable[str | os.PathLike], batch
     in flight. A thread of its own decodes the next batch while the caller queues this one (nvImageCodec's
     `decode` holds its calling thread until its images are done, with the GIL released: on the caller's
     thread it serialised with the batch's Python work, 11.6 ms a batch where decode alone took 7.4 ms in
-    run K), and the batch after it is read meanwhile. So `depth` + 2 batches hold decoded images at once
-    (in flight, handed out, being decoded): batch k uses slot k % (depth + 2)."""
+    run K), and the batch after it is read meanwhile. So `depth` + 1 batches hold decoded images at once: the
+    `depth` - 1 still on the GPU when the caller takes the next one (`DetectPipeline._pipelined` collects the
+    oldest as soon as `depth` are queued), the one handed out and the one being decoded. Batch k uses slot
+    k % (depth + 1)."""
     from trtnet.engine import batched
 
-    slots = depth + 2
+    slots = depth + 1
     ahead: deque[Future] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="trtnet-decode-ahead") as pool:
         try:
