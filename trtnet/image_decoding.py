@@ -294,37 +294,41 @@ class FileDecoder:
 
     def _decode_on_gpu(self, files: list[DecodedFile], datas: list[bytes], where: list[int],
                        slot: Any) -> cuda_rt.Event | None:
-        """nvImageCodec over `datas` (files[where]) into this slot's images, each decoder in turn taking what the
-        one before could not; a file none decodes is left for OpenCV with the reason changed. The event after
-        the decodes, None when none succeeded."""
-        codec, decoders, params = self._gpu()
+        """nvImageCodec over `datas` (files[where]) into this slot's images; a file no decoder takes is left for
+        OpenCV with the reason changed. The event after the decodes, None when none succeeded."""
+        codec, decoders, _ = self._gpu()
         cuda_rt.set_device(self.device)  # its event on the decoder's GPU, whichever thread decodes (serve's instances)
-        streams = [codec.CodeStream(d) for d in datas]
-        decoded: list[tuple[Any, Any] | None] = [None] * len(streams)  # (image, the decoder that made it)
+        decoded = self._decoded_in_turn([codec.CodeStream(d) for d in datas], decoders, slot)
+        for i, made in zip(where, decoded):
+            if made is None:
+                files[i].choice = DecoderChoice("cpu", "nvImageCodec could not decode it")
+            else:
+                files[i].image = DeviceImage.of(made[0], _GpuDecoded(made[0], made[1], self.stream))
+        first = [made[0] for made in decoded if made is not None and made[1] is decoders[0]]
+        if len(first) == len(decoded) and len(first) > len(self._reusable.get(slot, [])):
+            self._reusable[slot] = first
+        if not any(decoded):
+            return None
+        ready = cuda_rt.Event(timing=False)
+        ready.record(self.stream)
+        return ready
+
+    def _decoded_in_turn(self, streams: list, decoders: list, slot: Any) -> list[tuple[Any, Any] | None]:
+        """(image, the decoder that made it) per code stream, None where none could: each decoder takes what
+        the ones before it left; the first decodes into this slot's images from before."""
+        decoded: list[tuple[Any, Any] | None] = [None] * len(streams)
         todo = list(range(len(streams)))
         for decoder in decoders:
             reuse = self._reusable.get(slot, []) if decoder is decoders[0] else []
             kwargs = {"images": reuse[: len(todo)]} if len(reuse) >= len(todo) else {}
-            images = decoder.decode([streams[i] for i in todo], params=params, cuda_stream=self.stream.handle,
+            images = decoder.decode([streams[i] for i in todo], params=self._params, cuda_stream=self.stream.handle,
                                     **kwargs)
             for i, image in zip(todo, images):
                 decoded[i] = (image, decoder) if image is not None else None
             todo = [i for i in todo if decoded[i] is None]
             if not todo:
                 break
-        for i in todo:
-            files[where[i]].choice = DecoderChoice("cpu", "nvImageCodec could not decode it")
-        for i, made in zip(where, decoded):
-            if made is not None:
-                files[i].image = DeviceImage.of(made[0], _GpuDecoded(made[0], made[1], self.stream))
-        first = [made[0] for made in decoded if made is not None and made[1] is decoders[0]]
-        if len(first) == len(streams) and len(first) > len(self._reusable.get(slot, [])):
-            self._reusable[slot] = first
-        if len(todo) == len(streams):
-            return None
-        ready = cuda_rt.Event(timing=False)
-        ready.record(self.stream)
-        return ready
+        return decoded
 
     def _gpu(self) -> tuple[Any, list[Any], Any]:
         """nvImageCodec, its decoders and parameters, made on first use. First a decoder of the hardware JPEG
