@@ -191,6 +191,13 @@ def test_load_8_clients_by_50_requests_without_errors(server):
     assert result.errors == 0 and len(result.latencies_ms) == 400
 
 
+def test_bench_spreads_its_clients_over_processes(server):
+    from trtnet.serve import bench
+
+    result = bench(server.url, images(), concurrency=4, requests=40, processes=2)
+    assert result.errors == 0 and len(result.latencies_ms) == 40 and result.seconds > 0
+
+
 def assert_stops_cleanly(server: Server, signum: int) -> None:
     assert server.family, "the server started no Triton process: nothing to check"
     assert server.stop(signum) == 0, server.log.read_text()[-3000:]

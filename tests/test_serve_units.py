@@ -158,6 +158,21 @@ def test_an_instance_closes_its_decoder_when_asked(monkeypatch):
     assert len(closed) == 1
 
 
+def test_bench_shares_split_evenly():
+    assert serve.shares(32, 4) == [8, 8, 8, 8]
+    assert serve.shares(10, 4) == [3, 3, 2, 2]
+    assert sum(serve.shares(4600, 3)) == 4600
+
+
+def test_bench_in_processes_reports_a_client_that_cannot_start_instead_of_waiting():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(TrtnetError, match="--bench: "):
+        serve.bench("http://127.0.0.1:9", ["x.jpg"], concurrency=2, requests=4, processes=2)  # nothing listens
+    assert time.monotonic() - start < 100
+
+
 def test_the_batcher_never_exceeds_the_engines_batch_profile():
     class WithEngine:
         class engine:

@@ -18,7 +18,9 @@ Classifiers answer `topk_ids` and `topk_scores`. Class names are the model confi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -335,7 +337,6 @@ def use_this_libpython() -> None:
     """Triton's Python-backend stub links `libpython3.X.so` from the loader path: on pyenv/conda interpreters
     that is the system's, another patch release than our stdlib (the stub then fails on import). Put our
     interpreter's own library first for the processes PyTriton starts."""
-    import os
     import sysconfig
 
     libdir = sysconfig.get_config_var("LIBDIR")
@@ -420,45 +421,136 @@ class BenchResult:
 BENCH_HEADER = f"{'concurrency':>11} {'requests':>8} {'images/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
 
 
-def bench(url: str, images: Sequence[str | np.ndarray], concurrency: int, requests: int,
-          model: str | None = None) -> BenchResult:
-    """`requests` single-image detections spread over `concurrency` threads (a client each)."""
-    from trtnet.client import Client
+@dataclass(frozen=True)
+class BenchPart:
+    """What one process's clients measured: latencies of the answered requests, errors, and when they ran
+    (time.perf_counter, one clock for every process of the machine)."""
 
+    latencies_ms: tuple[float, ...]
+    errors: int
+    start: float
+    end: float
+
+
+def bench(url: str, images: Sequence[str | np.ndarray], concurrency: int, requests: int,
+          model: str | None = None, processes: int = 1) -> BenchResult:
+    """`requests` single-image detections spread over `concurrency` clients, a thread each, the threads spread
+    over `processes` processes: one Python process's GIL caps how fast it can send and read requests, and a
+    benchmark capped by its own client measures the client."""
+    processes = max(1, min(processes, concurrency, requests))
+    if processes == 1:
+        parts = [run_clients(url, images, concurrency, requests, model)]
+    else:
+        parts = clients_in_processes(url, images, concurrency, requests, model, processes)
+    seconds = max(p.end for p in parts) - min(p.start for p in parts)
+    return BenchResult(concurrency, requests, sum(p.errors for p in parts), seconds,
+                       tuple(ms for p in parts for ms in p.latencies_ms))
+
+
+def run_clients(url: str, images: Sequence[str | np.ndarray], clients: int, requests: int, model: str | None,
+                ready: Callable[[], None] | None = None) -> BenchPart:
+    """`requests` detections over `clients` threads of this process, each with a Client of its own (tritonclient's
+    HTTP client belongs to the thread that made it); the clock starts once all are connected (and `ready` has
+    returned: the other processes are connected too). A request that fails in any way counts as an error."""
     latencies: list[float] = []
-    errors = [0]
+    errors, failed_to_connect = [0], []
     lock = threading.Lock()
     counter = iter(range(requests))
+    connected, go, cancelled = threading.Barrier(clients + 1), threading.Event(), threading.Event()
 
     def worker() -> None:
-        with Client(url, model=model) as client:
+        from trtnet.client import Client
+
+        try:
+            client = Client(url, model=model)
+        except BaseException as exc:
+            failed_to_connect.append(exc)
+            connected.abort()
+            return
+        with client, contextlib.suppress(threading.BrokenBarrierError):  # another client could not connect
+            connected.wait()
+            go.wait()
+            if cancelled.is_set():
+                return
             for i in iter(lambda: next(counter, None), None):
                 start = time.perf_counter()
                 try:
                     client.detect(images[i % len(images)])
-                except TrtnetError:
+                except Exception:
                     with lock:
                         errors[0] += 1
                     continue
                 with lock:
                     latencies.append((time.perf_counter() - start) * 1e3)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
+    try:
+        connected.wait()
+        if ready is not None:
+            ready()
+    except BaseException:
+        cancelled.set()
+        go.set()
+        if failed_to_connect:
+            raise TrtnetError(f"--bench: a client could not connect: {failed_to_connect[0]}") from None
+        raise
+    start = time.perf_counter()
+    go.set()
     for t in threads:
         t.join()
-    return BenchResult(concurrency, requests, errors[0], time.perf_counter() - start, tuple(latencies))
+    return BenchPart(tuple(latencies), errors[0], start, time.perf_counter())
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal whole shares."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def clients_in_processes(url: str, images: Sequence[str | np.ndarray], concurrency: int, requests: int,
+                         model: str | None, processes: int) -> list[BenchPart]:
+    """`run_clients` in `processes` processes of their own, started together once every client is connected."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads and sockets
+    connected, results = ctx.Barrier(processes + 1), ctx.Queue()
+    workers = [ctx.Process(target=_client_process, args=(url, images, c, r, model, connected, results), daemon=True)
+               for c, r in zip(shares(concurrency, processes), shares(requests, processes))]
+    for w in workers:
+        w.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a process failed: its error is on the queue
+        connected.wait(timeout=120)
+    try:
+        answers = [results.get(timeout=3600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+    failed = [a for a in answers if isinstance(a, str)]
+    if failed:
+        raise TrtnetError(f"--bench: {failed[0]}")
+    return answers
+
+
+def _client_process(url, images, clients, requests, model, connected, results) -> None:
+    try:
+        results.put(run_clients(url, images, clients, requests, model, ready=lambda: connected.wait(timeout=120)))
+    except BaseException as exc:  # the parent must hear of it rather than wait
+        connected.abort()
+        message = str(exc) if isinstance(exc, TrtnetError) else f"{type(exc).__name__}: {exc}"
+        results.put(message.replace("--bench: ", "", 1))
 
 
 def run_bench(args) -> None:
     images = args.images or [str(p) for p in sorted(Path(args.bench_images).glob("*.jpg"))]
     if not images:
         raise TrtnetError(f"--bench: no images (--images, or *.jpg in {args.bench_images})")
+    if args.bench_processes < 0:
+        raise TrtnetError(f"--bench-processes {args.bench_processes}: give 0 (a quarter of the cores) or more")
     print(BENCH_HEADER)
+    processes = args.bench_processes or max(1, (os.cpu_count() or 1) // 4)  # the rest for the server beside it
     for concurrency in (int(c) for c in args.concurrency.split(",")):
-        print(bench(args.bench, images, concurrency, args.requests, args.model).row(), flush=True)
+        print(bench(args.bench, images, concurrency, args.requests, args.model, processes).row(), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -586,6 +678,8 @@ def parser():
     p.add_argument("--bench", metavar="URL", help="drive a running server: throughput and latency")
     p.add_argument("--concurrency", default="1,8,32", help="--bench: concurrent clients, comma-separated")
     p.add_argument("--requests", type=int, default=1000, help="--bench: requests per concurrency")
+    p.add_argument("--bench-processes", type=int, default=0, metavar="N",
+                   help="--bench: client processes the concurrency is spread over (0: a quarter of the cores)")
     p.add_argument("--model", help="--bench: model name (default: the server's only model)")
     p.add_argument("--images", nargs="+", help="--bench: image files to send")
     p.add_argument("--bench-images", default="../shared/data/images", help="--bench: folder of *.jpg otherwise")

@@ -5,8 +5,8 @@
 #
 #   TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng tests/gpu/perf_gpu.sh $OUT [a] [b] [c]
 #
-# The parts (default all three, about 10 minutes together; name some to split them across device commands):
-# a = the batch-1 table, b = batch 32 and the profiles, c = the decoders.
+# The parts (default a b c, about 10 minutes together; name some to split them across device commands):
+# a = the batch-1 table, b = batch 32 and the profiles, c = the decoders, e = the decoders' variants (not by default).
 #
 # Before: `engines_gpu.py build --only yolov5n_640_fp16,yolov5s_syn_640_fp16_b1,yolov5s_syn_640_fp16_b32` (its
 # .wts files and engines in $TRTNET_GPU_ENGINES); this script builds the static yolov5n batch-1 engine itself.
@@ -85,31 +85,25 @@ fi
 part_c() {
 step files_yolov5n_dyn_b32 600 "$py39" -m trtnet.bench "$dyn" --files "$images" --batch 32 --decode both --iters 40 \
     --warmup 2 --cuda-graphs --json "$out/files_yolov5n_dyn_b32.json"
-step files_yolov5s_b32 600 "$py39" -m trtnet.bench "$s_b32" --files "$images" --batch 32 --decode both --iters 40 \
-    --warmup 2 --cuda-graphs --json "$out/files_yolov5s_b32.json"
-step files_yolov5n_dyn_b32_eager 600 "$py39" -m trtnet.bench "$dyn" --files "$images" --batch 32 --decode both \
-    --iters 40 --warmup 2 --json "$out/files_yolov5n_dyn_b32_eager.json"
-for t in 4 0; do  # nvImageCodec's host threads (default 1): decode was half of a GPU-decode batch in run K
-    step "files_yolov5n_dyn_b32_threads$t" 600 "$py39" -m trtnet.bench "$dyn" --files "$images" --batch 32 \
-        --decode gpu --decode-threads "$t" --iters 40 --warmup 2 --cuda-graphs \
-        --json "$out/files_yolov5n_dyn_b32_threads$t.json"
-done
-# where a GPU-decode batch goes (the decoder's start; does `decode` hold the host until its images are done?), per
-# count of nvImageCodec host threads; detect on 128 files took 2.5 s with the GPU decoder, 1.1 s with OpenCV (run K)
-step decode_probe 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --threads 1,4,0 --json "$out/decode_probe.json"
-# the server's images (bus.jpg, zidane.jpg: 1 megapixel; coco128's are a third of that): 32 of them took 145 ms with
-# one host thread and all backends in one decoder, 3.7 ms with the hardware engines' decoder alone (run L)
+if [ -f "$s_b32" ]; then
+    step files_yolov5s_b32 600 "$py39" -m trtnet.bench "$s_b32" --files "$images" --batch 32 --decode both \
+        --iters 40 --warmup 2 --cuda-graphs --json "$out/files_yolov5s_b32.json"
+fi
+# each backend's decoder alone against FileDecoder's, on coco128 (a third of a megapixel) and on the server's
+# images (bus.jpg, zidane.jpg: 1 megapixel): 32 of those took 145 ms with one host thread and all backends in one
+# decoder, 3.7 ms with the hardware engines' decoder alone (run L)
+step decode_probe_coco 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --backends \
+    --json "$out/decode_probe_coco.json"
 step decode_probe_large 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$data/images" --backends \
     --json "$out/decode_probe_large.json"
-for d in cpu gpu; do  # detect on a folder, annotated images written (GPU-decoded pixels come back for drawing)
-    step "detect_folder_$d" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
-        --out "$out/detect_$d"
+for d in cpu gpu; do  # detect on a folder, nothing written (the decoder's start against OpenCV's none)
     step "detect_folder_${d}_nosave" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
         --nosave --out "$out/detect_${d}_nosave"
 done
 for d in cpu gpu; do  # the same official rectangular val letterbox: only the decoder differs
     step "val_decode_$d" 300 "$py39" -m trtnet.val "$dyn" --data "$data/coco128" --decode "$d" --json "$out/val_$d.json"
 done
+# the GPU-decoded pixels against cv2.imread's (the hardware decoder's IDCT may differ from libjpeg's)
 step decode_pixels 300 "$py39" - "$images" "$out/decode_pixels.json" <<'EOF'
 import json, sys, time
 from pathlib import Path
@@ -132,7 +126,24 @@ step val_compare 30 "$py39" -c "import json; c, g = (json.load(open('$out/val_' 
 for d in ('cpu', 'gpu')); print({k: (c[k], g[k], round(g[k] - c[k], 5)) for k in c})"
 }
 
-for part in a b c; do
+# (e) the decoder's variants: eager, nvImageCodec's host threads, the folder with annotated images written
+part_e() {
+step files_yolov5n_dyn_b32_eager 600 "$py39" -m trtnet.bench "$dyn" --files "$images" --batch 32 --decode both \
+    --iters 40 --warmup 2 --json "$out/files_yolov5n_dyn_b32_eager.json"
+for t in 1 4; do  # nvImageCodec's host threads (default 0: one per core)
+    step "files_yolov5n_dyn_b32_threads$t" 600 "$py39" -m trtnet.bench "$dyn" --files "$images" --batch 32 \
+        --decode gpu --decode-threads "$t" --iters 40 --warmup 2 --cuda-graphs \
+        --json "$out/files_yolov5n_dyn_b32_threads$t.json"
+done
+# where a GPU-decode batch goes (the decoder's start; does `decode` hold the host until its images are done?)
+step decode_probe 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --threads 1,4,0 --json "$out/decode_probe.json"
+for d in cpu gpu; do  # annotated images written (GPU-decoded pixels come back for drawing)
+    step "detect_folder_$d" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
+        --out "$out/detect_$d"
+done
+}
+
+for part in a b c e; do
     if want $part; then "part_$part"; fi
 done
 echo "perf_gpu done ($parts)" | tee -a "$out/steps.txt"

@@ -3,7 +3,8 @@ built in waves of four in priority order, accuracy checks as soon as their engin
 and after each wave the timings its engines allow, on a quiet GPU. The machine's own python3 drives; TensorRT work
 runs in tests/gpu/py39.sh, the official PyTorch models in python3. Plans (TensorRT 8.5 builds on an H200 take 6-10
 minutes for a YOLOv5 and 6-19 for a YOLOv8s/YOLO11s at 640, so a 30-minute device budget holds two or three
-waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16).
+waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16), and
+yolov5n (14-16 in one wave, for a session with no engines carried in).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
@@ -107,6 +108,11 @@ def calibrated(name: str, weights: str, args: Sequence[str], cache: str) -> Buil
                                  "--calib-device", "gpu", "--calib-cache", str(calib(cache))))
 
 
+IMPLICIT_YOLOV5N = Build("yolov5n_int8_implicit_b1", "yolov5n",
+                         ("--int8", "--int8-mode", "implicit", "--batch", "1", *KERNELS, "--calib", str(IMAGES),
+                          "--calib-images", "128", "--calib-cache", str(ENG / "yolov5n.implicit.cache")))
+
+
 # One plan a session, each in priority order (the queue may not finish inside a session's budget).
 PLANS = {
     "v8": [planned(f"{m}_{kind}") for kind in ("640_fp16_b1", "640x480_fp32", "640_fp16_b32") for m in V8_MODELS],
@@ -119,9 +125,7 @@ PLANS = {
         planned("yolov5s_syn_640_fp16_b32"),
         yolov5n_int8("auto", "percentile"),
         yolov5n_int8("none", "percentile"),
-        Build("yolov5n_int8_implicit_b1", "yolov5n",
-              ("--int8", "--int8-mode", "implicit", "--batch", "1", *KERNELS, "--calib", str(IMAGES),
-               "--calib-images", "128", "--calib-cache", str(ENG / "yolov5n.implicit.cache"))),
+        IMPLICIT_YOLOV5N,
         calibrated("yolov5s_syn_640_int8_b32_keep0", "yolov5s_syn", ("--batch", "32", *KERNELS, "--int8-keep",
                                                                      "model.0"), "yolov5s_syn"),
         calibrated("yolov5s_syn_640_int8_b32", "yolov5s_syn", ("--batch", "32", *KERNELS), "yolov5s_syn"),
@@ -143,6 +147,10 @@ PLANS = {
     ],
     "perf": [planned("yolov5n_640_fp16"), YOLOV5N_B1,
              planned("yolov5s_syn_640_fp16_b1"), planned("yolov5s_syn_640_fp16_b32")],
+    # nothing carried in (a new checkout has no engines): one wave of yolov5n builds serves issue 14's mAP (fp16
+    # against INT8 auto and none, static batch 1) and, with the dynamic engine, the decoders and the server
+    "yolov5n": [planned("yolov5n_640_fp16"), YOLOV5N_B1, yolov5n_int8("auto", "percentile"),
+                yolov5n_int8("none", "percentile"), IMPLICIT_YOLOV5N],
 }
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
@@ -181,7 +189,7 @@ def accuracy_steps() -> list[Step]:
                                     "--json", str(RES / f"val_{e}.json")), 300, (e,))
               for e in YOLOV5N_VAL]
     steps += [Step("runtime_yolov5n", [*pytest, runtime, "-k", "not v8 and not fp32 and not resnet and not classifier"],
-                   600, ("yolov5n_640_fp16",))]
+                   600, ("yolov5n_640_fp16",), plan="perf")]
     return steps
 
 
@@ -213,7 +221,9 @@ def timing_steps() -> list[Step]:
     perf = ["bash", str(REPO / "tests/gpu/perf_gpu.sh"), str(RES / "perf")]
     steps += [Step("perf_a", [*perf, "a"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5s_syn_640_fp16_b1")),
               bench("yolov5n_dyn_b32", "yolov5n_640_fp16", "32"),
-              Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16", "yolov5s_syn_640_fp16_b32"))]
+              bench("yolov5n_fp16_b1", "yolov5n_640_fp16_b1", "1"),
+              bench("yolov5n_int8_auto_b1", "yolov5n_int8_auto_percentile_b1", "1"),
+              Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",))]  # with yolov5s b32 where it is built
     serve = REPO / "tests/gpu/serve_gpu.sh"
     steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
                              str(DATA / "images")], 600, ("yolov5n_640_fp16",))]
