@@ -151,6 +151,8 @@ PLANS = {
     # against INT8 auto and none, static batch 1) and, with the dynamic engine, the decoders and the server
     "yolov5n": [planned("yolov5n_640_fp16"), YOLOV5N_B1, yolov5n_int8("auto", "percentile"),
                 yolov5n_int8("none", "percentile"), IMPLICIT_YOLOV5N],
+    # what a session with half its budget left can still build: issue 14's target pair alone (two builds at once)
+    "int8map": [YOLOV5N_B1, yolov5n_int8("auto", "percentile")],
 }
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
