@@ -58,16 +58,22 @@ def median_ms(call, reps: int = 8) -> float:
 
 def decode_batch(decoder: FileDecoder, datas: list[bytes]) -> None:
     decoder.decode_bytes(datas, [str(i) for i in range(len(datas))])
-    decoder.stream.synchronize()
+    if decoder.stream is not None:  # OpenCV's images are complete when decode_bytes returns
+        decoder.stream.synchronize()
 
 
 def backends(paths: list[str], sizes: list[int]) -> list[dict]:
-    """Per batch size: FileDecoder (its decoders in turn; 1 host thread and one per core), then nvImageCodec
-    decoders of one backend each (a host thread per core). `decode` returns once its images are done."""
+    """Per batch size: FileDecoder (OpenCV on trtnet's I/O threads; its GPU decoders in turn with 1 host thread
+    and one per core), then nvImageCodec decoders of one backend each (a host thread per core). `decode` returns
+    once its images are done."""
     from trtnet.image_decoding import nvimgcodec_module
 
     datas = [Path(p).read_bytes() for p in paths]
     rows = []
+    with FileDecoder("cpu") as decoder:
+        for size in sizes:
+            ms = median_ms(functools.partial(decode_batch, decoder, [datas[i % len(datas)] for i in range(size)]))
+            rows.append({"decoder": "FileDecoder, OpenCV", "batch": size, "ms": ms})
     for threads in (1, 0):
         with FileDecoder("gpu", cpu_threads=threads) as decoder:
             for size in sizes:
