@@ -60,14 +60,14 @@ def downsample(g: Graph, x, p: str, c2: int, stride: int):
 def basic_block(g: Graph, x, p: str, planes: int, stride: int):
     y = conv_bn(g, x, f"{p}.conv1", f"{p}.bn1", planes, 3, stride)
     y = conv_bn(g, y, f"{p}.conv2", f"{p}.bn2", planes, 3, relu=False)
-    return g.act(g.add(y, downsample(g, x, p, planes, stride), f"{p}.add"), "relu", p)
+    return g.act(g.residual_add(y, downsample(g, x, p, planes, stride), f"{p}.add"), "relu", p)
 
 
 def bottleneck(g: Graph, x, p: str, planes: int, stride: int):
     y = conv_bn(g, x, f"{p}.conv1", f"{p}.bn1", planes, 1)
     y = conv_bn(g, y, f"{p}.conv2", f"{p}.bn2", planes, 3, stride)
     y = conv_bn(g, y, f"{p}.conv3", f"{p}.bn3", planes * EXPANSION, 1, relu=False)
-    return g.act(g.add(y, downsample(g, x, p, planes * EXPANSION, stride), f"{p}.add"), "relu", p)
+    return g.act(g.residual_add(y, downsample(g, x, p, planes * EXPANSION, stride), f"{p}.add"), "relu", p)
 
 
 BLOCKS = {"basic": basic_block, "bottleneck": bottleneck}

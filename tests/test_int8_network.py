@@ -242,3 +242,60 @@ def test_int8_resnet18_runs_and_builds_with_tensorrt_rtx():
     assert got.argmax() == seen[name].argmax()
     config = compat.builder_config(builder, compat.BuildOptions(precision="fp16", int8=True))
     assert compat.build_serialized(builder, int8.network, config), compat.Logger().errors[-3:]
+
+
+def resnet18_definitions(plan_of):
+    """ResNet-18's fp32 definition and the INT8 one of `plan_of(calibrated tensor names)`, at 64."""
+    from trtnet import compat
+    from trtnet.checkpoint import read_checkpoint
+    from trtnet.network import define_network
+    from trtnet.quant.calibrate import calibrated_tensors
+
+    ckpt = read_checkpoint(shared("weights", "synthetic", "resnet18_syn.pth"))
+    builder = compat.trt().Builder(compat.Logger())
+    fp32 = define_network(builder, ckpt.state_dict, ckpt.meta, imgsz=64)
+    names = calibrated_tensors(fp32)
+    int8 = define_network(builder, ckpt.state_dict, ckpt.meta, imgsz=64, precision="fp16", quant=plan_of(names))
+    int8.builder = builder
+    return names, int8
+
+
+def residual_inputs(defined) -> dict[str, str]:
+    """Residual add layer → the type of the layer its shortcut comes from."""
+    from trtnet.executor import describe_network
+
+    layers = describe_network(defined.network)
+    produced_by = {out: info.type for info in layers for out in info.outputs}
+    return {info.name: produced_by[info.inputs[1]] for info in layers if info.name.endswith(".add")}
+
+
+def test_resnet_shortcuts_are_calibrated_and_read_through_q_dq():
+    """NVIDIA's placement for residual blocks: the shortcut of every add is quantized, the downsample
+    convolution's output included (calibrated as a tensor of its own), so TensorRT can fuse the add into the
+    convolution before it with an INT8 output (run L: a float shortcut left a quantize layer after each
+    stage's first block, 0.04-0.20 ms at batch 128)."""
+    from trtnet.quant.plan import QuantPlan
+
+    names, int8 = resnet18_definitions(lambda names: QuantPlan(dict.fromkeys(names, 1.0)))
+    downsamples = [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]  # ResNet-18's layer1 keeps its size
+    assert set(downsamples) <= set(names) and "layer1.0.downsample.0" not in names
+    shortcuts = residual_inputs(int8)
+    assert len(shortcuts) == 8 and set(shortcuts.values()) == {"DEQUANTIZE"}, shortcuts
+
+
+def test_resnet_shortcut_stays_float_without_its_range_or_when_kept():
+    """A calibration made before shortcuts were calibrated (no range for the downsample outputs) still builds:
+    those shortcuts stay float; so does the shortcut of a block kept in float."""
+    from trtnet.quant.plan import QuantPlan
+
+    def older(names):
+        return QuantPlan({n: 1.0 for n in names if "downsample" not in n})
+
+    shortcuts = residual_inputs(resnet18_definitions(older)[1])
+    assert {k for k, v in shortcuts.items() if v != "DEQUANTIZE"} == {f"layer{i}.0.add" for i in (2, 3, 4)}
+
+    def keeping_layer2_0(names):
+        return QuantPlan(dict.fromkeys(names, 1.0), frozenset({"layer2.0"}))
+
+    shortcuts = residual_inputs(resnet18_definitions(keeping_layer2_0)[1])
+    assert shortcuts["layer2.0.add"] == "CONVOLUTION" and shortcuts["layer3.0.add"] == "DEQUANTIZE"

@@ -105,6 +105,7 @@ class Graph:
         self.quant = quant
         self._dequantized: dict[str, Any] = {}  # tensor name → its Q/DQ copy
         self._calibrated_as: dict[str, str] = {}  # input casts → the input name calibration saw
+        self.residuals: dict[str, str] = {}  # residual add layer → its shortcut tensor (calibrated too)
 
     # -- I/O ---------------------------------------------------------------------------------------
     def input(self, name: str, shape: Sequence[int]):
@@ -179,6 +180,17 @@ class Graph:
         if self.quant is not None:  # the residual input, quantized already for a convolution
             a, b = (self._dequantized.get(t.name, t) for t in (a, b))
         return self._named(self.network.add_elementwise(a, b, self.trt.ElementWiseOperation.SUM), name)
+
+    def residual_add(self, y, shortcut, name: str):
+        """y + shortcut, the shortcut skipping the layers that made y. In INT8 the shortcut is read through Q/DQ
+        (NVIDIA's placement): TensorRT then fuses the add into y's convolution with an INT8 output, into which
+        the next Q folds; a float shortcut keeps that output in float and the next Q a layer of its own. A
+        calibration without the shortcut's range (made before trtnet calibrated shortcuts) leaves it float."""
+        self.residuals[name] = shortcut.name
+        if self.quant is not None and self.quant.quantizes(name) and (
+                shortcut.name in self._dequantized or self.quant.has_range(shortcut.name)):
+            shortcut = self._quantized(shortcut, name)
+        return self.add(y, shortcut, name)
 
     def concat(self, xs: Sequence[Any], name: str, axis: int = 1):
         layer = self.network.add_concatenation(list(xs))

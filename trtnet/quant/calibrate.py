@@ -140,6 +140,12 @@ def quantizable_tensors(network) -> dict[str, str]:
     return found
 
 
+def calibrated_tensors(defined) -> list[str]:
+    """The tensors a calibration ranges, in network order: every convolution's input, then the shortcuts of
+    residual adds that no convolution reads (ResNet's downsample outputs)."""
+    return list(dict.fromkeys([*quantizable_tensors(defined.network).values(), *defined.graph.residuals.values()]))
+
+
 @dataclass
 class TensorHistograms:
     """One AbsHistogram per tensor name; `add` takes one batch of named arrays (engine or executor)."""
@@ -225,7 +231,7 @@ def executor_pass(tensors: Mapping[str, np.ndarray], meta: Mapping, imgsz: int,
 
     builder = compat.trt().Builder(compat.Logger())
     defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz)
-    names = list(dict.fromkeys(quantizable_tensors(defined.network).values()))
+    names = calibrated_tensors(defined)
     yield names, lambda x: run_network(defined.network, {defined.input_name: x}, keep=names, device=device)
 
 

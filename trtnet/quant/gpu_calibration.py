@@ -60,14 +60,14 @@ def build_calibration_engine(tensors: Mapping[str, np.ndarray], meta: Mapping, i
     from trtnet import compat
     from trtnet.fileio import atomic_write
     from trtnet.network import BatchProfile, define_network
-    from trtnet.quant.calibrate import quantizable_tensors
+    from trtnet.quant.calibrate import calibrated_tensors
     from trtnet.sidecar import engine_sidecar_path, with_partner
 
     logger = compat.Logger()
     builder = compat.trt().Builder(logger)
     defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz,
                              batch=BatchProfile(batch, batch, batch))
-    names = list(dict.fromkeys(quantizable_tensors(defined.network).values()))
+    names = calibrated_tensors(defined)
     mark_calibration_outputs(defined.network, names)
     # Only statistics come out of this engine: the quickest build where TensorRT can be asked for one.
     options = compat.BuildOptions(precision="fp32", profiles=defined.profiles(BatchProfile(batch, batch, batch)),
