@@ -513,4 +513,4 @@ def test_calibration_is_written_beside_the_engine(tmp_path, monkeypatch):
     plan, calib, path = options.explicit_plan(options.Int8Options(calib="imgs", calib_images=8), TENSORS, META, 320,
                                               tmp_path / "yolov5n.int8.engine", log=lambda _: None)
     assert path == tmp_path / "yolov5n.int8.calib.json" and read_calibration(path) == calib
-    assert seen["images"] == "imgs" and seen["count"] == 8 and seen["imgsz"] == 320 and seen["method"] == "entropy"
+    assert seen["images"] == "imgs" and seen["count"] == 8 and seen["imgsz"] == 320 and seen["method"] == "percentile"

@@ -29,8 +29,8 @@ def coco128():
 
 # -- contradictions: one clear error before anything is read or written --------------------------
 @pytest.mark.parametrize("args, message", [
-    (("--calib-method", "entropy"), "--calib-method applies to INT8 builds: add --int8"),
-    (("--fp16", "--calib", "x"), "--calib applies to INT8 builds"),
+    (("--calib-method", "entropy"), "--calib-method applies to INT8: add --int8"),
+    (("--fp16", "--calib", "x"), "--calib applies to INT8: add --int8"),
     (("--int8", "--int8-mode", "implicit", "--calib-method", "percentile"), "implicit calibrates with TensorRT"),
     (("--int8", "--int8-keep", "auto,model.2"), "auto and none stand alone"),
     (("--int8", "--calib-images", "0"), "--calib-images 0: must be at least 1"),
@@ -108,7 +108,7 @@ def test_int8_yolov5n_build_writes_engine_and_calibration_then_rebuilds_from_it(
     assert meta.precision == "int8" and meta.int8.mode == "explicit" and meta.int8.images == 8
     assert meta.int8.calibration == calib_path.name and meta.int8.keep == ()
     calibration = read_calibration(calib_path)
-    assert calibration.images.count == 8 and calibration.method == "entropy"
+    assert calibration.images.count == 8 and calibration.method == "percentile"  # the explicit default
     # 60 convolutions read 50 tensors: each of the 8 C3 feeds cv1 and cv2 the same input, and the heads
     # raw_0 / raw_1 share model.17 / model.20 with the downsampling convs model.18 / model.21
     assert len(calibration.amax) == 50 and all(v > 0 for v in calibration.amax.values())

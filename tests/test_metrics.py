@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import requires_tensorrt, requires_torch, shared
+from tests.conftest import requires_tensorrt, shared
 from trtnet.datasets import DatasetWarning, DetectionSample, load_detection_dataset
 from trtnet.engine_meta import EngineMeta
 from trtnet.errors import TrtnetError
 from trtnet.metrics import classification_metrics, detection_metrics, topk_accuracy
-from trtnet.val import check_engine_takes, evaluate_detection, to_image_pixels, val_batches, val_input
+from trtnet.val import check_engine_takes, evaluate_detection, val_batches
 
 pytest.importorskip("pycocotools")
 
@@ -189,52 +189,30 @@ def test_top_k_accuracy():
 
 
 @pytest.mark.slow
-@requires_torch
 @requires_tensorrt
-def test_cpu_reference_val_of_yolov5n_reproduces_the_official_run():
-    """The official val run (golden) rebuilt from trtnet parts, with the network on the CPU executor.
+def test_cpu_val_of_yolov5n_reproduces_the_official_run(tmp_path, capsys):
+    """The official val run (golden) by `python -m trtnet.val WEIGHTS --device cpu`: our network on the CPU
+    executor, val.py's batches and letterbox, the official decode and NMS.
 
     Expected values are the official ones. Tolerances: pycocotools vs YOLOv5's own statistics differ by
     +0.0014 mAP@0.5:0.95, +0.0038 mAP@0.5, +0.0018 P, +0.0097 R on these very detections (see
     trtnet.metrics); preprocessing mistakes (square batches, a single resize) move mAP@0.5:0.95 by 0.011
-    and mAP@0.5 by 0.02, so they fail here. About a minute on 2 cores.
+    and mAP@0.5 by 0.02, so they fail here. About half a minute on 2 cores.
     """
+    from trtnet import val
+
     golden = json.loads(shared("golden", "golden_yolov5n_coco128_val.json").read_text(encoding="utf-8"))
     settings = golden["settings"]
+    out = tmp_path / "val.json"
     with pytest.warns(DatasetWarning):
-        dataset = load_detection_dataset(shared("coco128"))
-    predict = reference_predictor(shared("weights", "yolov5n.pt"), settings)
-    m = evaluate_detection(dataset, predict, imgsz=settings["imgsz"], batch=settings["batch_size"],
-                           max_det=settings["max_det"])
-    expected = golden["metrics"]
-    assert (m.images, m.instances) == (golden["images_seen"], golden["labels_seen"])
-    assert m.map50_95 == pytest.approx(expected["mAP@0.5:0.95"], abs=0.004)
-    assert m.map50 == pytest.approx(expected["mAP@0.5"], abs=0.008)
-    assert m.precision == pytest.approx(expected["P"], abs=0.006)
-    assert m.recall == pytest.approx(expected["R"], abs=0.015)
-
-
-def reference_predictor(weights: Path, settings: dict):
-    """val.py's model step on the CPU: trtnet.val's batch preprocessing and box mapping around our network,
-    the official decode and NMS."""
-    from trtnet import compat
-    from trtnet.checkpoint import read_checkpoint
-    from trtnet.executor import run_network
-    from trtnet.network import BatchProfile, define_network
-    from trtnet.plugins import official
-
-    checkpoint = read_checkpoint(weights)
-    builder = compat.trt().Builder(compat.Logger())
-
-    def predict(images, shape):
-        x, ratio_pads = val_input(images, settings["imgsz"], shape)
-        defined = define_network(builder, checkpoint.state_dict, checkpoint.meta, imgsz=shape,
-                                 batch=BatchProfile(len(images), len(images), len(images)))
-        raw = run_network(defined.network, {defined.input_name: x})
-        decoded = official.decode_official([raw[name] for name in defined.output_names],
-                                           checkpoint.meta["strides"], checkpoint.meta["anchors"])
-        found = official.non_max_suppression(decoded, settings["conf_thres"], settings["iou_thres"],
-                                             settings["max_det"], multi_label=True)
-        return to_image_pixels(found, images, shape, ratio_pads)
-
-    return predict
+        assert val.main([str(shared("weights", "yolov5n.pt")), "--device", "cpu", "--data", str(shared("coco128")),
+                         "--imgsz", str(settings["imgsz"]), "--batch", str(settings["batch_size"]),
+                         "--conf", str(settings["conf_thres"]), "--max-det", str(settings["max_det"]),
+                         "--json", str(out)]) == 0
+    report, expected = json.loads(out.read_text()), golden["metrics"]
+    assert (report["images"], report["instances"]) == (golden["images_seen"], golden["labels_seen"])
+    m = report["metrics"]
+    assert m["mAP@0.5:0.95"] == pytest.approx(expected["mAP@0.5:0.95"], abs=0.004)
+    assert m["mAP@0.5"] == pytest.approx(expected["mAP@0.5"], abs=0.008)
+    assert m["P"] == pytest.approx(expected["P"], abs=0.006)
+    assert m["R"] == pytest.approx(expected["R"], abs=0.015)

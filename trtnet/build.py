@@ -25,7 +25,7 @@ from trtnet.fileio import atomic_write
 from trtnet.interrupts import BuildInterrupts
 from trtnet.network import MIN_IMGSZ, BatchProfile, DefinedNetwork, default_imgsz, define_network, hw_of
 from trtnet.quant.int8_build import check_int8_request, configure_int8, define_int8_network
-from trtnet.quant.options import Int8Options
+from trtnet.quant.options import Int8Options, add_int8_arguments, int8_options
 from trtnet.sidecar import engine_sidecar_path, file_sha256, with_partner
 
 POSTPROCESS_MODES = ("none", "kernels", "plugin")
@@ -335,47 +335,6 @@ def check_sizes(args) -> None:
             raise TrtnetError(f"{option} {value}: must be at least {MIN_IMGSZ} pixels")
     if args.workspace is not None and not args.workspace > 0:
         raise TrtnetError(f"--workspace {args.workspace}: must be a positive number of GiB")
-
-
-def add_int8_arguments(p) -> None:
-    g = p.add_argument_group("INT8 (with --int8)")
-    g.argument_default = argparse.SUPPRESS  # absent unless given: no "(default: None)" in --help
-    g.add_argument("--calib", metavar="DIR_OR_GLOB", help="calibration images: a folder (searched recursively) "
-                                                          "or a glob, e.g. ../shared/data/coco128/images")
-    g.add_argument("--calib-images", type=int, metavar="N", help="calibration images used (default 256)")
-    g.add_argument("--calib-method", choices=("entropy", "percentile", "minmax", "max"),
-                   help="activation ranges: entropy (KL, the default), percentile (99.99) or minmax")
-    g.add_argument("--calib-cache", metavar="FILE",
-                   help="calibration file: read when it exists (no calibration pass), else written "
-                        "(default: NAME.calib.json beside the engine; implicit: TensorRT's cache)")
-    g.add_argument("--int8-keep", metavar="auto|none|LAYER,...",
-                   help="layers or modules kept in fp16: auto (the most quantization-sensitive, "
-                        "measured), none (the default), or names such as model.24,raw_0")
-    g.add_argument("--int8-mode", choices=("explicit", "implicit"),
-                   help="explicit Q/DQ (the default, every TensorRT) or implicit (TensorRT's calibrator, 8.x/10.x)")
-    g.add_argument("--calib-device", choices=("cpu", "gpu"),
-                   help="where calibration runs (default gpu when one is usable, else cpu)")
-
-
-INT8_ARGUMENTS = ("calib", "calib_images", "calib_method", "calib_cache", "int8_keep", "int8_mode", "calib_device")
-
-
-def int8_options(args) -> Int8Options | None:
-    """Int8Options from the command line; INT8 options without --int8 are an error."""
-    args = argparse.Namespace(**{**dict.fromkeys(INT8_ARGUMENTS), **vars(args)})
-    given = [a for a in INT8_ARGUMENTS if getattr(args, a) is not None]
-    if args.precision != "int8":
-        if given:
-            raise TrtnetError(f"--{given[0].replace('_', '-')} applies to INT8 builds: add --int8")
-        return None
-    defaults = Int8Options()
-    return Int8Options(
-        calib=args.calib,
-        calib_images=defaults.calib_images if args.calib_images is None else args.calib_images,
-        calib_method=args.calib_method or defaults.calib_method, calib_cache=args.calib_cache,
-        keep=tuple(k for k in (args.int8_keep or "").split(",") if k), mode=args.int8_mode or defaults.mode,
-        calib_device=args.calib_device,
-    )
 
 
 def parser() -> argparse.ArgumentParser:

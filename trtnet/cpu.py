@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from trtnet.api import Detections, ImageLike, as_list, detections_from_rows, loa
 from trtnet.engine_meta import nms_kwargs
 from trtnet.errors import TrtnetError
 from trtnet.executor import downcast, trt_module  # torch-free: the executor imports torch on first run
+
+if TYPE_CHECKING:
+    from trtnet.quant.options import Int8Options
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
@@ -192,6 +195,7 @@ class CpuNetwork:
     source: str
     strides: tuple[int, ...] = ()
     size_range: tuple[int, int] | None = None  # (smallest, largest) side when defined for dynamic sizes
+    family: str = ""
 
     def run(self, image: np.ndarray) -> list[np.ndarray]:
         """The network's outputs, in the order it marks them: with NumPy where it runs every layer type,
@@ -233,8 +237,11 @@ def read_weights(weights: str | os.PathLike, weights_dir: str | os.PathLike = "w
 
 
 def define_cpu_network(weights: str | os.PathLike, imgsz: int = 640,
-                       weights_dir: str | os.PathLike = "weights", dynamic: bool = False) -> CpuNetwork:
-    """The fp32 network for the CPU at `imgsz`; `dynamic`: for any input size from 32 to `imgsz` (rect)."""
+                       weights_dir: str | os.PathLike = "weights", dynamic: bool = False,
+                       int8: Int8Options | None = None, log: Callable[[str], None] = print) -> CpuNetwork:
+    """The fp32 network for the CPU at `imgsz`; `dynamic`: for any input size from 32 to `imgsz` (rect).
+    `int8`: the Q/DQ network `trtnet.build --int8` defines with these options (calibration file, layers kept
+    float), its float layers in fp32: the accuracy an INT8 engine will have, without building it."""
     from trtnet import compat
     from trtnet.network import define_network
 
@@ -242,15 +249,30 @@ def define_cpu_network(weights: str | os.PathLike, imgsz: int = 640,
     family = networks.for_meta(meta)
     if family.TASK != "detect":
         raise TrtnetError(f"{source} is a {family.FAMILY} {family.TASK} model: the CPU detector runs detectors")
+    quant = int8_plan(int8, tensors, meta, imgsz, source, log) if int8 is not None else None
     builder = compat.trt().Builder(compat.Logger())
     sizes = {"min_imgsz": 32, "max_imgsz": imgsz} if dynamic else {}
-    defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz, source=source, **sizes)
+    defined = define_network(builder, tensors, meta, precision="fp32", imgsz=imgsz, source=source, quant=quant,
+                             **sizes)
     post = family.postprocess_kwargs({**meta, "strides": list(defined.strides) or meta.get("strides")})
     count = int(meta.get("nc") or 0)
     names = [str(n) for n in meta.get("names") or range(count)]
     span = (defined.min_imgsz, defined.max_imgsz) if dynamic else None
     return CpuNetwork(defined.network, (builder, defined), defined.input_name, tuple(defined.imgsz), post, names,
-                      source, tuple(int(s) for s in defined.strides), span)
+                      source, tuple(int(s) for s in defined.strides), span, family.FAMILY)
+
+
+def int8_plan(options: Int8Options, tensors: Mapping[str, np.ndarray], meta: Mapping, imgsz: int, source: str,
+              log: Callable[[str], None]):
+    """The QuantPlan `build --int8` would use (its calibration file by default beside the weights)."""
+    from trtnet.quant.options import explicit_plan
+
+    if options.mode != "explicit":
+        raise TrtnetError("--int8-mode implicit is TensorRT's calibrator, inside a GPU build: the CPU runs the "
+                          "explicit Q/DQ network (the default)")
+    plan, _, _ = explicit_plan(options, tensors, meta, imgsz, Path(source).with_suffix(".int8"), log,
+                               weights_path=source)
+    return plan
 
 
 class CpuDetector:
@@ -261,11 +283,11 @@ class CpuDetector:
 
     def __init__(self, weights: str | os.PathLike, conf: float = 0.25, iou: float = 0.45, max_det: int = 1000, *,
                  multi_label: bool = False, agnostic: bool = False, imgsz: int = 640,
-                 weights_dir: str | os.PathLike = "weights", rect: bool = False):
+                 weights_dir: str | os.PathLike = "weights", rect: bool = False, int8: Int8Options | None = None):
         from trtnet.plugins.postprocess import NmsSettings
 
         self.settings = NmsSettings(conf, iou, max_det, multi_label, agnostic)
-        self.model = define_cpu_network(weights, imgsz, weights_dir, dynamic=rect)
+        self.model = define_cpu_network(weights, imgsz, weights_dir, dynamic=rect, int8=int8)
         if rect and not self.model.strides:
             raise TrtnetError(f"{self.model.source}: the network has no strides, so rect cannot pad to their multiple")
         self.rect = rect
@@ -290,8 +312,13 @@ class CpuDetector:
         from trtnet.plugins import official
 
         boxed, _, _ = official.letterbox(image, self.imgsz, canvas=self.input_hw(image))
-        outputs = self.model.run(official.to_network_input(boxed))
-        return official.postprocess(outputs, **self.model.postprocess, **nms_kwargs(self.settings))[0]
+        return self.rows_of_input(official.to_network_input(boxed))
+
+    def rows_of_input(self, x: np.ndarray) -> np.ndarray:
+        """Decode + NMS rows of one letterboxed network input [1, 3, h, w] (float RGB / 255)."""
+        from trtnet.plugins import official
+
+        return official.postprocess(self.model.run(x), **self.model.postprocess, **nms_kwargs(self.settings))[0]
 
     def detect_loaded(self, images: Sequence[np.ndarray],
                       paths: Sequence[str | None] | None = None) -> list[Detections]:

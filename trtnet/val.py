@@ -16,6 +16,7 @@ the batch shape, lose about 1.2 points of mAP@0.5:0.95 and 2 of mAP@0.5.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from trtnet.metrics import (
     classification_metrics,
     detection_metrics,
 )
+from trtnet.quant.options import add_int8_arguments, int8_options
 
 # (BGR images of one batch, letterbox shape (height, width)) -> per image (boxes xyxy in original-image
 # pixels, scores, classes), after NMS with val.py's settings.
@@ -62,15 +64,18 @@ def evaluate_detection(
     verbose: bool = False,
     check_shapes: Callable[[np.ndarray], None] | None = None,
     read: Callable[[list], list] | None = None,
+    progress: bool | None = None,
 ) -> DetectionMetrics:
     """Run `predict` over the dataset in val.py's batches and score the detections. `check_shapes` sees
     every batch's (height, width) before the first batch runs (e.g. to refuse an engine that cannot
-    take them). `read` maps a batch's sample indices to their BGR images (default: `dataset.read`)."""
+    take them). `read` maps a batch's sample indices to their BGR images (default: `dataset.read`). `progress`:
+    a progress bar (default: with `verbose`)."""
     order, shapes = val_batches(dataset, imgsz, batch, stride, pad, rect)
     if check_shapes is not None:
         check_shapes(shapes)
     detections: list = [None] * len(dataset)
-    for b, (height, width) in enumerate(tqdm(shapes, desc="val", unit="batch", disable=not verbose)):
+    progress = verbose if progress is None else progress
+    for b, (height, width) in enumerate(tqdm(shapes, desc="val", unit="batch", disable=not progress)):
         indices = order[b * batch:(b + 1) * batch]
         images = read(list(indices)) if read is not None else [dataset.read(i) for i in indices]
         outputs = predict(images, (int(height), int(width)))
@@ -134,6 +139,28 @@ def engine_predictor(engine: str, task: str, args) -> tuple[Callable, Any]:
     return functools.partial(predict_letterboxed, detector.pipeline, args.imgsz), detector.engine
 
 
+def cpu_predictor(args) -> tuple[Callable, Any]:
+    """A predictor that runs the network trtnet.build would build from the weights `args.engine` on the CPU
+    (the reference executor; with --int8 the Q/DQ network of that calibration), val.py's batch preprocessing
+    and the official decode + NMS; and the CpuDetector."""
+    from trtnet import networks
+    from trtnet.cpu import CpuDetector
+
+    detector = CpuDetector(args.engine, conf=args.conf, iou=0.0, max_det=args.max_det, multi_label=True,
+                           imgsz=args.imgsz, rect=True, int8=int8_options(args))
+    family = networks.family(detector.model.family)
+    iou = args.iou if args.iou is not None else float(getattr(family, "VAL_IOU", 0.6))
+    detector.settings = dataclasses.replace(detector.settings, iou=iou)
+    return functools.partial(predict_on_cpu, detector, args.imgsz), detector
+
+
+def predict_on_cpu(detector, imgsz: int, images: list, shape: tuple) -> list:
+    """One batch as `predict_letterboxed`, each image through the CPU network in turn."""
+    x, ratio_pads = val_input(images, imgsz, shape)
+    rows = [detector.rows_of_input(x[i:i + 1]) for i in range(len(images))]
+    return to_image_pixels(rows, images, shape, ratio_pads)
+
+
 def val_iou(engine: str) -> float:
     """The NMS IoU of the engine family's official validator (`VAL_IOU`: Ultralytics' 0.7), else val.py's 0.6."""
     from trtnet import networks
@@ -186,6 +213,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--class-index", help="classify: JSON {wnid: index} or imagenet_class_index.json")
     p.add_argument("--decode", choices=("cpu", "gpu", "auto"), default="cpu",
                    help="detect: decode JPEGs by OpenCV, or on the GPU by nvImageCodec (the letterbox stays val.py's)")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu: ENGINE is a weights file or name, its network run on the CPU (reference executor): "
+                        "the mAP an engine built from it will have; with --int8, an INT8 engine's")
+    p.add_argument("--int8", dest="precision", action="store_const", const="int8", default="fp32",
+                   help="--device cpu: the INT8 network trtnet.build --int8 defines (the INT8 options below)")
+    add_int8_arguments(p)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--verbose", action="store_true", help="per-class rows, progress, pycocotools output")
     return p
@@ -195,26 +228,45 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     args = parser().parse_args(argv)
     if args.batch < 1:
         raise TrtnetError(f"--batch {args.batch}: must be at least 1")
-    predict, engine = engine_predictor(args.engine, args.task, args)
-    if args.task == "detect":
+    if int8_options(args) is not None and args.device != "cpu":  # first: it refuses INT8 options without --int8
+        raise TrtnetError("--int8 applies to --device cpu (an INT8 engine is validated as any engine is)")
+    metrics = validate_classifier(args) if args.task == "classify" else validate_detector(args)
+    if args.json:
+        with atomic_write(args.json, "w") as f:
+            f.write(metrics.to_json() + "\n")
+    return 0
+
+
+def validate_detector(args) -> DetectionMetrics:
+    if args.device == "cpu":
+        predict, detector = cpu_predictor(args)
+        dataset = load_detection_dataset(args.data, nc=len(detector.names))
+        rect, check, read = not args.square, None, dataset_reader(dataset, args.decode)
+    else:
+        predict, engine = engine_predictor(args.engine, args.task, args)
         dataset = load_detection_dataset(args.data, nc=engine.meta.nc)
         rect = not args.square and engine.size_range is not None
         if not args.square and not rect:
             print(f"{engine.path.name} has a static input size: every batch is letterboxed to "
                   f"{args.imgsz}x{args.imgsz} (build with --min-imgsz 128 --max-imgsz {args.imgsz + 32} for "
                   "val.py's rectangular batches)", file=sys.stderr)
-        metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=rect, max_det=args.max_det,
-                                     verbose=args.verbose, check_shapes=functools.partial(check_engine_takes, engine),
-                                     read=dataset_reader(dataset, args.decode, engine))
-        print(metrics.to_table(per_class=args.verbose))
-    else:
-        dataset = load_classification_dataset(args.data, args.class_index)
-        metrics = evaluate_classification(dataset, predict, args.batch, verbose=args.verbose)
-        print(metrics.to_table())
-    if args.json:
-        with atomic_write(args.json, "w") as f:
-            f.write(metrics.to_json() + "\n")
-    return 0
+        check = functools.partial(check_engine_takes, engine)
+        read = dataset_reader(dataset, args.decode, engine)
+    metrics = evaluate_detection(dataset, predict, args.imgsz, args.batch, rect=rect, max_det=args.max_det,
+                                 verbose=args.verbose, check_shapes=check, read=read,
+                                 progress=args.verbose or args.device == "cpu")
+    print(metrics.to_table(per_class=args.verbose))
+    return metrics
+
+
+def validate_classifier(args) -> ClassificationMetrics:
+    if args.device == "cpu":
+        raise TrtnetError("--device cpu validates detectors (--task detect)")
+    predict, _ = engine_predictor(args.engine, args.task, args)
+    dataset = load_classification_dataset(args.data, args.class_index)
+    metrics = evaluate_classification(dataset, predict, args.batch, verbose=args.verbose)
+    print(metrics.to_table())
+    return metrics
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -28,8 +28,8 @@ def parser():
     s.add_argument("--images", type=int, default=8, help="images the errors are measured on (default 8)")
     s.add_argument("--calib-images", type=int, default=256,
                    help="images calibrated on without --calib-cache (default 256)")
-    s.add_argument("--calib-method", default="entropy", choices=("entropy", "percentile", "minmax", "max"),
-                   help="activation ranges: entropy (KL), percentile (99.99) or minmax")
+    s.add_argument("--calib-method", default="percentile", choices=("entropy", "percentile", "minmax", "max"),
+                   help="activation ranges: percentile (99.99, the default), entropy (KL) or minmax")
     s.add_argument("--calib-cache", metavar="FILE", help="an existing calibration file to use (default: calibrate)")
     s.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="where the reference executor runs (gpu: torch on CUDA)")

@@ -3,6 +3,7 @@ when one is given and fits these weights, else by calibrating and writing that f
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,13 +18,17 @@ from trtnet.quant.histogram import DEFAULT_PERCENTILE, canonical_method
 from trtnet.quant.plan import QuantPlan
 
 MODES = ("explicit", "implicit")
+# yolov5n on coco128 (val --device cpu, everything INT8): percentile 99.99 loses 1.7 points of mAP@0.5:0.95,
+# max 1.8, entropy (KL) 9.1: it clips the long tails of SiLU activations that boxes depend on. The implicit
+# path is TensorRT's entropy calibrator, whatever the network.
+DEFAULT_METHODS = {"explicit": "percentile", "implicit": "entropy"}
 
 
 @dataclass(frozen=True)
 class Int8Options:
     calib: str | None = None  # folder (recursive) or glob of calibration images
     calib_images: int = 256
-    calib_method: str = "entropy"  # entropy | percentile | max (minmax)
+    calib_method: str | None = None  # entropy | percentile | max (minmax); None: the mode's default
     percentile: float = DEFAULT_PERCENTILE
     calib_cache: str | None = None  # explicit: our JSON calibration file; implicit: TensorRT's cache
     keep: Sequence[str] = field(default_factory=tuple)  # convolutions / modules left in float, or ("auto",)
@@ -38,7 +43,7 @@ class Int8Options:
         """The options with the method's canonical name; an error for any pair that contradicts."""
         if self.mode not in MODES:
             raise TrtnetError(f"--int8-mode {self.mode}: use explicit or implicit")
-        method = canonical_method(self.calib_method)
+        method = canonical_method(self.calib_method or DEFAULT_METHODS[self.mode])
         if self.calib_images < 1:
             raise TrtnetError(f"--calib-images {self.calib_images}: must be at least 1")
         if self.mode == "implicit" and method != "entropy":
@@ -158,3 +163,46 @@ def measure_sensitivity(tensors: Mapping[str, np.ndarray], meta: Mapping, images
     batches = list(loader.batches(1))
     return executor_sensitivity(tensors, meta, calibration, batches, imgsz, "cuda" if device == "gpu" else "cpu",
                                 log)
+
+
+# -- the command line (build, val) ---------------------------------------------------------------------
+def add_int8_arguments(p) -> None:
+    g = p.add_argument_group("INT8 (with --int8)")
+    g.argument_default = argparse.SUPPRESS  # absent unless given: no "(default: None)" in --help
+    g.add_argument("--calib", metavar="DIR_OR_GLOB", help="calibration images: a folder (searched recursively) "
+                                                          "or a glob, e.g. ../shared/data/coco128/images")
+    g.add_argument("--calib-images", type=int, metavar="N", help="calibration images used (default 256)")
+    g.add_argument("--calib-method", choices=("entropy", "percentile", "minmax", "max"),
+                   help="activation ranges: percentile (99.99, the default), entropy (KL; the implicit "
+                        "calibrator's) or minmax")
+    g.add_argument("--calib-cache", metavar="FILE",
+                   help="calibration file: read when it exists (no calibration pass), else written "
+                        "(default: NAME.calib.json beside the engine; implicit: TensorRT's cache)")
+    g.add_argument("--int8-keep", metavar="auto|none|LAYER,...",
+                   help="layers or modules kept in fp16: auto (the most quantization-sensitive, "
+                        "measured), none (the default), or names such as model.24,raw_0")
+    g.add_argument("--int8-mode", choices=("explicit", "implicit"),
+                   help="explicit Q/DQ (the default, every TensorRT) or implicit (TensorRT's calibrator, 8.x/10.x)")
+    g.add_argument("--calib-device", choices=("cpu", "gpu"),
+                   help="where calibration runs (default gpu when one is usable, else cpu)")
+
+
+INT8_ARGUMENTS = ("calib", "calib_images", "calib_method", "calib_cache", "int8_keep", "int8_mode", "calib_device")
+
+
+def int8_options(args) -> Int8Options | None:
+    """Int8Options from the command line; INT8 options without --int8 are an error."""
+    args = argparse.Namespace(**{**dict.fromkeys(INT8_ARGUMENTS), **vars(args)})
+    given = [a for a in INT8_ARGUMENTS if getattr(args, a) is not None]
+    if args.precision != "int8":
+        if given:
+            raise TrtnetError(f"--{given[0].replace('_', '-')} applies to INT8: add --int8")
+        return None
+    defaults = Int8Options()
+    return Int8Options(
+        calib=args.calib,
+        calib_images=defaults.calib_images if args.calib_images is None else args.calib_images,
+        calib_method=args.calib_method or defaults.calib_method, calib_cache=args.calib_cache,
+        keep=tuple(k for k in (args.int8_keep or "").split(",") if k), mode=args.int8_mode or defaults.mode,
+        calib_device=args.calib_device,
+    )
