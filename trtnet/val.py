@@ -196,7 +196,8 @@ def to_image_pixels(rows: list, images: list, shape: tuple, ratio_pads: list) ->
 
 def parser() -> argparse.ArgumentParser:
     p = command_parser("val", "COCO mAP of a YOLOv5 engine, or top-1/top-5 of a ResNet engine, on a dataset.")
-    p.add_argument("engine", help="the TensorRT engine to evaluate (path or name in weights/)")
+    p.add_argument("engine", help="the TensorRT engine to evaluate (path or name in weights/); with --device cpu, "
+                                  "weights (a checkpoint, .wts or name)")
     p.add_argument("--data", required=True,
                    help="detect: YOLO dataset root (images/, labels/) or images folder; "
                         "classify: folder of images in class sub-folders or named <wnid>_…")
