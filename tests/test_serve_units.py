@@ -210,3 +210,36 @@ def test_the_exit_timeout_reaches_triton_s_config(monkeypatch):
     assert serve.triton_config(chosen)["exit_timeout_secs"] == 3
     with pytest.raises(TrtnetError, match="--exit-timeout -1: must be 0 or more seconds"):
         serve.settings_from(serve.parser().parse_args(["x.engine", "--exit-timeout", "-1"]))
+
+
+def test_bench_counts_every_failed_request_and_keeps_each_client_in_its_own_thread(monkeypatch):
+    """tritonclient's HTTP client belongs to the thread that made it (used from another, every request failed
+    with a greenlet error the benchmark did not count): each client thread makes its own, and a request that
+    fails in any way is an error, not a silent gap in the latencies."""
+    import threading
+
+    from trtnet import client as client_module
+
+    calls = iter(range(1000))
+    lock = threading.Lock()
+
+    class FakeClient:
+        def __init__(self, url, model=None):
+            self.thread = threading.get_ident()
+
+        def detect(self, image):
+            assert threading.get_ident() == self.thread, "a client used outside the thread that made it"
+            with lock:
+                n = next(calls)
+            if n % 2:
+                raise RuntimeError("connection reset")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(client_module, "Client", FakeClient)
+    result = serve.bench("http://127.0.0.1:9", ["x.jpg"], concurrency=3, requests=10)
+    assert (result.errors, len(result.latencies_ms)) == (5, 5)
