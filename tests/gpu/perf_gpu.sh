@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 15 on the GPU machine (TensorRT 8.5's Python 3.9): (a) the streamed-vs-engine table re-measured,
 # (b) a profile of the static engines' streamed path against the dynamic one's, (c) JPEGs decoded on the GPU:
-# bench --files, detect on a folder and val's mAP with each decoder. Every log and JSON goes to $1.
+# bench --files and val's mAP with each decoder (e: probes, detect on a folder). Every log and JSON goes to $1.
 #
 #   TRTNET_SHARED_DATA=/tmp/data TRTNET_GPU_ENGINES=/tmp/eng tests/gpu/perf_gpu.sh $OUT [a] [b] [c]
 #
 # The parts (default a b c, about 10 minutes together; name some to split them across device commands):
-# a = the batch-1 table, b = batch 32 and the profiles, c = the decoders, e = the decoders' variants (not by default).
+# a = the batch-1 table, b = batch 32 and the profiles, c = files → boxes and val per decoder, e = the decoders'
+# variants and probes (not by default).
 #
 # Before: `engines_gpu.py build --only yolov5n_640_fp16,yolov5s_syn_640_fp16_b1,yolov5s_syn_640_fp16_b32` (its
 # .wts files and engines in $TRTNET_GPU_ENGINES); this script builds the static yolov5n batch-1 engine itself.
@@ -47,6 +48,7 @@ want() { [[ " $parts " == *" $1 "* ]]; }
 # (a) the issue's table: engine / end to end / e2e pinned / streamed at batch 1, with and without CUDA graphs
 part_a() {
 for e in "$dyn" "$n_b1" "$s_b1"; do
+    [ -f "$e" ] || continue  # yolov5s batch 1 where this session built it
     name=$(basename "$e" .engine)
     step "table_${name}_graphs" 240 "$py39" -m trtnet.bench "$e" --batch 1 --iters 1000 --warmup 100 --cuda-graphs \
         --json "$out/table_${name}_graphs.json"
@@ -89,17 +91,6 @@ if [ -f "$s_b32" ]; then
     step files_yolov5s_b32 600 "$py39" -m trtnet.bench "$s_b32" --files "$images" --batch 32 --decode both \
         --iters 40 --warmup 2 --cuda-graphs --json "$out/files_yolov5s_b32.json"
 fi
-# each backend's decoder alone against FileDecoder's, on coco128 (a third of a megapixel) and on the server's
-# images (bus.jpg, zidane.jpg: 1 megapixel): 32 of those took 145 ms with one host thread and all backends in one
-# decoder, 3.7 ms with the hardware engines' decoder alone (run L)
-step decode_probe_coco 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --backends \
-    --json "$out/decode_probe_coco.json"
-step decode_probe_large 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$data/images" --backends \
-    --json "$out/decode_probe_large.json"
-for d in cpu gpu; do  # detect on a folder, nothing written (the decoder's start against OpenCV's none)
-    step "detect_folder_${d}_nosave" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
-        --nosave --out "$out/detect_${d}_nosave"
-done
 for d in cpu gpu; do  # the same official rectangular val letterbox: only the decoder differs
     step "val_decode_$d" 300 "$py39" -m trtnet.val "$dyn" --data "$data/coco128" --decode "$d" --json "$out/val_$d.json"
 done
@@ -126,8 +117,19 @@ step val_compare 30 "$py39" -c "import json; c, g = (json.load(open('$out/val_' 
 for d in ('cpu', 'gpu')); print({k: (c[k], g[k], round(g[k] - c[k], 5)) for k in c})"
 }
 
-# (e) the decoder's variants: eager, nvImageCodec's host threads, the folder with annotated images written
+# (e) the decoder's variants: each backend alone, eager, nvImageCodec's host threads, detect on a folder
 part_e() {
+# each backend's decoder alone against FileDecoder's, on coco128 (a third of a megapixel) and on the server's
+# images (bus.jpg, zidane.jpg: 1 megapixel): 32 of those took 145 ms with one host thread and all backends in one
+# decoder, 3.7 ms with the hardware engines' decoder alone (run L)
+step decode_probe_coco 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$images" --backends \
+    --json "$out/decode_probe_coco.json"
+step decode_probe_large 300 "$py39" "$repo/tests/gpu/decode_probe.py" "$data/images" --backends \
+    --json "$out/decode_probe_large.json"
+for d in cpu gpu; do  # detect on a folder, nothing written (the decoder's start against OpenCV's none)
+    step "detect_folder_${d}_nosave" 300 "$py39" -m trtnet.detect "$dyn" "$images" --batch 32 --decode "$d" \
+        --nosave --out "$out/detect_${d}_nosave"
+done
 step files_yolov5n_dyn_b32_eager 600 "$py39" -m trtnet.bench "$dyn" --files "$images" --batch 32 --decode both \
     --iters 40 --warmup 2 --json "$out/files_yolov5n_dyn_b32_eager.json"
 for t in 1 4; do  # nvImageCodec's host threads (default 0: one per core)

@@ -4,7 +4,7 @@ and after each wave the timings its engines allow, on a quiet GPU. The machine's
 runs in tests/gpu/py39.sh, the official PyTorch models in python3. Plans (TensorRT 8.5 builds on an H200 take 6-10
 minutes for a YOLOv5 and 6-19 for a YOLOv8s/YOLO11s at 640, so a 30-minute device budget holds two or three
 waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16), and
-yolov5n (14-16 in one wave, for a session with no engines carried in).
+yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
@@ -157,7 +157,19 @@ PLANS = {
                 yolov5n_int8(PARTIAL_KEEP, "percentile", "partial")],
     # what a session with half its budget left can still build: issue 14's target pair alone (two builds at once)
     "int8map": [YOLOV5N_B1, yolov5n_int8("auto", "percentile")],
+    # nothing carried in, one wave of eight (TensorRT 8.5 build time barely grows with builds at once: seven took
+    # 543-580 s each for the yolov5 engines in run C, four 560-595 s): issue 14's yolov5n mAP pair and partial
+    # build, its two speed pairs (ResNet-50 with the residual placement, yolov5s with its first convolution in
+    # fp16; calibrations carried in or made on the GPU), and the dynamic engine for issues 15 and 16
+    "s9": [planned("yolov5n_640_fp16"), YOLOV5N_B1, yolov5n_int8("auto", "percentile"),
+           yolov5n_int8(PARTIAL_KEEP, "percentile", "partial"),
+           Build("resnet50_fp16_b128", "resnet50_rand", ("--fp16", "--batch", "128")),
+           calibrated("resnet50_int8_b128", "resnet50_rand", ("--batch", "128"), "resnet50_rand"),
+           planned("yolov5s_syn_640_fp16_b32"),
+           calibrated("yolov5s_syn_640_int8_b32_keep0", "yolov5s_syn", ("--batch", "32", *KERNELS, "--int8-keep",
+                                                                        "model.0"), "yolov5s_syn")],
 }
+PLAN_JOBS = {"s9": 8}  # builds at once, where a plan wants other than BUILD_JOBS
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
 # validated with the official rect batches (the dynamic engine) or square 640 batches of one (the static ones)
@@ -226,10 +238,11 @@ def timing_steps() -> list[Step]:
                                             "--json", str(RES / "layers_resnet50_b128.json")], 300,
                    ("resnet50_fp16_b128", "resnet50_int8_b128"))]
     perf = ["bash", str(REPO / "tests/gpu/perf_gpu.sh"), str(RES / "perf")]
-    steps += [Step("perf_a", [*perf, "a"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5s_syn_640_fp16_b1")),
+    steps += [Step("perf_a", [*perf, "a"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1")),  # yolov5s b1 if built
               bench("yolov5n_dyn_b32", "yolov5n_640_fp16", "32"),
               bench("yolov5n_fp16_b1", "yolov5n_640_fp16_b1", "1"),
               bench("yolov5n_int8_auto_b1", "yolov5n_int8_auto_percentile_b1", "1"),
+              bench("yolov5n_int8_partial_b1", "yolov5n_int8_partial_percentile_b1", "1"),
               Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",))]  # with yolov5s b32 where it is built
     serve = REPO / "tests/gpu/serve_gpu.sh"
     steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
@@ -367,7 +380,8 @@ def session(name: str) -> None:
     prepare_weights()
     accuracy = threading.Thread(target=run_steps, args=(accuracy_steps(),))
     timings = timing_steps()
-    with ThreadPoolExecutor(BUILD_JOBS) as pool:
+    jobs = max(PLAN_JOBS.get(n, BUILD_JOBS) for n in plans)
+    with ThreadPoolExecutor(jobs) as pool:
         if any(not need.exists() and need.name.startswith("yolov5n.") for b in plan for need in b.needs):
             pool.submit(calibrate_yolov5n)  # a carried-in calibration (cache/) spares the GPU pass
         # the timings of engines carried in first, on a quiet GPU (the accuracy checks of those engines would
@@ -379,9 +393,9 @@ def session(name: str) -> None:
         timings = run_ready(timings)
         accuracy.start()
         to_build = [b for b in plan if b not in carried]
-        for wave in range(0, len(to_build), BUILD_JOBS):
-            list(pool.map(run_build, to_build[wave:wave + BUILD_JOBS]))
-            note("steps.txt", f"{time.strftime('%H:%M:%S')} wave {wave // BUILD_JOBS + 1} built; its timings")
+        for wave in range(0, len(to_build), jobs):
+            list(pool.map(run_build, to_build[wave:wave + jobs]))
+            note("steps.txt", f"{time.strftime('%H:%M:%S')} wave {wave // jobs + 1} built; its timings")
             timings = run_ready(timings)
     accuracy.join()
     note("steps.txt", f"{time.strftime('%H:%M:%S')} builds and accuracy done; the timings left")
