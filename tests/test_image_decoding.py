@@ -5,6 +5,7 @@ stream it is given, rows padded to a pitch); the bench's files mode and `detect 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import types
 
@@ -322,6 +323,28 @@ def test_simulated_gpu_decode_says_which_decoder_took_each_file(gpu_files):
     assert downloaded[1].shape == (300, 500, 3)
 
 
+def test_simulated_opencv_files_decode_while_the_gpu_decodes(gpu_files, monkeypatch):
+    """A PNG in a batch of JPEGs starts on the I/O threads before nvImageCodec's call returns (run N: one
+    grayscale JPEG decoded after the GPU's call doubled a 32-file batch), and still gets OpenCV's pixels."""
+    make, folder, bus = gpu_files
+    host_started = threading.Event()
+    decode_on_host = image_decoding.cpu_decode
+    monkeypatch.setattr(image_decoding, "cpu_decode", lambda data: host_started.set() or decode_on_host(data))
+    overlapped = []
+    decode_on_gpu = FakeDecoder.decode
+
+    def gpu_waits_for_the_host(self, streams, **kwargs):
+        overlapped.append(host_started.wait(timeout=2.0))
+        return decode_on_gpu(self, streams, **kwargs)
+
+    monkeypatch.setattr(FakeDecoder, "decode", gpu_waits_for_the_host)
+    with FileDecoder("gpu") as decoder:
+        batch = decoder.decode([str(folder / "1.jpg"), str(folder / "3.png")])
+    assert overlapped == [True]
+    assert batch.files[0].on_gpu and not batch.files[1].on_gpu
+    np.testing.assert_array_equal(batch.files[1].image, bus)
+
+
 def test_simulated_detect_files_keeps_pixels_for_drawing(gpu_files):
     make, folder, bus = gpu_files
     with make() as detector:
@@ -496,8 +519,6 @@ class _RecordingDecoder:
     """FileDecoder.decode's signature; records which slot and thread each batch was decoded in."""
 
     def __init__(self, fail_on: int = -1):
-        import threading
-
         self.calls, self.fail_on, self.lock = [], fail_on, threading.Lock()
 
     def decode(self, chunk, slot=0, contents=None):

@@ -284,9 +284,14 @@ class FileDecoder:
         files = [DecodedFile(name, self.choose(d) if isinstance(d, bytes) else DecoderChoice("cpu", d),
                              error="" if isinstance(d, bytes) else d) for name, d in zip(names, datas)]
         gpu = [i for i, f in enumerate(files) if f.choice.decoder == "gpu"]
+        # OpenCV's files decode on the I/O threads while nvImageCodec holds this one (run N: one grayscale JPEG
+        # in a batch of 32 coco128 files doubled the batch's 3 ms when decoded after the GPU's)
+        cpu = [i for i, f in enumerate(files) if f.choice.decoder == "cpu" and not f.error]
+        on_host = _io_pool().map(cpu_decode, [datas[i] for i in cpu])
         ready = self._decode_on_gpu(files, [datas[i] for i in gpu], gpu, slot) if gpu else None
-        cpu = [i for i, f in enumerate(files) if f.image is None and not f.error]
-        for i, image in zip(cpu, _io_pool().map(cpu_decode, [datas[i] for i in cpu])):
+        rejected = [i for i in gpu if files[i].image is None]  # by every GPU decoder: OpenCV's now
+        images = [*on_host, *_io_pool().map(cpu_decode, [datas[i] for i in rejected])]
+        for i, image in zip(cpu + rejected, images):
             files[i].image = image
             if image is None:
                 files[i].error = "not an image OpenCV can read (empty, corrupt or another format)"
