@@ -493,6 +493,9 @@ def test_auto_keep_needs_a_report_or_images_to_measure_one(tmp_path, monkeypatch
     auto = options.Int8Options(calib_cache=str(path), keep=("auto",))
     with pytest.raises(TrtnetError, match="--int8-keep auto: no sensitivity report .*e.sensitivity.json"):
         options.explicit_plan(auto, TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None)
+    with pytest.raises(TrtnetError, match=r"\(.*w\.sensitivity\.json or .*e\.sensitivity\.json\)"):  # every place
+        options.explicit_plan(auto, TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None,
+                              weights_path=tmp_path / "w.wts")
     errors = {"model.0": 1.0, "model.1": 0.01, "model.2": 0.01}
     rank(errors, {}, 2, network_hash(TENSORS, META)).write(tmp_path / "e.sensitivity.json")
     plan, _, _ = options.explicit_plan(auto, TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None)

@@ -140,7 +140,9 @@ def auto_keep_groups(options: Int8Options, tensors: Mapping[str, np.ndarray], me
         log(f"INT8: sensitivity from {path}")
     else:
         if not options.calib:
-            raise TrtnetError(f"--int8-keep auto: no sensitivity report {path} and no --calib images to measure it")
+            looked = " or ".join(str(r) for r in reports)
+            raise TrtnetError(f"--int8-keep auto: no sensitivity report ({looked}) and no --calib images to measure "
+                              "it (python -m trtnet.quant sensitivity writes one beside the weights)")
         report = measure_sensitivity(tensors, meta, options.calib, min(AUTO_IMAGES, options.calib_images), imgsz,
                                      calibration, options.calib_device or "cpu", log)
         report.write(path)
