@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -142,6 +144,25 @@ def test_one_bad_image_does_not_fail_the_others_in_a_batch():
     assert bad["error"][0, 0] and bad["count"][0, 0] == 0
     assert good["error"][0, 0] == b"" and good["count"][0, 0] == 1 and good["shape"][0].tolist() == [20, 30]
     assert filtered["count"][0, 0] == 0 and filtered["shape"][0].tolist() == [9, 7]
+
+
+def test_an_instance_reports_its_own_time_at_close(capsys):
+    """Triton's compute_infer also holds PyTriton's transfers: the instance's own share is printed at shutdown."""
+    class Runner:
+        names = NAMES
+
+        def detect_loaded(self, images):
+            time.sleep(0.01)
+            return [detections([], [], [], image.shape[:2]) for image in images]
+
+    infer = serve.infer_function(Runner(), serve.ServeSettings("x", max_det=2), instance=3)
+    pixels = {"pixels": np.zeros((2, 9, 7, 3), np.uint8)}
+    infer([pixels, {"pixels": np.zeros((1, 5, 5, 3), np.uint8)}])
+    infer([pixels])
+    infer.close()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("instance 3: 2 executions, 5 images, own time ")
+    assert 10.0 <= float(line.split("own time ")[1].split()[0]) < 1000.0
 
 
 def test_an_instance_closes_its_decoder_when_asked(monkeypatch):

@@ -268,6 +268,11 @@ for n, s in summary["server"].items():
         line += "; concurrency 32 / best direct batch: " + ", ".join(
             f"{v:.0%} ({mode})" for mode, v in s["ratio_at_32"].items())
     print(line)
+    log = out / f"server_i{n}.log"  # each instance's own time (trtnet.serve prints it at shutdown)
+    own = [x.strip() for x in log.read_text(errors="replace").splitlines() if " own time " in x] if log.exists() else []
+    s["own_time"] = own
+    for x in own:
+        print("  " + x)
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 PY
 echo "serve_gpu done" | tee -a "$out/steps.txt"
