@@ -299,3 +299,49 @@ def test_resnet_shortcut_stays_float_without_its_range_or_when_kept():
 
     shortcuts = residual_inputs(resnet18_definitions(keeping_layer2_0)[1])
     assert shortcuts["layer2.0.add"] == "CONVOLUTION" and shortcuts["layer3.0.add"] == "DEQUANTIZE"
+
+
+def test_kept_layers_are_the_float_groups_and_strongly_typed_tensorrt_needs_no_pin(yolov5n, plan):
+    """`--int8-keep model.0` keeps model.0's convolution, SiLU and product (and the Q layer named after the
+    tensor model.1 reads, which `compute_in_half` leaves alone); nothing of model.1. RTX's half graph already
+    computes them in fp16."""
+    from trtnet import compat
+    from trtnet.quant.int8_build import kept_layers
+    from trtnet.quant.plan import QuantPlan
+
+    keep0 = QuantPlan(plan.amax, frozenset({"model.0"}))
+    kept = kept_layers(define(yolov5n, keep0, "fp16").network, keep0)
+    names = {layer.name for layer in kept}
+    assert {"model.0.conv", "model.0.sigmoid", "model.0"} <= names
+    assert all(n == "model.0" or n.startswith("model.0.") for n in names)
+    assert not kept_layers(define(yolov5n, plan, "fp16").network, plan)
+    assert compat.compute_in_half(kept) is False  # strongly typed (RTX, TensorRT 10+)
+
+
+def test_weakly_typed_tensorrt_is_asked_to_compute_kept_layers_in_fp16(monkeypatch):
+    """TensorRT 8.5 ran a kept convolution that a quantize layer reads in fp32 (run N): on weakly typed TensorRT
+    the kept compute layers get fp16 as their precision and the builder prefers those constraints."""
+    import types
+
+    from trtnet import compat
+    from trtnet.quant.int8_build import Int8Network, configure_int8
+
+    kinds = ("CONVOLUTION", "ACTIVATION", "ELEMENTWISE", "POOLING", "RESIZE", "SCALE", "QUANTIZE", "CONSTANT")
+    fake = types.SimpleNamespace(LayerType=types.SimpleNamespace(**{k: k for k in kinds}), float16="half",
+                                 BuilderFlag=types.SimpleNamespace(PREFER_PRECISION_CONSTRAINTS="prefer"))
+    monkeypatch.setattr(compat, "trt", lambda: fake)
+    monkeypatch.setattr(compat, "flavour", lambda: compat.Flavour("tensorrt", "8.5.3.1", 8))
+    layers = [types.SimpleNamespace(type=kind, precision=None) for kind in kinds]
+    assert compat.compute_in_half(layers) is True
+    assert [layer.precision for layer in layers] == ["half"] * 6 + [None, None]
+    assert compat.compute_in_half(layers[6:]) is False  # nothing to pin: the builder keeps its freedom
+
+    class Config:
+        flags: list = []
+
+        def set_flag(self, flag):
+            self.flags.append(flag)
+
+    configure_int8(Config(), Int8Network(None, None, half_pinned=True))
+    configure_int8(Config(), Int8Network(None, None))
+    assert Config.flags == ["prefer"]

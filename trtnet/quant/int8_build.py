@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from trtnet import compat
 from trtnet.engine_meta import Int8Record
 from trtnet.errors import TrtnetError
 from trtnet.quant.options import Int8Options
@@ -24,6 +25,7 @@ class Int8Network:
     record: Int8Record  # the engine sidecar's "int8" object
     calibrator: Any = None  # implicit mode: TensorRT's IInt8EntropyCalibrator2
     keep_alive: list = field(default_factory=list)  # device buffers the calibrator's pointers point into
+    half_pinned: bool = False  # kept layers asked for fp16 (weakly typed TensorRT: needs the builder's consent)
 
 
 def check_int8_request(precision: str, options: Int8Options | None) -> Int8Options | None:
@@ -35,8 +37,6 @@ def check_int8_request(precision: str, options: Int8Options | None) -> Int8Optio
         return None
     options = (options or Int8Options()).checked()
     if options.mode == "implicit":
-        from trtnet import compat
-
         reason = compat.implicit_int8_support()
         if reason:
             raise TrtnetError(f"--int8-mode implicit: {reason}")
@@ -69,7 +69,14 @@ def _explicit_network(builder, options, tensors, meta, engine_path, log, **defin
     defined = define_network(builder, tensors, meta, precision="fp16", quant=plan, **define_kwargs)
     record = Int8Record("explicit", _relative(path, engine_path), calibration.method, calibration.images.count,
                         tuple(sorted(plan.keep_float)))
-    return Int8Network(defined, record)
+    return Int8Network(defined, record, half_pinned=compat.compute_in_half(kept_layers(defined.network, plan)))
+
+
+def kept_layers(network, plan) -> list:
+    """The layers of the groups `--int8-keep` keeps in float, by name (`model.0.conv`, `model.0.sigmoid`,
+    `model.0`); `compat.compute_in_half` leaves out the Q/DQ and constant layers among them."""
+    layers = (network.get_layer(i) for i in range(network.num_layers))
+    return [layer for layer in layers if not plan.quantizes(layer.name)]
 
 
 def _implicit_network(builder, options, tensors, meta, engine_path, log, **define_kwargs) -> Int8Network:
@@ -117,9 +124,9 @@ def device_uploader():
 
 def configure_int8(config, network: Int8Network) -> None:
     if network.calibrator is not None:
-        from trtnet import compat
-
         compat.set_implicit_int8(config, network.calibrator)
+    if network.half_pinned:
+        compat.prefer_precision_constraints(config)
 
 
 def _imgsz(meta, define_kwargs) -> int:
