@@ -3,8 +3,9 @@ built in waves of four in priority order, accuracy checks as soon as their engin
 and after each wave the timings its engines allow, on a quiet GPU. The machine's own python3 drives; TensorRT work
 runs in tests/gpu/py39.sh, the official PyTorch models in python3. Plans (TensorRT 8.5 builds on an H200 take 6-10
 minutes for a YOLOv5 and 6-19 for a YOLOv8s/YOLO11s at 640, so a 30-minute device budget holds two or three
-waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16), and
-yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in).
+waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16),
+yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in), and s10 (s9's
+engines carried in, the INT8 builds after run N).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
@@ -169,13 +170,25 @@ PLANS = {
            calibrated("yolov5s_syn_640_int8_b32_keep0", "yolov5s_syn", ("--batch", "32", *KERNELS, "--int8-keep",
                                                                         "model.0"), "yolov5s_syn")],
 }
+# run N's engines carried in (their timings first: files → boxes with OpenCV overlapping nvImageCodec, serving with
+# each instance's own time), then the kept layers pinned to fp16 (built 2026-12-03 after run N; new names, so the
+# carried engines of the same arguments are not taken for them), and the yolov5n INT8 builds run N did not make
+PINNED = "pinned"  # engines built after kept layers got fp16 as their precision on weakly typed TensorRT
+PLANS["s10"] = [
+    *PLANS["s9"],
+    calibrated(f"yolov5s_syn_640_int8_b32_keep0_{PINNED}", "yolov5s_syn",
+               ("--batch", "32", *KERNELS, "--int8-keep", "model.0"), "yolov5s_syn"),
+    yolov5n_int8(PARTIAL_KEEP, "percentile", f"partial_{PINNED}"),
+    yolov5n_int8("none", "percentile"),
+    IMPLICIT_YOLOV5N,
+]
 PLAN_JOBS = {"s9": 8}  # builds at once, where a plan wants other than BUILD_JOBS
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
 # validated with the official rect batches (the dynamic engine) or square 640 batches of one (the static ones)
 YOLOV5N_VAL = ["yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5n_int8_auto_percentile_b1",
                "yolov5n_int8_none_percentile_b1", "yolov5n_int8_implicit_b1", "yolov5n_int8_none_entropy_b1",
-               "yolov5n_int8_partial_percentile_b1"]
+               "yolov5n_int8_partial_percentile_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1"]
 
 
 def py39(*args: str) -> list[str]:
@@ -222,13 +235,19 @@ def timing_steps() -> list[Step]:
                        (f"{m}_640_fp16_b1",), TORCH_ENV)]
     for b in ("32", "1"):
         steps += [bench(f"yolov5s_{p}_b{b}", f"yolov5s_syn_640_{p}_b{b}", b) for p in ("fp16", "int8")]
-    steps += [bench("yolov5s_int8_keep0_b32", "yolov5s_syn_640_int8_b32_keep0", "32")]
+    steps += [bench("yolov5s_int8_keep0_b32", "yolov5s_syn_640_int8_b32_keep0", "32"),
+              bench("yolov5s_int8_keep0_pinned_b32", f"yolov5s_syn_640_int8_b32_keep0_{PINNED}", "32")]
     steps += [bench(f"resnet50_{p}_b128", f"resnet50_{p}_b128", "128", "--iters", "100") for p in ("fp16", "int8")]
     profile = py39(str(REPO / "tests/gpu/layer_profile.py"))
     steps += [Step("layers_yolov5s_keep0_b32", [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
                                                 str(ENG / "yolov5s_syn_640_int8_b32_keep0.engine"), "--batch", "32",
                                                 "--runs", "30", "--json", str(RES / "layers_yolov5s_keep0_b32.json")],
                    300, ("yolov5s_syn_640_fp16_b32", "yolov5s_syn_640_int8_b32_keep0"))]
+    steps += [Step("layers_yolov5s_keep0_pinned_b32",
+                   [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
+                    str(ENG / f"yolov5s_syn_640_int8_b32_keep0_{PINNED}.engine"), "--batch", "32", "--runs", "30",
+                    "--json", str(RES / "layers_yolov5s_keep0_pinned_b32.json")], 300,
+                   ("yolov5s_syn_640_fp16_b32", f"yolov5s_syn_640_int8_b32_keep0_{PINNED}"))]
     steps += [Step("layers_yolov5s_b32", [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
                                           str(ENG / "yolov5s_syn_640_int8_b32.engine"), "--batch", "32", "--runs", "30",
                                           "--json", str(RES / "layers_yolov5s_b32.json")], 300,
@@ -243,6 +262,8 @@ def timing_steps() -> list[Step]:
               bench("yolov5n_fp16_b1", "yolov5n_640_fp16_b1", "1"),
               bench("yolov5n_int8_auto_b1", "yolov5n_int8_auto_percentile_b1", "1"),
               bench("yolov5n_int8_partial_b1", "yolov5n_int8_partial_percentile_b1", "1"),
+              bench("yolov5n_int8_partial_pinned_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1", "1"),
+              bench("yolov5n_int8_none_b1", "yolov5n_int8_none_percentile_b1", "1"),
               Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",))]  # with yolov5s b32 where it is built
     serve = REPO / "tests/gpu/serve_gpu.sh"
     steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
