@@ -1,4 +1,5 @@
-"""`trtnet.serve` end to end on the CPU: a real Triton server (PyTriton) on 127.0.0.1 with yolov5n at 320.
+"""`trtnet.serve` end to end on the CPU: a real Triton server on 127.0.0.1 with yolov5n at 320, through PyTriton
+and through Triton's own Python backend (`--backend python`).
 
 Runs in the serve environment (`make test-serve`: PyTriton needs numpy < 2); elsewhere it skips. The model is
 yolov5n at --imgsz 320 so that the NumPy network (~0.1 s/image on a quiet core) keeps the load test short.
@@ -25,6 +26,7 @@ psutil = pytest.importorskip("psutil", reason="psutil checks for orphan processe
 
 from trtnet.client import Client  # noqa: E402
 from trtnet.errors import TrtnetError  # noqa: E402
+from trtnet.serve import BACKENDS  # noqa: E402
 
 IMGSZ = 320
 STARTUP_S = 180
@@ -43,11 +45,12 @@ def free_ports(count: int) -> list[int]:
 class Server:
     """`python -m trtnet.serve` in a subprocess; `stop()` interrupts it and reports what was left running."""
 
-    def __init__(self, weights: Path, log: Path):
+    def __init__(self, weights: Path, log: Path, backend: str = "pytriton"):
         self.http, self.grpc, self.metrics = free_ports(3)
         command = [sys.executable, "-m", "trtnet.serve", str(weights), "--devices", "cpu", "--imgsz", str(IMGSZ),
                    "--host", "127.0.0.1", "--http-port", str(self.http), "--grpc-port", str(self.grpc),
-                   "--metrics-port", str(self.metrics), "--max-queue-delay-us", "50000", "--max-batch", "8"]
+                   "--metrics-port", str(self.metrics), "--max-queue-delay-us", "50000", "--max-batch", "8",
+                   "--backend", backend]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.log = log
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -91,9 +94,10 @@ def weights(tmp_path_factory) -> Path:
     return out / "yolov5n.wts"
 
 
-@pytest.fixture(scope="module")
-def server(weights, tmp_path_factory):
-    running = Server(weights, tmp_path_factory.mktemp("serve_log") / "server.log")
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(weights, tmp_path_factory, request):
+    """The server on each backend: PyTriton's proxy, and Triton's own Python backend (--backend python)."""
+    running = Server(weights, tmp_path_factory.mktemp("serve_log") / "server.log", request.param)
     running.wait_ready()
     yield running
     running.stop()
@@ -213,9 +217,10 @@ def test_shutdown_is_clean(server):
     assert_stops_cleanly(server, signal.SIGINT)
 
 
-def test_sigterm_shuts_down_as_cleanly(weights, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_shuts_down_as_cleanly(weights, tmp_path, backend):
     """Kubernetes stops a pod with SIGTERM: the same clean exit (status 0, nothing left) as Ctrl-C."""
-    server = Server(weights, tmp_path / "server.log")
+    server = Server(weights, tmp_path / "server.log", backend)
     server.wait_ready()
     assert_stops_cleanly(server, signal.SIGTERM)
 

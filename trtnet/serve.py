@@ -40,6 +40,7 @@ from trtnet.interrupts import SIGNALS
 
 Device = Union[int, str]  # a GPU index, or "cpu"
 NAMES_PARAMETER = "class_names"
+BACKENDS = ("pytriton", "python")  # how Triton reaches the model: PyTriton's proxy, or its own Python backend
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class ServeSettings:
     weights_dir: str = "weights"
     exit_timeout_s: int = 10  # on SIGINT/SIGTERM, how long Triton lets in-flight requests finish (its own: 30)
     decode: str = "auto"  # encoded images: on the GPU (nvImageCodec) where it can, "gpu" or "cpu" (OpenCV)
+    backend: str = "pytriton"  # or "python": Triton's Python backend hosts the model itself (trtnet.serve_triton)
 
 
 def parse_devices(text: str) -> tuple[Device, ...]:
@@ -274,13 +276,13 @@ class InstanceTime:
     images: int = 0
     seconds: float = 0.0
 
-    def summary(self, instance: int) -> str:
+    def summary(self, instance: int | str) -> str:
         per = 1000.0 * self.seconds / max(self.executions, 1)
         return (f"instance {instance}: {self.executions} executions, {self.images} images, own time {per:.2f} ms "
-                "per execution (Triton's compute_infer adds PyTriton's transfers)")
+                "per execution (Triton's compute_infer adds what carries requests to it and back)")
 
 
-def infer_function(runner, settings: ServeSettings, instance: int = 0) -> Callable[[list], list[dict]]:
+def infer_function(runner, settings: ServeSettings, instance: int | str = 0) -> Callable[[list], list[dict]]:
     """The PyTriton callable of one model instance: a dynamic batch of requests in, one dict per request out.
     Its `close()` frees the decoder and prints the instance's own time."""
     detect = hasattr(runner, "detect_loaded") or hasattr(runner, "detect_decoded")
@@ -381,6 +383,10 @@ def use_this_libpython() -> None:
 def serve(settings: ServeSettings, opener: Callable = open_runner,
           started: Callable[[], None] | None = None) -> None:
     """Load every instance (refusing what cannot run), start Triton, serve until SIGINT/SIGTERM."""
+    if settings.backend == "python":
+        from trtnet.serve_triton import serve_on_triton
+
+        return serve_on_triton(settings, started)
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig
         from pytriton.triton import Triton
@@ -602,13 +608,19 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        engine = args["model_repository"] + "/" + args["model_version"] + "/" + params["engine"]
-        settings = ServeSettings(target=engine,
+        if params.get("device") == "cpu":  # `trtnet serve --backend python --devices cpu`: weights, NumPy
+            device, target = "cpu", params["weights"]
+        else:
+            device = int(args.get("model_instance_device_id") or 0)
+            target = args["model_repository"] + "/" + args["model_version"] + "/" + params["engine"]
+        settings = ServeSettings(target=target, devices=(device,),
                                  conf=float(params["conf"]), iou=float(params["iou"]),
-                                 max_det=int(params["max_det"]), topk=int(params["topk"]))
+                                 max_det=int(params["max_det"]), topk=int(params["topk"]),
+                                 imgsz=int(params.get("imgsz", 640)), decode=params.get("decode", "auto"),
+                                 weights_dir=params.get("weights_dir", "weights"))
         self.outputs = [o["name"] for o in config["output"]]
-        self.runner = open_runner(settings, int(args.get("model_instance_device_id") or 0))
-        self.infer = infer_function(self.runner, settings)
+        self.runner = open_runner(settings, device)
+        self.infer = infer_function(self.runner, settings, args.get("model_instance_name", 0))
 
     def execute(self, requests):
         inputs = []
@@ -629,8 +641,9 @@ class TritonPythonModel:
 
 
 def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: bool, names: Sequence[str],
-                 engine_file: str) -> str:
-    """A Python-backend config.pbtxt with the same inputs and outputs as the PyTriton model."""
+                 engine_file: str, gpus: Sequence[int] = ()) -> str:
+    """A Python-backend config.pbtxt with the same inputs and outputs as the PyTriton model. `engine_file`: the
+    engine beside model.py, or with --devices cpu the weights. `gpus`: the instances' GPUs (none: every GPU)."""
     def tensor(n: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
         extra = ", optional: true" if optional else ""
         return f'  {{ name: "{n}", data_type: {dtype}, dims: [{", ".join(map(str, dims))}]{extra} }}'
@@ -646,13 +659,21 @@ def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: boo
     else:
         outs = [tensor("topk_ids", "TYPE_INT32", [k]), tensor("topk_scores", "TYPE_FP32", [k]),
                 tensor("error", "TYPE_STRING", [1])]
+    cpu = settings.devices == ("cpu",)
     params = {"engine": engine_file, "conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
-              NAMES_PARAMETER: json.dumps([str(n) for n in names])}
+              "decode": settings.decode, NAMES_PARAMETER: json.dumps([str(n) for n in names])}
+    if cpu:
+        weights = params.pop("engine")
+        params = {**params, "device": "cpu", "weights": weights, "imgsz": settings.imgsz,
+                  "weights_dir": str(Path(settings.weights_dir).resolve())}
+    group = f"count: {settings.instances}, kind: {'KIND_CPU' if cpu else 'KIND_GPU'}"
+    if gpus and not cpu:
+        group += f", gpus: [{', '.join(map(str, gpus))}]"
     param_text = "\n".join(f'  {{ key: "{key}", value: {{ string_value: {json.dumps(str(v))} }} }}'
                            for key, v in params.items())
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}\n"
-            f"instance_group [ {{ count: {settings.instances}, kind: KIND_GPU }} ]\n"
+            f"instance_group [ {{ {group} }} ]\n"
             f"input [\n{(',' + chr(10)).join(ins)}\n]\n"
             f"output [\n{(',' + chr(10)).join(outs)}\n]\n"
             f"parameters [\n{(',' + chr(10)).join(param_text.splitlines())}\n]\n")
@@ -662,23 +683,35 @@ def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
     """DIR/NAME/{config.pbtxt, 1/model.py, 1/ENGINE, 1/ENGINE.json}: a Triton model repository
     for the stock Triton image (Python backend; trtnet must be installed in the image)."""
     from trtnet import networks
-    from trtnet.engine_files import find_engine_sidecar, load_metadata, resolve_engine
+    from trtnet.engine_files import load_metadata, resolve_engine
 
-    engine = resolve_engine(settings.target, settings.weights_dir)
-    meta = load_metadata(engine)
-    detect = networks.family(meta.family).TASK == "detect"
-    name = model_name(str(engine))
+    meta = load_metadata(resolve_engine(settings.target, settings.weights_dir))
+    return write_repo(settings, folder, detect=networks.family(meta.family).TASK == "detect",
+                      names=meta.class_names, max_batch=min(settings.max_batch, meta.batch.max))
+
+
+def write_repo(settings: ServeSettings, folder: str | Path, *, detect: bool, names: Sequence[str],
+               max_batch: int, link: bool = False) -> Path:
+    """The model repository's NAME folder: the engine and its sidecar beside model.py (`link`: symbolic links,
+    for a repository that lives as long as the server), or with --devices cpu the weights named in the config."""
+    from trtnet.engine_files import find_engine_sidecar, resolve_engine
+
+    cpu = settings.devices == ("cpu",)
+    target = Path(settings.target) if cpu else resolve_engine(settings.target, settings.weights_dir)
+    name = model_name(str(target))
     version = Path(folder) / name / "1"
     if version.exists():
         raise TrtnetError(f"--export-repo {folder}: {name}/1 exists already; choose another folder")
     version.mkdir(parents=True)
-    sidecar = find_engine_sidecar(engine)
-    shutil.copyfile(engine, version / engine.name)  # names kept: the sidecar names its engine
-    shutil.copyfile(sidecar, version / sidecar.name)
+    if cpu:
+        file = str(target.resolve()) if target.exists() else settings.target  # a name: found in --weights-dir
+    else:
+        for path in (target, find_engine_sidecar(target)):  # names kept: the sidecar names its engine
+            (version / path.name).symlink_to(path.resolve()) if link else shutil.copyfile(path, version / path.name)
+        file = target.name
     (version / "model.py").write_text(PYTHON_MODEL)
-    max_batch = min(settings.max_batch, meta.batch.max)
-    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, meta.class_names,
-                                                                   engine.name))
+    gpus = [] if cpu or not link else sorted(set(settings.devices))
+    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, names, file, gpus))
     return version.parent
 
 
@@ -704,6 +737,9 @@ def parser():
     p.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto",
                    help="encoded images: JPEGs on the GPU with nvImageCodec where available (auto), always (gpu), "
                         "or OpenCV on the CPU")
+    p.add_argument("--backend", choices=BACKENDS, default="pytriton",
+                   help="pytriton: PyTriton binds the model in this process; python: Triton's own Python backend "
+                        "hosts it in Triton's processes, no PyTriton proxy between (less time per request)")
     p.add_argument("--exit-timeout", type=int, default=10, metavar="SECONDS",
                    help="on Ctrl-C/SIGTERM, how long requests in flight may take to finish")
     add_weights_dir(p, "where names are looked up")
@@ -733,7 +769,7 @@ def settings_from(args) -> ServeSettings:
     return ServeSettings(args.target, devices, args.instances, args.max_batch,
                          args.max_queue_delay_us, args.conf, args.iou, args.max_det, args.topk, args.imgsz,
                          args.host, args.http_port, args.grpc_port, args.metrics_port, args.weights_dir,
-                         args.exit_timeout, args.decode)
+                         args.exit_timeout, args.decode, args.backend)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,32 +177,38 @@ stop_server() {  # stop_server PID NAME: SIGINT (PyTriton's way out), then TERM,
     fi
 }
 
-serve_and_bench() {  # serve_and_bench INSTANCES: bench_iN_cC.log per concurrency, Triton's statistics after each
-    local n=$1 log="$out/server_i$1.log" pid c
+serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log per concurrency, Triton's statistics
+    # after each; TAG is INSTANCES, with "py" after it for --backend python (Triton's own Python backend)
+    local n=$1 backend=${2:-pytriton} pid c
+    local tag=$n$([ "$backend" = python ] && echo py)
+    local log="$out/server_i$tag.log"
     set -m  # its own process group, and SIGINT not ignored as it is for a non-interactive shell's background job
     env LD_LIBRARY_PATH="$server_libs" PATH="$site/py39bin:$PATH" \
         "$py39" -m trtnet.serve "$target" --instances "$n" --max-batch 32 --devices "$devices" "${cpu_args[@]}" \
+        --backend "$backend" \
         --max-queue-delay-us "${SERVE_QUEUE_DELAY_US:-500}" --host 127.0.0.1 --http-port "$port" \
         --grpc-port $((port + 1)) --metrics-port $((port + 2)) >"$log" 2>&1 &
     pid=$!
     set +m
     local start=$SECONDS
-    server_ready "$pid" "$log" >"$out/ready_i$n.log" 2>&1
-    echo "ready_i$n: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-    if grep -q "^ready_i$n: exit 0" "$out/steps.txt"; then
+    server_ready "$pid" "$log" >"$out/ready_i$tag.log" 2>&1
+    echo "ready_i$tag: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
+    if grep -q "^ready_i$tag: exit 0" "$out/steps.txt"; then
         for c in 1 8 32; do
-            step "bench_i${n}_c$c" 200 "$py39" -m trtnet.serve --bench "$url" --concurrency "$c" \
+            step "bench_i${tag}_c$c" 200 "$py39" -m trtnet.serve --bench "$url" --concurrency "$c" \
                 --requests "$([ "$c" = 1 ] && echo "${SERVE_REQUESTS_C1:-1000}" || echo "$requests")" \
                 --images "${images[@]}"
-            step "stats_i${n}_c$c" 30 "$py39" -c "import json; from trtnet.client import Client; c = Client('$url'); \
-json.dump(c.statistics(c.model), open('$out/stats_i${n}_c$c.json', 'w'), indent=1)"
+            step "stats_i${tag}_c$c" 30 "$py39" -c "import json; from trtnet.client import Client; c = Client('$url'); \
+json.dump(c.statistics(c.model), open('$out/stats_i${tag}_c$c.json', 'w'), indent=1)"
         done
     fi
-    stop_server "$pid" "server_i$n"
+    stop_server "$pid" "server_i$tag"
 }
 
-serve_and_bench 1
-serve_and_bench 2
+for backend in ${SERVE_BACKENDS:-pytriton python}; do  # PyTriton, then Triton's own Python backend
+    serve_and_bench 1 "$backend"
+    serve_and_bench 2 "$backend"
+done
 
 "$py39" - "$out" <<'PY' | tee "$out/summary.txt"
 """The serving table from bench_iN_cC.log (trtnet.serve --bench's table), stats_iN_cC.json (Triton's cumulative
@@ -232,19 +238,22 @@ def counts(path):
 summary = {"server": {}, "direct": None}
 print(f"{'server':10} {'conc':>4} {'requests':>8} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
       f"{'errors':>6} {'mean batch':>10}")
-for n in (1, 2):
+for n in ("1", "2", "1py", "2py"):  # instances, "py": --backend python
+    if not (out / f"server_i{n}.log").exists():
+        continue
+    label = f"{n[0]} inst{', py' if n.endswith('py') else ''}"
     rows, before = [], (0, 0)
     for c in (1, 8, 32):
         row, after = bench_row(out / f"bench_i{n}_c{c}.log"), counts(out / f"stats_i{n}_c{c}.json")
         if row is None:
-            print(f"{n} instance: no result at concurrency {c} (steps.txt, server_i{n}.log, bench_i{n}_c{c}.log)")
+            print(f"{label}: no result at concurrency {c} (steps.txt, server_i{n}.log, bench_i{n}_c{c}.log)")
             continue
         if after is not None:
             done, runs = after[0] - before[0], after[1] - before[1]
             row["mean_batch"], before = (done / runs if runs else None), after
         rows.append(row)
         batch = row.get("mean_batch")
-        print(f"{f'{n} instance':10} {c:>4} {row['requests']:>8} {row['throughput']:>9.1f} {row['p50_ms']:>8.2f} "
+        print(f"{label:10} {c:>4} {row['requests']:>8} {row['throughput']:>9.1f} {row['p50_ms']:>8.2f} "
               f"{row['p99_ms']:>8.2f} {row['p99_ms'] / row['p50_ms']:>7.2f} {row['errors']:>6} "
               f"{'-' if batch is None else f'{batch:.2f}':>10}")
     summary["server"][n] = {"rows": rows, "requests": sum(r["requests"] for r in rows),
@@ -261,7 +270,7 @@ else:
     print("\ndirect: no result (direct.log)")
 print()
 for n, s in summary["server"].items():
-    line = f"{n} instance(s): {s['requests']} requests, {s['errors']} errors"
+    line = f"{n.replace('py', ' (python backend)')} instance(s): {s['requests']} requests, {s['errors']} errors"
     at32 = [r for r in s["rows"] if r["concurrency"] == 32]
     if at32 and best:
         s["ratio_at_32"] = {mode: at32[0]["throughput"] / value for mode, value in best.items()}
