@@ -780,7 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(args)
     if args.export_repo:
         if settings.devices == ("cpu",):
-            raise TrtnetError("--export-repo exports an engine; --devices cpu models are served with PyTriton only")
+            raise TrtnetError("--export-repo exports an engine; --devices cpu models are served from here "
+                              "(--backend pytriton or python)")
         print(f"wrote {export_repo(replace(settings), args.export_repo)}")
         return 0
     serve(settings)
