@@ -238,7 +238,8 @@ def test_exported_config_is_a_valid_triton_model_config():
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from trtnet.serve import ServeSettings, config_pbtxt
+    from trtnet.serve import ServeSettings
+    from trtnet.serve_triton import config_pbtxt
 
     text = config_pbtxt("yolov5n.fp16", ServeSettings("x", instances=2), 16, True, ["a", "b"], "yolov5n.fp16.engine")
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
@@ -250,6 +251,6 @@ def test_exported_config_is_a_valid_triton_model_config():
 
 
 def serve_python_model() -> str:
-    from trtnet.serve import PYTHON_MODEL
+    from trtnet.serve_triton import PYTHON_MODEL
 
     return PYTHON_MODEL

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from trtnet import cuda_rt, serve
+from trtnet import cuda_rt, serve, serve_triton
 from trtnet.api import Detections
 from trtnet.engine import Engine
 from trtnet.errors import TrtnetError
@@ -273,13 +273,13 @@ def test_python_backend_repository_for_an_engine_on_listed_gpus(tmp_path):
     engine.write_bytes(b"plan")
     engine.with_name(engine.name + ".json").write_text("{}")
     settings = serve.ServeSettings(str(engine), devices=(0, 1), instances=2)
-    model = serve.write_repo(settings, tmp_path / "linked", detect=True, names=NAMES, max_batch=4, link=True)
+    model = serve_triton.write_repo(settings, tmp_path / "linked", detect=True, names=NAMES, max_batch=4, link=True)
     assert model.name == "yolov5n.fp16" and (model / "1" / engine.name).resolve() == engine.resolve()
     assert (model / "1" / "yolov5n.fp16.engine.json").is_symlink() and (model / "1" / "model.py").is_file()
     config = (model / "config.pbtxt").read_text()
     assert "instance_group [ { count: 2, kind: KIND_GPU, gpus: [0, 1] } ]" in config
     assert 'key: "engine", value: { string_value: "yolov5n.fp16.engine" }' in config and "max_batch_size: 4" in config
-    copied = serve.write_repo(settings, tmp_path / "copied", detect=True, names=NAMES, max_batch=4)
+    copied = serve_triton.write_repo(settings, tmp_path / "copied", detect=True, names=NAMES, max_batch=4)
     assert not (copied / "1" / engine.name).is_symlink()
     assert "{ count: 2, kind: KIND_GPU }" in (copied / "config.pbtxt").read_text()
 
@@ -288,7 +288,7 @@ def test_python_backend_repository_for_weights_on_the_cpu(tmp_path):
     weights = tmp_path / "yolov5n.wts"
     weights.write_text("0\n")
     settings = serve.ServeSettings(str(weights), devices=("cpu",), imgsz=320, weights_dir=str(tmp_path))
-    model = serve.write_repo(settings, tmp_path / "models", detect=True, names=NAMES, max_batch=8, link=True)
+    model = serve_triton.write_repo(settings, tmp_path / "models", detect=True, names=NAMES, max_batch=8, link=True)
     config = (model / "config.pbtxt").read_text()
     assert "kind: KIND_CPU" in config and "gpus" not in config and not (model / "1" / "yolov5n.wts").exists()
     for key, value in (("device", "cpu"), ("weights", str(weights.resolve())), ("imgsz", "320")):
@@ -297,14 +297,12 @@ def test_python_backend_repository_for_weights_on_the_cpu(tmp_path):
 
 
 def test_triton_runs_on_the_addresses_and_ports_asked_for(tmp_path):
-    from trtnet.serve_triton import local_url, triton_command
-
     settings = serve.ServeSettings("x", devices=("cpu",), host="127.0.0.1", http_port=9000, grpc_port=9001,
                                    metrics_port=9002, exit_timeout_s=7)
-    command = triton_command(tmp_path / "server", tmp_path / "models", settings)
+    command = serve_triton.triton_command(tmp_path / "server", tmp_path / "models", settings)
     assert command[0] == str(tmp_path / "server" / "bin" / "tritonserver")
     pairs = dict(zip(command[1::2], command[2::2]))
     assert pairs["--model-repository"] == str(tmp_path / "models") and pairs["--http-port"] == "9000"
     assert pairs["--grpc-port"] == "9001" and pairs["--metrics-port"] == "9002"
     assert "--allow-gpu-metrics=false" in command and "7" in command
-    assert local_url(serve.ServeSettings("x", http_port=8000)) == "http://127.0.0.1:8000"
+    assert serve_triton.local_url(serve.ServeSettings("x", http_port=8000)) == "http://127.0.0.1:8000"

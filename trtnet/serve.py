@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -592,129 +591,6 @@ def run_bench(args) -> None:
         print(bench(args.bench, images, concurrency, args.requests, args.model, processes).row(), flush=True)
 
 
-# ------------------------------------------------------------------------------------------ export
-
-
-PYTHON_MODEL = '''"""Triton Python-backend model written by `trtnet serve --export-repo`: trtnet.serve's request
-handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives)."""
-import json
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-from trtnet.serve import ServeSettings, infer_function, open_runner
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        if params.get("device") == "cpu":  # `trtnet serve --backend python --devices cpu`: weights, NumPy
-            device, target = "cpu", params["weights"]
-        else:
-            device = int(args.get("model_instance_device_id") or 0)
-            target = args["model_repository"] + "/" + args["model_version"] + "/" + params["engine"]
-        settings = ServeSettings(target=target, devices=(device,),
-                                 conf=float(params["conf"]), iou=float(params["iou"]),
-                                 max_det=int(params["max_det"]), topk=int(params["topk"]),
-                                 imgsz=int(params.get("imgsz", 640)), decode=params.get("decode", "auto"),
-                                 weights_dir=params.get("weights_dir", "weights"))
-        self.outputs = [o["name"] for o in config["output"]]
-        self.runner = open_runner(settings, device)
-        self.infer = infer_function(self.runner, settings, args.get("model_instance_name", 0))
-
-    def execute(self, requests):
-        inputs = []
-        for request in requests:
-            named = {}
-            for name in ("image", "pixels", "conf", "iou", "classes"):
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is not None:
-                    named[name] = tensor.as_numpy()
-            inputs.append(named)
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
-                for out in self.infer(inputs)]
-
-    def finalize(self):
-        self.infer.close()
-        self.runner.close()
-'''
-
-
-def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: bool, names: Sequence[str],
-                 engine_file: str, gpus: Sequence[int] = ()) -> str:
-    """A Python-backend config.pbtxt with the same inputs and outputs as the PyTriton model. `engine_file`: the
-    engine beside model.py, or with --devices cpu the weights. `gpus`: the instances' GPUs (none: every GPU)."""
-    def tensor(n: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
-        extra = ", optional: true" if optional else ""
-        return f'  {{ name: "{n}", data_type: {dtype}, dims: [{", ".join(map(str, dims))}]{extra} }}'
-
-    ins = [tensor("image", "TYPE_STRING", [1], True), tensor("pixels", "TYPE_UINT8", [-1, -1, 3], True)]
-    m, k = settings.max_det, settings.topk
-    if detect:
-        ins += [tensor("conf", "TYPE_FP32", [1], True), tensor("iou", "TYPE_FP32", [1], True),
-                tensor("classes", "TYPE_INT32", [-1], True)]
-        outs = [tensor("boxes", "TYPE_FP32", [m, 4]), tensor("scores", "TYPE_FP32", [m]),
-                tensor("classes", "TYPE_INT32", [m]), tensor("count", "TYPE_INT32", [1]),
-                tensor("shape", "TYPE_INT32", [2]), tensor("error", "TYPE_STRING", [1])]
-    else:
-        outs = [tensor("topk_ids", "TYPE_INT32", [k]), tensor("topk_scores", "TYPE_FP32", [k]),
-                tensor("error", "TYPE_STRING", [1])]
-    cpu = settings.devices == ("cpu",)
-    params = {"engine": engine_file, "conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
-              "decode": settings.decode, NAMES_PARAMETER: json.dumps([str(n) for n in names])}
-    if cpu:
-        weights = params.pop("engine")
-        params = {**params, "device": "cpu", "weights": weights, "imgsz": settings.imgsz,
-                  "weights_dir": str(Path(settings.weights_dir).resolve())}
-    group = f"count: {settings.instances}, kind: {'KIND_CPU' if cpu else 'KIND_GPU'}"
-    if gpus and not cpu:
-        group += f", gpus: [{', '.join(map(str, gpus))}]"
-    param_text = "\n".join(f'  {{ key: "{key}", value: {{ string_value: {json.dumps(str(v))} }} }}'
-                           for key, v in params.items())
-    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}\n"
-            f"instance_group [ {{ {group} }} ]\n"
-            f"input [\n{(',' + chr(10)).join(ins)}\n]\n"
-            f"output [\n{(',' + chr(10)).join(outs)}\n]\n"
-            f"parameters [\n{(',' + chr(10)).join(param_text.splitlines())}\n]\n")
-
-
-def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
-    """DIR/NAME/{config.pbtxt, 1/model.py, 1/ENGINE, 1/ENGINE.json}: a Triton model repository
-    for the stock Triton image (Python backend; trtnet must be installed in the image)."""
-    from trtnet import networks
-    from trtnet.engine_files import load_metadata, resolve_engine
-
-    meta = load_metadata(resolve_engine(settings.target, settings.weights_dir))
-    return write_repo(settings, folder, detect=networks.family(meta.family).TASK == "detect",
-                      names=meta.class_names, max_batch=min(settings.max_batch, meta.batch.max))
-
-
-def write_repo(settings: ServeSettings, folder: str | Path, *, detect: bool, names: Sequence[str],
-               max_batch: int, link: bool = False) -> Path:
-    """The model repository's NAME folder: the engine and its sidecar beside model.py (`link`: symbolic links,
-    for a repository that lives as long as the server), or with --devices cpu the weights named in the config."""
-    from trtnet.engine_files import find_engine_sidecar, resolve_engine
-
-    cpu = settings.devices == ("cpu",)
-    target = Path(settings.target) if cpu else resolve_engine(settings.target, settings.weights_dir)
-    name = model_name(str(target))
-    version = Path(folder) / name / "1"
-    if version.exists():
-        raise TrtnetError(f"--export-repo {folder}: {name}/1 exists already; choose another folder")
-    version.mkdir(parents=True)
-    if cpu:
-        file = str(target.resolve()) if target.exists() else settings.target  # a name: found in --weights-dir
-    else:
-        for path in (target, find_engine_sidecar(target)):  # names kept: the sidecar names its engine
-            (version / path.name).symlink_to(path.resolve()) if link else shutil.copyfile(path, version / path.name)
-        file = target.name
-    (version / "model.py").write_text(PYTHON_MODEL)
-    gpus = [] if cpu or not link else sorted(set(settings.devices))
-    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, names, file, gpus))
-    return version.parent
-
-
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -782,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.devices == ("cpu",):
             raise TrtnetError("--export-repo exports an engine; --devices cpu models are served from here "
                               "(--backend pytriton or python)")
+        from trtnet.serve_triton import export_repo
+
         print(f"wrote {export_repo(replace(settings), args.export_repo)}")
         return 0
     serve(settings)

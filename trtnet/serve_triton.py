@@ -1,6 +1,7 @@
-"""`trtnet serve --backend python`: Triton itself hosts trtnet, without PyTriton's proxy.
+"""Triton's own Python backend: the model repository `trtnet serve --export-repo` writes (for the stock Triton
+image), and `trtnet serve --backend python`, where Triton itself hosts trtnet on it, without PyTriton's proxy.
 
-Triton's Python backend runs the model repository `--export-repo` writes (`trtnet.serve.PYTHON_MODEL`: the same
+Triton's Python backend runs the model repository `--export-repo` writes (`PYTHON_MODEL` below: the same
 request handling, one runner per model instance) in its own stub processes. With PyTriton, every request also
 travels from that stub to this process and back: run N (H200) measured 7.75 ms per batch-1 execution in Triton's
 `compute_infer` where trtnet's own work took 2.03. The Triton binary, its Python backend and the stub for this
@@ -9,6 +10,7 @@ Python come from the PyTriton wheel, so nothing else is installed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,10 +20,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
 from trtnet.errors import TrtnetError
+from trtnet.serve import NAMES_PARAMETER, ServeSettings, model_name
 
 READY_S = 300  # model instances load their engines (or, on the CPU, their weights) before Triton is ready
 SHM_BYTES = 4 << 20  # the Python backend's shared memory per instance, as PyTriton sets it (containers' /dev/shm)
@@ -118,7 +122,7 @@ def local_url(settings) -> str:
 def serve_on_triton(settings, started: Callable[[], None] | None = None) -> None:
     """Check every instance can run (the runtime's message if not), write the model repository, run Triton on
     it until SIGINT/SIGTERM."""
-    from trtnet.serve import open_runners, until_stopped, write_repo
+    from trtnet.serve import open_runners, until_stopped
 
     runners = open_runners(settings)  # refused here, in this process, with the runtime's clear message
     try:
@@ -151,3 +155,126 @@ def write_repo_args(runner, settings) -> dict:
 
     return {"detect": hasattr(runner, "detect_loaded"), "names": list(runner.names),
             "max_batch": batch_bound(settings, runner)}
+
+
+# ------------------------------------------------------------------------------------------ the model repository
+
+
+PYTHON_MODEL = '''"""Triton Python-backend model written by `trtnet serve --export-repo`: trtnet.serve's request
+handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives)."""
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trtnet.serve import ServeSettings, infer_function, open_runner
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        if params.get("device") == "cpu":  # `trtnet serve --backend python --devices cpu`: weights, NumPy
+            device, target = "cpu", params["weights"]
+        else:
+            device = int(args.get("model_instance_device_id") or 0)
+            target = args["model_repository"] + "/" + args["model_version"] + "/" + params["engine"]
+        settings = ServeSettings(target=target, devices=(device,),
+                                 conf=float(params["conf"]), iou=float(params["iou"]),
+                                 max_det=int(params["max_det"]), topk=int(params["topk"]),
+                                 imgsz=int(params.get("imgsz", 640)), decode=params.get("decode", "auto"),
+                                 weights_dir=params.get("weights_dir", "weights"))
+        self.outputs = [o["name"] for o in config["output"]]
+        self.runner = open_runner(settings, device)
+        self.infer = infer_function(self.runner, settings, args.get("model_instance_name", 0))
+
+    def execute(self, requests):
+        inputs = []
+        for request in requests:
+            named = {}
+            for name in ("image", "pixels", "conf", "iou", "classes"):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    named[name] = tensor.as_numpy()
+            inputs.append(named)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
+                for out in self.infer(inputs)]
+
+    def finalize(self):
+        self.infer.close()
+        self.runner.close()
+'''
+
+
+def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: bool, names: Sequence[str],
+                 engine_file: str, gpus: Sequence[int] = ()) -> str:
+    """A Python-backend config.pbtxt with the same inputs and outputs as the PyTriton model. `engine_file`: the
+    engine beside model.py, or with --devices cpu the weights. `gpus`: the instances' GPUs (none: every GPU)."""
+    def tensor(n: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
+        extra = ", optional: true" if optional else ""
+        return f'  {{ name: "{n}", data_type: {dtype}, dims: [{", ".join(map(str, dims))}]{extra} }}'
+
+    ins = [tensor("image", "TYPE_STRING", [1], True), tensor("pixels", "TYPE_UINT8", [-1, -1, 3], True)]
+    m, k = settings.max_det, settings.topk
+    if detect:
+        ins += [tensor("conf", "TYPE_FP32", [1], True), tensor("iou", "TYPE_FP32", [1], True),
+                tensor("classes", "TYPE_INT32", [-1], True)]
+        outs = [tensor("boxes", "TYPE_FP32", [m, 4]), tensor("scores", "TYPE_FP32", [m]),
+                tensor("classes", "TYPE_INT32", [m]), tensor("count", "TYPE_INT32", [1]),
+                tensor("shape", "TYPE_INT32", [2]), tensor("error", "TYPE_STRING", [1])]
+    else:
+        outs = [tensor("topk_ids", "TYPE_INT32", [k]), tensor("topk_scores", "TYPE_FP32", [k]),
+                tensor("error", "TYPE_STRING", [1])]
+    cpu = settings.devices == ("cpu",)
+    params = {"engine": engine_file, "conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
+              "decode": settings.decode, NAMES_PARAMETER: json.dumps([str(n) for n in names])}
+    if cpu:
+        weights = params.pop("engine")
+        params = {**params, "device": "cpu", "weights": weights, "imgsz": settings.imgsz,
+                  "weights_dir": str(Path(settings.weights_dir).resolve())}
+    group = f"count: {settings.instances}, kind: {'KIND_CPU' if cpu else 'KIND_GPU'}"
+    if gpus and not cpu:
+        group += f", gpus: [{', '.join(map(str, gpus))}]"
+    param_text = "\n".join(f'  {{ key: "{key}", value: {{ string_value: {json.dumps(str(v))} }} }}'
+                           for key, v in params.items())
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+            f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}\n"
+            f"instance_group [ {{ {group} }} ]\n"
+            f"input [\n{(',' + chr(10)).join(ins)}\n]\n"
+            f"output [\n{(',' + chr(10)).join(outs)}\n]\n"
+            f"parameters [\n{(',' + chr(10)).join(param_text.splitlines())}\n]\n")
+
+
+def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
+    """DIR/NAME/{config.pbtxt, 1/model.py, 1/ENGINE, 1/ENGINE.json}: a Triton model repository
+    for the stock Triton image (Python backend; trtnet must be installed in the image)."""
+    from trtnet import networks
+    from trtnet.engine_files import load_metadata, resolve_engine
+
+    meta = load_metadata(resolve_engine(settings.target, settings.weights_dir))
+    return write_repo(settings, folder, detect=networks.family(meta.family).TASK == "detect",
+                      names=meta.class_names, max_batch=min(settings.max_batch, meta.batch.max))
+
+
+def write_repo(settings: ServeSettings, folder: str | Path, *, detect: bool, names: Sequence[str],
+               max_batch: int, link: bool = False) -> Path:
+    """The model repository's NAME folder: the engine and its sidecar beside model.py (`link`: symbolic links,
+    for a repository that lives as long as the server), or with --devices cpu the weights named in the config."""
+    from trtnet.engine_files import find_engine_sidecar, resolve_engine
+
+    cpu = settings.devices == ("cpu",)
+    target = Path(settings.target) if cpu else resolve_engine(settings.target, settings.weights_dir)
+    name = model_name(str(target))
+    version = Path(folder) / name / "1"
+    if version.exists():
+        raise TrtnetError(f"--export-repo {folder}: {name}/1 exists already; choose another folder")
+    version.mkdir(parents=True)
+    if cpu:
+        file = str(target.resolve()) if target.exists() else settings.target  # a name: found in --weights-dir
+    else:
+        for path in (target, find_engine_sidecar(target)):  # names kept: the sidecar names its engine
+            (version / path.name).symlink_to(path.resolve()) if link else shutil.copyfile(path, version / path.name)
+        file = target.name
+    (version / "model.py").write_text(PYTHON_MODEL)
+    gpus = [] if cpu or not link else sorted(set(settings.devices))
+    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, names, file, gpus))
+    return version.parent
