@@ -273,7 +273,8 @@ def test_python_backend_repository_for_an_engine_on_listed_gpus(tmp_path):
     engine.write_bytes(b"plan")
     engine.with_name(engine.name + ".json").write_text("{}")
     settings = serve.ServeSettings(str(engine), devices=(0, 1), instances=2)
-    model = serve_triton.write_repo(settings, tmp_path / "linked", detect=True, names=NAMES, max_batch=4, link=True)
+    model = serve_triton.write_repo(settings, tmp_path / "linked", detect=True, names=NAMES, max_batch=4, link=True,
+                                    gpus=[0, 1])
     assert model.name == "yolov5n.fp16" and (model / "1" / engine.name).resolve() == engine.resolve()
     assert (model / "1" / "yolov5n.fp16.engine.json").is_symlink() and (model / "1" / "model.py").is_file()
     config = (model / "config.pbtxt").read_text()

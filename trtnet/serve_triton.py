@@ -120,11 +120,13 @@ def local_url(settings) -> str:
 
 
 def serve_on_triton(settings, started: Callable[[], None] | None = None) -> None:
-    """Check every instance can run (the runtime's message if not), write the model repository, run Triton on
-    it until SIGINT/SIGTERM."""
-    from trtnet.serve import open_runners, until_stopped
+    """Check the model can run on every device (the runtime's message if not), write the model repository, run
+    Triton on it until SIGINT/SIGTERM."""
+    from trtnet.serve import open_runner, until_stopped
 
-    runners = open_runners(settings)  # refused here, in this process, with the runtime's clear message
+    # one runner a device: what cannot run is refused here, with the runtime's clear message; Triton's stubs make
+    # the instances
+    runners = [open_runner(settings, device) for device in settings.devices]
     try:
         first = runners[0]
         model = write_repo_args(first, settings)
@@ -133,7 +135,8 @@ def serve_on_triton(settings, started: Callable[[], None] | None = None) -> None
             runner.close()
     with tempfile.TemporaryDirectory(prefix="trtnet-triton-") as work:
         repository = Path(work) / "models"
-        name = write_repo(settings, repository, link=True, **model).name
+        gpus = [] if settings.devices == ("cpu",) else sorted(set(settings.devices))
+        name = write_repo(settings, repository, link=True, gpus=gpus, **model).name
         server = triton_installation(Path(work) / "tritonserver")
         process = subprocess.Popen(triton_command(server, repository, settings), env=triton_environment(),
                                    start_new_session=True)
@@ -256,9 +259,10 @@ def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
 
 
 def write_repo(settings: ServeSettings, folder: str | Path, *, detect: bool, names: Sequence[str],
-               max_batch: int, link: bool = False) -> Path:
+               max_batch: int, link: bool = False, gpus: Sequence[int] = ()) -> Path:
     """The model repository's NAME folder: the engine and its sidecar beside model.py (`link`: symbolic links,
-    for a repository that lives as long as the server), or with --devices cpu the weights named in the config."""
+    for a repository that lives as long as the server), or with --devices cpu the weights named in the config.
+    `gpus`: the GPUs Triton puts the instances on (none: every GPU it sees)."""
     from trtnet.engine_files import find_engine_sidecar, resolve_engine
 
     cpu = settings.devices == ("cpu",)
@@ -272,9 +276,11 @@ def write_repo(settings: ServeSettings, folder: str | Path, *, detect: bool, nam
         file = str(target.resolve()) if target.exists() else settings.target  # a name: found in --weights-dir
     else:
         for path in (target, find_engine_sidecar(target)):  # names kept: the sidecar names its engine
-            (version / path.name).symlink_to(path.resolve()) if link else shutil.copyfile(path, version / path.name)
+            if link:
+                (version / path.name).symlink_to(path.resolve())
+            else:
+                shutil.copyfile(path, version / path.name)
         file = target.name
     (version / "model.py").write_text(PYTHON_MODEL)
-    gpus = [] if cpu or not link else sorted(set(settings.devices))
     (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, names, file, gpus))
     return version.parent
