@@ -463,6 +463,7 @@ def test_an_existing_calibration_file_is_used_without_calibrating(tmp_path, monk
     from trtnet.quant import options
 
     monkeypatch.setattr(options, "calibrate", _no_calibration)
+    monkeypatch.setattr(options, "honoured_plan", lambda plan, define, log: plan)  # stand-in weights: no network
     path = tmp_path / "c.json"
     _calibration(network_hash=network_hash(TENSORS, META)).write(path)
     plan, calib, used = options.explicit_plan(options.Int8Options(calib_cache=str(path), keep=("model.0",)),
@@ -488,6 +489,7 @@ def test_auto_keep_needs_a_report_or_images_to_measure_one(tmp_path, monkeypatch
     from trtnet.quant.sensitivity import rank
 
     monkeypatch.setattr(options, "calibrate", _no_calibration)
+    monkeypatch.setattr(options, "honoured_plan", lambda plan, define, log: plan)  # stand-in weights: no network
     path = tmp_path / "e.calib.json"
     _calibration(network_hash=network_hash(TENSORS, META)).write(path)
     auto = options.Int8Options(calib_cache=str(path), keep=("auto",))
@@ -497,7 +499,7 @@ def test_auto_keep_needs_a_report_or_images_to_measure_one(tmp_path, monkeypatch
         options.explicit_plan(auto, TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None,
                               weights_path=tmp_path / "w.wts")
     errors = {"model.0": 1.0, "model.1": 0.01, "model.2": 0.01}
-    rank(errors, {}, 2, network_hash(TENSORS, META)).write(tmp_path / "e.sensitivity.json")
+    rank(errors, {}, 2, network_hash(TENSORS, META), full_error=1.5).write(tmp_path / "e.sensitivity.json")
     plan, _, _ = options.explicit_plan(auto, TENSORS, META, 320, tmp_path / "e.engine", log=lambda _: None)
     assert plan.keep_float == {"model.0"}
 

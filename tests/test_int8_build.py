@@ -123,7 +123,9 @@ def test_int8_yolov5n_build_writes_engine_and_calibration_then_rebuilds_from_it(
                            "--imgsz", "320", "--int8-keep", "raw_0,model.0", "-o", weights_dir / "again.engine")
     assert code == 0, text
     again = json.loads((weights_dir / "again.engine.json").read_text())
-    assert again["int8"]["keep"] == ["model.0", "raw_0"] and again["int8"]["images"] == 8
+    # raw_0 reads model.17's output, which model.18's convolution reads quantized: kept with it
+    assert again["int8"]["keep"] == ["model.0", "model.18.conv", "raw_0"] and again["int8"]["images"] == 8
+    assert "also kept in float, as they read a tensor a kept layer reads" in text
 
 
 @requires_torch
@@ -231,8 +233,9 @@ def test_int8_keep_auto_uses_the_sensitivity_report_beside_the_weights(weights_d
     from trtnet.weights import load_weights
 
     weights = load_weights(weights_dir / "yolov5n.wts")
-    errors = {"model.0": 0.5, "raw_2": 0.3, **{f"model.{i}": 0.01 for i in range(1, 10)}}
-    rank(errors, {}, 4, network_hash(weights.tensors, weights.meta)).write(weights_dir / "yolov5n.sensitivity.json")
+    errors = {"model.0": 0.5, "raw_2": 0.01, **{f"model.{i}": 0.01 for i in range(1, 10)}}
+    rank(errors, {}, 4, network_hash(weights.tensors, weights.meta), full_error=1.0,
+         heads=("raw_2",)).write(weights_dir / "yolov5n.sensitivity.json")
     code, text = run_build(capsys, weights_dir / "yolov5n.wts", "--int8", "--calib", coco128(), "--calib-images", "1",
                            "--imgsz", "64", "--int8-keep", "auto", "--calib-device", "cpu",
                            "--weights-dir", weights_dir)

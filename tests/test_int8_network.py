@@ -318,6 +318,24 @@ def test_kept_layers_are_the_float_groups_and_strongly_typed_tensorrt_needs_no_p
     assert compat.compute_in_half(kept) is False  # strongly typed (RTX, TensorRT 10+)
 
 
+def test_a_kept_layer_keeps_the_quantized_readers_of_its_input(yolov5n, plan):
+    """TensorRT quantizes a tensor for all its readers (run N: yolov5n with model.0-4 and the Detect convolutions
+    kept scored as with model.0-4 alone): a kept Detect convolution keeps the neck convolution that reads the same
+    tensor, and the network then has no tensor read both in float by a kept layer and through Q/DQ."""
+    from trtnet.quant.keep import honoured_plan, quantized_siblings
+    from trtnet.quant.plan import QuantPlan
+
+    def network(p):
+        return define(yolov5n, p).network
+
+    wanted = QuantPlan(plan.amax, frozenset({"raw_0", "raw_1", "raw_2", "model.2"}))
+    assert quantized_siblings(network(wanted), wanted) == {"model.18.conv", "model.21.conv"}
+    honoured = honoured_plan(wanted, network, log=lambda line: None)
+    assert honoured.keep_float == wanted.keep_float | {"model.18.conv", "model.21.conv"}
+    assert not quantized_siblings(network(honoured), honoured)
+    assert honoured_plan(QuantPlan(plan.amax, frozenset({"model.2"})), network).keep_float == {"model.2"}
+
+
 def test_weakly_typed_tensorrt_is_asked_to_compute_kept_layers_in_fp16(monkeypatch):
     """TensorRT 8.5 ran a kept convolution that a quantize layer reads in fp32 (run N): on weakly typed TensorRT
     the kept compute layers get fp16 as their precision and the builder prefers those constraints."""

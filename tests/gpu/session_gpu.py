@@ -187,23 +187,28 @@ DYNAMIC_OPT1 = Build("yolov5n_640_fp16_opt1", "yolov5n",
 # each instance's own time), then the kept layers pinned to fp16 (built 2026-12-03 after run N; new names, so the
 # carried engines of the same arguments are not taken for them), and the yolov5n INT8 builds run N did not make
 PINNED = "pinned"  # engines built after kept layers got fp16 as their precision on weakly typed TensorRT
+# `auto` from a report of the error each group removes when kept (and the heads), with a kept layer's quantized
+# siblings kept too: tests/gpu/ carries the report (.gpu/extra/yolov5n.sensitivity.json) into /tmp/eng
+AUTO_KEPT_CONTEXT = "auto_kept"
 PLANS["s10"] = [
     *PLANS["s9"],
     seeded(calibrated(f"yolov5s_syn_640_int8_b32_keep0_{PINNED}", "yolov5s_syn",
                       ("--batch", "32", *KERNELS, "--int8-keep", "model.0"), "yolov5s_syn"),
            "yolov5s_syn_640_int8_b32_keep0"),
     seeded(yolov5n_int8(PARTIAL_KEEP, "percentile", f"partial_{PINNED}"), "yolov5n_int8_partial_percentile_b1"),
+    seeded(yolov5n_int8("auto", "percentile", AUTO_KEPT_CONTEXT), "yolov5n_int8_auto_percentile_b1"),
     seeded(DYNAMIC_OPT1, "yolov5n_640_fp16_b1"),
     seeded(yolov5n_int8("none", "percentile"), "yolov5n_int8_auto_percentile_b1"),
     seeded(IMPLICIT_YOLOV5N, "yolov5n_int8_auto_percentile_b1"),
 ]
-PLAN_JOBS = {"s9": 8, "s10": 5}  # builds at once, where a plan wants other than BUILD_JOBS
+PLAN_JOBS = {"s9": 8, "s10": 6}  # builds at once, where a plan wants other than BUILD_JOBS
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
 # validated with the official rect batches (the dynamic engine) or square 640 batches of one (the static ones)
 YOLOV5N_VAL = ["yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5n_int8_auto_percentile_b1",
                "yolov5n_int8_none_percentile_b1", "yolov5n_int8_implicit_b1", "yolov5n_int8_none_entropy_b1",
-               "yolov5n_int8_partial_percentile_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1"]
+               "yolov5n_int8_partial_percentile_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1",
+               f"yolov5n_int8_{AUTO_KEPT_CONTEXT}_percentile_b1"]
 
 
 def py39(*args: str) -> list[str]:
@@ -263,6 +268,9 @@ def timing_steps() -> list[Step]:
                     str(ENG / f"yolov5s_syn_640_int8_b32_keep0_{PINNED}.engine"), "--batch", "32", "--runs", "30",
                     "--json", str(RES / "layers_yolov5s_keep0_pinned_b32.json")], 300,
                    ("yolov5s_syn_640_fp16_b32", f"yolov5s_syn_640_int8_b32_keep0_{PINNED}"))]
+    steps += [Step(f"layers_{e}", [*profile, str(ENG / f"{e}.engine"), "--batch", "1", "--runs", "30", "--json",
+                                  str(RES / f"layers_{e}.json")], 300, (e,))
+              for e in ("yolov5n_int8_partial_percentile_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1")]
     steps += [Step("layers_yolov5s_b32", [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
                                           str(ENG / "yolov5s_syn_640_int8_b32.engine"), "--batch", "32", "--runs", "30",
                                           "--json", str(RES / "layers_yolov5s_b32.json")], 300,
@@ -280,13 +288,15 @@ def timing_steps() -> list[Step]:
               bench("yolov5n_int8_partial_pinned_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1", "1"),
               bench("yolov5n_int8_none_b1", "yolov5n_int8_none_percentile_b1", "1"),
               bench("yolov5n_int8_implicit_b1", "yolov5n_int8_implicit_b1", "1"),
+              bench("yolov5n_int8_auto_kept_b1", f"yolov5n_int8_{AUTO_KEPT_CONTEXT}_percentile_b1", "1"),
               bench("yolov5n_dyn_opt1_b1", "yolov5n_640_fp16_opt1", "1", "--iters", "1000", "--warmup", "100"),
               bench("yolov5n_fp16_b1_again", "yolov5n_640_fp16_b1", "1", "--iters", "1000", "--warmup", "100"),
               bench("yolov5n_dyn_opt1_b32", "yolov5n_640_fp16_opt1", "32"),
               Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",))]  # with yolov5s b32 where it is built
     serve = REPO / "tests/gpu/serve_gpu.sh"
     steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
-                             str(DATA / "images")], 600, ("yolov5n_640_fp16",))]
+                             str(DATA / "images")], 600, ("yolov5n_640_fp16",),
+                   {"SERVE_BACKENDS": "python pytriton"})]  # the one run N did not measure first
     return steps
 
 

@@ -2,10 +2,11 @@
 
     python -m trtnet.quant sensitivity yolov5n --calib ../shared/data/coco128/images --images 8
 
-Calibrates (or reads --calib-cache), then quantizes each layer group alone and measures how far the outputs
-move from fp32 on the first --images calibration images; prints the table (most sensitive first, the groups
-`--int8-keep auto` keeps marked) and writes it as JSON (default: NAME.sensitivity.json beside the weights,
-where `build --int8 --int8-keep auto --calib-cache NAME.calib.json` finds it).
+Calibrates (or reads --calib-cache), then measures on the first --images calibration images how far the all-INT8
+network's outputs are from fp32 and how much of that keeping each layer group alone in float removes; prints the
+table (most error removed first, what `--int8-keep auto` keeps marked) and writes it as JSON (default:
+NAME.sensitivity.json beside the weights, where `build --int8 --int8-keep auto --calib-cache NAME.calib.json`
+finds it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def parser():
     p = command_parser("quant", "INT8 tools.")
     sub = p.add_subparsers(dest="command", metavar="TOOL", title="tools", help="sensitivity (the only one)")
     sub.required = True
-    s = sub.add_parser("sensitivity", help="per layer group: the output error when that group alone is INT8",
+    s = sub.add_parser("sensitivity",
+                       help="per layer group: the INT8 output error keeping that group alone in float removes",
                        formatter_class=HelpFormatter)
     s.add_argument("weights", help="a name in --weights-dir or a path (as trtnet.build takes it)")
     s.add_argument("--calib", required=True, help="calibration images: a folder (searched recursively) or a glob")

@@ -15,6 +15,7 @@ from trtnet.errors import TrtnetError
 from trtnet.quant.calibrate import calibrate, quant_plan
 from trtnet.quant.calibration_file import CalibrationFile, network_hash, read_calibration
 from trtnet.quant.histogram import DEFAULT_PERCENTILE, canonical_method
+from trtnet.quant.keep import honoured_plan, network_definer
 from trtnet.quant.plan import QuantPlan
 
 MODES = ("explicit", "implicit")
@@ -102,7 +103,10 @@ def explicit_plan(options: Int8Options, tensors: Mapping[str, np.ndarray], meta:
     reports = ([report_beside_weights(weights_path)] if weights_path else []) + [sensitivity_path(path)]
     keep = auto_keep_groups(options, tensors, meta, imgsz, calibration, reports, log) if options.auto_keep \
         else options.keep
-    return quant_plan(calibration, keep), calibration, path
+    plan = quant_plan(calibration, keep)
+    if plan.keep_float:
+        plan = honoured_plan(plan, network_definer(tensors, meta, imgsz), log)
+    return plan, calibration, path
 
 
 def calibration_for(options: Int8Options, tensors: Mapping[str, np.ndarray], meta: Mapping, imgsz: int,
