@@ -370,15 +370,39 @@ def test_calibrator_hands_tensorrt_batches_then_none_and_keeps_the_cache(tmp_pat
     assert cal.read_calibration_cache() == CACHE == cache_path.read_bytes()
 
 
+def test_implicit_mode_uses_tensorrts_calibrator_for_the_method(monkeypatch):
+    """Entropy (EntropyCalibrator2, the default) or minmax (IInt8MinMaxCalibrator): run O's entropy engine lost
+    10.3 points; percentile has no TensorRT calibrator and stays explicit's."""
+    import types
+
+    from trtnet import compat
+    from trtnet.quant import implicit
+    from trtnet.quant.options import Int8Options
+
+    class Entropy:
+        pass
+
+    class MinMax:
+        pass
+
+    fake = types.SimpleNamespace(IInt8EntropyCalibrator2=Entropy, IInt8MinMaxCalibrator=MinMax)
+    monkeypatch.setattr(compat, "trt", lambda: fake)
+    monkeypatch.setattr(compat, "implicit_int8_support", lambda: None)
+    method = Int8Options(mode="implicit", calib_method="minmax").checked().calib_method
+    assert method == "max" and Int8Options(mode="implicit").checked().calib_method == "entropy"
+    assert isinstance(implicit.tensorrt_calibrator(method, [], 1, None, lambda a: 0), MinMax)
+    assert isinstance(implicit.tensorrt_calibrator("entropy", [], 1, None, lambda a: 0), Entropy)
+
+
 @requires_tensorrt
 def test_implicit_mode_is_refused_where_tensorrt_has_no_calibrators():
     from trtnet import compat
-    from trtnet.quant.implicit import entropy_calibrator
+    from trtnet.quant.implicit import tensorrt_calibrator
 
     if compat.implicit_int8_support() is None:
         pytest.skip(f"{compat.flavour()} has calibrators")
     with pytest.raises(TrtnetError, match="--int8-mode implicit: .*explicit"):
-        entropy_calibrator([], 1, None, lambda a: 0)
+        tensorrt_calibrator("entropy", [], 1, None, lambda a: 0)
     with pytest.raises(TrtnetError, match="no INT8 calibrators"):
         compat.set_implicit_int8(object(), None)
 
@@ -429,7 +453,7 @@ def test_executor_quantizes_per_channel_along_the_axis():
 
 # -- build options ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes, message", [
-    (dict(mode="implicit", calib_method="percentile"), "implicit calibrates with TensorRT's entropy"),
+    (dict(mode="implicit", calib_method="percentile"), "implicit calibrates with TensorRT's entropy .*or minmax"),
     (dict(mode="implicit", keep=("model.2",)), "--int8-keep applies to --int8-mode explicit"),
     (dict(keep=("auto", "model.2")), "auto and none stand alone"),
     (dict(calib_device="tpu"), "--calib-device tpu: use cpu or gpu"),

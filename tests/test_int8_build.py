@@ -316,12 +316,12 @@ def test_implicit_mode_defines_an_fp32_network_and_feeds_the_calibrator_letterbo
 
     made = {}
 
-    def calibrator(batches, batch_size, cache_path, upload):
+    def calibrator(method, batches, batch_size, cache_path, upload):
         made.update(batches=[b.copy() for b in implicit.fixed_batches(batches, batch_size)], cache=cache_path,
-                    batch=batch_size)
+                    batch=batch_size, method=method)
         return "calibrator"
 
-    monkeypatch.setattr(implicit, "entropy_calibrator", calibrator)
+    monkeypatch.setattr(implicit, "tensorrt_calibrator", calibrator)
     monkeypatch.setattr(int8_build, "device_uploader", lambda: (None, None))
     monkeypatch.setattr(compat, "create_weakly_typed_network", lambda builder: builder.create_network(0))  # RTX
     ckpt = read_checkpoint(shared("weights", "yolov5n.pt"))
@@ -331,6 +331,7 @@ def test_implicit_mode_defines_an_fp32_network_and_feeds_the_calibrator_letterbo
                                              tmp_path / "yolov5n.int8.engine", print,
                                              batch=BatchProfile(1, 2, 4), imgsz=64)
     assert network.calibrator == "calibrator" and made["cache"] == tmp_path / "yolov5n.int8.calib.cache"
+    assert made["method"] == "entropy" == network.record.method  # TensorRT's EntropyCalibrator2 by default
     assert made["batch"] == 2 and [b.shape for b in made["batches"]] == [(2, 3, 64, 64)] * 2  # opt batch
     assert network.defined.graph.dtype == np.float32  # TensorRT picks the precisions (INT8 + FP16 flags)
     layers = [network.defined.network.get_layer(i).type.name for i in range(network.defined.network.num_layers)]

@@ -12,5 +12,5 @@ How a build makes an INT8 engine (explicit quantization, every TensorRT):
 Modules: `histogram` (AbsHistogram; entropy / percentile / max amax; per-channel weight amax),
 `calibration_file` (CalibrationFile JSON, network_hash, read_calibration), `plan` (QuantPlan),
 `calibrate` (image loader, TensorHistograms, the CPU pass), `options` (Int8Options, explicit_plan),
-`implicit` (IInt8EntropyCalibrator2 and TensorRT's calibration cache, TensorRT 8.x/10.x).
+`implicit` (TensorRT's entropy or MinMax calibrator and its calibration cache, TensorRT 8.x/10.x).
 """

@@ -23,7 +23,7 @@ INT8 = "int8"  # BuildRequest.precision of an INT8 engine
 class Int8Network:
     defined: Any  # trtnet.network.DefinedNetwork
     record: Int8Record  # the engine sidecar's "int8" object
-    calibrator: Any = None  # implicit mode: TensorRT's IInt8EntropyCalibrator2
+    calibrator: Any = None  # implicit mode: TensorRT's calibrator (implicit.CALIBRATORS)
     keep_alive: list = field(default_factory=list)  # device buffers the calibrator's pointers point into
     half_pinned: bool = False  # kept layers asked for fp16 (weakly typed TensorRT: needs the builder's consent)
 
@@ -83,7 +83,7 @@ def _implicit_network(builder, options, tensors, meta, engine_path, log, **defin
     from trtnet import networks
     from trtnet.network import define_network
     from trtnet.quant.calibrate import CalibrationImages, find_images
-    from trtnet.quant.implicit import entropy_calibrator
+    from trtnet.quant.implicit import tensorrt_calibrator
 
     cache = Path(options.calib_cache) if options.calib_cache else engine_path.with_name(engine_path.stem
                                                                                         + ".calib.cache")
@@ -101,8 +101,9 @@ def _implicit_network(builder, options, tensors, meta, engine_path, log, **defin
     else:
         raise TrtnetError(f"--int8-mode implicit: no calibration cache {cache} and no --calib images")
     upload, buffer = device_uploader()
-    calibrator = entropy_calibrator(batches, batch, cache, upload)
-    record = Int8Record("implicit", _relative(cache, engine_path), "entropy", count)
+    method = options.checked().calib_method
+    calibrator = tensorrt_calibrator(method, batches, batch, cache, upload)
+    record = Int8Record("implicit", _relative(cache, engine_path), method, count)
     return Int8Network(defined, record, calibrator, [buffer])
 
 

@@ -21,8 +21,9 @@ from trtnet.quant.plan import QuantPlan
 MODES = ("explicit", "implicit")
 # yolov5n on coco128 (val --device cpu, everything INT8): percentile 99.99 loses 1.7 points of mAP@0.5:0.95,
 # max 1.8, entropy (KL) 9.1: it clips the long tails of SiLU activations that boxes depend on. The implicit
-# path is TensorRT's entropy calibrator, whatever the network.
+# path is TensorRT's calibrator: entropy (EntropyCalibrator2, tensorrtx's) by default, or minmax.
 DEFAULT_METHODS = {"explicit": "percentile", "implicit": "entropy"}
+IMPLICIT_METHODS = ("entropy", "max")  # TensorRT's calibrators (trtnet.quant.implicit.CALIBRATORS)
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,9 @@ class Int8Options:
         method = canonical_method(self.calib_method or DEFAULT_METHODS[self.mode])
         if self.calib_images < 1:
             raise TrtnetError(f"--calib-images {self.calib_images}: must be at least 1")
-        if self.mode == "implicit" and method != "entropy":
-            raise TrtnetError(f"--int8-mode implicit calibrates with TensorRT's entropy calibrator; "
-                              f"--calib-method {self.calib_method} applies to --int8-mode explicit")
+        if self.mode == "implicit" and method not in IMPLICIT_METHODS:
+            raise TrtnetError(f"--int8-mode implicit calibrates with TensorRT's entropy (default) or minmax "
+                              f"calibrator; --calib-method {self.calib_method} applies to --int8-mode explicit")
         if self.mode == "implicit" and self.keep:
             raise TrtnetError("--int8-keep applies to --int8-mode explicit (implicit INT8 lets TensorRT choose)")
         if len(self.keep) > 1 and ("auto" in self.keep or "none" in self.keep):
@@ -180,7 +181,7 @@ def add_int8_arguments(p) -> None:
     g.add_argument("--calib-images", type=int, metavar="N", help="calibration images used (default 256)")
     g.add_argument("--calib-method", choices=("entropy", "percentile", "minmax", "max"),
                    help="activation ranges: percentile (99.99, the default), entropy (KL; the implicit "
-                        "calibrator's) or minmax")
+                        "mode's default) or minmax (implicit: TensorRT's MinMax calibrator)")
     g.add_argument("--calib-cache", metavar="FILE",
                    help="calibration file: read when it exists (no calibration pass), else written "
                         "(default: NAME.calib.json beside the engine; implicit: TensorRT's cache)")
