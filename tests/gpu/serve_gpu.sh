@@ -205,9 +205,10 @@ json.dump(c.statistics(c.model), open('$out/stats_i${tag}_c$c.json', 'w'), inden
     stop_server "$pid" "server_i$tag"
 }
 
-for backend in ${SERVE_BACKENDS:-pytriton python}; do  # PyTriton, then Triton's own Python backend
-    serve_and_bench 1 "$backend"
-    serve_and_bench 2 "$backend"
+for backend in ${SERVE_BACKENDS:-python pytriton}; do  # Triton's own Python backend (the default), PyTriton
+    for n in ${SERVE_INSTANCES:-1 2}; do
+        serve_and_bench "$n" "$backend"
+    done
 done
 
 "$py39" - "$out" <<'PY' | tee "$out/summary.txt"
@@ -238,10 +239,14 @@ def counts(path):
 summary = {"server": {}, "direct": None}
 print(f"{'server':10} {'conc':>4} {'requests':>8} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
       f"{'errors':>6} {'mean batch':>10}")
-for n in ("1", "2", "1py", "2py"):  # instances, "py": --backend python
-    if not (out / f"server_i{n}.log").exists():
-        continue
-    label = f"{n[0]} inst{', py' if n.endswith('py') else ''}"
+def instances(tag):
+    return int(tag.removesuffix("py"))
+
+
+tags = sorted((p.name[len("server_i"):-len(".log")] for p in out.glob("server_i*.log")),
+              key=lambda t: (not t.endswith("py"), instances(t)))
+for n in tags:  # instances, "py": --backend python
+    label = f"{instances(n)} inst{', py' if n.endswith('py') else ''}"
     rows, before = [], (0, 0)
     for c in (1, 8, 32):
         row, after = bench_row(out / f"bench_i{n}_c{c}.log"), counts(out / f"stats_i{n}_c{c}.json")

@@ -4,8 +4,9 @@ and after each wave the timings its engines allow, on a quiet GPU. The machine's
 runs in tests/gpu/py39.sh, the official PyTorch models in python3. Plans (TensorRT 8.5 builds on an H200 take 6-10
 minutes for a YOLOv5 and 6-19 for a YOLOv8s/YOLO11s at 640, so a 30-minute device budget holds two or three
 waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16),
-yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in), and s10 (s9's
-engines carried in, the INT8 builds after run N).
+yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in), s10 (s9's
+engines carried in, the INT8 builds after run N) and s11 (run O's: four serving instances, the decoder's
+probes, the implicit path with TensorRT's MinMax calibrator).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
@@ -201,6 +202,15 @@ PLANS["s10"] = [
     seeded(yolov5n_int8("none", "percentile"), "yolov5n_int8_auto_percentile_b1"),
     seeded(IMPLICIT_YOLOV5N, "yolov5n_int8_auto_percentile_b1"),
 ]
+# run O's engines carried in (yolov5n: fp16 static / dynamic opt 16 / dynamic opt 1, INT8 auto / partial / none /
+# implicit): the serving scale-out (four Python-backend instances), files → boxes and the decoder probe again,
+# and the implicit path with TensorRT's MinMax calibrator (run O: the entropy one lost 10.3 points)
+IMPLICIT_MINMAX = Build("yolov5n_int8_implicit_minmax_b1", "yolov5n",
+                        ("--int8", "--int8-mode", "implicit", "--calib-method", "minmax", "--batch", "1", *KERNELS,
+                         "--calib", str(IMAGES), "--calib-images", "128", "--calib-cache",
+                         str(ENG / "yolov5n.implicit_minmax.cache")), seed="yolov5n_int8_implicit_b1")
+PLANS["s11"] = [planned("yolov5n_640_fp16"), YOLOV5N_B1, DYNAMIC_OPT1,
+                yolov5n_int8("auto", "percentile", AUTO_KEPT_CONTEXT), IMPLICIT_MINMAX]
 PLAN_JOBS = {"s9": 8, "s10": 6}  # builds at once, where a plan wants other than BUILD_JOBS
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
@@ -208,7 +218,7 @@ plans: list[str] = []  # and the plans they come from
 YOLOV5N_VAL = ["yolov5n_640_fp16", "yolov5n_640_fp16_b1", "yolov5n_int8_auto_percentile_b1",
                "yolov5n_int8_none_percentile_b1", "yolov5n_int8_implicit_b1", "yolov5n_int8_none_entropy_b1",
                "yolov5n_int8_partial_percentile_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1",
-               f"yolov5n_int8_{AUTO_KEPT_CONTEXT}_percentile_b1"]
+               f"yolov5n_int8_{AUTO_KEPT_CONTEXT}_percentile_b1", "yolov5n_int8_implicit_minmax_b1"]
 
 
 def py39(*args: str) -> list[str]:
@@ -289,14 +299,19 @@ def timing_steps() -> list[Step]:
               bench("yolov5n_int8_none_b1", "yolov5n_int8_none_percentile_b1", "1"),
               bench("yolov5n_int8_implicit_b1", "yolov5n_int8_implicit_b1", "1"),
               bench("yolov5n_int8_auto_kept_b1", f"yolov5n_int8_{AUTO_KEPT_CONTEXT}_percentile_b1", "1"),
+              bench("yolov5n_int8_implicit_minmax_b1", "yolov5n_int8_implicit_minmax_b1", "1"),
               bench("yolov5n_dyn_opt1_b1", "yolov5n_640_fp16_opt1", "1", "--iters", "1000", "--warmup", "100"),
               bench("yolov5n_fp16_b1_again", "yolov5n_640_fp16_b1", "1", "--iters", "1000", "--warmup", "100"),
               bench("yolov5n_dyn_opt1_b32", "yolov5n_640_fp16_opt1", "32"),
-              Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",))]  # with yolov5s b32 where it is built
+              Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",)),  # with yolov5s b32 where it is built
+              Step("perf_e", [*perf, "e"], 600, ("yolov5n_640_fp16",), plan="s11")]  # the decoder's variants
     serve = REPO / "tests/gpu/serve_gpu.sh"
     steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
                              str(DATA / "images")], 600, ("yolov5n_640_fp16",),
-                   {"SERVE_BACKENDS": "python pytriton"})]  # the one run N did not measure first
+                   {"SERVE_BACKENDS": "python pytriton"}),  # the one run N did not measure first
+              Step("serve_scale", ["bash", str(serve), str(RES / "serve_scale"),
+                                   str(ENG / "yolov5n_640_fp16.engine"), str(DATA / "images")], 600,
+                   ("yolov5n_640_fp16",), {"SERVE_BACKENDS": "python", "SERVE_INSTANCES": "4"}, plan="s11")]
     return steps
 
 
