@@ -163,6 +163,8 @@ def test_an_instance_reports_its_own_time_at_close(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("instance 3: 2 executions, 5 images, own time ")
     assert 10.0 <= float(line.split("own time ")[1].split()[0]) < 1000.0
+    by_batch = line.split("by images per execution: ")[1]  # to set against Triton's batch_stats
+    assert by_batch.startswith("2: ") and ", 3: " in by_batch and by_batch.endswith("(1)")
 
 
 def test_an_instance_closes_its_decoder_when_asked(monkeypatch):

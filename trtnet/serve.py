@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -269,16 +269,28 @@ def run_inputs(runner, decoder, inputs: Sequence, settings: ServeSettings) -> li
 class InstanceTime:
     """What one model instance's own work took (decode, detect, outputs): against Triton's `compute_infer`,
     which for PyTriton also holds moving requests into this process and responses back (run N: 7.75 ms per
-    batch-1 execution where this was 2.03)."""
+    batch-1 execution where this was 2.03), per images in an execution as Triton's `batch_stats` count them."""
 
     executions: int = 0
     images: int = 0
     seconds: float = 0.0
+    by_batch: dict = field(default_factory=dict)  # images per execution → [executions, seconds]
 
-    def summary(self, instance: int | str) -> str:
+    def add(self, images: int, seconds: float) -> None:
+        self.executions += 1
+        self.images += images
+        self.seconds += seconds
+        entry = self.by_batch.setdefault(images, [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
+
+    def summary(self, instance: int | str, most: int = 6) -> str:
         per = 1000.0 * self.seconds / max(self.executions, 1)
+        common = sorted(self.by_batch.items(), key=lambda kv: -kv[1][0])[:most]
+        by_batch = ", ".join(f"{n}: {1000.0 * s / c:.2f} ms ({c})" for n, (c, s) in sorted(common))
         return (f"instance {instance}: {self.executions} executions, {self.images} images, own time {per:.2f} ms "
-                "per execution (Triton's compute_infer adds what carries requests to it and back)")
+                f"per execution (Triton's compute_infer adds what carries requests to it and back); by images per "
+                f"execution: {by_batch}")
 
 
 def infer_function(runner, settings: ServeSettings, instance: int | str = 0) -> Callable[[list], list[dict]]:
@@ -288,10 +300,10 @@ def infer_function(runner, settings: ServeSettings, instance: int | str = 0) -> 
     decoder = instance_decoder(runner, settings)
     own = InstanceTime()
 
-    def outputs(requests: list) -> list[dict]:
+    def outputs(requests: list, images: list) -> list[dict]:
         per_request = [request_inputs(r) for r in requests]
-        results = run_inputs(runner, decoder, [x for xs in per_request for x in xs], settings)
-        own.images += sum(len(x) for x in per_request)
+        images.extend(x for xs in per_request for x in xs)
+        results = run_inputs(runner, decoder, images, settings)
         if not detect:
             return split_rows(classification_outputs(results, settings.topk), [len(x) for x in per_request])
         options = [o for r, xs in zip(requests, per_request) for o in request_overrides(r, len(xs))]
@@ -299,12 +311,11 @@ def infer_function(runner, settings: ServeSettings, instance: int | str = 0) -> 
         return split_rows(detection_outputs(results, settings.max_det), [len(x) for x in per_request])
 
     def infer(requests: list) -> list[dict]:
-        start = time.perf_counter()
+        start, images = time.perf_counter(), []
         try:
-            return outputs(requests)
+            return outputs(requests, images)
         finally:
-            own.executions += 1
-            own.seconds += time.perf_counter() - start
+            own.add(len(images), time.perf_counter() - start)
 
     def close() -> None:
         decoder.close()  # before the runner's: images decoded on its GPU are freed while it is there
