@@ -234,3 +234,13 @@ def test_device_cpu_runs_the_weights_on_the_cpu(tmp_path, capsys):
     cls, cx, cy, w, h = (float(v) for v in (out / "labels" / "bus.txt").read_text().split())
     # the official bus box (48.8, 236.8, 810, 772.0) on 810x1080
     assert cls == 5 and cx == pytest.approx(429.4 / 810, abs=1e-3) and h == pytest.approx(535.2 / 1080, abs=1e-3)
+
+
+@pytest.mark.parametrize("requested, files, used", [
+    ("auto", 128, "cpu"), ("auto", detect.GPU_DECODE_MIN_FILES - 1, "cpu"),
+    ("auto", detect.GPU_DECODE_MIN_FILES, "auto"), ("gpu", 1, "gpu"), ("cpu", 10**6, "cpu"),
+])
+def test_auto_decodes_small_folders_with_opencv(requested, files, used):
+    """The GPU decoder's ~2 s start pays off near 5000 files (runs L, N, O): below, `auto` is OpenCV's; asked for
+    by name, either decoder is used whatever the count."""
+    assert detect.decode_mode(requested, files) == used
