@@ -191,14 +191,7 @@ class TritonPythonModel:
         self.infer = infer_function(self.runner, settings, args.get("model_instance_name", 0))
 
     def execute(self, requests):
-        inputs = []
-        for request in requests:
-            named = {}
-            for name in ("image", "pixels", "conf", "iou", "classes"):
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is not None:
-                    named[name] = tensor.as_numpy()
-            inputs.append(named)
+        inputs = [{t.name(): t.as_numpy() for t in request.inputs()} for request in requests]  # those sent
         return [pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
                 for out in self.infer(inputs)]
 
