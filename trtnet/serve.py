@@ -271,18 +271,24 @@ class InstanceTime:
     which for PyTriton also holds moving requests into this process and responses back (run N: 7.75 ms per
     batch-1 execution where this was 2.03), per images in an execution as Triton's `batch_stats` count them."""
 
-    executions: int = 0
-    images: int = 0
-    seconds: float = 0.0
     by_batch: dict = field(default_factory=dict)  # images per execution → [executions, seconds]
 
     def add(self, images: int, seconds: float) -> None:
-        self.executions += 1
-        self.images += images
-        self.seconds += seconds
         entry = self.by_batch.setdefault(images, [0, 0.0])
         entry[0] += 1
         entry[1] += seconds
+
+    @property
+    def executions(self) -> int:
+        return sum(count for count, _ in self.by_batch.values())
+
+    @property
+    def images(self) -> int:
+        return sum(n * count for n, (count, _) in self.by_batch.items())
+
+    @property
+    def seconds(self) -> float:
+        return sum(seconds for _, seconds in self.by_batch.values())
 
     def summary(self, instance: int | str, most: int = 6) -> str:
         per = 1000.0 * self.seconds / max(self.executions, 1)
@@ -323,7 +329,6 @@ def infer_function(runner, settings: ServeSettings, instance: int | str = 0) -> 
             print(own.summary(instance), flush=True)
 
     infer.close = close
-    infer.own_time = own
     return infer
 
 
