@@ -177,8 +177,14 @@ def executor_sensitivity(tensors: Mapping[str, np.ndarray], meta: Mapping, calib
     reference = outputs(fp32)
 
     def error_of(kept: Sequence[str]) -> float:
-        plan = honoured_plan(quant_plan(calibration, kept), lambda p: define(p).network, log=lambda line: None)
-        quantized = outputs(define(plan))
+        last = []  # (plan, its DefinedNetwork): kept alive with its builder, and run if it is the plan honoured
+
+        def network_of(plan):
+            last[:] = [plan, define(plan)]
+            return last[1].network
+
+        plan = honoured_plan(quant_plan(calibration, kept), network_of, log=lambda line: None)
+        quantized = outputs(last[1] if last and last[0] is plan else define(plan))
         return float(np.mean([output_error(q, r) for q, r in zip(quantized, reference)]))
 
     return measure(groups, error_of, sum(len(x) for x in batches), network_hash(tensors, meta), progress,
