@@ -231,6 +231,14 @@ def bench(name: str, engine: str, batch: str, *extra: str) -> Step:
                 (engine,))
 
 
+def layers(name: str, engines: Sequence[str], batch: str, runs: str = "30") -> Step:
+    """tests/gpu/layer_profile.py over `engines` (build names): where each one's time goes, layer by layer."""
+    return Step(f"layers_{name}", py39(str(REPO / "tests/gpu/layer_profile.py"), *(str(ENG / f"{e}.engine")
+                                                                                  for e in engines),
+                                       "--batch", batch, "--runs", runs, "--json", str(RES / f"layers_{name}.json")),
+                300, tuple(engines))
+
+
 def accuracy_steps() -> list[Step]:
     fp16_b1 = [f"{m}_640_fp16_b1" for m in V8_MODELS]
     v8_first = [*fp16_b1, *(f"{m}_640x480_fp32" for m in V8_MODELS)]
@@ -268,27 +276,13 @@ def timing_steps() -> list[Step]:
     steps += [bench("yolov5s_int8_keep0_b32", "yolov5s_syn_640_int8_b32_keep0", "32"),
               bench("yolov5s_int8_keep0_pinned_b32", f"yolov5s_syn_640_int8_b32_keep0_{PINNED}", "32")]
     steps += [bench(f"resnet50_{p}_b128", f"resnet50_{p}_b128", "128", "--iters", "100") for p in ("fp16", "int8")]
-    profile = py39(str(REPO / "tests/gpu/layer_profile.py"))
-    steps += [Step("layers_yolov5s_keep0_b32", [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
-                                                str(ENG / "yolov5s_syn_640_int8_b32_keep0.engine"), "--batch", "32",
-                                                "--runs", "30", "--json", str(RES / "layers_yolov5s_keep0_b32.json")],
-                   300, ("yolov5s_syn_640_fp16_b32", "yolov5s_syn_640_int8_b32_keep0"))]
-    steps += [Step("layers_yolov5s_keep0_pinned_b32",
-                   [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
-                    str(ENG / f"yolov5s_syn_640_int8_b32_keep0_{PINNED}.engine"), "--batch", "32", "--runs", "30",
-                    "--json", str(RES / "layers_yolov5s_keep0_pinned_b32.json")], 300,
-                   ("yolov5s_syn_640_fp16_b32", f"yolov5s_syn_640_int8_b32_keep0_{PINNED}"))]
-    steps += [Step(f"layers_{e}", [*profile, str(ENG / f"{e}.engine"), "--batch", "1", "--runs", "30", "--json",
-                                  str(RES / f"layers_{e}.json")], 300, (e,))
+    yolov5s_fp16_b32 = "yolov5s_syn_640_fp16_b32"
+    steps += [layers("yolov5s_keep0_b32", (yolov5s_fp16_b32, "yolov5s_syn_640_int8_b32_keep0"), "32"),
+              layers("yolov5s_keep0_pinned_b32", (yolov5s_fp16_b32, f"yolov5s_syn_640_int8_b32_keep0_{PINNED}"), "32")]
+    steps += [layers(e, (e,), "1")
               for e in ("yolov5n_int8_partial_percentile_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1")]
-    steps += [Step("layers_yolov5s_b32", [*profile, str(ENG / "yolov5s_syn_640_fp16_b32.engine"),
-                                          str(ENG / "yolov5s_syn_640_int8_b32.engine"), "--batch", "32", "--runs", "30",
-                                          "--json", str(RES / "layers_yolov5s_b32.json")], 300,
-                   ("yolov5s_syn_640_fp16_b32", "yolov5s_syn_640_int8_b32")),
-              Step("layers_resnet50_b128", [*profile, str(ENG / "resnet50_fp16_b128.engine"),
-                                            str(ENG / "resnet50_int8_b128.engine"), "--batch", "128", "--runs", "20",
-                                            "--json", str(RES / "layers_resnet50_b128.json")], 300,
-                   ("resnet50_fp16_b128", "resnet50_int8_b128"))]
+    steps += [layers("yolov5s_b32", (yolov5s_fp16_b32, "yolov5s_syn_640_int8_b32"), "32"),
+              layers("resnet50_b128", ("resnet50_fp16_b128", "resnet50_int8_b128"), "128", runs="20")]
     perf = ["bash", str(REPO / "tests/gpu/perf_gpu.sh"), str(RES / "perf")]
     steps += [Step("perf_a", [*perf, "a"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1")),  # yolov5s b1 if built
               bench("yolov5n_dyn_b32", "yolov5n_640_fp16", "32"),
