@@ -78,11 +78,11 @@ def head_convolutions(network) -> tuple:
     conv = _layer_types()[0]
     readers = readers_of(network)
     layers = [network.get_layer(i) for i in range(network.num_layers)]
-    return tuple(layer.name for layer in layers if layer.type == conv and not _reaches_convolution(layer, readers))
+    return tuple(layer.name for layer in layers
+                 if layer.type == conv and not _reaches_convolution(layer, readers, conv))
 
 
-def _reaches_convolution(layer, readers) -> bool:
-    conv = _layer_types()[0]
+def _reaches_convolution(layer, readers, conv) -> bool:
     seen, todo = set(), [layer]
     while todo:
         current = todo.pop()
