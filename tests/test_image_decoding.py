@@ -61,6 +61,43 @@ def test_decoder_for(header, data_change, expected):
     assert decoder_for(data, header) == DecoderChoice(*expected)
 
 
+def test_decoder_for_reads_files_read_into_an_arena_as_it_reads_bytes(tmp_path):
+    data = jpeg_bytes(coloured())
+    for name, content in (("ok.jpg", data), ("cut.jpg", data[: len(data) // 2]), ("pad.jpg", data + b"\x00" * 7),
+                          ("p.png", cv2.imencode(".png", coloured())[1].tobytes())):
+        (tmp_path / name).write_bytes(content)
+        read = image_decoding.read_now([tmp_path / name]).datas[0]
+        assert isinstance(read, np.ndarray) and read.tobytes() == content
+        assert decoder_for(read, RGB_JPEG) == decoder_for(content, RGB_JPEG)
+
+
+def test_read_arena_reads_each_file_and_says_why_one_cannot_be_read(tmp_path):
+    contents = [b"a" * 100, b"", b"b" * 5000, bytes(range(256)) * 3]
+    paths = []
+    for k, content in enumerate(contents):
+        paths.append(str(tmp_path / f"{k}.bin"))
+        (tmp_path / f"{k}.bin").write_bytes(content)
+    paths.insert(2, str(tmp_path / "missing.bin"))
+    arena = image_decoding.ReadArena()
+    read = arena.read(paths)
+    assert read[1] == "empty file" and read[2].startswith("cannot read it (")
+    assert [r.tobytes() for r in (read[0], read[3], read[4])] == [contents[0], contents[2], contents[3]]
+    assert all(r.base is arena.memory or r.base is arena.memory.base for r in (read[0], read[3], read[4]))
+    memory = arena.memory
+    again = arena.read(paths[:1])  # a smaller batch: the same memory, no new allocation
+    assert arena.memory is memory and again[0].tobytes() == contents[0]
+
+
+def test_read_now_hands_its_arena_to_the_next_batch_once_released(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    first = image_decoding.read_now([tmp_path / "a.bin"])
+    held = image_decoding.read_now([tmp_path / "a.bin"])  # first not released: another arena
+    assert held.arena is not first.arena
+    arena = first.arena
+    first.release()
+    assert image_decoding.read_now([tmp_path / "a.bin"]).arena is arena and first.arena is None
+
+
 def test_decoder_for_says_why_the_gpu_is_not_used():
     why = "nvImageCodec is not installed: pip install ..."
     assert decoder_for(jpeg_bytes(coloured()), RGB_JPEG, why) == DecoderChoice("cpu", why)
@@ -127,7 +164,11 @@ PITCH_PAD = 64  # the stand-in pads each row, as a decoder may: the letterbox mu
 
 
 class FakeCodeStream:
-    def __init__(self, data: bytes):
+    made = 0  # code streams made: nvImageCodec parses a file once per stream
+
+    def __init__(self, data):
+        data = bytes(data)  # nvImageCodec takes bytes or a uint8 array (a file read into a ReadArena)
+        FakeCodeStream.made += 1
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise RuntimeError("cannot parse")
@@ -323,6 +364,18 @@ def test_simulated_gpu_decode_says_which_decoder_took_each_file(gpu_files):
     assert downloaded[1].shape == (300, 500, 3)
 
 
+def test_simulated_gpu_decode_parses_each_file_once(gpu_files):
+    """The header check's code stream is the one decoded (parsing twice cost ~0.3 ms per 32 files, run N)."""
+    make, folder, _ = gpu_files
+    paths = sorted(str(p) for p in folder.iterdir())
+    with FileDecoder("auto") as decoder:
+        decoder.decode(paths)  # the decoders made
+        before = FakeCodeStream.made
+        batch = decoder.decode(paths)
+    assert sum(f.on_gpu for f in batch.files) == 3
+    assert FakeCodeStream.made - before == len(paths)  # once each (the four sent to the GPU were parsed twice)
+
+
 def test_simulated_opencv_files_decode_while_the_gpu_decodes(gpu_files, monkeypatch):
     """A PNG in a batch of JPEGs starts on the I/O threads before nvImageCodec's call returns (run N: one
     grayscale JPEG decoded after the GPU's call doubled a 32-file batch), and still gets OpenCV's pixels."""
@@ -498,8 +551,9 @@ def test_iter_decoded_reads_the_batch_after_the_next_while_this_one_is_used(tmp_
     for k in range(7):
         files.append(str(tmp_path / f"{k}.jpg"))
         (tmp_path / f"{k}.jpg").write_bytes(jpeg_bytes(coloured() // (k + 1)))
-    reads, read = [], image_decoding.read_bytes
-    monkeypatch.setattr(image_decoding, "read_bytes", lambda path: reads.append(path) or read(path))
+    reads, read = [], image_decoding.ReadArena._read_one
+    monkeypatch.setattr(image_decoding.ReadArena, "_read_one",
+                        lambda self, path, *where: reads.append(path) or read(self, path, *where))
     with FileDecoder("cpu") as decoder:
         batches = image_decoding.iter_decoded(decoder, files, 2)
         first = next(batches)

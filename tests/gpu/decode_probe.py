@@ -35,7 +35,7 @@ def probe(paths: list[str], batch: int, batches: int, threads: int) -> dict:
     decoder = FileDecoder("gpu", cpu_threads=threads)
     started = time.perf_counter() - start
     chunks = [[paths[(k * batch + i) % len(paths)] for i in range(batch)] for k in range(batches)]  # the folder cycled
-    datas = [read_now(chunk) for chunk in chunks]  # the reads are not what is probed
+    datas = [read_now(chunk).datas for chunk in chunks]  # the reads are not what is probed
     rows = []
     for chunk, data in zip(chunks, datas):
         t0 = time.perf_counter()

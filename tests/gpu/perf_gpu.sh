@@ -7,7 +7,7 @@
 #
 # The parts (default a b c, about 10 minutes together; name some to split them across device commands):
 # a = the batch-1 table, b = batch 32 and the profiles, c = files → boxes and val per decoder, e = the decoders'
-# variants and probes (not by default).
+# variants and probes, f = py-spy's samples of the files pass and of isolated pinned calls (e and f not by default).
 #
 # Before: `engines_gpu.py build --only yolov5n_640_fp16,yolov5s_syn_640_fp16_b1,yolov5s_syn_640_fp16_b32` (its
 # .wts files and engines in $TRTNET_GPU_ENGINES); this script builds the static yolov5n batch-1 engine itself.
@@ -145,7 +145,21 @@ for d in cpu gpu; do  # annotated images written (GPU-decoded pixels come back f
 done
 }
 
-for part in a b c e; do
+# (f) py-spy (tests/gpu/spy.sh, after `spy.sh install`): each thread's wall time and the GIL's holders in the files
+# pass with GPU decode (run O: read 32 %, decode 54 % of a batch one at a time, yet together 12.5 ms a batch where
+# either alone is under 7), and where an isolated call from a pinned frame spends its host time (1.42-1.47x the engine)
+part_f() {
+local spy="$repo/tests/gpu/spy.sh" files=(-m trtnet.bench "$dyn" --files "$images" --batch 32 --decode gpu --iters 600
+                                          --warmup 2 --cuda-graphs)
+step spy_files_wall 300 "$spy" "$out/spy" files_wall --idle -- "${files[@]}" --json "$out/spy_files_wall.json"
+step spy_files_gil 300 "$spy" "$out/spy" files_gil --gil -- "${files[@]}" --json "$out/spy_files_gil.json"
+local calls=(--calls 20000 --cuda-graphs --pinned --no-cprofile)
+step spy_pinned_calls 300 "$spy" "$out/spy" pinned_calls --idle -- "$repo/tests/gpu/profile_detect.py" "$n_b1" "${calls[@]}"
+step spy_pinned_calls_native 300 "$spy" "$out/spy" pinned_calls_native --idle --native -- \
+    "$repo/tests/gpu/profile_detect.py" "$n_b1" "${calls[@]}"
+}
+
+for part in a b c e f; do
     if want $part; then "part_$part"; fi
 done
 echo "perf_gpu done ($parts)" | tee -a "$out/steps.txt"

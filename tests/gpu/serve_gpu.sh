@@ -58,7 +58,8 @@
 # Without a GPU (the same flow on the CPU path, for checking this script): TRTNET_SERVE_DEVICES=cpu, ENGINE a
 # weights file, TRTNET_SERVE_IMGSZ=320, PY39=a Python 3.9 wrapper like py39.sh, SERVE_REQUESTS=32,
 # SERVE_REQUESTS_C1=16, SERVE_PIP_PYTHON=python3.12, TRTNET_SERVE_SITE=another folder. Other knobs: SERVE_PORT
-# (8000: HTTP, +1 gRPC, +2 metrics), SERVE_STARTUP_S (120), SERVE_QUEUE_DELAY_US (500), DIRECT_SECONDS (2 per row).
+# (8000: HTTP, +1 gRPC, +2 metrics), SERVE_STARTUP_S (120), SERVE_QUEUE_DELAY_US (500), DIRECT_SECONDS (2 per row),
+# SERVE_SPY (set: py-spy samples a model instance at concurrency 32, spy_on_stub below).
 set -u
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 site=${TRTNET_SERVE_SITE:-/tmp/site39serve}
@@ -177,6 +178,20 @@ stop_server() {  # stop_server PID NAME: SIGINT (PyTriton's way out), then TERM,
     fi
 }
 
+spy_on_stub() {  # spy_on_stub TAG: with SERVE_SPY set, py-spy samples the first model instance's stub (Triton's
+    # Python backend process that runs our model) for SERVE_SPY_S seconds (2: most of a concurrency-32 bench), in the
+    # background: spy_stub_iTAG.txt (raw stacks per thread) and .top.txt (tests/gpu/spy_summary.py)
+    local stub
+    [ -n "${SERVE_SPY:-}" ] && [ -x /tmp/pyspy/bin/py-spy ] || return 0
+    stub=$(pgrep -f triton_python_backend_stub | head -1)
+    [ -n "$stub" ] || { echo "spy_i$1: no triton_python_backend_stub process" | tee -a "$out/steps.txt"; return 0; }
+    ( /tmp/pyspy/bin/py-spy record --pid "$stub" --duration "${SERVE_SPY_S:-2}" --rate 400 --idle --threads \
+        --format raw -o "$out/spy_stub_i$1.txt" >"$out/spy_stub_i$1.log" 2>&1 \
+      && python3 "$repo/tests/gpu/spy_summary.py" "$out/spy_stub_i$1.txt" >"$out/spy_stub_i$1.top.txt" ) &
+    spy_pid=$!
+}
+spy_pid=""
+
 serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log per concurrency, Triton's statistics
     # after each; TAG is INSTANCES, with "py" after it for --backend python (Triton's own Python backend)
     local n=$1 backend=${2:-pytriton} pid c
@@ -195,6 +210,7 @@ serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log pe
     echo "ready_i$tag: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
     if grep -q "^ready_i$tag: exit 0" "$out/steps.txt"; then
         for c in 1 8 32; do
+            [ "$c" = 32 ] && spy_on_stub "$tag"
             step "bench_i${tag}_c$c" 200 "$py39" -m trtnet.serve --bench "$url" --concurrency "$c" \
                 --requests "$([ "$c" = 1 ] && echo "${SERVE_REQUESTS_C1:-1000}" || echo "$requests")" \
                 --images "${images[@]}"
@@ -202,6 +218,7 @@ serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log pe
 json.dump(c.statistics(c.model), open('$out/stats_i${tag}_c$c.json', 'w'), indent=1)"
         done
     fi
+    if [ -n "$spy_pid" ]; then wait "$spy_pid"; spy_pid=""; fi  # its recording written
     stop_server "$pid" "server_i$tag"
 }
 

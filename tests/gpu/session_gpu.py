@@ -6,7 +6,8 @@ minutes for a YOLOv5 and 6-19 for a YOLOv8s/YOLO11s at 640, so a 30-minute devic
 waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (issue 14), perf (15, 16),
 yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in), s10 (s9's
 engines carried in, the INT8 builds after run N) and s11 (run O's: four serving instances, the decoder's
-probes, the implicit path with TensorRT's MinMax calibrator).
+probes, py-spy's samples of the files pass, of isolated pinned calls and of a serving instance (carry .pyspy and
+run `tests/gpu/spy.sh install` first), the implicit path with TensorRT's MinMax calibrator).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
@@ -210,7 +211,8 @@ IMPLICIT_MINMAX = Build("yolov5n_int8_implicit_minmax_b1", "yolov5n",
                          "--calib", str(IMAGES), "--calib-images", "128", "--calib-cache",
                          str(ENG / "yolov5n.implicit_minmax.cache")), seed="yolov5n_int8_implicit_b1")
 PLANS["s11"] = [planned("yolov5n_640_fp16"), YOLOV5N_B1, DYNAMIC_OPT1,
-                yolov5n_int8("auto", "percentile", AUTO_KEPT_CONTEXT), IMPLICIT_MINMAX]
+                yolov5n_int8("auto", "percentile", AUTO_KEPT_CONTEXT)]
+PLANS["s11i"] = [*PLANS["s11"], IMPLICIT_MINMAX]  # s11 and the implicit MinMax build (~5 min of the budget)
 PLAN_JOBS = {"s9": 8, "s10": 6}  # builds at once, where a plan wants other than BUILD_JOBS
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
@@ -264,7 +266,13 @@ def accuracy_steps() -> list[Step]:
 
 
 def timing_steps() -> list[Step]:
-    steps = []
+    perf = ["bash", str(REPO / "tests/gpu/perf_gpu.sh"), str(RES / "perf")]
+    serve = REPO / "tests/gpu/serve_gpu.sh"
+    # first, so that their samples come back while the session runs on (a fix can follow on the same machine)
+    steps = [Step("perf_f", [*perf, "f"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1"), plan="s11"),  # py-spy
+             Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
+                            str(DATA / "images")], 600, ("yolov5n_640_fp16",),
+                  {"SERVE_BACKENDS": "python", "SERVE_SPY": "1"})]  # PyTriton: runs N and O
     for m in V8_MODELS:
         steps += [bench(f"{m}_b1", f"{m}_640_fp16_b1", "1"), bench(f"{m}_b32", f"{m}_640_fp16_b32", "32"),
                   Step(f"torch_{m}", ["python3", "-m", "trtnet.bench", str(ENG / f"{m}_640_fp16_b1.engine"),
@@ -283,7 +291,6 @@ def timing_steps() -> list[Step]:
               for e in ("yolov5n_int8_partial_percentile_b1", f"yolov5n_int8_partial_{PINNED}_percentile_b1")]
     steps += [layers("yolov5s_b32", (yolov5s_fp16_b32, "yolov5s_syn_640_int8_b32"), "32"),
               layers("resnet50_b128", ("resnet50_fp16_b128", "resnet50_int8_b128"), "128", runs="20")]
-    perf = ["bash", str(REPO / "tests/gpu/perf_gpu.sh"), str(RES / "perf")]
     steps += [Step("perf_a", [*perf, "a"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1")),  # yolov5s b1 if built
               bench("yolov5n_dyn_b32", "yolov5n_640_fp16", "32"),
               bench("yolov5n_fp16_b1", "yolov5n_640_fp16_b1", "1"),
@@ -299,13 +306,10 @@ def timing_steps() -> list[Step]:
               bench("yolov5n_dyn_opt1_b32", "yolov5n_640_fp16_opt1", "32"),
               Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",)),  # with yolov5s b32 where it is built
               Step("perf_e", [*perf, "e"], 600, ("yolov5n_640_fp16",), plan="s11")]  # the decoder's variants
-    serve = REPO / "tests/gpu/serve_gpu.sh"
-    steps += [Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
-                             str(DATA / "images")], 600, ("yolov5n_640_fp16",),
-                   {"SERVE_BACKENDS": "python pytriton"}),  # the one run N did not measure first
-              Step("serve_scale", ["bash", str(serve), str(RES / "serve_scale"),
+    steps += [Step("serve_scale", ["bash", str(serve), str(RES / "serve_scale"),
                                    str(ENG / "yolov5n_640_fp16.engine"), str(DATA / "images")], 600,
-                   ("yolov5n_640_fp16",), {"SERVE_BACKENDS": "python", "SERVE_INSTANCES": "4"}, plan="s11")]
+                   ("yolov5n_640_fp16",), {"SERVE_BACKENDS": "python", "SERVE_INSTANCES": "4", "SERVE_SPY": "1"},
+                   plan="s11")]
     return steps
 
 
