@@ -59,7 +59,7 @@
 # weights file, TRTNET_SERVE_IMGSZ=320, PY39=a Python 3.9 wrapper like py39.sh, SERVE_REQUESTS=32,
 # SERVE_REQUESTS_C1=16, SERVE_PIP_PYTHON=python3.12, TRTNET_SERVE_SITE=another folder. Other knobs: SERVE_PORT
 # (8000: HTTP, +1 gRPC, +2 metrics), SERVE_STARTUP_S (120), SERVE_QUEUE_DELAY_US (500), DIRECT_SECONDS (2 per row),
-# SERVE_SPY (set: py-spy samples a model instance at concurrency 32, spy_on_stub below).
+# SERVE_SPY (set: py-spy samples a model instance and the bench's clients at concurrency 32, spy_on_stub below).
 set -u
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 site=${TRTNET_SERVE_SITE:-/tmp/site39serve}
@@ -179,13 +179,16 @@ stop_server() {  # stop_server PID NAME: SIGINT (PyTriton's way out), then TERM,
 }
 
 spy_on_stub() {  # spy_on_stub TAG: with SERVE_SPY set, py-spy samples the first model instance's stub (Triton's
-    # Python backend process that runs our model) for SERVE_SPY_S seconds (2: most of a concurrency-32 bench), in the
-    # background: spy_stub_iTAG.txt (raw stacks per thread) and .top.txt (tests/gpu/spy_summary.py)
+    # Python backend process that runs our model) for SERVE_SPY_S seconds (2) after SERVE_SPY_DELAY_S (2), in the
+    # background while the concurrency-32 bench runs: spy_stub_iTAG.txt (raw stacks per thread, 400 a second: fewer
+    # samples than 800 per thread say how long it ran no Python) and .top.txt (tests/gpu/spy_summary.py)
     local stub
     [ -n "${SERVE_SPY:-}" ] && [ -x /tmp/pyspy/bin/py-spy ] || return 0
     stub=$(pgrep -f triton_python_backend_stub | head -1)
     [ -n "$stub" ] || { echo "spy_i$1: no triton_python_backend_stub process" | tee -a "$out/steps.txt"; return 0; }
-    ( /tmp/pyspy/bin/py-spy record --pid "$stub" --duration "${SERVE_SPY_S:-2}" --rate 400 --idle --threads \
+    ( sleep "${SERVE_SPY_DELAY_S:-2}"  # the clients' processes start and connect first
+      /tmp/pyspy/bin/py-spy record --pid "$stub" --duration "${SERVE_SPY_S:-2}" --rate 400 --idle --threads \
+        --nonblocking \
         --format raw -o "$out/spy_stub_i$1.txt" >"$out/spy_stub_i$1.log" 2>&1 \
       && python3 "$repo/tests/gpu/spy_summary.py" "$out/spy_stub_i$1.txt" >"$out/spy_stub_i$1.top.txt" ) &
     spy_pid=$!
@@ -210,8 +213,12 @@ serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log pe
     echo "ready_i$tag: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
     if grep -q "^ready_i$tag: exit 0" "$out/steps.txt"; then
         for c in 1 8 32; do
-            [ "$c" = 32 ] && spy_on_stub "$tag"
-            step "bench_i${tag}_c$c" 200 "$py39" -m trtnet.serve --bench "$url" --concurrency "$c" \
+            local client=("$py39")
+            if [ "$c" = 32 ] && [ -n "${SERVE_SPY:-}" ]; then  # the clients sampled too: are they the bound?
+                spy_on_stub "$tag"
+                client=("$repo/tests/gpu/spy.sh" "$out" "spy_clients_i$tag" --idle --subprocesses --nonblocking --)
+            fi
+            step "bench_i${tag}_c$c" 200 "${client[@]}" -m trtnet.serve --bench "$url" --concurrency "$c" \
                 --requests "$([ "$c" = 1 ] && echo "${SERVE_REQUESTS_C1:-1000}" || echo "$requests")" \
                 --images "${images[@]}"
             step "stats_i${tag}_c$c" 30 "$py39" -c "import json; from trtnet.client import Client; c = Client('$url'); \

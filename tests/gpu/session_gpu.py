@@ -272,7 +272,7 @@ def timing_steps() -> list[Step]:
     steps = [Step("perf_f", [*perf, "f"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1"), plan="s11"),  # py-spy
              Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
                             str(DATA / "images")], 600, ("yolov5n_640_fp16",),
-                  {"SERVE_BACKENDS": "python", "SERVE_SPY": "1"})]  # PyTriton: runs N and O
+                  {"SERVE_BACKENDS": "python", "SERVE_SPY": "1", "SERVE_REQUESTS": "8000"})]  # PyTriton: runs N, O
     for m in V8_MODELS:
         steps += [bench(f"{m}_b1", f"{m}_640_fp16_b1", "1"), bench(f"{m}_b32", f"{m}_640_fp16_b32", "32"),
                   Step(f"torch_{m}", ["python3", "-m", "trtnet.bench", str(ENG / f"{m}_640_fp16_b1.engine"),
@@ -306,10 +306,13 @@ def timing_steps() -> list[Step]:
               bench("yolov5n_dyn_opt1_b32", "yolov5n_640_fp16_opt1", "32"),
               Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",)),  # with yolov5s b32 where it is built
               Step("perf_e", [*perf, "e"], 600, ("yolov5n_640_fp16",), plan="s11")]  # the decoder's variants
-    steps += [Step("serve_scale", ["bash", str(serve), str(RES / "serve_scale"),
-                                   str(ENG / "yolov5n_640_fp16.engine"), str(DATA / "images")], 600,
-                   ("yolov5n_640_fp16",), {"SERVE_BACKENDS": "python", "SERVE_INSTANCES": "4", "SERVE_SPY": "1"},
-                   plan="s11")]
+    # more instances, and the batcher waiting longer to fill larger batches (run O: 8.1 images per execution at
+    # concurrency 32 with two instances, where batch 8 runs at 0.47 ms an image directly and batch 32 at 0.32)
+    for name, env in (("serve_scale", {"SERVE_INSTANCES": "4", "SERVE_SPY": "1"}),
+                      ("serve_delay", {"SERVE_INSTANCES": "2", "SERVE_QUEUE_DELAY_US": "3000"})):
+        steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
+                              str(DATA / "images")], 600, ("yolov5n_640_fp16",),
+                       {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000", **env}, plan="s11")]
     return steps
 
 

@@ -23,5 +23,5 @@ shift
 mkdir -p "$out"
 "$spy" record --rate 400 --threads --format raw -o "$out/$name.txt" "${opts[@]}" -- "$repo/tests/gpu/py39.sh" "$@"
 code=$?
-python3 "$repo/tests/gpu/spy_summary.py" "$out/$name.txt" | tee "$out/$name.top.txt"
+python3 "$repo/tests/gpu/spy_summary.py" "$out/$name.txt" >"$out/$name.top.txt"
 exit $code
