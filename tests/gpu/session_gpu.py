@@ -270,6 +270,7 @@ def timing_steps() -> list[Step]:
     serve = REPO / "tests/gpu/serve_gpu.sh"
     # first, so that their samples come back while the session runs on (a fix can follow on the same machine)
     steps = [Step("perf_f", [*perf, "f"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1"), plan="s11"),  # py-spy
+             Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",)),  # with yolov5s b32 where it is built
              Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
                             str(DATA / "images")], 600, ("yolov5n_640_fp16",),
                   {"SERVE_BACKENDS": "python", "SERVE_SPY": "1", "SERVE_REQUESTS": "8000"})]  # PyTriton: runs N, O
@@ -304,7 +305,6 @@ def timing_steps() -> list[Step]:
               bench("yolov5n_dyn_opt1_b1", "yolov5n_640_fp16_opt1", "1", "--iters", "1000", "--warmup", "100"),
               bench("yolov5n_fp16_b1_again", "yolov5n_640_fp16_b1", "1", "--iters", "1000", "--warmup", "100"),
               bench("yolov5n_dyn_opt1_b32", "yolov5n_640_fp16_opt1", "32"),
-              Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",)),  # with yolov5s b32 where it is built
               Step("perf_e", [*perf, "e"], 600, ("yolov5n_640_fp16",), plan="s11")]  # the decoder's variants
     # more instances, and the batcher waiting longer to fill larger batches (run O: 8.1 images per execution at
     # concurrency 32 with two instances, where batch 8 runs at 0.47 ms an image directly and batch 32 at 0.32)
