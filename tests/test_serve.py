@@ -134,12 +134,15 @@ def test_served_detections_equal_the_cpu_detector(server, direct, protocol):
         assert_same(client.detect(images()), direct.detect(images()))
 
 
-def test_raw_pixels_and_request_options(server, direct):
+def test_raw_pixels_encoded_bytes_and_request_options(server, direct):
     import cv2
 
     image = cv2.imread(images()[0])
     with Client(server.url) as client:
         assert_same(client.detect(image), direct.detect(image))
+        from_bytes = client.detect(Path(images()[1]).read_bytes())
+        assert from_bytes[0].path is None
+        np.testing.assert_allclose(from_bytes[0].boxes, direct.detect(images()[1])[0].boxes, atol=1e-3)
         people = client.detect(images()[0], conf=0.5, classes=[0])[0]
     reference = direct.detect(images()[0])[0]
     keep = (reference.scores >= 0.5) & (reference.classes == 0)

@@ -268,6 +268,31 @@ def test_bench_counts_every_failed_request_and_keeps_each_client_in_its_own_thre
     assert (result.errors, len(result.latencies_ms)) == (5, 5)
 
 
+def test_bench_reads_each_image_file_once_and_sends_its_bytes(monkeypatch, tmp_path):
+    from trtnet import client as client_module
+
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8 jpeg")
+    sent = []
+
+    class FakeClient:
+        def __init__(self, url, model=None):
+            pass
+
+        def detect(self, image):
+            sent.append(image)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(client_module, "Client", FakeClient)
+    result = serve.bench("http://127.0.0.1:9", [str(tmp_path / "a.jpg"), "missing.jpg"], concurrency=2, requests=6)
+    assert result.errors == 0
+    assert sorted(map(repr, sent)) == sorted([repr(b"\xff\xd8 jpeg")] * 3 + ["'missing.jpg'"] * 3)
+
+
 def test_python_backend_repository_for_an_engine_on_listed_gpus(tmp_path):
     """`--backend python` serves a repository whose engine and sidecar link to the originals, its instances on
     the GPUs given; the exported one (no `link`) copies them and lets Triton use every GPU."""

@@ -5,7 +5,8 @@
         r = client.detect("bus.jpg")[0]                      # Detections: boxes in image pixels
         print(r.labels, r.scores)
 
-Files are sent encoded (the server decodes them); numpy arrays as raw uint8 BGR pixels, one request each.
+Files and encoded bytes (JPEG, PNG) are sent encoded (the server decodes them); numpy arrays as raw uint8 BGR
+pixels; one request each.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from trtnet.api import Classification, Detections, ImageLike, as_list, to_bgr
 from trtnet.errors import TrtnetError
 
 NAMES_PARAMETER = "class_names"  # trtnet.serve's model config parameter (serve imports PyTriton; we do not)
+ENCODED = (bytes, bytearray, memoryview)  # an encoded image held in memory
+
+
+def images_of(images: ImageLike | bytes | Sequence) -> list:
+    """One image (a path, encoded bytes or an array) or a sequence of them, as a list."""
+    return [images] if isinstance(images, ENCODED) else as_list(images)
 
 
 def protocol_and_address(url: str) -> tuple[str, str]:
@@ -106,8 +113,12 @@ class Client:
         if isinstance(image, np.ndarray):
             pixels = to_bgr(image)[None]
             return self._infer([self._inputs("pixels", pixels, "UINT8"), *extra]), pixels[0], None
+        if isinstance(image, ENCODED):  # a JPEG/PNG file's bytes, decoded on the server
+            return self._infer([self._inputs("image", np.array([[bytes(image)]], dtype=object), "BYTES"),
+                                *extra]), None, None
         if not isinstance(image, (str, os.PathLike)):
-            raise TrtnetError(f"cannot use {type(image).__name__} as an image: pass a path or a numpy BGR array")
+            raise TrtnetError(f"cannot use {type(image).__name__} as an image: pass a path, encoded bytes or a numpy "
+                              "BGR array")
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise TrtnetError(f"{path}: no such image file")
@@ -123,12 +134,12 @@ class Client:
             extra.append(self._inputs("classes", np.array([list(classes)], np.int32), "INT32"))
         return extra
 
-    def detect(self, images: ImageLike | Sequence[ImageLike], conf: float | None = None, iou: float | None = None,
+    def detect(self, images: ImageLike | bytes | Sequence, conf: float | None = None, iou: float | None = None,
                classes: Sequence[int] | None = None) -> list[Detections]:
         """One `Detections` per image, in order; `conf`/`iou`/`classes` narrow the server's settings."""
         extra = self._options(conf, iou, classes)
         results = []
-        for image in as_list(images):
+        for image in images_of(images):
             out, pixels, path = self._request(image, extra)
             check_error(out, path)
             k = int(out["count"][0, 0])
@@ -137,9 +148,9 @@ class Client:
                                       out["classes"][0, :k].astype(np.int64), self.names, (h, w), path, pixels))
         return results
 
-    def classify(self, images: ImageLike | Sequence[ImageLike]) -> list[Classification]:
+    def classify(self, images: ImageLike | bytes | Sequence) -> list[Classification]:
         results = []
-        for image in as_list(images):
+        for image in images_of(images):
             out, _, path = self._request(image, [])
             check_error(out, path)
             ids = out["topk_ids"][0]
