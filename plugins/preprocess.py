@@ -54,6 +54,27 @@ def rows_to_image(rows, input_hw: tuple[int, int], image_hw: tuple[int, int]) ->
     return rows
 
 
+def rows_to_images(dets: np.ndarray, counts: Sequence[int], input_hw: tuple[int, int],
+                   image_hws: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """`rows_to_image` for a batch at once, with the same float32 arithmetic per image: dets [n, max_det, 6] with
+    counts[i] rows for image i. Per image it took ~40 µs of numpy calls, a fifth of the host time of a 32-file
+    batch (py-spy, run P). Each image's rows are a view of one new array."""
+    n = len(image_hws)
+    rows = np.array(dets[:n, : max(counts, default=0)], dtype=np.float32, copy=True)
+    if rows.size:
+        image_h, image_w = (np.array([hw[k] for hw in image_hws], np.float64) for k in (0, 1))
+        gain = np.minimum(input_hw[0] / image_h, input_hw[1] / image_w)  # in double, as scale_boxes' floats
+        pad_x, pad_y = (input_hw[1] - image_w * gain) / 2, (input_hw[0] - image_h * gain) / 2
+        per_image = (slice(None), None, None)
+        boxes = rows[..., :4]
+        boxes[..., [0, 2]] -= pad_x.astype(np.float32)[per_image]
+        boxes[..., [1, 3]] -= pad_y.astype(np.float32)[per_image]
+        boxes /= gain.astype(np.float32)[per_image]
+        boxes[..., [0, 2]] = np.clip(boxes[..., [0, 2]], np.float32(0), image_w.astype(np.float32)[per_image])
+        boxes[..., [1, 3]] = np.clip(boxes[..., [1, 3]], np.float32(0), image_h.astype(np.float32)[per_image])
+    return [rows[i, :k] for i, k in enumerate(counts)]
+
+
 def rect_input_hw(image_hws: Sequence[tuple[int, int]], imgsz: tuple[int, int], stride: int,
                   size_range: tuple[int, int] | None = None) -> tuple[int, int]:
     """The smallest input (h, w) holding every image letterboxed as the official `auto=True` does (scaled to

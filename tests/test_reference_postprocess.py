@@ -289,3 +289,20 @@ def test_multi_label_emits_every_class_above_conf():
     np.testing.assert_allclose(multi[:, 4], [0.45, 0.36], rtol=1e-6)
     (single,) = ref.non_max_suppression(decoded, 0.25, 0.45, 300)
     np.testing.assert_array_equal(single[:, 5], [0])
+
+
+def test_rows_to_images_maps_a_batch_exactly_as_rows_to_image_maps_each_image():
+    from trtnet.plugins.preprocess import rows_to_image, rows_to_images
+
+    rng = np.random.default_rng(3)
+    input_hw = (384, 640)
+    shapes = [(1080, 810), (720, 1280), (480, 640), (1, 1), (333, 999)]
+    dets = rng.uniform(-50, 700, (len(shapes) + 2, 300, 6)).astype(np.float32)  # padded rows past the images
+    counts = [5, 0, 300, 1, 17]
+    batched = rows_to_images(dets, counts, input_hw, shapes)
+    assert [len(r) for r in batched] == counts
+    for rows, k, hw, i in zip(batched, counts, shapes, range(len(shapes))):
+        expected = rows_to_image(dets[i, :k], input_hw, hw)
+        assert rows.dtype == np.float32
+        np.testing.assert_array_equal(rows, expected)  # bit for bit: the same float32 steps
+    assert [len(r) for r in rows_to_images(dets, [0, 0], input_hw, shapes[:2])] == [0, 0]

@@ -29,7 +29,7 @@ from trtnet.errors import TrtnetError
 from trtnet.frame_prefetch import FramePrefetch, Prefetched
 from trtnet.image_decoding import DecodedBatch, DecodedFile
 from trtnet.plugins.postprocess import NmsSettings
-from trtnet.plugins.preprocess import rows_to_image
+from trtnet.plugins.preprocess import rows_to_image, rows_to_images
 
 
 @dataclass
@@ -383,8 +383,10 @@ class DetectPipeline:
         """Wait for a queued run; its rows per image (copies: the slot's buffer is reused)."""
         run.done.synchronize()
         dets = run.host.view((run.count, run.max_det, DETECTION_ROW), np.float32)
-        counts = run.host.view((run.count,), np.int32, run.dets_bytes)
-        rows = [dets[i, : min(int(counts[i]), run.max_det)].copy() for i in range(run.count)]
+        counts = [min(int(c), run.max_det) for c in run.host.view((run.count,), np.int32, run.dets_bytes)]
+        if run.image_shapes and not self.in_engine:
+            return rows_to_images(dets, counts, run.input_hw, run.image_shapes)
+        rows = [dets[i, :k].copy() for i, k in enumerate(counts)]
         if self.in_engine:
             rows = [r[r[:, 4] >= self.settings.conf][: self.settings.max_det] for r in rows]
         if run.image_shapes:

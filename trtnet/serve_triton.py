@@ -185,6 +185,7 @@ class TritonPythonModel:
                                  conf=float(params["conf"]), iou=float(params["iou"]),
                                  max_det=int(params["max_det"]), topk=int(params["topk"]),
                                  imgsz=int(params.get("imgsz", 640)), decode=params.get("decode", "auto"),
+                                 cuda_graphs=params.get("cuda_graphs", "True") == "True",
                                  weights_dir=params.get("weights_dir", "weights"))
         self.outputs = [o["name"] for o in config["output"]]
         self.runner = open_runner(settings, device)
@@ -222,7 +223,8 @@ def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: boo
                 tensor("error", "TYPE_STRING", [1])]
     cpu = settings.devices == ("cpu",)
     params = {"engine": engine_file, "conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
-              "decode": settings.decode, NAMES_PARAMETER: json.dumps([str(n) for n in names])}
+              "decode": settings.decode, "cuda_graphs": settings.cuda_graphs,
+              NAMES_PARAMETER: json.dumps([str(n) for n in names])}
     if cpu:
         weights = params.pop("engine")
         params = {**params, "device": "cpu", "weights": weights, "imgsz": settings.imgsz,
