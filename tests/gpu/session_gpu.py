@@ -7,7 +7,7 @@ waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (i
 yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in), s10 (s9's
 engines carried in, the INT8 builds after run N) and s11 (run O's: four serving instances, the decoder's
 probes, py-spy's samples of the files pass, of isolated pinned calls and of a serving instance (carry .pyspy and
-run `tests/gpu/spy.sh install` first), the implicit path with TensorRT's MinMax calibrator).
+run `tests/gpu/spy.sh install` first: run P) and s11i (s11 with the implicit path's MinMax calibrator, not run yet).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
