@@ -151,8 +151,10 @@ done
 part_f() {
 local spy="$repo/tests/gpu/spy.sh" files=(-m trtnet.bench "$dyn" --files "$images" --batch 32 --decode gpu --iters 600
                                           --warmup 2 --cuda-graphs)
-step spy_files_wall 300 "$spy" "$out/spy" files_wall --idle -- "${files[@]}" --json "$out/spy_files_wall.json"
-step spy_files_gil 300 "$spy" "$out/spy" files_gil --gil -- "${files[@]}" --json "$out/spy_files_gil.json"
+# non-blocking: in its default (blocking) mode py-spy hung the files pass with --idle until the step's limit (run P)
+step spy_files_wall 300 "$spy" "$out/spy" files_wall --idle --nonblocking -- "${files[@]}" \
+    --json "$out/spy_files_wall.json"
+step spy_files_gil 300 "$spy" "$out/spy" files_gil --gil --nonblocking -- "${files[@]}" --json "$out/spy_files_gil.json"
 local calls=(--calls 20000 --cuda-graphs --pinned --no-cprofile)
 step spy_pinned_calls 300 "$spy" "$out/spy" pinned_calls --idle -- "$repo/tests/gpu/profile_detect.py" "$n_b1" "${calls[@]}"
 step spy_pinned_calls_native 300 "$spy" "$out/spy" pinned_calls_native --idle --native -- \
