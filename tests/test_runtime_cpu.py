@@ -1248,6 +1248,20 @@ def test_simulated_cuda_graphs_replay_only_at_the_size_they_were_captured_at(sim
         assert detector.sim.ran_at[-2:] == [(1, 3, 64, 64), (1, 3, 64, 64)]
 
 
+def test_a_worker_keeps_only_its_most_recently_replayed_cuda_graphs(sim_dynamic_v8, monkeypatch):
+    import trtnet.engine
+
+    monkeypatch.setattr(trtnet.engine, "MAX_GRAPHS", 2)
+    with sim_dynamic_v8(no_detections, cuda_graphs=True) as detector:
+        engine = detector.engine
+        for side in (96, 64, 96, 32):  # 96 replayed before 32 is captured: 64 is the oldest then
+            engine.infer(np.zeros((1, 3, side, side), np.float32))
+        with engine.checkout() as worker:
+            assert [key[0][1] for key in worker._graphs] == [(96, 96), (32, 32)]
+        out = engine.infer(np.zeros((1, 3, 64, 64), np.float32))["output0"]  # captured again, still right
+        assert out.shape == (1, 7, anchor_points(64, 64))
+
+
 def test_an_engine_checks_its_device_once_and_sets_it_on_each_checkout(sim_detector):
     SIM.current.device = 0
     with sim_detector(device=1) as detector:

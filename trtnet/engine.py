@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from trtnet.engine_files import check_device, check_tensorrt, load_metadata, rea
 from trtnet.errors import TrtnetError
 
 State = TypeVar("State")
+MAX_GRAPHS = 64  # captured CUDA graphs kept per worker (least recently replayed dropped first)
 
 
 class FallbackWarning(UserWarning):
@@ -264,7 +266,7 @@ class Worker:
         self.buffers = {name: cuda_rt.DeviceBuffer() for name in (*engine.inputs, *engine.outputs)}
         self.host = {name: cuda_rt.PinnedBuffer() for name in (*engine.inputs, *engine.outputs)}
         self._states: dict[Any, Any] = {}  # per pipeline: its buffers on this thread (see `state_of`)
-        self._graphs: dict[Any, cuda_rt.CudaGraph | None] = {}
+        self._graphs: OrderedDict[Any, cuda_rt.CudaGraph | None] = OrderedDict()  # least recently used first
         self._warned = False
         self._prepared_for: tuple | None = None
         self._prepared_shapes: dict[str, tuple] = {}
@@ -332,6 +334,7 @@ class Worker:
             raise TrtnetError(f"enqueue({batch}) before prepare({batch}): the context has no shapes for it")
         graph_key = (self._prepared_for, key)  # a graph replays the input size it was captured at
         if graph_key in self._graphs:
+            self._graphs.move_to_end(graph_key)
             graph = self._graphs[graph_key]
             if graph is not None:
                 graph.launch(self.stream)
@@ -341,6 +344,7 @@ class Worker:
         self._run(then)
         graph = cuda_rt.CudaGraph.capture(self.stream, lambda: self._run(then))
         self._graphs[graph_key] = graph
+        self._forget_oldest_graphs()
         if graph is None and not self._warned:
             self._warned = True
             warnings.warn(f"{self.engine.path.name}: CUDA graph capture failed; running without graphs",
@@ -351,6 +355,15 @@ class Worker:
             raise TrtnetError(f"TensorRT failed to run {self.engine.path.name} (see the [TensorRT] messages above)")
         if then is not None:
             then()
+
+    def _forget_oldest_graphs(self) -> None:
+        """At most MAX_GRAPHS graphs per worker: a server's dynamic engine sees a batch size and an input shape per
+        request mix (32 x hundreds of rect shapes), each a graph holding device memory. The least recently
+        replayed goes (a replay still in flight finishes: CUDA frees its graph after)."""
+        while len(self._graphs) > MAX_GRAPHS:
+            _, oldest = self._graphs.popitem(last=False)
+            if oldest is not None:
+                oldest.close()
 
     def drop_graphs(self) -> None:
         for graph in self._graphs.values():
