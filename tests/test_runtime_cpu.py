@@ -1345,3 +1345,31 @@ def test_simulated_rect_stream_drains_the_runs_in_flight_before_another_size(sim
     assert shapes == [(1080, 810), (720, 1280), (720, 1280)]
     assert events == [(640, 480), "collect", (384, 640), (384, 640), "collect", "collect"]
     assert len(sized) == 3  # once per batch
+
+
+def test_rows_of_an_engine_with_nms_inside_are_filtered_by_conf_and_max_det_then_mapped_to_each_image():
+    """`--postprocess plugin` engines output their own dets/counts: the pipeline keeps rows at or above its conf,
+    at most max_det of them, in the image's pixels (mapped as rows_to_image maps them)."""
+    import types
+
+    from trtnet.pipelines import DetectPipeline, _InFlight
+    from trtnet.plugins.postprocess import NmsSettings
+
+    rng = np.random.default_rng(5)
+    dets = rng.uniform(0, 640, (2, 4, 6)).astype(np.float32)
+    dets[..., 4] = [[0.9, 0.2, 0.8, 0.7], [0.6, 0.1, 0.3, 0.95]]
+    counts = np.array([4, 3], np.int32)
+    memory = np.concatenate([dets.ravel().view(np.uint8), counts.view(np.uint8)])
+
+    class Host:
+        def view(self, shape, dtype, offset=0):
+            return memory[offset:].view(dtype)[: int(np.prod(shape))].reshape(shape)
+
+    run = _InFlight(Host(), types.SimpleNamespace(synchronize=lambda: None), 2, 4, (640, 640),
+                    ((480, 640), (1080, 810)))
+    pipeline = types.SimpleNamespace(in_engine=True, settings=NmsSettings(conf=0.5, max_det=2))
+    rows = DetectPipeline._collect(pipeline, run)
+    for i, hw in enumerate(((480, 640), (1080, 810))):
+        kept = dets[i, : counts[i]][dets[i, : counts[i], 4] >= 0.5][:2]
+        np.testing.assert_array_equal(rows[i], rows_to_image(kept, (640, 640), hw))
+    assert [len(r) for r in rows] == [2, 1]

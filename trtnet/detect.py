@@ -293,8 +293,8 @@ def detected_images(detector, sources: list[Source], outputs: Outputs, batch: in
 
 
 # `--decode auto` decodes on the GPU from this many image files on: its decoder takes ~2 s to start (0.8 s to make,
-# 1.1 s for its first batch, run L) and then runs 2300-3600 files/s against OpenCV's 1300-1400 (run O, batch 32),
-# so it catches up near 5000 files (128 coco128 files: OpenCV 0.9-1.3 s, the GPU 2.1-2.4 s, runs L and N)
+# 1.1 s for its first batch, run L) and then runs 4700-6500 files/s against OpenCV's 1540-1700 (run P, batch 32),
+# so it catches up near 4500 files (128 coco128 files: OpenCV 0.9-1.3 s, the GPU 2.1-2.4 s, runs L, N and P)
 GPU_DECODE_MIN_FILES = 5000
 
 

@@ -29,7 +29,7 @@ from trtnet.errors import TrtnetError
 from trtnet.frame_prefetch import FramePrefetch, Prefetched
 from trtnet.image_decoding import DecodedBatch, DecodedFile
 from trtnet.plugins.postprocess import NmsSettings
-from trtnet.plugins.preprocess import rows_to_image, rows_to_images
+from trtnet.plugins.preprocess import rows_to_images
 
 
 @dataclass
@@ -384,13 +384,12 @@ class DetectPipeline:
         run.done.synchronize()
         dets = run.host.view((run.count, run.max_det, DETECTION_ROW), np.float32)
         counts = [min(int(c), run.max_det) for c in run.host.view((run.count,), np.int32, run.dets_bytes)]
-        if run.image_shapes and not self.in_engine:
-            return rows_to_images(dets, counts, run.input_hw, run.image_shapes)
-        rows = [dets[i, :k].copy() for i, k in enumerate(counts)]
+        if run.image_shapes:  # the mapping is per row: mapping before the conf filter below keeps the same rows
+            rows = rows_to_images(dets, counts, run.input_hw, run.image_shapes)
+        else:
+            rows = [dets[i, :k].copy() for i, k in enumerate(counts)]
         if self.in_engine:
             rows = [r[r[:, 4] >= self.settings.conf][: self.settings.max_det] for r in rows]
-        if run.image_shapes:
-            rows = [rows_to_image(r, run.input_hw, hw) for r, hw in zip(rows, run.image_shapes)]
         return rows
 
 
