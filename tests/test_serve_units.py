@@ -368,3 +368,17 @@ def test_triton_runs_on_the_addresses_and_ports_asked_for(tmp_path):
     assert pairs["--grpc-port"] == "9001" and pairs["--metrics-port"] == "9002"
     assert "--allow-gpu-metrics=false" in command and "7" in command
     assert serve_triton.local_url(serve.ServeSettings("x", http_port=8000)) == "http://127.0.0.1:8000"
+
+
+def test_triton_and_its_stubs_keep_image_sized_blocks(monkeypatch):
+    """Triton and its Python-backend stubs start with trtnet.allocator's thresholds (unless the user opted out),
+    and the exported model.py sets them itself, for a Triton that someone else starts."""
+    pytest.importorskip("pytriton", reason="the Triton environment comes from PyTriton (make serve-env)")
+    from trtnet import allocator
+
+    for key in (*allocator.ENV, allocator.OPT_OUT):
+        monkeypatch.delenv(key, raising=False)
+    assert allocator.ENV.items() <= serve_triton.triton_environment().items()
+    monkeypatch.setenv(allocator.OPT_OUT, "0")
+    assert not allocator.ENV.keys() & serve_triton.triton_environment().keys()
+    assert "keep_freed_memory()" in serve_triton.PYTHON_MODEL.split("def initialize")[1].split("def execute")[0]

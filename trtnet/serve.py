@@ -33,6 +33,7 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from trtnet.allocator import keep_freed_memory, with_allocator_env
 from trtnet.cli import add_weights_dir, command_parser, run
 from trtnet.errors import TrtnetError
 from trtnet.interrupts import SIGNALS
@@ -412,6 +413,8 @@ def serve(settings: ServeSettings, opener: Callable = open_runner,
                           ".venv-serve/bin/python -m trtnet.serve") from None
     runners = open_runners(settings, opener)
     use_this_libpython()
+    keep_freed_memory()  # this process handles every request's tensors (PyTriton's proxy)
+    os.environ.update(with_allocator_env(os.environ))  # and Triton, which PyTriton starts from it
     name, first = model_name(settings.target), runners[0]
     inputs, outputs = tensors(hasattr(first, "detect_loaded"), settings)
     batcher = DynamicBatcher(max_queue_delay_microseconds=settings.max_queue_delay_us)
@@ -515,6 +518,7 @@ def run_clients(url: str, images: Sequence[str | np.ndarray], clients: int, requ
     HTTP client belongs to the thread that made it); the clock starts once all are connected (and `ready` has
     returned: the other processes are connected too). A request that fails in any way counts as an error."""
     images = preloaded(images)
+    keep_freed_memory()  # the clients' own per-request cost down, as the server's (trtnet.allocator)
     latencies: list[float] = []
     errors, failed_to_connect = [0], []
     lock = threading.Lock()

@@ -49,13 +49,15 @@ def triton_installation(folder: Path) -> Path:
 
 def triton_environment() -> dict[str, str]:
     """What Triton's stubs need to run trtnet: this Python's libpython before PyTriton's bundled libraries, this
-    Python first on PATH (the stub's interpreter finds its packages from it), trtnet importable."""
+    Python first on PATH (the stub's interpreter finds its packages from it), trtnet importable; and glibc's
+    allocator keeping image-sized blocks (trtnet.allocator) in Triton and its stubs."""
     from pytriton.utils.distribution import get_libs_path
 
+    from trtnet.allocator import with_allocator_env
     from trtnet.serve import use_this_libpython
 
     use_this_libpython()
-    env = dict(os.environ)
+    env = with_allocator_env(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (env.get("LD_LIBRARY_PATH"), str(get_libs_path())) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.exec_prefix) / "bin"), env.get("PATH", "")))
     package_root = str(Path(__file__).resolve().parents[1])
@@ -169,11 +171,13 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from trtnet.allocator import keep_freed_memory
 from trtnet.serve import ServeSettings, infer_function, open_runner
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        keep_freed_memory()  # a request's image-sized blocks reused, not mapped afresh (trtnet.allocator)
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         if params.get("device") == "cpu":  # `trtnet serve --backend python --devices cpu`: weights, NumPy
