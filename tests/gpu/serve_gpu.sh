@@ -3,7 +3,8 @@
 # 1 and 2 instances, `--bench` at concurrency 1, 8, 32 (1000, 4600, 4600 requests: 10,200 per instance setting;
 # SERVE_REQUESTS_C1 and SERVE_REQUESTS change them), against the runner called directly in one process
 # (tests/gpu/serve_direct.py) on the same images. Into OUT: steps.txt (each step's exit and time), server_iN.log,
-# bench_iN_cC.log, stats_iN_cC.json (Triton's statistics: the dynamic batcher's mean batch), direct.json, and
+# bench_iN_cC.log, stats_iN_cC.json (Triton's statistics: the dynamic batcher's mean batch), cpu_iN_cC.json (CPU
+# time per request of Triton, its stubs and the rest: tests/gpu/cpu_share.py), direct.json, and
 # summary.txt/.json (throughput, p50, p99, errors per row; server / best direct batch at concurrency 32, where
 # `encoded` decodes the JPEGs as the server does and `decoded` starts from pixels). Estimated 3-4 minutes on an H200
 # with yolov5n fp16 640 (an engine whose batch profile reaches 32); the images are IMAGES_DIR's *.jpg (bus, zidane).
@@ -59,6 +60,7 @@
 # weights file, TRTNET_SERVE_IMGSZ=320, PY39=a Python 3.9 wrapper like py39.sh, SERVE_REQUESTS=32,
 # SERVE_REQUESTS_C1=16, SERVE_PIP_PYTHON=python3.12, TRTNET_SERVE_SITE=another folder. Other knobs: SERVE_PORT
 # (8000: HTTP, +1 gRPC, +2 metrics), SERVE_STARTUP_S (120), SERVE_QUEUE_DELAY_US (500), DIRECT_SECONDS (2 per row),
+# SERVE_CONCURRENCY ("1 8 32"), SERVE_DIRECT (0: no direct baseline, for repeats within a session),
 # SERVE_SPY (set: py-spy samples a model instance and the bench's clients at concurrency 32, spy_on_stub below).
 set -u
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -135,7 +137,7 @@ if ! grep -q "^serve_env: exit 0" "$out/steps.txt"; then
     exit 1
 fi
 
-step direct 150 "$py39" "$repo/tests/gpu/serve_direct.py" "$target" --device "${devices%%,*}" "${cpu_args[@]}" \
+[ "${SERVE_DIRECT:-1}" = 0 ] || step direct 150 "$py39" "$repo/tests/gpu/serve_direct.py" "$target" --device "${devices%%,*}" "${cpu_args[@]}" \
     --images "${images[@]}" --batches 1,8,32 --seconds "${DIRECT_SECONDS:-2}" --json "$out/direct.json"
 
 server_ready() {  # server_ready PID LOG: Triton answers ready and trtnet.serve has loaded the model
@@ -212,15 +214,19 @@ serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log pe
     server_ready "$pid" "$log" >"$out/ready_i$tag.log" 2>&1
     echo "ready_i$tag: exit $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
     if grep -q "^ready_i$tag: exit 0" "$out/steps.txt"; then
-        for c in 1 8 32; do
+        for c in ${SERVE_CONCURRENCY:-1 8 32}; do
             local client=("$py39")
             if [ "$c" = 32 ] && [ -n "${SERVE_SPY:-}" ]; then  # the clients sampled too: are they the bound?
                 spy_on_stub "$tag"
                 client=("$repo/tests/gpu/spy.sh" "$out" "spy_clients_i$tag" --idle --subprocesses --nonblocking --)
             fi
+            local n_requests=$([ "$c" = 1 ] && echo "${SERVE_REQUESTS_C1:-1000}" || echo "$requests")
+            python3 "$repo/tests/gpu/cpu_share.py" snapshot "$out/cpu_before.json"
             step "bench_i${tag}_c$c" 200 "${client[@]}" -m trtnet.serve --bench "$url" --concurrency "$c" \
-                --requests "$([ "$c" = 1 ] && echo "${SERVE_REQUESTS_C1:-1000}" || echo "$requests")" \
-                --images "${images[@]}"
+                --requests "$n_requests" --images "${images[@]}"
+            python3 "$repo/tests/gpu/cpu_share.py" snapshot "$out/cpu_after.json"
+            python3 "$repo/tests/gpu/cpu_share.py" diff "$out/cpu_before.json" "$out/cpu_after.json" "$n_requests" \
+                --json "$out/cpu_i${tag}_c$c.json" >/dev/null
             step "stats_i${tag}_c$c" 30 "$py39" -c "import json; from trtnet.client import Client; c = Client('$url'); \
 json.dump(c.statistics(c.model), open('$out/stats_i${tag}_c$c.json', 'w'), indent=1)"
         done
@@ -238,7 +244,7 @@ done
 "$py39" - "$out" <<'PY' | tee "$out/summary.txt"
 """The serving table from bench_iN_cC.log (trtnet.serve --bench's table), stats_iN_cC.json (Triton's cumulative
 statistics: the dynamic batcher's mean batch per concurrency is the difference) and direct.json."""
-import json, re, sys
+import json, os, re, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
@@ -272,7 +278,7 @@ tags = sorted((p.name[len("server_i"):-len(".log")] for p in out.glob("server_i*
 for n in tags:  # instances, "py": --backend python
     label = f"{instances(n)} inst{', py' if n.endswith('py') else ''}"
     rows, before = [], (0, 0)
-    for c in (1, 8, 32):
+    for c in map(int, os.environ.get("SERVE_CONCURRENCY", "1 8 32").split()):
         row, after = bench_row(out / f"bench_i{n}_c{c}.log"), counts(out / f"stats_i{n}_c{c}.json")
         if row is None:
             print(f"{label}: no result at concurrency {c} (steps.txt, server_i{n}.log, bench_i{n}_c{c}.log)")
@@ -311,6 +317,12 @@ for n, s in summary["server"].items():
     s["own_time"] = own
     for x in own:
         print("  " + x)
+    cpu = out / f"cpu_i{n}_c32.json"  # tests/gpu/cpu_share.py: CPU time per request at concurrency 32
+    if cpu.exists():
+        s["cpu_at_32"] = json.loads(cpu.read_text())
+        print(f"  CPU at concurrency 32: cores busy {s['cpu_at_32']['machine_busy_fraction']:.0%} of "
+              f"{s['cpu_at_32']['cores']}; us per request: " + ", ".join(
+                  f"{g} {v:.0f}" for g, v in s["cpu_at_32"]["us_per_request"].items()))
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 PY
 echo "serve_gpu done" | tee -a "$out/steps.txt"

@@ -7,7 +7,8 @@ waves, the rest carried over as engines): v8 (issue 12, done), int8 and int8b (i
 yolov5n and s9 (14-16 in one wave of four / eight, for a session with no engines carried in), s10 (s9's
 engines carried in, the INT8 builds after run N) and s11 (run O's: four serving instances, the decoder's
 probes, py-spy's samples of the files pass, of isolated pinned calls and of a serving instance (carry .pyspy and
-run `tests/gpu/spy.sh install` first: run P) and s11i (s11 with the implicit path's MinMax calibrator, not run yet).
+run `tests/gpu/spy.sh install` first: run P) and s11i (s11 with the implicit path's MinMax calibrator, not run yet),
+s12 and s13 (issue 16 alone, steps of no other plan: the dynamic engine and serving runs, runs Q1 and Q2).
 
     python3 tests/gpu/session_gpu.py setup PACK_DIR   # data + wheels: PACK_DIR/c00, c01, … = one tar, split;
                                                       # its cache/ (timing caches, calibrations) goes to /tmp/eng
@@ -213,6 +214,15 @@ IMPLICIT_MINMAX = Build("yolov5n_int8_implicit_minmax_b1", "yolov5n",
 PLANS["s11"] = [planned("yolov5n_640_fp16"), YOLOV5N_B1, DYNAMIC_OPT1,
                 yolov5n_int8("auto", "percentile", AUTO_KEPT_CONTEXT)]
 PLANS["s11i"] = [*PLANS["s11"], IMPLICIT_MINMAX]  # s11 and the implicit MinMax build (~5 min of the budget)
+# issue 16 alone (session 12, nothing carried in): the dynamic engine, then serving with the allocator kept from
+# unmapping image-sized blocks (trtnet.allocator), each run with the CPU time per request of Triton, its stubs and
+# the rest; only the steps of this plan run
+PLANS["s12"] = [planned("yolov5n_640_fp16")]
+# the same engine (run Q1's timing cache carried in: a 20 s build): the serving table again, then the allocator on and
+# off in turns at concurrency 32 (TRTNET_KEEP_FREED_MEMORY=0: glibc's defaults in Triton, its stubs and the clients;
+# run Q2: each concurrency-32-only run includes its instances' warm-up, so compare them with each other only)
+PLANS["s13"] = PLANS["s12"]
+EXCLUSIVE_PLANS = {"s12", "s13"}
 PLAN_JOBS = {"s9": 8, "s10": 6}  # builds at once, where a plan wants other than BUILD_JOBS
 plan: list[Build] = []  # this session's builds (set by `run PLAN[,PLAN…]`)
 plans: list[str] = []  # and the plans they come from
@@ -312,7 +322,22 @@ def timing_steps() -> list[Step]:
         steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
                               str(DATA / "images")], 600, ("yolov5n_640_fp16",),
                        {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000", **env}, plan="s11")]
-    return [*steps, Step("perf_e", [*perf, "e"], 600, ("yolov5n_640_fp16",), plan="s11")]  # the decoder's variants
+    steps += [Step("perf_e", [*perf, "e"], 600, ("yolov5n_640_fp16",), plan="s11")]  # the decoder's variants
+    for name, env in (("serve12", {"SERVE_INSTANCES": "1 2"}),
+                      ("serve12_delay", {"SERVE_INSTANCES": "2 3", "SERVE_QUEUE_DELAY_US": "3000"}),
+                      ("serve12_spy", {"SERVE_INSTANCES": "2", "SERVE_SPY": "1"})):
+        steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
+                              str(DATA / "images")], 600, ("yolov5n_640_fp16",),
+                       {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000", **env}, plan="s12")]
+    serve13 = {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000"}
+    repeat = {**serve13, "SERVE_INSTANCES": "2", "SERVE_CONCURRENCY": "32", "SERVE_DIRECT": "0"}
+    off = {"TRTNET_KEEP_FREED_MEMORY": "0"}
+    for name, env in (("serve13", {**serve13, "SERVE_INSTANCES": "2 1"}), ("serve13_off", {**repeat, **off}),
+                      ("serve13_on", repeat), ("serve13_off2", {**repeat, **off}),
+                      ("serve13_on2", {**repeat, "SERVE_DIRECT": "1"})):
+        steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
+                              str(DATA / "images")], 600, ("yolov5n_640_fp16",), env, plan="s13")]
+    return steps
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -392,8 +417,9 @@ _steps_turn = threading.Lock()  # one step at a time: a timing never shares the 
 
 
 def run_steps(steps: Sequence[Step]) -> None:
+    exclusive = set(plans) <= EXCLUSIVE_PLANS
     for s in steps:
-        if s.plan and s.plan not in plans:  # another plan's step
+        if (s.plan or exclusive) and s.plan not in plans:  # another plan's step, or not one of an exclusive plan's
             continue
         if s.needs and not wait_for_builds(s.needs, s.any_built):
             note("steps.txt", f"{s.name}: skipped (an engine it needs was not built: failed, or not in this plan)")
