@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,17 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"test data not available: {path} (../shared/data sits beside the repo in CI)")
     return path
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` TCP ports free on 127.0.0.1 just now (a server started on them is not mistaken for another)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def has_module(name: str) -> bool:

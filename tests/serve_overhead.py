@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import free_ports  # noqa: E402
 from trtnet.client import Client  # noqa: E402
 from trtnet.serve import ServeSettings  # noqa: E402
 from trtnet.serve_triton import (  # noqa: E402
@@ -77,16 +77,6 @@ def repository(folder: Path, settings: ServeSettings) -> Path:
     (model / "1" / "model.py").write_text(MODEL)
     (model / "config.pbtxt").write_text(config_pbtxt("null", settings, 32, True, [str(i) for i in range(80)], "-"))
     return folder / "models"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, shared
+from tests.conftest import REPO, free_ports, shared
 
 pytest.importorskip("pytriton", reason="PyTriton runs in its own environment: `make test-serve` runs these tests")
 psutil = pytest.importorskip("psutil", reason="psutil checks for orphan processes (installed by make serve-env)")
@@ -30,16 +29,6 @@ from trtnet.serve import BACKENDS  # noqa: E402
 
 IMGSZ = 320
 STARTUP_S = 180
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class Server:

@@ -6,8 +6,9 @@ has risen, trims the heap's free top as soon as it exceeds twice that: an encode
 outputs then cost page faults (the kernel zeroing new pages) on every request, for memory just given back.
 Measured on the CPU machine (tests/serve_overhead.py: Triton's Python backend, a model that only unpacks requests
 and packs responses, 8 clients, two rounds): the stub's CPU time per request 447-533 → 253-270 µs, Triton's
-`compute_infer` per request 1.8-2.3 → 1.1-1.3 ms, 21 % more requests a second. Either setting alone did not help. The cost: up to TRIM_THRESHOLD of freed memory stays with each process;
-TRTNET_KEEP_FREED_MEMORY=0 keeps glibc's own behaviour, as do MALLOC_* variables the user set.
+`compute_infer` per request 1.8-2.3 → 1.1-1.3 ms, 21 % more requests a second. Either setting alone did not
+help. The cost: up to TRIM_THRESHOLD of freed memory stays with each process; TRTNET_KEEP_FREED_MEMORY=0 keeps
+glibc's own behaviour, as do MALLOC_* variables the user set.
 """
 
 from __future__ import annotations
