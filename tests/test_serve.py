@@ -187,6 +187,16 @@ def test_load_8_clients_by_50_requests_without_errors(server):
     assert result.errors == 0 and len(result.latencies_ms) == 400
 
 
+def test_bench_prints_triton_s_batches_and_times_after_each_concurrency(server, capsys):
+    from trtnet.serve import main
+
+    assert main(["--bench", server.url, "--concurrency", "1,4", "--requests", "8", "--bench-processes", "1",
+                 "--images", *images()]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.split() and line.split()[0] in ("1", "4")]
+    assert len(rows) == 2 and all("server:" in lines[i + 1] and "mean batch" in lines[i + 1] for i in rows), lines
+
+
 def test_bench_spreads_its_clients_over_processes(server):
     from trtnet.serve import bench
 

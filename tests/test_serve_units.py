@@ -382,3 +382,21 @@ def test_triton_and_its_stubs_keep_image_sized_blocks(monkeypatch):
     monkeypatch.setenv(allocator.OPT_OUT, "0")
     assert not allocator.ENV.keys() & serve_triton.triton_environment().keys()
     assert "keep_freed_memory()" in serve_triton.PYTHON_MODEL.split("def initialize")[1].split("def execute")[0]
+
+
+def test_bench_reports_what_triton_counted_between_two_readings():
+    def reading(requests, executions, queue_ns, batches):
+        return {"model_stats": [{"name": "m", "inference_count": str(requests), "execution_count": executions,
+                                 "inference_stats": {"queue": {"count": requests, "ns": queue_ns}},
+                                 "batch_stats": [{"batch_size": size, **{k: {"count": c, "ns": ns * c} for k, ns in
+                                                                         zip(serve.COMPUTE, per)}}
+                                                 for size, c, per in batches]}]}
+
+    before = reading(4, 4, 4_000_000, [(1, 4, (100_000, 2_000_000, 50_000))])
+    after = reading(4 + 12, 4 + 3, 4_000_000 + 12 * 3_000_000,
+                    [(1, 4, (100_000, 2_000_000, 50_000)), (4, 3, (400_000, 5_000_000, 200_000))])
+    counted = serve.server_stats(before, after)
+    assert counted.executions == 3 and counted.mean_batch == 4.0 and counted.queue_ms == pytest.approx(3.0)
+    assert counted.per_execution_ms == pytest.approx((0.4, 5.0, 0.2))
+    assert "mean batch 4.00" in counted.row() and "infer 5.00" in counted.row()
+    assert serve.server_stats(after, after) is None  # nothing ran between them

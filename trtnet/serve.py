@@ -478,6 +478,57 @@ class BenchResult:
 
 
 BENCH_HEADER = f"{'concurrency':>11} {'requests':>8} {'images/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+COMPUTE = ("compute_input", "compute_infer", "compute_output")
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """What Triton's statistics (/v2/models/NAME/stats) counted between two readings: executions, the dynamic
+    batcher's mean batch, the mean queue time per request, and the mean times per execution of copying requests
+    into the model (input), running it (infer) and copying responses out (output): what to weigh when choosing
+    --instances and --max-queue-delay-us."""
+
+    executions: int
+    mean_batch: float
+    queue_ms: float
+    per_execution_ms: tuple[float, float, float]  # input, infer, output
+
+    def row(self) -> str:
+        i, n, o = self.per_execution_ms
+        return (f"{'':>11} server: {self.executions} executions, mean batch {self.mean_batch:.2f}, queue "
+                f"{self.queue_ms:.2f} ms a request; per execution input {i:.2f}, infer {n:.2f}, output {o:.2f} ms")
+
+
+def _model_stats(stats: dict) -> dict:
+    return stats["model_stats"][0] if stats.get("model_stats") else {}
+
+
+def _ns(entry: dict, key: str) -> tuple[int, int]:
+    """(count, ns) of one duration statistic; gRPC's JSON form gives int64s as strings, and omits zeros."""
+    value = entry.get(key, {})
+    return int(value.get("count", 0)), int(value.get("ns", 0))
+
+
+def server_stats(before: dict, after: dict) -> ServerStats | None:
+    """The difference of two readings of one model's statistics (`Client.statistics(model)`); None when no
+    execution happened between them."""
+    old, new = _model_stats(before), _model_stats(after)
+    executions = int(new.get("execution_count", 0)) - int(old.get("execution_count", 0))
+    requests = int(new.get("inference_count", 0)) - int(old.get("inference_count", 0))
+    if executions <= 0:
+        return None
+
+    def batch_totals(model: dict) -> list[tuple[int, int]]:
+        totals = [(0, 0)] * len(COMPUTE)
+        for batch in model.get("batch_stats", []):
+            totals = [(c + bc, n + bn) for (c, n), (bc, bn) in zip(totals, (_ns(batch, k) for k in COMPUTE))]
+        return totals
+
+    per_execution = tuple((n1 - n0) / max(c1 - c0, 1) / 1e6
+                          for (c0, n0), (c1, n1) in zip(batch_totals(old), batch_totals(new)))
+    queued = [_ns(m.get("inference_stats", {}), "queue") for m in (old, new)]
+    queue_ms = (queued[1][1] - queued[0][1]) / max(queued[1][0] - queued[0][0], 1) / 1e6
+    return ServerStats(executions, requests / executions, queue_ms, per_execution)
 
 
 @dataclass(frozen=True)
@@ -616,8 +667,15 @@ def run_bench(args) -> None:
         raise TrtnetError(f"--bench-processes {args.bench_processes}: give 0 (a quarter of the cores) or more")
     print(BENCH_HEADER)
     processes = args.bench_processes or max(1, (os.cpu_count() or 1) // 4)  # the rest for the server beside it
-    for concurrency in (int(c) for c in args.concurrency.split(",")):
-        print(bench(args.bench, images, concurrency, args.requests, args.model, processes).row(), flush=True)
+    from trtnet.client import Client
+
+    with Client(args.bench, model=args.model) as client:  # Triton's statistics around each concurrency
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            before = client.statistics(client.model)
+            print(bench(args.bench, images, concurrency, args.requests, client.model, processes).row(), flush=True)
+            counted = server_stats(before, client.statistics(client.model))
+            if counted is not None:
+                print(counted.row(), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ CLI
