@@ -93,7 +93,8 @@ def bench(url: str, concurrency: int, requests: int, env: dict) -> tuple[float, 
                            "--requests", str(requests), "--bench-processes", "1", "--images", *map(str, IMAGES)],
                           capture_output=True, text=True, env=env, cwd=REPO.parent, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    throughput = float(done.stdout.strip().splitlines()[-1].split()[2])
+    row = next(line.split() for line in done.stdout.splitlines() if line.split()[:1] == [str(concurrency)])
+    throughput = float(row[2])  # the row of `--bench`'s table (Triton's statistics follow it)
     return throughput, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 

@@ -256,3 +256,13 @@ def serve_python_model() -> str:
     from trtnet.serve_triton import PYTHON_MODEL
 
     return PYTHON_MODEL
+
+
+def test_the_serving_overhead_tool_measures_both_allocator_settings():
+    """tests/serve_overhead.py (the CPU numbers behind trtnet.allocator) still runs: one short round."""
+    shared("images", "bus.jpg")
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "serve_overhead.py"), "--requests", "40",
+                           "--concurrency", "2", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["kept"], ["glibc"])]
+    assert [r[0] for r in rows] == ["kept", "glibc"] and all(float(r[1]) > 0 for r in rows), done.stdout
