@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import free_ports  # noqa: E402
 from trtnet.client import Client  # noqa: E402
-from trtnet.serve import ServeSettings  # noqa: E402
+from trtnet.serve import COMPUTE, ServeSettings  # noqa: E402
 from trtnet.serve_triton import (  # noqa: E402
     config_pbtxt,
     stop,
@@ -60,7 +60,6 @@ class TritonPythonModel:
         rows = split_rows(detection_outputs(results, 300), [len(x) for x in images])
         return [pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs]) for out in rows]
 '''
-STATS = ("compute_input", "compute_infer", "compute_output")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -102,7 +101,7 @@ def stats(url: str) -> dict[str, int]:
     with Client(url, model="null") as client:
         model = client.statistics("null")["model_stats"][0]
     return {"requests": int(model["inference_count"]),
-            **{k: int(model["inference_stats"][k]["ns"]) for k in STATS}}
+            **{k: int(model["inference_stats"][k]["ns"]) for k in COMPUTE}}
 
 
 def one_setting(kept: bool, args) -> str:
@@ -129,9 +128,9 @@ def one_setting(kept: bool, args) -> str:
             stop(process, 5)
     n = counted_after["requests"] - counted["requests"]
     per = {k: 1e6 * (cpu_after[k] - cpu[k]) / n for k in cpu} | {"clients": 1e6 * clients / n}
-    triton = {k: (counted_after[k] - counted[k]) / n / 1e3 for k in STATS}
+    triton = {k: (counted_after[k] - counted[k]) / n / 1e3 for k in COMPUTE}
     return (f"{'kept' if kept else 'glibc':>6} {throughput:>9.0f} " + " ".join(f"{per[k]:>8.0f}" for k in
-            ("triton", "stub", "clients")) + " " + " ".join(f"{triton[k]:>9.0f}" for k in STATS))
+            ("triton", "stub", "clients")) + " " + " ".join(f"{triton[k]:>9.0f}" for k in COMPUTE))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.requests} requests at concurrency {args.concurrency}, µs per request: CPU of Triton, its stub, "
           "the clients; Triton's statistics")
     print(f"{'blocks':>6} {'images/s':>9} {'triton':>8} {'stub':>8} {'clients':>8} " + " ".join(
-        f"{k.replace('compute_', ''):>9}" for k in STATS))
+        f"{k.replace('compute_', ''):>9}" for k in COMPUTE))
     for _ in range(args.rounds):
         for kept in (True, False):
             print(one_setting(kept, args), flush=True)

@@ -247,6 +247,8 @@ statistics: the dynamic batcher's mean batch per concurrency is the difference) 
 import json, os, re, sys
 from pathlib import Path
 
+from trtnet.serve import server_stats
+
 out = Path(sys.argv[1])
 
 
@@ -259,11 +261,8 @@ def bench_row(log):
     return None
 
 
-def counts(path):
-    if not path.exists():
-        return None
-    model = json.loads(path.read_text())["model_stats"][0]
-    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+def reading(path):  # Triton's statistics as the bench's step saved them (cumulative since the server started)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 summary = {"server": {}, "direct": None}
@@ -277,15 +276,15 @@ tags = sorted((p.name[len("server_i"):-len(".log")] for p in out.glob("server_i*
               key=lambda t: (not t.endswith("py"), instances(t)))
 for n in tags:  # instances, "py": --backend python
     label = f"{instances(n)} inst{', py' if n.endswith('py') else ''}"
-    rows, before = [], (0, 0)
+    rows, before = [], {}
     for c in map(int, os.environ.get("SERVE_CONCURRENCY", "1 8 32").split()):
-        row, after = bench_row(out / f"bench_i{n}_c{c}.log"), counts(out / f"stats_i{n}_c{c}.json")
+        row, after = bench_row(out / f"bench_i{n}_c{c}.log"), reading(out / f"stats_i{n}_c{c}.json")
         if row is None:
             print(f"{label}: no result at concurrency {c} (steps.txt, server_i{n}.log, bench_i{n}_c{c}.log)")
             continue
         if after is not None:
-            done, runs = after[0] - before[0], after[1] - before[1]
-            row["mean_batch"], before = (done / runs if runs else None), after
+            counted = server_stats(before, after)
+            row["mean_batch"], before = (counted.mean_batch if counted else None), after
         rows.append(row)
         batch = row.get("mean_batch")
         print(f"{label:10} {c:>4} {row['requests']:>8} {row['throughput']:>9.1f} {row['p50_ms']:>8.2f} "
