@@ -70,16 +70,18 @@ def test_instances_run_the_engine_as_cuda_graphs_unless_told_not_to(monkeypatch,
     config_text = config_pbtxt("x", settings, 8, True, ["a"], "x.engine")
     params = {k: {"string_value": json.loads(v)}
               for k, v in re.findall(r'key: "(\w+)", value: \{ string_value: (".*?") \}', config_text)}
-    model_config = {"parameters": params, "output": [{"name": "boxes"}]}
+    model_config = {"parameters": params, "output": [{"name": "boxes"}], "max_batch_size": 8}
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     given = []
     monkeypatch.setattr(serve, "open_runner", lambda s, device: given.append(s.cuda_graphs) or "runner")
     monkeypatch.setattr(serve, "infer_function", lambda *a: None)
     namespace: dict = {}
     exec(compile(PYTHON_MODEL, "model.py", "exec"), namespace)
-    namespace["TritonPythonModel"]().initialize({"model_config": json.dumps(model_config), "model_repository": "/r",
-                                                 "model_version": "1", "model_instance_device_id": "0"})
-    assert opened == [graphs] and given == [graphs]
+    model = namespace["TritonPythonModel"]()
+    model.initialize({"model_config": json.dumps(model_config), "model_repository": "/r", "model_version": "1",
+                      "model_instance_device_id": "0"})
+    model.workers.close()
+    assert opened == [graphs] and given == [graphs] * settings.workers  # a runner per worker thread
 
 
 def test_an_engine_takes_its_device_on_every_thread_that_uses_it(monkeypatch):
