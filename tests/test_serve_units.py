@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import types
 
 import cv2
 import numpy as np
@@ -75,13 +76,44 @@ def test_instances_run_the_engine_as_cuda_graphs_unless_told_not_to(monkeypatch,
     given = []
     monkeypatch.setattr(serve, "open_runner", lambda s, device: given.append(s.cuda_graphs) or "runner")
     monkeypatch.setattr(serve, "infer_function", lambda *a: None)
+    warmed = []
+    monkeypatch.setattr(serve, "warm_up", lambda runner, batch: warmed.append((runner, batch)))
     namespace: dict = {}
     exec(compile(PYTHON_MODEL, "model.py", "exec"), namespace)
     model = namespace["TritonPythonModel"]()
     model.initialize({"model_config": json.dumps(model_config), "model_repository": "/r", "model_version": "1",
                       "model_instance_device_id": "0"})
-    model.workers.close()
-    assert opened == [graphs] and given == [graphs] * settings.workers  # a runner per worker thread
+    assert opened == [graphs] and given == [graphs]
+    assert warmed == [("runner", 8)]  # the config's max_batch_size, before the first request
+
+
+class WarmedRunner:
+    """A runner whose pipeline records the batch sizes it runs."""
+
+    def __init__(self, cuda_graphs: bool, max_batch: int = 8):
+        self.engine = types.SimpleNamespace(cuda_graphs=cuda_graphs, imgsz=(64, 48), max_batch=max_batch)
+        self.batches: list = []
+        self.pipeline = types.SimpleNamespace(run=lambda images: self.batches.append(
+            (len(images), images[0].shape, images[0].dtype)))
+
+
+def test_warm_up_captures_every_batch_size_largest_first():
+    """Buffers grow to the largest batch once (a larger batch after smaller ones would move them and drop every
+    graph captured so far), then each smaller size is captured; the engine's profile bounds --max-batch."""
+    runner = WarmedRunner(cuda_graphs=True)
+    serve.warm_up(runner, 32)
+    assert [n for n, _, _ in runner.batches] == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert {(shape, dtype) for _, shape, dtype in runner.batches} == {((64, 48, 3), np.dtype(np.uint8))}
+    runner = WarmedRunner(cuda_graphs=True)
+    serve.warm_up(runner, 3)
+    assert [n for n, _, _ in runner.batches] == [3, 2, 1]
+
+
+def test_warm_up_does_nothing_without_graphs_or_an_engine():
+    runner = WarmedRunner(cuda_graphs=False)
+    serve.warm_up(runner, 8)
+    assert runner.batches == []
+    serve.warm_up(object(), 8)  # the CPU path's runner: no engine, nothing to capture
 
 
 def test_an_engine_takes_its_device_on_every_thread_that_uses_it(monkeypatch):

@@ -64,7 +64,6 @@ class ServeSettings:
     decode: str = "auto"  # encoded images: on the GPU (nvImageCodec) where it can, "gpu" or "cpu" (OpenCV)
     backend: str = "python"  # Triton's Python backend hosts the model (trtnet.serve_triton); or "pytriton"
     cuda_graphs: bool = True  # engine + NMS as CUDA graphs (run P: eager enqueue was a fifth of an instance's time)
-    workers: int = 2  # --backend python: runner threads per instance (trtnet.serve_workers); 0: execute runs it
 
 
 def parse_devices(text: str) -> tuple[Device, ...]:
@@ -716,10 +715,6 @@ def parser():
     p.add_argument("--backend", choices=BACKENDS, default="python",
                    help="python: Triton's own Python backend hosts the model in Triton's processes (run O: 2.7-3.6x "
                         "PyTriton's throughput); pytriton: PyTriton binds it in this process, a proxy between")
-    p.add_argument("--workers", type=int, default=2,
-                   help="--backend python: runner threads per instance, sharing its process and CUDA context; they "
-                        "answer through Triton's response sender (Triton >= 24.07); 0: Triton's execute runs the "
-                        "runner itself")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the engine eagerly (default: engine and NMS as CUDA graphs, one per batch size and "
                         "input shape; run P: TensorRT 8.5's eager enqueue took a fifth of a serving instance's time)")
@@ -744,8 +739,6 @@ def settings_from(args) -> ServeSettings:
     for option in ("instances", "max_batch", "max_det", "topk"):
         if getattr(args, option) < 1:
             raise TrtnetError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
-    if args.workers < 0:
-        raise TrtnetError(f"--workers {args.workers}: must be 0 or more")
     if args.exit_timeout < 0:
         raise TrtnetError(f"--exit-timeout {args.exit_timeout}: must be 0 or more seconds")
     devices = parse_devices(args.devices)
@@ -754,7 +747,7 @@ def settings_from(args) -> ServeSettings:
     return ServeSettings(args.target, devices, args.instances, args.max_batch,
                          args.max_queue_delay_us, args.conf, args.iou, args.max_det, args.topk, args.imgsz,
                          args.host, args.http_port, args.grpc_port, args.metrics_port, args.weights_dir,
-                         args.exit_timeout, args.decode, args.backend, args.cuda_graphs, args.workers)
+                         args.exit_timeout, args.decode, args.backend, args.cuda_graphs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

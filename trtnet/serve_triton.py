@@ -166,15 +166,13 @@ def write_repo_args(runner, settings) -> dict:
 
 
 PYTHON_MODEL = '''"""Triton Python-backend model written by `trtnet serve --export-repo`: trtnet.serve's request
-handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives), or with
-`workers` one per worker thread (trtnet.serve_workers: answers through the response sender, Triton >= 24.07)."""
+handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives)."""
 import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trtnet.allocator import keep_freed_memory
 from trtnet.serve import ServeSettings, infer_function, open_runner, warm_up
-from trtnet.serve_workers import Workers
 
 
 class TritonPythonModel:
@@ -194,41 +192,18 @@ class TritonPythonModel:
                                  cuda_graphs=params.get("cuda_graphs", "True") == "True",
                                  weights_dir=params.get("weights_dir", "weights"))
         self.outputs = [o["name"] for o in config["output"]]
-        workers = int(params.get("workers", 0))
-        instance = args.get("model_instance_name", 0)
-        self.runners = [open_runner(settings, device) for _ in range(max(workers, 1))]
-        self.infers = [infer_function(r, settings, f"{instance}/{i}") for i, r in enumerate(self.runners)]
-        batch = config["max_batch_size"]
-        if workers:  # each worker thread captures its own CUDA graphs
-            warm_ups = [lambda r=r: warm_up(r, batch) for r in self.runners]
-            self.workers = Workers(self.infers, batch, self.respond, warm_ups)
-        else:  # Triton runs execute on this thread
-            self.workers = None
-            warm_up(self.runners[0], batch)
+        self.runner = open_runner(settings, device)
+        warm_up(self.runner, config["max_batch_size"])  # the stub runs execute on this thread too
+        self.infer = infer_function(self.runner, settings, args.get("model_instance_name", 0))
 
     def execute(self, requests):
         inputs = [{t.name(): t.as_numpy() for t in request.inputs()} for request in requests]  # those sent
-        if self.workers is None:
-            return [self.response(out) for out in self.infers[0](inputs)]
-        # the workers read them after execute returns: pixels copied out of the request's shared memory
-        self.workers.submit(requests, [{k: v if v.dtype == object else v.copy() for k, v in x.items()}
-                                       for x in inputs])
-        return None
-
-    def response(self, out):
-        if isinstance(out, Exception):
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(out)))
-        return pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
-
-    def respond(self, request, out):
-        request.get_response_sender().send(self.response(out), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
+                for out in self.infer(inputs)]
 
     def finalize(self):
-        if self.workers is not None:
-            self.workers.close()
-        for infer, runner in zip(self.infers, self.runners):
-            infer.close()
-            runner.close()
+        self.infer.close()
+        self.runner.close()
 '''
 
 
@@ -253,7 +228,7 @@ def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: boo
                 tensor("error", "TYPE_STRING", [1])]
     cpu = settings.devices == ("cpu",)
     params = {"engine": engine_file, "conf": settings.conf, "iou": settings.iou, "max_det": m, "topk": k,
-              "decode": settings.decode, "cuda_graphs": settings.cuda_graphs, "workers": settings.workers,
+              "decode": settings.decode, "cuda_graphs": settings.cuda_graphs,
               NAMES_PARAMETER: json.dumps([str(n) for n in names])}
     if cpu:
         weights = params.pop("engine")

@@ -60,9 +60,8 @@
 # weights file, TRTNET_SERVE_IMGSZ=320, PY39=a Python 3.9 wrapper like py39.sh, SERVE_REQUESTS=32,
 # SERVE_REQUESTS_C1=16, SERVE_PIP_PYTHON=python3.12, TRTNET_SERVE_SITE=another folder. Other knobs: SERVE_PORT
 # (8000: HTTP, +1 gRPC, +2 metrics), SERVE_STARTUP_S (120), SERVE_QUEUE_DELAY_US (500), DIRECT_SECONDS (2 per row),
-# SERVE_CONCURRENCY ("1 8 32"), SERVE_DIRECT (0: no direct baseline, for repeats within a session), SERVE_WORKERS
-# (--workers: runner threads per instance; trtnet.serve's default otherwise), SERVE_BENCH_PROCESSES (the clients'
-# processes: --bench-processes, 0 = a quarter of the cores),
+# SERVE_CONCURRENCY ("1 8 32"), SERVE_DIRECT (0: no direct baseline, for repeats within a session),
+# SERVE_BENCH_PROCESSES (the clients' processes: --bench-processes, 0 = a quarter of the cores),
 # SERVE_SPY (set: py-spy samples a model instance and the bench's clients at concurrency 32, spy_on_stub below).
 set -u
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -207,7 +206,7 @@ serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log pe
     set -m  # its own process group, and SIGINT not ignored as it is for a non-interactive shell's background job
     env LD_LIBRARY_PATH="$server_libs" PATH="$site/py39bin:$PATH" \
         "$py39" -m trtnet.serve "$target" --instances "$n" --max-batch 32 --devices "$devices" "${cpu_args[@]}" \
-        --backend "$backend" ${SERVE_WORKERS:+--workers "$SERVE_WORKERS"} \
+        --backend "$backend" \
         --max-queue-delay-us "${SERVE_QUEUE_DELAY_US:-500}" --host 127.0.0.1 --http-port "$port" \
         --grpc-port $((port + 1)) --metrics-port $((port + 2)) >"$log" 2>&1 &
     pid=$!
