@@ -40,8 +40,7 @@ from trtnet.interrupts import SIGNALS
 
 Device = Union[int, str]  # a GPU index, or "cpu"
 NAMES_PARAMETER = "class_names"
-BACKENDS = ("pytriton", "python", "hub")  # how Triton reaches the model: PyTriton's proxy, its own Python backend,
-# or its Python backend's stubs handing requests to runners in this process (trtnet.serve_hub)
+BACKENDS = ("pytriton", "python")  # how Triton reaches the model: PyTriton's proxy, or its own Python backend
 
 
 @dataclass(frozen=True)
@@ -414,7 +413,7 @@ def use_this_libpython() -> None:
 def serve(settings: ServeSettings, opener: Callable = open_runner,
           started: Callable[[], None] | None = None) -> None:
     """Load every instance (refusing what cannot run), start Triton, serve until SIGINT/SIGTERM."""
-    if settings.backend in ("python", "hub"):
+    if settings.backend == "python":
         from trtnet.serve_triton import serve_on_triton
 
         return serve_on_triton(settings, started)
@@ -715,9 +714,7 @@ def parser():
                         "or OpenCV on the CPU")
     p.add_argument("--backend", choices=BACKENDS, default="python",
                    help="python: Triton's own Python backend hosts the model in Triton's processes (run O: 2.7-3.6x "
-                        "PyTriton's throughput); hub: Triton's Python-backend stubs only carry requests to the "
-                        "runners (--instances per device) in this process, which batch them together; pytriton: "
-                        "PyTriton binds it in this process, a proxy between")
+                        "PyTriton's throughput); pytriton: PyTriton binds it in this process, a proxy between")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the engine eagerly (default: engine and NMS as CUDA graphs, one per batch size and "
                         "input shape; run P: TensorRT 8.5's eager enqueue took a fifth of a serving instance's time)")

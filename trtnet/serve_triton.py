@@ -26,7 +26,6 @@ from typing import Callable
 
 from trtnet.errors import TrtnetError
 from trtnet.serve import NAMES_PARAMETER, ServeSettings, model_name
-from trtnet.serve_hub import stub_count
 
 READY_S = 300  # model instances load their engines (or, on the CPU, their weights) before Triton is ready
 SHM_BYTES = 4 << 20  # the Python backend's shared memory per instance, as PyTriton sets it (containers' /dev/shm)
@@ -124,71 +123,35 @@ def local_url(settings) -> str:
 
 def serve_on_triton(settings, started: Callable[[], None] | None = None) -> None:
     """Check the model can run on every device (the runtime's message if not), write the model repository, run
-    Triton on it until SIGINT/SIGTERM. `--backend hub`: the runners stay in this process (trtnet.serve_hub) and
-    Triton's stubs hand their executions to them."""
-    from trtnet.serve import open_runner, open_runners
+    Triton on it until SIGINT/SIGTERM."""
+    from trtnet.serve import open_runner, until_stopped
 
-    hub = settings.backend == "hub"
-    # python: one runner a device, closed again (what cannot run is refused here, with the runtime's clear message;
-    # Triton's stubs make the instances); hub: every instance's runner, kept
-    runners = open_runners(settings) if hub else [open_runner(settings, device) for device in settings.devices]
+    # one runner a device: what cannot run is refused here, with the runtime's clear message; Triton's stubs make
+    # the instances
+    runners = [open_runner(settings, device) for device in settings.devices]
     try:
-        model = write_repo_args(runners[0], settings)
-    except BaseException:
-        close_runners(runners)
-        raise
-    if not hub:
-        close_runners(runners)
-    try:
-        with tempfile.TemporaryDirectory(prefix="trtnet-triton-") as work:
-            served = start_hub(runners, settings, str(Path(work) / "hub.sock"), model["max_batch"]) if hub else None
-            try:
-                repository = Path(work) / "models"
-                gpus = [] if settings.devices == ("cpu",) else sorted(set(settings.devices))
-                name = write_repo(settings, repository, link=True, gpus=gpus,
-                                  hub=served.address if served else None, runners=len(runners), **model).name
-                run_triton(settings, Path(work), repository, name, started, len(runners) if hub else 0)
-            finally:
-                if served is not None:
-                    served.close()  # its socket is in `work`
+        first = runners[0]
+        model = write_repo_args(first, settings)
     finally:
-        if hub:
-            close_runners(runners)
-
-
-def run_triton(settings, work: Path, repository: Path, name: str, started: Callable[[], None] | None,
-               hub_runners: int) -> None:
-    """Triton on `repository` until SIGINT/SIGTERM or its exit, then stopped."""
-    from trtnet.serve import until_stopped
-
-    server = triton_installation(work / "tritonserver")
-    process = subprocess.Popen(triton_command(server, repository, settings), env=triton_environment(),
-                               start_new_session=True)
-    try:
-        wait_ready(process, local_url(settings), name)
-        hub = f", in this process behind {stub_count(hub_runners)} stubs" if hub_runners else ""
-        print(f"serving {name} on Triton's Python backend ({settings.instances} instance(s) on "
-              f"{','.join(map(str, settings.devices))}{hub}): http {settings.host}:{settings.http_port}, grpc "
-              f"{settings.host}:{settings.grpc_port}, metrics {settings.host}:{settings.metrics_port}", flush=True)
-        if started is not None:
-            started()
-        until_stopped(_Process(process))
-    finally:
-        stop(process, settings.exit_timeout_s)
-
-
-def start_hub(runners: list, settings, address: str, max_batch: int):
-    """The hub on `address`: a thread per runner, its CUDA graphs captured there first."""
-    from trtnet.serve import infer_function, warm_up
-    from trtnet.serve_hub import Hub
-
-    infers = [infer_function(r, settings, i) for i, r in enumerate(runners)]
-    return Hub(address, infers, max_batch, [lambda r=r: warm_up(r, max_batch) for r in runners])
-
-
-def close_runners(runners: list) -> None:
-    for runner in runners:
-        runner.close()
+        for runner in runners:
+            runner.close()
+    with tempfile.TemporaryDirectory(prefix="trtnet-triton-") as work:
+        repository = Path(work) / "models"
+        gpus = [] if settings.devices == ("cpu",) else sorted(set(settings.devices))
+        name = write_repo(settings, repository, link=True, gpus=gpus, **model).name
+        server = triton_installation(Path(work) / "tritonserver")
+        process = subprocess.Popen(triton_command(server, repository, settings), env=triton_environment(),
+                                   start_new_session=True)
+        try:
+            wait_ready(process, local_url(settings), name)
+            print(f"serving {name} on Triton's Python backend ({settings.instances} instance(s) on "
+                  f"{','.join(map(str, settings.devices))}): http {settings.host}:{settings.http_port}, grpc "
+                  f"{settings.host}:{settings.grpc_port}, metrics {settings.host}:{settings.metrics_port}", flush=True)
+            if started is not None:
+                started()
+            until_stopped(_Process(process))
+        finally:
+            stop(process, settings.exit_timeout_s)
 
 
 def write_repo_args(runner, settings) -> dict:
@@ -203,15 +166,13 @@ def write_repo_args(runner, settings) -> dict:
 
 
 PYTHON_MODEL = '''"""Triton Python-backend model written by `trtnet serve --export-repo`: trtnet.serve's request
-handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives); with `trtnet
-serve --backend hub`, the runners are in the serving process and this stub hands them its requests."""
+handling on trtnet.Detector / Classifier, one per model instance Triton makes (on the GPU it gives)."""
 import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trtnet.allocator import keep_freed_memory
 from trtnet.serve import ServeSettings, infer_function, open_runner, warm_up
-from trtnet.serve_hub import HubClient
 
 
 class TritonPythonModel:
@@ -219,11 +180,6 @@ class TritonPythonModel:
         keep_freed_memory()  # a request's image-sized blocks reused, not mapped afresh (trtnet.allocator)
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.outputs = [o["name"] for o in config["output"]]
-        if "hub" in params:  # `trtnet serve --backend hub`: the runners are in the serving process
-            self.hub = HubClient(params["hub"])
-            return
-        self.hub = None
         if params.get("device") == "cpu":  # `trtnet serve --backend python --devices cpu`: weights, NumPy
             device, target = "cpu", params["weights"]
         else:
@@ -235,34 +191,26 @@ class TritonPythonModel:
                                  imgsz=int(params.get("imgsz", 640)), decode=params.get("decode", "auto"),
                                  cuda_graphs=params.get("cuda_graphs", "True") == "True",
                                  weights_dir=params.get("weights_dir", "weights"))
+        self.outputs = [o["name"] for o in config["output"]]
         self.runner = open_runner(settings, device)
         warm_up(self.runner, config["max_batch_size"])  # the stub runs execute on this thread too
         self.infer = infer_function(self.runner, settings, args.get("model_instance_name", 0))
 
     def execute(self, requests):
         inputs = [{t.name(): t.as_numpy() for t in request.inputs()} for request in requests]  # those sent
-        return [self.response(out) for out in (self.hub.run(inputs) if self.hub else self.infer(inputs))]
-
-    def response(self, out):
-        if isinstance(out, Exception):  # what failed a hub's batch
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(out)))
-        return pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.outputs])
+                for out in self.infer(inputs)]
 
     def finalize(self):
-        if self.hub:
-            self.hub.close()
-            return
         self.infer.close()
         self.runner.close()
 '''
 
 
 def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: bool, names: Sequence[str],
-                 engine_file: str, gpus: Sequence[int] = (), hub: str | None = None, runners: int = 1) -> str:
+                 engine_file: str, gpus: Sequence[int] = ()) -> str:
     """A Python-backend config.pbtxt with the same inputs and outputs as the PyTriton model. `engine_file`: the
-    engine beside model.py, or with --devices cpu the weights. `gpus`: the instances' GPUs (none: every GPU).
-    `hub`: the address of the hub holding `runners` runners (--backend hub): CPU instances that only carry requests,
-    trtnet.serve_hub.stub_count of them."""
+    engine beside model.py, or with --devices cpu the weights. `gpus`: the instances' GPUs (none: every GPU)."""
     def tensor(n: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
         extra = ", optional: true" if optional else ""
         return f'  {{ name: "{n}", data_type: {dtype}, dims: [{", ".join(map(str, dims))}]{extra} }}'
@@ -286,11 +234,8 @@ def config_pbtxt(name: str, settings: ServeSettings, max_batch: int, detect: boo
         weights = params.pop("engine")
         params = {**params, "device": "cpu", "weights": weights, "imgsz": settings.imgsz,
                   "weights_dir": str(Path(settings.weights_dir).resolve())}
-    if hub:
-        params["hub"] = hub
-    group = (f"count: {stub_count(runners)}, kind: KIND_CPU" if hub else
-             f"count: {settings.instances}, kind: {'KIND_CPU' if cpu else 'KIND_GPU'}")
-    if gpus and not cpu and not hub:
+    group = f"count: {settings.instances}, kind: {'KIND_CPU' if cpu else 'KIND_GPU'}"
+    if gpus and not cpu:
         group += f", gpus: [{', '.join(map(str, gpus))}]"
     param_text = "\n".join(f'  {{ key: "{key}", value: {{ string_value: {json.dumps(str(v))} }} }}'
                            for key, v in params.items())
@@ -314,8 +259,7 @@ def export_repo(settings: ServeSettings, folder: str | Path) -> Path:
 
 
 def write_repo(settings: ServeSettings, folder: str | Path, *, detect: bool, names: Sequence[str],
-               max_batch: int, link: bool = False, gpus: Sequence[int] = (), hub: str | None = None,
-               runners: int = 1) -> Path:
+               max_batch: int, link: bool = False, gpus: Sequence[int] = ()) -> Path:
     """The model repository's NAME folder: the engine and its sidecar beside model.py (`link`: symbolic links,
     for a repository that lives as long as the server), or with --devices cpu the weights named in the config.
     `gpus`: the GPUs Triton puts the instances on (none: every GPU it sees)."""
@@ -338,6 +282,5 @@ def write_repo(settings: ServeSettings, folder: str | Path, *, detect: bool, nam
                 shutil.copyfile(path, version / path.name)
         file = target.name
     (version / "model.py").write_text(PYTHON_MODEL)
-    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, names, file, gpus,
-                                                                       hub, runners))
+    (version.parent / "config.pbtxt").write_text(config_pbtxt(name, settings, max_batch, detect, names, file, gpus))
     return version.parent

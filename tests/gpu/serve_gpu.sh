@@ -201,7 +201,7 @@ spy_pid=""
 serve_and_bench() {  # serve_and_bench INSTANCES [BACKEND]: bench_iTAG_cC.log per concurrency, Triton's statistics
     # after each; TAG is INSTANCES, with "py" after it for --backend python (Triton's own Python backend)
     local n=$1 backend=${2:-pytriton} pid c
-    local tag=$n$(case $backend in python) echo py ;; hub) echo hub ;; esac)
+    local tag=$n$([ "$backend" = python ] && echo py)
     local log="$out/server_i$tag.log"
     set -m  # its own process group, and SIGINT not ignored as it is for a non-interactive shell's background job
     env LD_LIBRARY_PATH="$server_libs" PATH="$site/py39bin:$PATH" \
@@ -270,13 +270,13 @@ summary = {"server": {}, "direct": None}
 print(f"{'server':10} {'conc':>4} {'requests':>8} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
       f"{'errors':>6} {'mean batch':>10}")
 def instances(tag):
-    return int(re.match(r"\d+", tag).group())
+    return int(tag.removesuffix("py"))
 
 
 tags = sorted((p.name[len("server_i"):-len(".log")] for p in out.glob("server_i*.log")),
-              key=lambda t: (not t.endswith("py"), not t.endswith("hub"), instances(t)))
-for n in tags:  # instances, then "py": --backend python, "hub": --backend hub
-    label = f"{instances(n)} inst{', py' if n.endswith('py') else ', hub' if n.endswith('hub') else ''}"
+              key=lambda t: (not t.endswith("py"), instances(t)))
+for n in tags:  # instances, "py": --backend python
+    label = f"{instances(n)} inst{', py' if n.endswith('py') else ''}"
     rows, before = [], {}
     for c in map(int, os.environ.get("SERVE_CONCURRENCY", "1 8 32").split()):
         row, after = bench_row(out / f"bench_i{n}_c{c}.log"), reading(out / f"stats_i{n}_c{c}.json")
