@@ -90,8 +90,9 @@ def test_instances_run_the_engine_as_cuda_graphs_unless_told_not_to(monkeypatch,
 class WarmedRunner:
     """A runner whose pipeline records the batch sizes it runs."""
 
-    def __init__(self, cuda_graphs: bool, max_batch: int = 8):
-        self.engine = types.SimpleNamespace(cuda_graphs=cuda_graphs, imgsz=(64, 48), max_batch=max_batch)
+    def __init__(self, cuda_graphs: bool, max_batch: int = 8, min_batch: int = 1):
+        self.engine = types.SimpleNamespace(cuda_graphs=cuda_graphs, imgsz=(64, 48), max_batch=max_batch,
+                                            run_as=lambda n: max(n, min_batch))  # as Engine.run_as pads
         self.batches: list = []
         self.pipeline = types.SimpleNamespace(run=lambda images: self.batches.append(
             (len(images), images[0].shape, images[0].dtype)))
@@ -107,6 +108,17 @@ def test_warm_up_captures_every_batch_size_largest_first():
     runner = WarmedRunner(cuda_graphs=True)
     serve.warm_up(runner, 3)
     assert [n for n, _, _ in runner.batches] == [3, 2, 1]
+
+
+def test_warm_up_runs_each_padded_batch_once():
+    """Below the profile's smallest batch requests run padded to it: one graph, captured once (a static batch-8
+    engine is warmed by one batch of 8, not eight)."""
+    runner = WarmedRunner(cuda_graphs=True, max_batch=8, min_batch=4)
+    serve.warm_up(runner, 32)
+    assert [n for n, _, _ in runner.batches] == [8, 7, 6, 5, 4]
+    runner = WarmedRunner(cuda_graphs=True, max_batch=8, min_batch=8)
+    serve.warm_up(runner, 2)  # --max-batch below the static batch: still the one graph requests will use
+    assert [n for n, _, _ in runner.batches] == [8]
 
 
 def test_warm_up_does_nothing_without_graphs_or_an_engine():

@@ -124,7 +124,9 @@ def warm_up(runner, max_batch: int) -> None:
     if engine is None or not engine.cuda_graphs:
         return
     blank = np.zeros((*engine.imgsz, 3), np.uint8)
-    for batch in range(min(max_batch, engine.max_batch), 0, -1):
+    # the batches requests run as: below the profile's smallest they run padded to it (one graph for all of them)
+    sizes = sorted({engine.run_as(n) for n in range(1, min(max_batch, engine.max_batch) + 1)}, reverse=True)
+    for batch in sizes:
         runner.pipeline.run([blank] * batch)
 
 
