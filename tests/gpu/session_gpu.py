@@ -222,7 +222,8 @@ PLANS["s12"] = [planned("yolov5n_640_fp16")]
 # off in turns at concurrency 32 (TRTNET_KEEP_FREED_MEMORY=0: glibc's defaults in Triton, its stubs and the clients;
 # run Q2: each concurrency-32-only run includes its instances' warm-up, so compare them with each other only)
 PLANS["s13"] = PLANS["s12"]
-# run Q's engine carried in (session 13, run R): the serving table twice. Run R also measured worker threads per
+# run Q's engine carried in (session 13, run R): the serving table twice, three and four instances between (these
+# three steps as written here were not run as a plan: R1 ran an earlier form). Run R also measured worker threads per
 # instance (`--workers`, commit 9b5f92f: steps serve14_sync, _w1, _w3 with SERVE_WORKERS 0, 1, 3); they served no
 # more than instances alone and were taken out: check that commit out to repeat them
 PLANS["s14"] = PLANS["s12"]
@@ -279,15 +280,22 @@ def accuracy_steps() -> list[Step]:
     return steps
 
 
+SERVE_PYTHON = {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000"}  # Triton's Python backend, 8000 requests
+
+
+def serving(name: str, env: dict, plan: str = "") -> Step:
+    """tests/gpu/serve_gpu.sh on the dynamic yolov5n engine and the images, into RES/name, with `env`."""
+    return Step(name, ["bash", str(REPO / "tests/gpu/serve_gpu.sh"), str(RES / name),
+                       str(ENG / "yolov5n_640_fp16.engine"), str(DATA / "images")], 600, ("yolov5n_640_fp16",),
+                env, plan=plan)
+
+
 def timing_steps() -> list[Step]:
     perf = ["bash", str(REPO / "tests/gpu/perf_gpu.sh"), str(RES / "perf")]
-    serve = REPO / "tests/gpu/serve_gpu.sh"
     # first, so that their samples come back while the session runs on (a fix can follow on the same machine)
     steps = [Step("perf_f", [*perf, "f"], 600, ("yolov5n_640_fp16", "yolov5n_640_fp16_b1"), plan="s11"),  # py-spy
              Step("perf_c", [*perf, "c"], 600, ("yolov5n_640_fp16",)),  # with yolov5s b32 where it is built
-             Step("serve", ["bash", str(serve), str(RES / "serve"), str(ENG / "yolov5n_640_fp16.engine"),
-                            str(DATA / "images")], 600, ("yolov5n_640_fp16",),
-                  {"SERVE_BACKENDS": "python", "SERVE_SPY": "1", "SERVE_REQUESTS": "8000"})]  # PyTriton: runs N, O
+             serving("serve", {**SERVE_PYTHON, "SERVE_SPY": "1"})]  # PyTriton too: runs N, O
     for m in V8_MODELS:
         steps += [bench(f"{m}_b1", f"{m}_640_fp16_b1", "1"), bench(f"{m}_b32", f"{m}_640_fp16_b32", "32"),
                   Step(f"torch_{m}", ["python3", "-m", "trtnet.bench", str(ENG / f"{m}_640_fp16_b1.engine"),
@@ -321,33 +329,23 @@ def timing_steps() -> list[Step]:
               bench("yolov5n_dyn_opt1_b32", "yolov5n_640_fp16_opt1", "32")]
     # more instances, and the batcher waiting longer to fill larger batches (run O: 8.1 images per execution at
     # concurrency 32 with two instances, where batch 8 runs at 0.47 ms an image directly and batch 32 at 0.32)
-    for name, env in (("serve_scale", {"SERVE_INSTANCES": "4", "SERVE_SPY": "1"}),
-                      ("serve_delay", {"SERVE_INSTANCES": "2", "SERVE_QUEUE_DELAY_US": "3000"})):
-        steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
-                              str(DATA / "images")], 600, ("yolov5n_640_fp16",),
-                       {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000", **env}, plan="s11")]
+    steps += [serving("serve_scale", {**SERVE_PYTHON, "SERVE_INSTANCES": "4", "SERVE_SPY": "1"}, "s11"),
+              serving("serve_delay", {**SERVE_PYTHON, "SERVE_INSTANCES": "2", "SERVE_QUEUE_DELAY_US": "3000"}, "s11")]
     steps += [Step("perf_e", [*perf, "e"], 600, ("yolov5n_640_fp16",), plan="s11")]  # the decoder's variants
     for name, env in (("serve12", {"SERVE_INSTANCES": "1 2"}),
                       ("serve12_delay", {"SERVE_INSTANCES": "2 3", "SERVE_QUEUE_DELAY_US": "3000"}),
                       ("serve12_spy", {"SERVE_INSTANCES": "2", "SERVE_SPY": "1"})):
-        steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
-                              str(DATA / "images")], 600, ("yolov5n_640_fp16",),
-                       {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000", **env}, plan="s12")]
-    serve13 = {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000"}
-    repeat = {**serve13, "SERVE_INSTANCES": "2", "SERVE_CONCURRENCY": "32", "SERVE_DIRECT": "0"}
+        steps += [serving(name, {**SERVE_PYTHON, **env}, "s12")]
+    repeat = {**SERVE_PYTHON, "SERVE_INSTANCES": "2", "SERVE_CONCURRENCY": "32", "SERVE_DIRECT": "0"}
     off = {"TRTNET_KEEP_FREED_MEMORY": "0"}
-    for name, env in (("serve13", {**serve13, "SERVE_INSTANCES": "2 1"}), ("serve13_off", {**repeat, **off}),
+    for name, env in (("serve13", {**SERVE_PYTHON, "SERVE_INSTANCES": "2 1"}), ("serve13_off", {**repeat, **off}),
                       ("serve13_on", repeat), ("serve13_off2", {**repeat, **off}),
                       ("serve13_on2", {**repeat, "SERVE_DIRECT": "1"})):
-        steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
-                              str(DATA / "images")], 600, ("yolov5n_640_fp16",), env, plan="s13")]
-    serve14 = {"SERVE_BACKENDS": "python", "SERVE_REQUESTS": "8000"}
-    again = {**serve14, "SERVE_DIRECT": "0"}
-    for name, env in (("serve14", {**serve14, "SERVE_INSTANCES": "1 2"}),
-                      ("serve14_more", {**again, "SERVE_INSTANCES": "3 4", "SERVE_BENCH_PROCESSES": "16"}),
-                      ("serve14_again", {**serve14, "SERVE_INSTANCES": "2 1"})):
-        steps += [Step(name, ["bash", str(serve), str(RES / name), str(ENG / "yolov5n_640_fp16.engine"),
-                              str(DATA / "images")], 600, ("yolov5n_640_fp16",), env, plan="s14")]
+        steps += [serving(name, env, "s13")]
+    more = {**SERVE_PYTHON, "SERVE_DIRECT": "0", "SERVE_INSTANCES": "3 4", "SERVE_BENCH_PROCESSES": "16"}
+    for name, env in (("serve14", {**SERVE_PYTHON, "SERVE_INSTANCES": "1 2"}), ("serve14_more", more),
+                      ("serve14_again", {**SERVE_PYTHON, "SERVE_INSTANCES": "2 1"})):
+        steps += [serving(name, env, "s14")]
     return steps
 
 
